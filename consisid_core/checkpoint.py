@@ -1,0 +1,371 @@
+"""The one place that knows a ConsisID checkpoint's layout and how to load it.
+
+A checkpoint folder is laid out like the Hub repo `BestWishYsh/ConsisID-preview`:
+
+    model_index.json      names ConsisIDPipeline
+    transformer/          ConsisIDTransformer3DModel, config.json + safetensors
+    vae/                  AutoencoderKLCogVideoX, config.json + safetensors
+    text_encoder/         T5EncoderModel, config.json + safetensors
+    tokenizer/            T5 tokenizer (spiece.model)
+    scheduler/            CogVideoXDPMScheduler config
+    face_encoder/         insightface antelopev2, facexlib and EVA-CLIP files (see `face`)
+
+The transformer also loads from one `.safetensors` file with diffusers key names (what people keep
+in ComfyUI's `models/diffusion_models`), its config read from a checkpoint folder or inferred from
+the weights' shapes. Everything loads from local files only, in the dtype the caller picks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PIPELINE_CLASS = "ConsisIDPipeline"
+EXPECTED_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, face_encoder/"
+
+# component -> (files that must all exist, alternatives of which one must exist, unsafe formats)
+_COMPONENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "transformer": (
+        ("config.json",),
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+        ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"),
+    ),
+    "vae": (
+        ("config.json",),
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+        ("diffusion_pytorch_model.bin",),
+    ),
+    "text_encoder": (
+        ("config.json",),
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ),
+    "tokenizer": ((), ("spiece.model", "tokenizer.json"), ()),
+    "scheduler": (("scheduler_config.json",), (), ()),
+}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"dtype '{name}' is not one of {', '.join(DTYPES)}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a readable JSON file ({e})") from None
+
+
+@dataclass(frozen=True)
+class ConsisIDModel:
+    """What sampling needs: the transformer, the VAE and the scheduler config.
+
+    `checkpoint` is the folder it came from, when there is one: its T5 text encoder and face
+    models load from there on demand.
+    """
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: Mapping
+    checkpoint: Checkpoint | None = None
+    name: str = ""
+
+    @property
+    def config(self) -> Mapping:
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated ConsisID checkpoint folder. Components load on demand."""
+
+    root: Path
+    model_index: Mapping = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
+        root = Path(path)
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise CheckpointError(
+                f"ConsisID checkpoint folder '{root}' {what}; expected a folder laid out like "
+                f"BestWishYsh/ConsisID-preview ({EXPECTED_LAYOUT})"
+            )
+        index_path = root / "model_index.json"
+        if not index_path.is_file():
+            raise CheckpointError(
+                f"'{root}' is not a diffusers checkpoint folder: model_index.json is missing "
+                f"(found: {_listing(root)}); expected {EXPECTED_LAYOUT}"
+            )
+        index = _read_json(index_path)
+        if index.get("_class_name") != PIPELINE_CLASS:
+            raise CheckpointError(
+                f"'{index_path}' names the pipeline '{index.get('_class_name')}', expected "
+                f"'{PIPELINE_CLASS}': this is not a ConsisID checkpoint"
+            )
+        for name, (required, one_of, unsafe) in _COMPONENTS.items():
+            _check_component(root / name, name, required, one_of, unsafe)
+        config = _read_json(root / "transformer" / "config.json")
+        _check_transformer_config(config, root / "transformer" / "config.json")
+        return cls(root, index)
+
+    @property
+    def transformer_config(self) -> dict:
+        return _read_json(self.root / "transformer" / "config.json")
+
+    @property
+    def vae_config(self) -> dict:
+        return _read_json(self.root / "vae" / "config.json")
+
+    @property
+    def face_encoder_dir(self) -> Path:
+        return self.root / "face_encoder"
+
+    def load_transformer(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
+        from diffusers import ConsisIDTransformer3DModel
+
+        return _from_pretrained(ConsisIDTransformer3DModel, self.root / "transformer", dtype_from_name(dtype))
+
+    def load_vae(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
+        from diffusers import AutoencoderKLCogVideoX
+
+        return _from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype))
+
+    def load_scheduler_config(self) -> dict:
+        return _read_json(self.root / "scheduler" / "scheduler_config.json")
+
+    def load_text_encoder(self, dtype: str | torch.dtype = "bf16"):
+        """The checkpoint's own T5 and tokenizer, as a `text.TextEncoder`."""
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        from .text import TextEncoder
+
+        try:
+            tokenizer = T5Tokenizer.from_pretrained(self.root / "tokenizer", local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"the tokenizer in '{self.root / 'tokenizer'}' does not load ({e})") from None
+        model = _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
+        return TextEncoder(tokenizer, model)
+
+    def load_model(self, dtype: str | torch.dtype = "bf16", transformer: torch.nn.Module | None = None) -> ConsisIDModel:
+        """Transformer (this folder's, or one loaded from a single file), VAE and scheduler."""
+        model = ConsisIDModel(
+            transformer if transformer is not None else self.load_transformer(dtype),
+            self.load_vae(dtype),
+            self.load_scheduler_config(),
+            self,
+            self.root.name,
+        )
+        check_vae_fits(model)
+        return model
+
+
+def check_vae_fits(model: ConsisIDModel) -> None:
+    latent = model.vae.config.latent_channels
+    cfg = model.config
+    if cfg.in_channels != 2 * latent or cfg.out_channels != latent:
+        raise CheckpointError(
+            f"the transformer takes {cfg.in_channels} input and gives {cfg.out_channels} output channels, "
+            f"the VAE has {latent} latent channels (needs {2 * latent} in, {latent} out): "
+            "use the VAE of the same ConsisID checkpoint"
+        )
+
+
+def _listing(folder: Path, limit: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "nothing"
+    return ", ".join(names[:limit]) + (f", … ({len(names)} entries)" if len(names) > limit else "")
+
+
+def _check_component(folder: Path, name: str, required, one_of, unsafe) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(f"the checkpoint has no {name}/ folder: '{folder}' is missing; expected {EXPECTED_LAYOUT}")
+    for fname in required:
+        if not (folder / fname).is_file():
+            raise CheckpointError(f"'{folder / fname}' is missing (found in {name}/: {_listing(folder)})")
+    if one_of and not any((folder / f).is_file() for f in one_of):
+        if any((folder / f).is_file() for f in unsafe):
+            raise CheckpointError(
+                f"'{folder}' holds its weights only as pickled .bin files, which are not loaded for safety; "
+                f"convert them to .safetensors (expected {' or '.join(one_of)})"
+            )
+        raise CheckpointError(f"'{folder}' has none of {', '.join(one_of)} (found: {_listing(folder)})")
+
+
+def _check_transformer_config(config: Mapping, where: Path | str) -> None:
+    if config.get("_class_name", "ConsisIDTransformer3DModel") != "ConsisIDTransformer3DModel":
+        raise CheckpointError(
+            f"'{where}' describes a {config.get('_class_name')}, expected a ConsisIDTransformer3DModel"
+        )
+    if not config.get("is_train_face", False):
+        raise CheckpointError(
+            f"'{where}' has is_train_face off: that transformer has no identity modules, "
+            "so it is not a ConsisID checkpoint"
+        )
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {first}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer from one .safetensors file
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a .safetensors file, read from its header alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' does not exist")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"'{path}' is not a .safetensors file; the transformer loads only from .safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
+
+
+def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
+    """A ConsisIDTransformer3DModel config from diffusers-named weights' shapes.
+
+    What shapes cannot tell (how attention widths split into heads in the face modules, the
+    native sample size, `is_kps`, `local_face_scale`) takes the values of the released
+    ConsisID-preview; pass a checkpoint folder's config when yours differs.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(
+                f"{where} are not a ConsisID transformer with diffusers key names: '{key}' is missing "
+                f"(first keys found: {', '.join(sorted(shapes)[:5]) or 'none'})"
+            )
+        return shapes[key]
+
+    inner, in_channels, patch, _ = shape("patch_embed.proj.weight")
+    head_dim = shape("transformer_blocks.0.attn1.norm_q.weight")[0]
+    num_layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.match(k)))
+    lfe = "local_facial_extractor."
+    if lfe + "latents" not in shapes:
+        raise CheckpointError(f"{where} have no local_facial_extractor: not a ConsisID transformer")
+    _, num_queries, vit_dim = shape(lfe + "latents")
+    num_id_token = shape(lfe + "id_embedding_mapping.6.weight")[0] // vit_dim
+    depth = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith(lfe + "layers."))
+    num_scale = sum(1 for k in shapes if re.fullmatch(lfe + r"mapping_\d+\.0\.weight", k))
+    num_cross = sum(1 for k in shapes if re.fullmatch(r"perceiver_cross_attention\.\d+\.to_q\.weight", k))
+    lfe_inner = shape(lfe + "layers.0.0.to_q.weight")[0]
+    cross_inner = shape("perceiver_cross_attention.0.to_q.weight")[0]
+    lfe_dim_head = 64 if lfe_inner % 64 == 0 else lfe_inner
+    cross_dim_head = 128 if cross_inner % 128 == 0 else cross_inner
+    return {
+        "num_attention_heads": inner // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": shape("proj_out.weight")[0] // (patch * patch),
+        "time_embed_dim": shape("time_embedding.linear_1.weight")[0],
+        "text_embed_dim": shape("patch_embed.text_proj.weight")[1],
+        "num_layers": num_layers,
+        "patch_size": patch,
+        "attention_bias": "transformer_blocks.0.attn1.to_q.bias" in shapes,
+        "norm_elementwise_affine": "norm_final.weight" in shapes,
+        "use_rotary_positional_embeddings": True,
+        "use_learned_positional_embeddings": "patch_embed.pos_embedding" in shapes,
+        "is_train_face": True,
+        "is_kps": False,
+        "cross_attn_interval": num_layers // max(num_cross, 1),
+        "cross_attn_dim_head": cross_dim_head,
+        "cross_attn_num_heads": cross_inner // cross_dim_head,
+        "LFE_id_dim": shape(lfe + "id_embedding_mapping.0.weight")[1],
+        "LFE_vit_dim": vit_dim,
+        "LFE_depth": depth,
+        "LFE_dim_head": lfe_dim_head,
+        "LFE_num_heads": lfe_inner // lfe_dim_head,
+        "LFE_num_id_token": num_id_token,
+        "LFE_num_querie": num_queries,
+        "LFE_output_dim": shape(lfe + "proj_out")[1],
+        "LFE_ff_mult": shape(lfe + "layers.0.1.1.weight")[0] // vit_dim,
+        "LFE_num_scale": num_scale,
+    }
+
+
+def load_transformer_file(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "bf16",
+    config: Mapping | str | os.PathLike | None = None,
+) -> torch.nn.Module:
+    """A ConsisIDTransformer3DModel from one .safetensors file with diffusers key names.
+
+    `config` is a config dict, a checkpoint folder (its transformer/config.json is used), a
+    config.json, or None to infer it from the weights' shapes.
+    """
+    from diffusers import ConsisIDTransformer3DModel
+
+    path = Path(path)
+    dtype = dtype_from_name(dtype)
+    shapes = read_safetensors_shapes(path)
+    if config is None:
+        config = infer_transformer_config(shapes, f"the weights in '{path}'")
+        logger.info("inferred the transformer config of '%s' from its weights' shapes", path.name)
+    elif not isinstance(config, Mapping):
+        config_path = Path(config)
+        if config_path.is_dir():
+            config_path = Checkpoint.open(config_path).root / "transformer" / "config.json"
+        config = _read_json(config_path)
+    _check_transformer_config(config, f"the config for '{path}'")
+
+    with torch.device("meta"):
+        model = ConsisIDTransformer3DModel.from_config(dict(config))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+        if wrong:
+            problems.append(
+                f"{len(wrong)} of the wrong shape ("
+                + ", ".join(f"{k}: {list(shapes[k])}, expected {list(expected[k])}" for k in wrong[:3])
+                + ")"
+            )
+        raise CheckpointError(
+            f"'{path}' does not match the ConsisID transformer config: keys {'; '.join(problems)}. "
+            "Pass the config of the checkpoint this file came from"
+        )
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k).to(dtype) for k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()

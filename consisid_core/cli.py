@@ -1,0 +1,181 @@
+"""`python -m consisid_core`: make-tiny, embed, generate.
+
+Bad arguments exit with status 2 and one line on stderr, before any work and with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import ConsisIDError
+
+logger = logging.getLogger("consisid_core")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m consisid_core", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight ConsisID checkpoint (real formats)")
+    tiny.add_argument("dir", type=Path, help="a new or empty folder")
+    tiny.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed")
+    tiny.add_argument("--kps", action="store_true", help="a checkpoint with is_kps on (keypoint conditioning)")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' for a tiny one made on the fly")
+        p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+        p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, …")
+        p.add_argument("--face-index", type=int, default=None, help="which face, left to right (default: largest)")
+
+    embed = sub.add_parser("embed", help="photo -> identity .safetensors")
+    common(embed)
+    embed.add_argument("--face", type=Path, required=True, help="a photo of one person's face")
+    embed.add_argument("--out", type=Path, required=True, help="identity file to write (.safetensors)")
+
+    gen = sub.add_parser("generate", help="identity + prompt -> video")
+    common(gen)
+    who = gen.add_mutually_exclusive_group()
+    who.add_argument("--face", type=Path, help="a photo of the person")
+    who.add_argument("--identity", type=Path, help="an identity file from `embed`")
+    gen.add_argument("--prompt", required=True, help="what happens in the video")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
+    gen.add_argument("--image", type=Path, help="first frame (default: the aligned face, as the reference)")
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    gen.add_argument("--dynamic-cfg", action="store_true", help="the reference's cosine guidance schedule")
+    gen.add_argument("--frames", type=int, help="frame count, 4k+1 (default: the checkpoint's, 49)")
+    gen.add_argument("--height", type=int, help="multiple of 16 (default: the checkpoint's, 480)")
+    gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
+    gen.add_argument("--fps", type=int, default=8, help="frames per second of an .mp4")
+    gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--out", type=Path, required=True, help="a path ending in .mp4, or a folder for PNG frames")
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConsisIDError(f"device '{name}' is not a torch device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConsisIDError(f"device '{name}' asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(model: str) -> Iterator[Path]:
+    """The checkpoint folder; for 'tiny', one made for this run and removed after."""
+    if model != "tiny":
+        yield Path(model)
+        return
+    from .tiny import make_tiny
+
+    with tempfile.TemporaryDirectory(prefix="consisid-tiny-") as tmp:
+        yield make_tiny(Path(tmp) / "checkpoint")
+
+
+def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
+    from .face import extract_identity, load_face_models
+    from .media import read_image
+
+    image = read_image(photo)
+    faces = load_face_models(checkpoint.face_encoder_dir, provider=args.provider, device=device)
+    return extract_identity(faces, image, face_index=args.face_index, source_name=photo.name).identity
+
+
+def _make_tiny(args) -> None:
+    from .tiny import make_tiny
+
+    make_tiny(args.dir, seed=args.seed, kps=args.kps)
+
+
+def _embed(args) -> None:
+    from .checkpoint import Checkpoint
+    from .identity import save_identity
+    from .media import read_image
+
+    device = _device(args.device)
+    read_image(args.face)
+    if args.out.suffix != ".safetensors" or not args.out.parent.is_dir():
+        raise ConsisIDError(f"--out '{args.out}' must be a .safetensors path in an existing folder")
+    with _checkpoint_folder(args.model) as folder:
+        identity = _embed_photo(Checkpoint.open(folder), args.face, args, device)
+    save_identity(identity, args.out)
+    logger.info("wrote %s", args.out)
+
+
+def _generate(args) -> None:
+    from .checkpoint import Checkpoint, dtype_from_name
+    from .identity import load_identity
+    from .media import check_output, read_image, write_frames
+    from .sampling import check_inputs, encode_with_checkpoint, resolve_size, sample, decode
+
+    device = _device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    check_output(args.out)
+    identity = load_identity(args.identity) if args.identity else None
+    if args.face:
+        read_image(args.face)
+    image = read_image(args.image).convert("RGB") if args.image else None
+    if args.fps < 1:
+        raise ConsisIDError(f"--fps {args.fps} must be at least 1")
+    with _checkpoint_folder(args.model) as folder:
+        checkpoint = Checkpoint.open(folder)
+        size = resolve_size(checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width)
+        if identity is None and args.face is None:
+            if args.model != "tiny":
+                raise ConsisIDError("give the person as --face PHOTO or --identity FILE")
+            from .tiny import random_identity
+
+            logger.info("no --face or --identity: the tiny demo uses a random identity")
+            identity = random_identity(checkpoint.transformer_config)
+        if identity is not None:
+            identity.check_compatible(checkpoint.transformer_config, f"'{args.identity or 'the identity'}'")
+        if args.steps < 1:
+            raise ConsisIDError(f"--steps {args.steps} must be at least 1")
+        if identity is None:
+            identity = _embed_photo(checkpoint, args.face, args, device)
+        text = encode_with_checkpoint(checkpoint, dtype_from_name(dtype), args.prompt, args.negative_prompt, device)
+        model = checkpoint.load_model(dtype)
+        check_inputs(model, identity, text, args.steps)
+        frames, height, width = size
+        latents = sample(
+            model, identity, text, image,
+            seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
+            frames=frames, height=height, width=width, device=device, progress_bar=True,
+        )
+        video = decode(model, latents, device)
+    write_frames(video, args.out, args.fps)
+    logger.info("wrote %d frames to %s", video.shape[0], args.out)
+
+
+_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        _COMMANDS[args.command](args)
+    except ConsisIDError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    finally:
+        logger.removeHandler(handler)
+    return 0

@@ -1,0 +1,21 @@
+"""Errors that carry a message meant for the person running ConsisID."""
+
+
+class ConsisIDError(ValueError):
+    """Bad input: the message names the value and the fix. Callers show it as one line."""
+
+
+class CheckpointError(ConsisIDError):
+    """A folder or file is not a ConsisID checkpoint (or a part of one) we can load."""
+
+
+class IdentityError(ConsisIDError):
+    """An identity (or its file) does not have the keys or shapes a checkpoint needs."""
+
+
+class GenerationCancelled(Exception):
+    """Raised by a step callback to stop a run; models are put back and nothing is written."""
+
+
+class FaceError(ConsisIDError):
+    """A face photo or a face model file cannot be used (no face, missing file, unknown provider)."""

@@ -1,0 +1,251 @@
+"""Generation: identity + first frame + text -> video latents -> frames.
+
+Sampling runs diffusers' own `ConsisIDPipeline` over our loaded components (latents out), so the
+denoising loop, the seeds and the guidance are the reference's by construction. What this module
+adds: checks that fail before any work, a fresh scheduler per run, a per-step callback that can
+stop the run, options that never stick to the (cached) model, and models put back where they were
+whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Checkpoint, ConsisIDModel
+from .errors import ConsisIDError
+from .identity import Identity
+from .text import TextEmbeddings, encode_text
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("dpm", "ddim")
+"""`dpm`: CogVideoXDPMScheduler, as the reference. `ddim`: CogVideoXDDIMScheduler."""
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+"""Called after each step with (steps done, total steps, latents); raise to stop the run."""
+
+
+def resolve_size(
+    transformer_config: Mapping,
+    vae_config: Mapping,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[int, int, int]:
+    """(frames, height, width), defaults from the checkpoint, checked against what it can take.
+
+    Needs only the configs, so a request fails before any weights load.
+    """
+    native_frames, native_height, native_width = native_size(transformer_config, vae_config)
+    frames = native_frames if frames is None else frames
+    height = native_height if height is None else height
+    width = native_width if width is None else width
+    multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
+    for name, value, native in (("height", height, native_height), ("width", width, native_width)):
+        if value <= 0 or value % multiple:
+            raise ConsisIDError(
+                f"{name} {value} does not fit this checkpoint: it must be a positive multiple of {multiple} "
+                f"(the checkpoint's native {name} is {native})"
+            )
+    t = vae_config["temporal_compression_ratio"]
+    least = 2 * t + 1 if transformer_config.get("is_kps", False) else 1
+    if frames < least or (frames - 1) % t:
+        lower = max(least, (frames - 1) // t * t + 1)
+        raise ConsisIDError(
+            f"frame count {frames} does not fit this checkpoint: it must be {t}·k + 1 and at least {least} "
+            f"(e.g. {lower} or {lower + t}; the checkpoint's native count is {native_frames})"
+        )
+    return frames, height, width
+
+
+def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
+    """(frames, height, width) the checkpoint was made for: (49, 480, 720) for the real one."""
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    c = transformer_config
+    return c["sample_frames"], c["sample_height"] * scale, c["sample_width"] * scale
+
+
+def check_inputs(model: ConsisIDModel, identity: Identity, text: TextEmbeddings | None, steps: int) -> None:
+    if steps < 1:
+        raise ConsisIDError(f"steps {steps} must be at least 1 (the reference uses 50)")
+    identity.check_compatible(model.config)
+    if text is not None and text.positive.shape[-1] != model.config.text_embed_dim:
+        raise ConsisIDError(
+            f"the text embeddings are {text.positive.shape[-1]} wide, this transformer takes "
+            f"{model.config.text_embed_dim}: encode the prompt with the T5 that goes with this checkpoint"
+        )
+
+
+def first_frame(image: Image.Image | np.ndarray | torch.Tensor | None, identity: Identity) -> Image.Image:
+    """The conditioning frame as RGB PIL: `image` (uint8 [H,W,3] or PIL), else the identity's face."""
+    if image is None:
+        return identity.face_image_pil()
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ConsisIDError(f"the first frame must be uint8 [H, W, 3], found {array.dtype} {list(array.shape)}")
+    return Image.fromarray(array)
+
+
+def make_scheduler(model: ConsisIDModel, name: str):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    classes = {"dpm": CogVideoXDPMScheduler, "ddim": CogVideoXDDIMScheduler}
+    if name not in classes:
+        raise ConsisIDError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}")
+    return classes[name].from_config(dict(model.scheduler_config))
+
+
+@contextlib.contextmanager
+def placed(modules: list[torch.nn.Module], device: torch.device | str | None) -> Iterator[None]:
+    """Move `modules` to `device` for the block and back to where they were, whatever happens."""
+    if device is None:
+        yield
+        return
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
+@contextlib.contextmanager
+def _face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[None]:
+    """Override the transformer's `local_face_scale` (identity strength) for one run."""
+    if scale is None:
+        yield
+        return
+    saved = transformer.local_face_scale
+    transformer.local_face_scale = scale
+    try:
+        yield
+    finally:
+        transformer.local_face_scale = saved
+
+
+def _pipeline(model: ConsisIDModel, scheduler=None, progress_bar: bool = False):
+    from diffusers import ConsisIDPipeline
+
+    pipe = ConsisIDPipeline(
+        tokenizer=None, text_encoder=None, vae=model.vae, transformer=model.transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    model: ConsisIDModel,
+    identity: Identity,
+    text: TextEmbeddings,
+    image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    *,
+    seed: int = 42,
+    steps: int = 50,
+    guidance_scale: float = 6.0,
+    dynamic_cfg: bool = False,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler: str = "dpm",
+    identity_strength: float | None = None,
+    callback: StepCallback | None = None,
+    device: torch.device | str | None = None,
+    progress_bar: bool = False,
+) -> torch.Tensor:
+    """Denoise a video; returns latents [1, latent_frames, channels, h, w] on the CPU.
+
+    Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
+    `identity_strength` overrides the transformer's `local_face_scale` for this run only.
+    """
+    frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width)
+    if (frames, height, width) != native_size(model.config, model.vae.config):
+        logger.warning(
+            "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
+            frames, width, height, *native_size(model.config, model.vae.config),
+        )
+    check_inputs(model, identity, text, steps)
+    frame = first_frame(image, identity)
+    pipe = _pipeline(model, make_scheduler(model, scheduler), progress_bar)
+
+    def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
+        if callback is not None:
+            callback(i + 1, steps, tensors["latents"])
+        return {}
+
+    with placed([model.transformer, model.vae], device), _face_scale(model.transformer, identity_strength):
+        target = next(model.transformer.parameters())
+        latents = pipe(
+            image=frame,
+            prompt_embeds=text.positive.to(target.device, target.dtype),
+            negative_prompt_embeds=text.negative.to(target.device, target.dtype),
+            height=height,
+            width=width,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=dynamic_cfg,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+            return_dict=False,
+            callback_on_step_end=on_step_end,
+            id_cond=identity.id_cond,
+            id_vit_hidden=list(identity.id_vit_hidden),
+            kps_cond=identity.kps.numpy(),
+        )[0]
+    return latents.cpu()
+
+
+@torch.no_grad()
+def decode(model: ConsisIDModel, latents: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Latents from `sample` -> frames [F, H, W, 3], float32 in 0..1, on the CPU."""
+    pipe = _pipeline(model)
+    with placed([model.vae], device):
+        vae = next(model.vae.parameters())
+        video = pipe.decode_latents(latents.to(vae.device, vae.dtype))
+        video = pipe.video_processor.postprocess_video(video=video, output_type="pt")
+    return video[0].permute(0, 2, 3, 1).float().cpu()
+
+
+def encode_with_checkpoint(
+    checkpoint: Checkpoint | None, dtype: torch.dtype, prompt: str, negative_prompt: str = "", device=None
+) -> TextEmbeddings:
+    """Encode with the checkpoint's own T5, loaded for this and released after."""
+    if checkpoint is None:
+        raise ConsisIDError(
+            "this model has no checkpoint folder to load its T5 text encoder from: pass text embeddings instead"
+        )
+    encoder = checkpoint.load_text_encoder(dtype)
+    try:
+        return encode_text(encoder, prompt, negative_prompt, device)
+    finally:
+        del encoder
+
+
+def generate(
+    model: ConsisIDModel,
+    identity: Identity,
+    prompt: str | TextEmbeddings,
+    negative_prompt: str = "",
+    image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. Options as for `sample`."""
+    resolve_size(model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"))
+    check_inputs(model, identity, None, options.get("steps", 50))
+    if isinstance(prompt, str):
+        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.get("device"))
+    else:
+        text = prompt
+    latents = sample(model, identity, text, image, **options)
+    return decode(model, latents, options.get("device"))

@@ -1,0 +1,66 @@
+"""T5 text encoding with the reference's padding (226 tokens, truncated past that)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConsisIDError
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 226
+"""Tokens per prompt: ConsisID's `max_text_seq_length`, what `ConsisIDPipeline` pads to."""
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    tokenizer: object
+    model: torch.nn.Module
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """A prompt and its negative, each [1, 226, text_dim] (4096 for the real T5-XXL)."""
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name, t in (("positive", self.positive), ("negative", self.negative)):
+            if t.ndim != 3 or t.shape[0] != 1 or t.shape[1] != MAX_SEQUENCE_LENGTH:
+                raise ConsisIDError(
+                    f"{name} text embeddings must be [1, {MAX_SEQUENCE_LENGTH}, width], found {list(t.shape)}: "
+                    f"pad or truncate the prompt to {MAX_SEQUENCE_LENGTH} tokens as the reference does"
+                )
+        if self.positive.shape != self.negative.shape:
+            raise ConsisIDError(
+                f"positive {list(self.positive.shape)} and negative {list(self.negative.shape)} text embeddings "
+                "differ in shape: encode both with the same text encoder"
+            )
+
+
+@torch.no_grad()
+def encode_text(encoder: TextEncoder, prompt: str, negative_prompt: str = "", device=None) -> TextEmbeddings:
+    """Encode exactly as `ConsisIDPipeline.encode_prompt` does (it is what runs here)."""
+    from diffusers import ConsisIDPipeline
+
+    device = torch.device(device) if device is not None else encoder.model.device
+    pipe = ConsisIDPipeline(
+        tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=None, transformer=None, scheduler=None
+    )
+    original = encoder.model.device
+    encoder.model.to(device)
+    try:
+        positive, negative = pipe.encode_prompt(
+            prompt,
+            negative_prompt,
+            do_classifier_free_guidance=True,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            device=device,
+        )
+    finally:
+        encoder.model.to(original)
+    return TextEmbeddings(positive, negative)

@@ -1,0 +1,187 @@
+"""`make-tiny`: a whole ConsisID checkpoint with tiny random weights, in the real formats.
+
+Same layout and file formats as `BestWishYsh/ConsisID-preview` (it is written by diffusers'
+`save_pretrained`), so it loads through exactly the code a real checkpoint does. The weights are
+deterministic from the seed; the tokenizer is a SentencePiece model built here, not downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ConsisIDError
+from .identity import Identity
+
+logger = logging.getLogger(__name__)
+
+TINY_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=8,
+    out_channels=4,
+    time_embed_dim=16,
+    text_embed_dim=32,
+    num_layers=2,
+    sample_width=12,
+    sample_height=8,
+    sample_frames=9,
+    patch_size=2,
+    temporal_compression_ratio=4,
+    max_text_seq_length=226,
+    use_rotary_positional_embeddings=True,
+    use_learned_positional_embeddings=False,
+    is_train_face=True,
+    cross_attn_interval=1,
+    cross_attn_dim_head=128,
+    cross_attn_num_heads=1,
+    LFE_id_dim=512 + 32,  # antelopev2's 512-d embedding + the tiny EVA's 32-d one
+    LFE_vit_dim=32,  # the tiny EVA's width
+    LFE_depth=5,
+    LFE_dim_head=64,
+    LFE_num_heads=1,
+    LFE_num_id_token=2,
+    LFE_num_querie=4,
+    LFE_output_dim=42,  # = int(2/3 of the transformer width), as ConsisID's cross-attention needs
+    LFE_ff_mult=1,
+    LFE_num_scale=5,
+)
+"""Heads split as the released checkpoint's (64-d LFE heads, 128-d cross-attention heads), so
+`checkpoint.infer_transformer_config` recovers this config from the weights alone."""
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=2,
+    temporal_compression_ratio=4,
+    scaling_factor=0.7,
+)
+
+SCHEDULER = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    clip_sample=False,
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=1.0,
+    steps_offset=0,
+    timestep_spacing="trailing",
+)
+"""The released checkpoint's CogVideoXDPMScheduler settings."""
+
+_WORDS = "a the person man woman smiling video walking city street camera face light hair".split()
+
+
+def _write_spiece_model(path: Path) -> None:
+    """A small unigram SentencePiece model: T5's special ids, characters, a few words."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    spec = model.trainer_spec
+    spec.model_type = pb.TrainerSpec.UNIGRAM
+    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = 0, 1, 2, -1
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = (
+        "identity", True, True, True,
+    )
+    piece_type = pb.ModelProto.SentencePiece
+    pieces = [("<pad>", 0.0, piece_type.CONTROL), ("</s>", 0.0, piece_type.CONTROL), ("<unk>", 0.0, piece_type.UNKNOWN)]
+    pieces += [("\u2581" + w, -1.0, piece_type.NORMAL) for w in _WORDS]
+    pieces += [(c, -5.0, piece_type.NORMAL) for c in "\u2581" + string.ascii_letters + string.digits + string.punctuation]
+    for text, score, kind in pieces:
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = text, score, kind
+    spec.vocab_size = len(model.pieces)
+    path.write_bytes(model.SerializeToString())
+
+
+def _components(seed: int, kps: bool):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_spiece_model(Path(tmp) / "spiece.model")
+        tokenizer = T5Tokenizer.from_pretrained(tmp, local_files_only=True)
+    torch.manual_seed(seed)
+    transformer = ConsisIDTransformer3DModel(**TINY_TRANSFORMER, is_kps=kps)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(**TINY_VAE)
+    torch.manual_seed(seed + 2)
+    text_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TINY_TRANSFORMER["text_embed_dim"],
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    text_encoder = T5EncoderModel(text_config).eval()
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=CogVideoXDPMScheduler(**SCHEDULER),
+    )
+
+
+def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) -> Path:
+    """Write a tiny ConsisID checkpoint to `directory` (new or empty) and return its path.
+
+    Written beside the target and moved into place at the end: a failure leaves nothing behind.
+    """
+    from diffusers import ConsisIDPipeline
+
+    from .face.tiny import write_tiny_face_encoder
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConsisIDError(f"'{target}' already exists and is not an empty folder; give make-tiny a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        ConsisIDPipeline(**_components(seed, kps)).save_pretrained(staging, safe_serialization=True)
+        # as in the released checkpoint, the tokenizer is its SentencePiece model
+        (staging / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+        _write_spiece_model(staging / "tokenizer" / "spiece.model")
+        write_tiny_face_encoder(staging / "face_encoder", seed)
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote a tiny ConsisID checkpoint (seed %d, is_kps %s) to %s", seed, kps, target)
+    return target
+
+
+def random_identity(transformer_config, seed: int = 0, face_size: int = 64) -> Identity:
+    """An identity of the right shapes with random values, for demos and tests of sampling alone."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    id_cond = torch.randn(1, transformer_config["LFE_id_dim"], generator=g)
+    hidden = tuple(
+        torch.randn(1, 577, transformer_config["LFE_vit_dim"], generator=g)
+        for _ in range(transformer_config["LFE_num_scale"])
+    )
+    kps = torch.tensor([[22.0, 26.0], [42.0, 26.0], [32.0, 36.0], [24.0, 46.0], [40.0, 46.0]]) * face_size / 64
+    face = torch.randint(0, 256, (face_size, face_size, 3), generator=g, dtype=torch.uint8)
+    return Identity(id_cond, hidden, kps, face, {"source_image": f"random (seed {seed})", "face_models": "none"})

@@ -1,0 +1,118 @@
+"""`python -m consisid_core`: the commands, and bad arguments that exit 2 writing nothing."""
+
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from consisid_core.checkpoint import Checkpoint
+from consisid_core.cli import main
+from consisid_core.identity import save_identity
+from consisid_core.media import to_uint8
+from consisid_core.sampling import generate
+from consisid_core.tiny import random_identity
+
+
+@pytest.fixture
+def identity_file(tiny_model, tmp_path):
+    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
+
+
+def test_make_tiny_command(tmp_path):
+    assert main(["make-tiny", str(tmp_path / "t"), "--seed", "3", "--kps"]) == 0
+    assert Checkpoint.open(tmp_path / "t").transformer_config["is_kps"] is True
+
+
+def test_generate_png_frames_are_the_lossless_frames(tiny_dir, tiny_model, identity_file, tmp_path):
+    out = tmp_path / "frames"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]
+    assert main(args + ["--steps", "2", "--seed", "7", "--out", str(out)]) == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"frame_{i:05d}.png" for i in range(9)]
+    from consisid_core.identity import load_identity
+
+    expected = to_uint8(generate(tiny_model, load_identity(identity_file), "a man walking", steps=2, seed=7))
+    written = np.stack([np.asarray(Image.open(f)) for f in files])
+    assert np.array_equal(written, expected)
+
+
+def test_generate_mp4(tiny_dir, identity_file, tmp_path):
+    out = tmp_path / "video.mp4"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]
+    assert main(args + ["--steps", "2", "--fps", "8", "--out", str(out)]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        assert stream.average_rate == 8
+    assert len(frames) == 9
+    assert (frames[0].width, frames[0].height) == (96, 64)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_readme_demo_runs_as_a_module(tmp_path):
+    out = tmp_path / "demo.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "consisid_core", "generate", "--model", "tiny", "--prompt", "a woman smiling",
+         "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--frames", "10"], "frame count 10 does not fit this checkpoint"),
+        (["--height", "100"], "height 100 does not fit this checkpoint: it must be a positive multiple of 16"),
+        (["--width", "90"], "width 90 does not fit"),
+        (["--steps", "0"], "--steps 0 must be at least 1"),
+        (["--fps", "0"], "--fps 0 must be at least 1"),
+        (["--image", "missing.png"], "image 'missing.png' does not exist"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(
+    tiny_dir, identity_file, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--out", str(out)]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+def test_missing_and_unreadable_files(tiny_dir, identity_file, tmp_path, capsys):
+    base = ["generate", "--prompt", "x"]
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"junk")
+    cases = [
+        (["--model", str(tmp_path / "nowhere"), "--identity", str(identity_file)], "does not exist; expected a folder"),
+        (["--model", str(tiny_dir), "--identity", str(tmp_path / "nobody.safetensors")], "does not exist; make one"),
+        (["--model", str(tiny_dir), "--identity", str(garbage)], "is not a readable .safetensors identity file"),
+        (["--model", str(tiny_dir), "--face", str(garbage)], "is not a readable image"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "frames"
+        assert main(base + args + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+        assert not out.exists()
+
+
+def test_output_folder_must_exist(tiny_dir, identity_file, tmp_path, capsys):
+    out = tmp_path / "no" / "video.mp4"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x"]
+    assert main(args + ["--out", str(out)]) == 2
+    assert "its folder" in capsys.readouterr().err
+    assert not out.parent.exists()
+
+
+def test_identity_needed_for_a_real_checkpoint(tiny_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "give the person as --face PHOTO or --identity FILE" in capsys.readouterr().err

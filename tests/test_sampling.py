@@ -1,0 +1,121 @@
+"""Sampling: checks before work, progress, stopping, options that do not stick."""
+
+import pytest
+import torch
+
+from consisid_core.errors import ConsisIDError, GenerationCancelled, IdentityError
+from consisid_core.sampling import decode, sample
+from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
+from consisid_core.tiny import random_identity
+
+
+@pytest.fixture
+def text(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    width = tiny_model.config.text_embed_dim
+    return TextEmbeddings(
+        torch.randn(1, MAX_SEQUENCE_LENGTH, width, generator=g), torch.randn(1, MAX_SEQUENCE_LENGTH, width, generator=g)
+    )
+
+
+class Counter:
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def __call__(self, step, total, latents):
+        self.calls.append((step, total, tuple(latents.shape)))
+        if step == self.stop_at:
+            raise GenerationCancelled("stopped")
+
+
+@pytest.mark.parametrize(
+    "size,message",
+    [
+        (dict(frames=10), r"frame count 10 does not fit this checkpoint: it must be 4·k \+ 1 .*e\.g\. 9 or 13"),
+        (dict(frames=0), r"frame count 0 does not fit"),
+        (dict(height=70), r"height 70 does not fit this checkpoint: it must be a positive multiple of 16"),
+        (dict(width=-16), r"width -16 does not fit"),
+    ],
+)
+def test_bad_sizes_fail_before_any_step(tiny_model, identity, text, size, message):
+    counter = Counter()
+    with pytest.raises(ConsisIDError, match=message):
+        sample(tiny_model, identity, text, steps=2, callback=counter, **size)
+    assert counter.calls == []
+
+
+def test_keypoint_checkpoint_needs_two_latent_frames(tiny_kps_dir):
+    from consisid_core.checkpoint import Checkpoint
+
+    model = Checkpoint.open(tiny_kps_dir).load_model("fp32")
+    identity = random_identity(model.config)
+    width = model.config.text_embed_dim
+    text = TextEmbeddings(torch.zeros(1, 226, width), torch.zeros(1, 226, width))
+    with pytest.raises(ConsisIDError, match="frame count 5 does not fit .* at least 9"):
+        sample(model, identity, text, frames=5, steps=1)
+
+
+def test_identity_of_another_checkpoint(tiny_model, text):
+    other = random_identity({"LFE_id_dim": 1280, "LFE_vit_dim": 1024, "LFE_num_scale": 5})
+    with pytest.raises(IdentityError, match="does not fit this checkpoint"):
+        sample(tiny_model, other, text, steps=1)
+
+
+def test_text_of_another_encoder(tiny_model, identity):
+    wide = TextEmbeddings(torch.zeros(1, 226, 4096), torch.zeros(1, 226, 4096))
+    with pytest.raises(ConsisIDError, match="4096 wide, this transformer takes 32"):
+        sample(tiny_model, identity, wide, steps=1)
+
+
+def test_text_must_be_padded_to_226():
+    with pytest.raises(ConsisIDError, match=r"must be \[1, 226, width\], found \[1, 77, 32\]"):
+        TextEmbeddings(torch.zeros(1, 77, 32), torch.zeros(1, 77, 32))
+
+
+def test_zero_steps(tiny_model, identity, text):
+    with pytest.raises(ConsisIDError, match="steps 0 must be at least 1"):
+        sample(tiny_model, identity, text, steps=0)
+
+
+def test_unknown_scheduler(tiny_model, identity, text):
+    with pytest.raises(ConsisIDError, match="scheduler 'euler' is not one of dpm, ddim"):
+        sample(tiny_model, identity, text, steps=1, scheduler="euler")
+
+
+def test_callback_sees_every_step(tiny_model, identity, text):
+    counter = Counter()
+    latents = sample(tiny_model, identity, text, steps=3, callback=counter)
+    assert latents.shape == (1, 3, 4, 8, 12)
+    assert counter.calls == [(1, 3, (1, 3, 4, 8, 12)), (2, 3, (1, 3, 4, 8, 12)), (3, 3, (1, 3, 4, 8, 12))]
+    frames = decode(tiny_model, latents)
+    assert frames.shape == (9, 64, 96, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1
+
+
+def test_a_callback_stops_the_run_and_options_do_not_stick(tiny_model, identity, text):
+    scale = tiny_model.transformer.local_face_scale
+    counter = Counter(stop_at=2)
+    with pytest.raises(GenerationCancelled):
+        sample(tiny_model, identity, text, steps=5, callback=counter, identity_strength=3.0)
+    assert [c[0] for c in counter.calls] == [1, 2]
+    assert tiny_model.transformer.local_face_scale == scale
+    assert next(tiny_model.transformer.parameters()).device.type == "cpu"
+
+
+def test_identity_strength_acts_for_one_run_only(tiny_model, identity, text):
+    plain = sample(tiny_model, identity, text, steps=2, seed=1)
+    strong = sample(tiny_model, identity, text, steps=2, seed=1, identity_strength=4.0)
+    again = sample(tiny_model, identity, text, steps=2, seed=1)
+    assert (strong - plain).abs().max() > 1e-3
+    assert torch.equal(plain, again)
+
+
+def test_ddim_scheduler_runs(tiny_model, identity, text):
+    dpm = sample(tiny_model, identity, text, steps=2, seed=1)
+    ddim = sample(tiny_model, identity, text, steps=2, seed=1, scheduler="ddim")
+    assert ddim.shape == dpm.shape and not torch.equal(ddim, dpm)
+
+
+def test_other_sizes_run(tiny_model, identity, text):
+    latents = sample(tiny_model, identity, text, steps=1, frames=5, height=32, width=48)
+    assert latents.shape == (1, 2, 4, 4, 6)

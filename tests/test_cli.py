@@ -116,3 +116,39 @@ def test_output_folder_must_exist(tiny_dir, identity_file, tmp_path, capsys):
 def test_identity_needed_for_a_real_checkpoint(tiny_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]) == 2
     assert "give the person as --face PHOTO or --identity FILE" in capsys.readouterr().err
+
+
+@pytest.fixture
+def photo(tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(path)
+    return path
+
+
+def test_embed_then_generate_identity_equals_generate_face(tiny_dir, photo, tmp_path):
+    identity = tmp_path / "astronaut.safetensors"
+    assert main(["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(identity)]) == 0
+    common = ["generate", "--model", str(tiny_dir), "--prompt", "an astronaut smiling", "--steps", "2"]
+    assert main(common + ["--identity", str(identity), "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--face", str(photo), "--out", str(tmp_path / "b")]) == 0
+    a = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "a").iterdir())]
+    b = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "b").iterdir())]
+    assert len(a) == 9 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_embed_without_a_face_exits_2_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    dark = tmp_path / "dark.png"
+    Image.new("RGB", (200, 160), (10, 10, 10)).save(dark)
+    out = tmp_path / "id.safetensors"
+    assert main(["embed", "--model", str(tiny_dir), "--face", str(dark), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: no face found in dark.png") and "frontal" in last
+    assert not out.exists()
+
+
+def test_embed_needs_a_safetensors_path(tiny_dir, photo, tmp_path, capsys):
+    out = tmp_path / "id.pt"
+    assert main(["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(out)]) == 2
+    assert "must be a .safetensors path" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,216 @@
+"""Loading the face models of a ConsisID checkpoint's `face_encoder/` folder, without any download.
+
+    face_encoder/
+        models/antelopev2/scrfd_10g_bnkps.onnx   insightface detector (SCRFD, 5 keypoints)
+        models/antelopev2/glintr100.onnx         insightface recogniser (ArcFace, 512-d)
+        detection_Resnet50_Final.pth             facexlib RetinaFace (aligns the face)
+        parsing_bisenet.pth                      facexlib BiSeNet (face parsing)
+        EVA02_CLIP_L_336_psz14_s6B.pt            EVA02-CLIP-L-14-336 (the vision tower is used)
+
+The reference (`diffusers.pipelines.consisid.consisid_utils.prepare_face_models`) builds the same
+models through insightface's `FaceAnalysis`, facexlib's `FaceRestoreHelper` and `consisid_eva_clip`;
+those download missing files, so here each is built directly and loaded from the folder's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FaceError
+from .eva import EvaVisionTower, load_eva_tower
+from .tiny import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
+
+logger = logging.getLogger(__name__)
+
+DET_SIZE = (640, 640)
+"""insightface detector input size, as the reference prepares it."""
+DET_THRESH = 0.5
+RETINAFACE_THRESH = 0.97
+"""facexlib FaceRestoreHelper's detection threshold."""
+
+
+@dataclass
+class FaceModels:
+    """Everything `extract_identity` needs; built by `load_face_models`. Treat as read-only."""
+
+    detector: Any
+    """insightface SCRFD (antelopev2 detection)."""
+    recognizer: Any
+    """insightface ArcFaceONNX (antelopev2 recognition, 512-d)."""
+    retinaface: torch.nn.Module
+    """facexlib RetinaFace (5-point landmarks used for the 512×512 alignment)."""
+    parser: torch.nn.Module
+    """facexlib BiSeNet (19 face-parsing classes)."""
+    eva: EvaVisionTower
+    device: torch.device
+    dtype: torch.dtype
+    providers: list[str]
+    source: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id_dim(self) -> int:
+        return self.recognizer_dim + self.eva.config.embed_dim
+
+    @property
+    def recognizer_dim(self) -> int:
+        return int(self.recognizer.output_shape[-1])
+
+    @property
+    def vit_dim(self) -> int:
+        return self.eva.config.width
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """'cpu', 'cuda' or any ONNX Runtime provider name → the provider list for a session (CPU last)."""
+    import onnxruntime
+
+    available = list(onnxruntime.get_available_providers())
+    wanted = str(provider).strip()
+    key = wanted.lower().removesuffix("executionprovider")
+    match = [p for p in available if p.lower().removesuffix("executionprovider") == key]
+    if not match:
+        short = ", ".join(p.removesuffix("ExecutionProvider").lower() for p in available)
+        raise FaceError(
+            f"ONNX Runtime provider '{provider}' is not available here; available: {short}. "
+            + ("For CUDA install onnxruntime-gpu (and uninstall onnxruntime). " if key == "cuda" else "")
+            + "Pick one of the available ones (cpu always works)."
+        )
+    providers = [match[0]]
+    if match[0] != "CPUExecutionProvider" and "CPUExecutionProvider" in available:
+        providers.append("CPUExecutionProvider")
+    return providers
+
+
+def _require(path: Path, folder: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FaceError(
+            f"{what} '{path.name}' is missing: looked for {path} in the face encoder folder {folder}. "
+            "Download the ConsisID checkpoint's face_encoder folder completely (nothing is downloaded "
+            "automatically)."
+        )
+    return path
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
+        raise FaceError(f"'{path}' is not a readable PyTorch weights file ({e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FaceError(f"'{path}' does not hold a state dict (found {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
+    """facexlib RetinaFace from our file; the backbone (resnet50 or mobile0.25) is read from the keys."""
+    try:
+        from facexlib.detection.retinaface import RetinaFace
+    except ImportError as e:
+        raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
+    path = Path(path)
+    state = _load_state_dict(path)
+    if "body.conv1.weight" in state:
+        network = "resnet50"
+    elif "body.stage1.0.0.weight" in state:
+        network = "mobile0.25"
+    else:
+        raise FaceError(
+            f"'{path}' is not a facexlib RetinaFace checkpoint (no body.conv1 / body.stage1 weights); "
+            "use detection_Resnet50_Final.pth from the ConsisID face_encoder folder"
+        )
+    model = RetinaFace(network_name=network, half=False, device=torch.device(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise FaceError(f"'{path}' does not fit facexlib RetinaFace ({network}): {e}") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_bisenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
+    """facexlib BiSeNet (19 classes) from our file."""
+    try:
+        from facexlib.parsing.bisenet import BiSeNet
+    except ImportError as e:
+        raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
+    path = Path(path)
+    state = _load_state_dict(path)
+    classes = state.get("conv_out.conv_out.weight")
+    if classes is None:
+        raise FaceError(f"'{path}' is not a facexlib BiSeNet checkpoint (no conv_out.conv_out.weight)")
+    model = BiSeNet(num_class=classes.shape[0])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise FaceError(f"'{path}' does not fit facexlib BiSeNet: {e}") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _load_insightface(path: Path, task: str, providers: list[str]):
+    try:
+        from insightface.model_zoo import model_zoo
+    except ImportError as e:
+        raise ImportError("the ConsisID face pipeline needs insightface: pip install insightface") from e
+    model = model_zoo.get_model(str(path), providers=providers)  # an existing file: never downloads
+    if model is None or getattr(model, "taskname", None) != task:
+        found = getattr(model, "taskname", "an unrecognised model")
+        raise FaceError(f"'{path}' should be the antelopev2 {task} model, insightface reads it as {found}")
+    return model
+
+
+def load_face_models(
+    face_encoder_dir: str | os.PathLike,
+    provider: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> FaceModels:
+    """Load all face models from a `face_encoder/` folder (see the module doc). Never downloads.
+
+    `provider` runs the insightface ONNX models ('cpu', 'cuda' or an ONNX Runtime provider name);
+    `device`/`dtype` hold the torch models (EVA in `dtype`; RetinaFace and BiSeNet stay float32 as
+    in the reference).
+    """
+    folder = Path(face_encoder_dir)
+    if not folder.is_dir():
+        raise FaceError(
+            f"face encoder folder '{folder}' does not exist; it is the face_encoder/ folder of a "
+            "ConsisID checkpoint (e.g. BestWishYsh/ConsisID-preview)"
+        )
+    providers = resolve_providers(provider)
+    device = torch.device(device)
+    antelope = folder / ANTELOPE_DIR
+    det_path = _require(antelope / DETECTION_FILE, folder, "the antelopev2 detector")
+    rec_path = _require(antelope / RECOGNITION_FILE, folder, "the antelopev2 recogniser")
+    retina_path = _require(folder / RETINAFACE_FILE, folder, "the facexlib RetinaFace detector")
+    parse_path = _require(folder / BISENET_FILE, folder, "the facexlib BiSeNet face parser")
+    eva_path = _require(folder / EVA_FILE, folder, "the EVA02-CLIP face encoder")
+
+    detector = _load_insightface(det_path, "detection", providers)
+    detector.prepare(0, input_size=DET_SIZE, det_thresh=DET_THRESH)
+    recognizer = _load_insightface(rec_path, "recognition", providers)
+    recognizer.prepare(0)
+    models = FaceModels(
+        detector=detector,
+        recognizer=recognizer,
+        retinaface=load_retinaface(retina_path, device),
+        parser=load_bisenet(parse_path, device),
+        eva=load_eva_tower(eva_path, device=device, dtype=dtype),
+        device=device,
+        dtype=dtype,
+        providers=providers,
+        source=folder,
+    )
+    models.metadata = {"face_models": str(folder), "id_dim": str(models.id_dim), "vit_dim": str(models.vit_dim)}
+    logger.info(
+        "loaded face models from %s (ONNX Runtime %s, torch %s %s): id_cond width %d, hidden width %d",
+        folder, providers[0], device, dtype, models.id_dim, models.vit_dim,
+    )
+    return models

@@ -11,5 +11,8 @@ except ImportError:
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.host import register_folders
+
+    register_folders()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

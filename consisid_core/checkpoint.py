@@ -32,6 +32,22 @@ from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
+RELEASED_SCHEDULER_CONFIG = {
+    "_class_name": "CogVideoXDPMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "snr_shift_scale": 1.0,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+"""The released checkpoint's scheduler/scheduler_config.json."""
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE_CLASS = "ConsisIDPipeline"
 EXPECTED_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, face_encoder/"
@@ -170,17 +186,40 @@ class Checkpoint:
         model = _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
         return TextEncoder(tokenizer, model)
 
-    def load_model(self, dtype: str | torch.dtype = "bf16", transformer: torch.nn.Module | None = None) -> ConsisIDModel:
-        """Transformer (this folder's, or one loaded from a single file), VAE and scheduler."""
+    def load_model(
+        self,
+        dtype: str | torch.dtype = "bf16",
+        transformer: torch.nn.Module | None = None,
+        vae: torch.nn.Module | None = None,
+    ) -> ConsisIDModel:
+        """Transformer, VAE (this folder's, or ones loaded from single files) and scheduler."""
         model = ConsisIDModel(
             transformer if transformer is not None else self.load_transformer(dtype),
-            self.load_vae(dtype),
+            vae if vae is not None else self.load_vae(dtype),
             self.load_scheduler_config(),
             self,
             self.root.name,
         )
         check_vae_fits(model)
         return model
+
+
+def model_from_files(
+    transformer_path: str | os.PathLike, vae_path: str | os.PathLike, dtype: str | torch.dtype = "bf16"
+) -> ConsisIDModel:
+    """A model from a single-file transformer and a single-file VAE, configs inferred, no folder.
+
+    There is no T5 or face models then: text comes from another encoder, identities from files.
+    """
+    model = ConsisIDModel(
+        load_transformer_file(transformer_path, dtype),
+        load_vae_file(vae_path, dtype),
+        RELEASED_SCHEDULER_CONFIG,
+        None,
+        Path(transformer_path).stem,
+    )
+    check_vae_fits(model)
+    return model
 
 
 def check_vae_fits(model: ConsisIDModel) -> None:
@@ -318,37 +357,61 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str =
     }
 
 
-def load_transformer_file(
-    path: str | os.PathLike,
-    dtype: str | torch.dtype = "bf16",
-    config: Mapping | str | os.PathLike | None = None,
-) -> torch.nn.Module:
-    """A ConsisIDTransformer3DModel from one .safetensors file with diffusers key names.
+RELEASED_VAE_CONFIG = {"scaling_factor": 0.7}
+"""The released checkpoint's VAE (CogVideoX-5B-I2V's): AutoencoderKLCogVideoX's defaults but this."""
 
-    `config` is a config dict, a checkpoint folder (its transformer/config.json is used), a
-    config.json, or None to infer it from the weights' shapes.
+
+def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
+    """An AutoencoderKLCogVideoX config from diffusers-named weights' shapes.
+
+    Widths, depth and latent channels come from the shapes; the rest (32 norm groups, 4× temporal
+    compression, scaling factor 0.7) are the released checkpoint's.
     """
-    from diffusers import ConsisIDTransformer3DModel
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(
+                f"{where} are not a CogVideoX VAE with diffusers key names: '{key}' is missing "
+                f"(first keys found: {', '.join(sorted(shapes)[:5]) or 'none'})"
+            )
+        return shapes[key]
 
-    path = Path(path)
-    dtype = dtype_from_name(dtype)
-    shapes = read_safetensors_shapes(path)
-    if config is None:
-        config = infer_transformer_config(shapes, f"the weights in '{path}'")
-        logger.info("inferred the transformer config of '%s' from its weights' shapes", path.name)
-    elif not isinstance(config, Mapping):
-        config_path = Path(config)
-        if config_path.is_dir():
-            config_path = Checkpoint.open(config_path).root / "transformer" / "config.json"
-        config = _read_json(config_path)
-    _check_transformer_config(config, f"the config for '{path}'")
+    blocks = 0
+    while f"encoder.down_blocks.{blocks}.resnets.0.conv2.conv.weight" in shapes:
+        blocks += 1
+    shape("encoder.down_blocks.0.resnets.0.conv2.conv.weight")
+    layers = 0
+    while f"encoder.down_blocks.0.resnets.{layers}.conv1.conv.weight" in shapes:
+        layers += 1
+    return {
+        **RELEASED_VAE_CONFIG,
+        "in_channels": shape("encoder.conv_in.conv.weight")[1],
+        "out_channels": shape("decoder.conv_out.conv.weight")[0],
+        "down_block_types": ["CogVideoXDownBlock3D"] * blocks,
+        "up_block_types": ["CogVideoXUpBlock3D"] * blocks,
+        "block_out_channels": [shape(f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight")[0] for i in range(blocks)],
+        "layers_per_block": layers,
+        "latent_channels": shape("decoder.conv_in.conv.weight")[1],
+    }
 
+
+def _config_from(config: Mapping | str | os.PathLike, component: str) -> dict:
+    """A config dict, a checkpoint folder (its component's config.json), or a config.json path."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config)
+    if path.is_dir():
+        path = Checkpoint.open(path).root / component / "config.json"
+    return _read_json(path)
+
+
+def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: torch.dtype, what: str):
+    """Build `cls` from `config` without memory, check every key and shape, then load the weights."""
     with torch.device("meta"):
-        model = ConsisIDTransformer3DModel.from_config(dict(config))
+        model = cls.from_config(dict(config))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - shapes.keys())
     unexpected = sorted(shapes.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+    wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != tuple(shapes[k]))
     if missing or unexpected or wrong:
         problems = []
         if missing:
@@ -362,10 +425,52 @@ def load_transformer_file(
                 + ")"
             )
         raise CheckpointError(
-            f"'{path}' does not match the ConsisID transformer config: keys {'; '.join(problems)}. "
+            f"'{path}' does not match the {what} config: keys {'; '.join(problems)}. "
             "Pass the config of the checkpoint this file came from"
         )
     with safe_open(path, framework="pt") as f:
         state = {k: f.get_tensor(k).to(dtype) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def load_transformer_file(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "bf16",
+    config: Mapping | str | os.PathLike | None = None,
+) -> torch.nn.Module:
+    """A ConsisIDTransformer3DModel from one .safetensors file with diffusers key names.
+
+    `config` is a config dict, a checkpoint folder (its transformer/config.json is used), a
+    config.json, or None to infer it from the weights' shapes.
+    """
+    from diffusers import ConsisIDTransformer3DModel
+
+    path = Path(path)
+    shapes = read_safetensors_shapes(path)
+    if config is None:
+        config = infer_transformer_config(shapes, f"the weights in '{path}'")
+        logger.info("inferred the transformer config of '%s' from its weights' shapes", path.name)
+    else:
+        config = _config_from(config, "transformer")
+    _check_transformer_config(config, f"the config for '{path}'")
+    return _load_single_file(
+        ConsisIDTransformer3DModel, path, shapes, config, dtype_from_name(dtype), "ConsisID transformer"
+    )
+
+
+def load_vae_file(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "bf16",
+    config: Mapping | str | os.PathLike | None = None,
+) -> torch.nn.Module:
+    """An AutoencoderKLCogVideoX from one .safetensors file with diffusers key names.
+
+    `config` as for `load_transformer_file`; None infers it from the weights' shapes.
+    """
+    from diffusers import AutoencoderKLCogVideoX
+
+    path = Path(path)
+    shapes = read_safetensors_shapes(path)
+    config = infer_vae_config(shapes, f"the weights in '{path}'") if config is None else _config_from(config, "vae")
+    return _load_single_file(AutoencoderKLCogVideoX, path, shapes, config, dtype_from_name(dtype), "CogVideoX VAE")

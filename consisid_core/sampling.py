@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -206,15 +207,82 @@ def sample(
     return latents.cpu()
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """Decode in overlapping spatial tiles (pixels): less memory at large sizes, seams blended.
+
+    The defaults are diffusers' for CogVideoX at 480x720: 240x360 tiles overlapping 40 and 72 px.
+    """
+
+    tile_height: int = 240
+    tile_width: int = 360
+    overlap_height: int = 40
+    overlap_width: int = 72
+
+    def factors(self, scale: int) -> tuple[float, float]:
+        """Overlap factors for diffusers, checked to land on the VAE's latent grid."""
+        result = []
+        for name, tile, overlap in (
+            ("height", self.tile_height, self.overlap_height),
+            ("width", self.tile_width, self.overlap_width),
+        ):
+            if tile < 2 * scale or tile % scale or overlap < 0 or overlap >= tile or (tile - overlap) % scale:
+                raise ConsisIDError(
+                    f"tile {name} {tile} px with {overlap} px overlap does not fit the VAE's {scale}-px latent "
+                    f"grid: the tile must be a multiple of {scale}, the overlap smaller than the tile, and "
+                    f"tile - overlap a multiple of {scale} (e.g. tile 240, overlap 40)"
+                )
+            factor = overlap / tile
+            # diffusers' tiled decode strides by int(latent_tile * (1 - f)) and crops to tile - int(tile * f)
+            if int(tile // scale * (1 - factor)) * scale != tile - int(tile * factor):
+                factor = (overlap + 1e-6) / tile
+            result.append(factor)
+        return result[0], result[1]
+
+
+@contextlib.contextmanager
+def _vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> Iterator[None]:
+    """Turn on tiling/slicing for one decode and restore the VAE's own settings after."""
+    names = (
+        "use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height",
+        "tile_latent_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
+    )
+    saved = {n: getattr(vae, n) for n in names}
+    try:
+        if tiling is not None:
+            factor_height, factor_width = tiling.factors(2 ** (len(vae.config.block_out_channels) - 1))
+            vae.enable_tiling(
+                tile_sample_min_height=tiling.tile_height,
+                tile_sample_min_width=tiling.tile_width,
+                tile_overlap_factor_height=factor_height,
+                tile_overlap_factor_width=factor_width,
+            )
+        vae.use_slicing = slicing or saved["use_slicing"]
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(vae, n, v)
+
+
 @torch.no_grad()
-def decode(model: ConsisIDModel, latents: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Latents from `sample` -> frames [F, H, W, 3], float32 in 0..1, on the CPU."""
+def decode(
+    model: ConsisIDModel,
+    latents: torch.Tensor,
+    device: torch.device | str | None = None,
+    tiling: Tiling | None = None,
+    slicing: bool = False,
+) -> torch.Tensor:
+    """Latents [B, F, C, h, w] from `sample` -> frames [B·F', H, W, 3], float32 in 0..1, on the CPU.
+
+    `tiling` decodes in spatial tiles, `slicing` one video of a batch at a time; both only for
+    this call.
+    """
     pipe = _pipeline(model)
-    with placed([model.vae], device):
+    with placed([model.vae], device), _vae_options(model.vae, tiling, slicing):
         vae = next(model.vae.parameters())
         video = pipe.decode_latents(latents.to(vae.device, vae.dtype))
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")
-    return video[0].permute(0, 2, 3, 1).float().cpu()
+    return video.flatten(0, 1).permute(0, 2, 3, 1).float().cpu()
 
 
 def encode_with_checkpoint(
@@ -223,7 +291,8 @@ def encode_with_checkpoint(
     """Encode with the checkpoint's own T5, loaded for this and released after."""
     if checkpoint is None:
         raise ConsisIDError(
-            "this model has no checkpoint folder to load its T5 text encoder from: pass text embeddings instead"
+            "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
+            "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
         )
     encoder = checkpoint.load_text_encoder(dtype)
     try:

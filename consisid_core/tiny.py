@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import RELEASED_SCHEDULER_CONFIG
 from .errors import ConsisIDError
 from .identity import Identity
 
@@ -55,33 +56,17 @@ TINY_TRANSFORMER = dict(
 """Heads split as the released checkpoint's (64-d LFE heads, 128-d cross-attention heads), so
 `checkpoint.infer_transformer_config` recovers this config from the weights alone."""
 
-TINY_VAE = dict(
+TINY_VAE = dict(  # 32 norm groups and 4x temporal compression as released: inferable from shapes
     in_channels=3,
     out_channels=3,
     down_block_types=("CogVideoXDownBlock3D",) * 4,
     up_block_types=("CogVideoXUpBlock3D",) * 4,
-    block_out_channels=(8, 8, 8, 8),
+    block_out_channels=(32, 32, 32, 32),
     latent_channels=4,
     layers_per_block=1,
-    norm_num_groups=2,
     temporal_compression_ratio=4,
     scaling_factor=0.7,
 )
-
-SCHEDULER = dict(
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    clip_sample=False,
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    set_alpha_to_one=True,
-    snr_shift_scale=1.0,
-    steps_offset=0,
-    timestep_spacing="trailing",
-)
-"""The released checkpoint's CogVideoXDPMScheduler settings."""
 
 _WORDS = "a the person man woman smiling video walking city street camera face light hair".split()
 
@@ -141,7 +126,7 @@ def _components(seed: int, kps: bool):
         text_encoder=text_encoder,
         vae=vae.eval(),
         transformer=transformer.eval(),
-        scheduler=CogVideoXDPMScheduler(**SCHEDULER),
+        scheduler=CogVideoXDPMScheduler.from_config(RELEASED_SCHEDULER_CONFIG),
     )
 
 

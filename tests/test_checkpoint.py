@@ -222,3 +222,53 @@ def test_single_file_with_unexpected_and_wrong_keys(single_file, tmp_path, tiny_
     assert "1 missing (proj_out.bias)" in message
     assert "1 unexpected (extra.weight)" in message
     assert "norm_final.weight: [3], expected [64]" in message
+
+
+def test_vae_single_file_loads_the_same_weights_with_an_inferred_config(tiny_dir):
+    from consisid_core.checkpoint import load_vae_file
+
+    reference = Checkpoint.open(tiny_dir).load_vae("fp32")
+    loaded = load_vae_file(tiny_dir / "vae" / "diffusion_pytorch_model.safetensors", "fp32")
+    for key in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "scaling_factor"):
+        assert loaded.config[key] == reference.config[key], key
+    ours = loaded.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
+
+
+def test_vae_single_file_of_something_else(single_file):
+    from consisid_core.checkpoint import load_vae_file
+
+    with pytest.raises(CheckpointError, match="not a CogVideoX VAE with diffusers key names"):
+        load_vae_file(single_file)
+
+
+def test_model_from_two_files(tiny_dir):
+    from consisid_core.checkpoint import model_from_files
+
+    model = model_from_files(
+        tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors",
+        tiny_dir / "vae" / "diffusion_pytorch_model.safetensors",
+        "fp32",
+    )
+    from diffusers import CogVideoXDPMScheduler
+
+    assert model.checkpoint is None
+    released = CogVideoXDPMScheduler.from_config(model.scheduler_config).config
+    written = CogVideoXDPMScheduler.from_config(Checkpoint.open(tiny_dir).load_scheduler_config()).config
+    assert {k: v for k, v in released.items() if not k.startswith("_")} == {
+        k: v for k, v in written.items() if not k.startswith("_")
+    }
+
+
+def test_a_vae_that_does_not_fit_the_transformer(tiny_dir, tmp_path):
+    from consisid_core.checkpoint import model_from_files
+    from consisid_core.tiny import TINY_VAE
+    from diffusers import AutoencoderKLCogVideoX
+
+    AutoencoderKLCogVideoX(**(TINY_VAE | {"latent_channels": 8})).save_pretrained(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="the VAE has 8 latent channels"):
+        model_from_files(
+            tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors",
+            tmp_path / "vae" / "diffusion_pytorch_model.safetensors",
+            "fp32",
+        )

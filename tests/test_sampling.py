@@ -119,3 +119,44 @@ def test_ddim_scheduler_runs(tiny_model, identity, text):
 def test_other_sizes_run(tiny_model, identity, text):
     latents = sample(tiny_model, identity, text, steps=1, frames=5, height=32, width=48)
     assert latents.shape == (1, 2, 4, 4, 6)
+
+
+def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identity, text):
+    from consisid_core.sampling import Tiling
+
+    latents = sample(tiny_model, identity, text, steps=2, seed=3)
+    plain = decode(tiny_model, latents)
+    vae = tiny_model.vae
+    before = (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_height)
+    tiled = decode(tiny_model, latents, tiling=Tiling(32, 48, 8, 16), slicing=True)
+    assert (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_height) == before
+    assert tiled.shape == plain.shape
+    # tiles are blended at their seams, so the frames differ a little, not wholesale
+    assert 0 < (tiled - plain).abs().mean() < 0.05
+
+
+def test_decode_a_batch_of_videos(tiny_model, identity, text):
+    latents = sample(tiny_model, identity, text, steps=1, seed=3)
+    frames = decode(tiny_model, torch.cat([latents, latents]), slicing=True)
+    assert frames.shape == (18, 64, 96, 3)
+    assert torch.equal(frames[:9], frames[9:])
+
+
+@pytest.mark.parametrize("tiling", [(30, 48, 8, 16), (32, 48, 12, 16), (32, 48, 32, 16)])
+def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
+    from consisid_core.sampling import Tiling
+
+    latents = torch.zeros(1, 3, 4, 8, 12)
+    with pytest.raises(ConsisIDError, match="px overlap does not fit the VAE's 8-px latent grid"):
+        decode(tiny_model, latents, tiling=Tiling(*tiling))
+    assert tiny_model.vae.use_tiling is False
+
+
+def test_default_tiling_at_the_released_size_lands_on_the_grid():
+    from consisid_core.sampling import Tiling
+
+    tile = Tiling()
+    for size, length, factor in ((tile.tile_height, 60, tile.factors(8)[0]), (tile.tile_width, 90, tile.factors(8)[1])):
+        stride = int(size // 8 * (1 - factor))
+        limit = size - int(size * factor)
+        assert stride * 8 == limit

@@ -1,0 +1,181 @@
+"""The one module that touches ComfyUI: model folders, devices, memory, progress and Cancel.
+
+Outside ComfyUI (tests, scripts) every function falls back to plain behaviour, so the nodes run
+end to end there too: model folders are `$CONSISID_HOME/models/<kind>` (default: the current
+folder), input and output are `$CONSISID_HOME/input` and `$CONSISID_HOME/output`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+try:
+    import comfy.model_management as model_management
+    import comfy.utils
+    import folder_paths
+except ImportError:
+    model_management = None
+
+logger = logging.getLogger(__name__)
+
+IN_COMFYUI = model_management is not None
+CONSISID_FOLDER = "consisid"
+"""Our model folder: `models/consisid/<checkpoint>/` (diffusers layout, face_encoder/ inside)."""
+
+
+def register_folders() -> None:
+    """Add `models/consisid` to ComfyUI's model folders (called once, by the pack's __init__)."""
+    folder_paths.add_model_folder_path(CONSISID_FOLDER, os.path.join(folder_paths.models_dir, CONSISID_FOLDER))
+
+
+def _home() -> Path:
+    return Path(os.environ.get("CONSISID_HOME", "."))
+
+
+def folders(kind: str) -> list[Path]:
+    """The folders of one model kind: consisid, diffusers, diffusion_models, vae."""
+    if IN_COMFYUI:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        except KeyError:
+            return []
+    return [_home() / "models" / kind]
+
+
+def files(kind: str, suffixes: Iterable[str] = (".safetensors",)) -> list[str]:
+    """Weight files of a kind, as names relative to their folder (ComfyUI's list, if there)."""
+    suffixes = tuple(suffixes)
+    if IN_COMFYUI:
+        try:
+            names = folder_paths.get_filename_list(kind)
+        except KeyError:
+            return []
+    else:
+        names = sorted(
+            str(p.relative_to(root)) for root in folders(kind) if root.is_dir() for p in root.rglob("*") if p.is_file()
+        )
+    return [n for n in names if n.endswith(suffixes)]
+
+
+def file_path(kind: str, name: str) -> Path:
+    """The full path of a listed file; a missing one gets an error naming where it was looked for."""
+    if IN_COMFYUI:
+        return Path(folder_paths.get_full_path_or_raise(kind, name))
+    for root in folders(kind):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"'{name}' is not in the {kind} folders ({', '.join(map(str, folders(kind)))})")
+
+
+def pipeline_folders() -> dict[str, Path]:
+    """ConsisID checkpoint folders by display name: `models/consisid/X` as `X`, and the
+    `models/diffusers/X` whose model_index.json names ConsisIDPipeline as `diffusers/X`."""
+    found: dict[str, Path] = {}
+    for kind, prefix in ((CONSISID_FOLDER, ""), ("diffusers", "diffusers/")):
+        for root in folders(kind):
+            if not root.is_dir():
+                continue
+            for folder in sorted(p for p in root.iterdir() if (p / "model_index.json").is_file()):
+                if kind == "diffusers" and not _names_consisid(folder / "model_index.json"):
+                    continue
+                found.setdefault(prefix + folder.name, folder)
+    return found
+
+
+def face_encoder_folders() -> dict[str, Path]:
+    """Folders holding the face models: each checkpoint's face_encoder/, and standalone ones in
+    `models/consisid/` (a folder with models/antelopev2/ inside)."""
+    found = {name: path / "face_encoder" for name, path in pipeline_folders().items() if (path / "face_encoder").is_dir()}
+    for root in folders(CONSISID_FOLDER):
+        if root.is_dir():
+            for folder in sorted(p for p in root.iterdir() if (p / "models" / "antelopev2").is_dir()):
+                found.setdefault(folder.name, folder)
+    return found
+
+
+def _names_consisid(index: Path) -> bool:
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == "ConsisIDPipeline"
+    except (OSError, ValueError):
+        return False
+
+
+def input_dir() -> Path:
+    return Path(folder_paths.get_input_directory()) if IN_COMFYUI else _home() / "input"
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory()) if IN_COMFYUI else _home() / "output"
+
+
+def save_path(prefix: str, extension: str) -> Path:
+    """A new file `<prefix>_00001_<extension>` in the output folder, counted as ComfyUI does."""
+    out = output_dir()
+    if IN_COMFYUI:
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(out))
+        return Path(folder) / f"{name}_{counter:05}_{extension}"
+    target = out / prefix
+    target.parent.mkdir(parents=True, exist_ok=True)
+    counter = 1 + sum(1 for _ in target.parent.glob(f"{target.name}_*_{extension}"))
+    return target.parent / f"{target.name}_{counter:05}_{extension}"
+
+
+def torch_device() -> torch.device:
+    if IN_COMFYUI:
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    return model_management.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def make_room(modules: Iterable[torch.nn.Module], device: torch.device, extra: int = 0) -> None:
+    """Ask ComfyUI to evict other models until `modules` (and `extra` bytes of work) fit on `device`."""
+    if not IN_COMFYUI or device.type == "cpu":
+        return
+    size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    model_management.free_memory(size + extra, device)
+
+
+def after_run() -> None:
+    """Give freed GPU memory back (after a run or an error)."""
+    if IN_COMFYUI:
+        model_management.soft_empty_cache()
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    if IN_COMFYUI:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's progress bar (each update is also a Cancel point); nothing outside ComfyUI."""
+
+    def __init__(self, total: int):
+        self._bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+        self.total = total
+
+    def update(self, value: int, latents: torch.Tensor | None = None) -> None:
+        check_interrupted()
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, _preview(latents))
+
+
+def _preview(latents: torch.Tensor | None):
+    """A cheap look at the first latent frame: three channels stretched to 0..255."""
+    if latents is None:
+        return None
+    from PIL import Image
+
+    frame = latents[0, 0, :3].float()
+    low, high = frame.amin(dim=(1, 2), keepdim=True), frame.amax(dim=(1, 2), keepdim=True)
+    pixels = ((frame - low) / (high - low + 1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    return "JPEG", Image.fromarray(pixels).resize((pixels.shape[1] * 8, pixels.shape[0] * 8)), 512

@@ -1,0 +1,72 @@
+"""Model loader: a ConsisID checkpoint folder, or a single-file transformer with a single-file VAE."""
+
+from __future__ import annotations
+
+from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel, load_vae_file, model_from_files
+from . import host
+
+FROM_CHECKPOINT = "(from checkpoint)"
+SINGLE_FILE = "diffusion_models/"
+
+
+def _model_names() -> list[str]:
+    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
+
+
+class ConsisIDModelLoader:
+    DESCRIPTION = (
+        "Loads the ConsisID transformer and VAE: a checkpoint folder from models/consisid (or a "
+        "models/diffusers folder whose model_index.json names ConsisIDPipeline), or one transformer "
+        ".safetensors from models/diffusion_models with a VAE from models/vae. Nothing is downloaded."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CONSISID_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("Transformer, VAE and scheduler settings (and the folder's T5, loaded on demand).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (
+                    _model_names(),
+                    {"tooltip": "A ConsisID checkpoint folder (diffusers layout), or diffusion_models/<file> "
+                                "for a single-file transformer with diffusers key names."},
+                ),
+                "vae": (
+                    [FROM_CHECKPOINT] + host.files("vae"),
+                    {"default": FROM_CHECKPOINT,
+                     "tooltip": "The CogVideoX VAE: the checkpoint folder's own, or a .safetensors from "
+                                "models/vae (needed with a single-file transformer)."},
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {"default": "bf16", "tooltip": "Weights' precision. bf16 as the reference; fp32 for CPU."},
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: str, vae: str):
+        if model.startswith(SINGLE_FILE) and vae == FROM_CHECKPOINT:
+            return (
+                f"'{model}' is a single transformer file with no VAE of its own: "
+                "pick the CogVideoX VAE .safetensors from models/vae"
+            )
+        return True
+
+    def load(self, model: str, vae: str, dtype: str) -> tuple[ConsisIDModel]:
+        if model.startswith(SINGLE_FILE):
+            transformer = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
+            return (model_from_files(transformer, host.file_path("vae", vae), dtype),)
+        folders = host.pipeline_folders()
+        if model not in folders:
+            raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
+        checkpoint = Checkpoint.open(folders[model])
+        own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
+        return (checkpoint.load_model(dtype, vae=own_vae),)
+
+
+NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}
+NAMES = {"ConsisIDModelLoader": "ConsisID Model Loader"}

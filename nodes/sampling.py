@@ -1,0 +1,95 @@
+"""The sampler: identity + text (+ first frame) -> a video LATENT."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..consisid_core.media import to_uint8
+from ..consisid_core.sampling import SCHEDULERS, sample
+from . import host
+
+logger = logging.getLogger(__name__)
+
+
+def check_size(frames: int, width: int, height: int) -> str | bool:
+    """ComfyUI-side check before a run (the core checks again against the model)."""
+    if frames < 1 or (frames - 1) % 4:
+        return f"frames {frames} must be 4·k + 1 (49 for ConsisID; e.g. {max(1, (frames - 1) // 4 * 4 + 1)})"
+    for name, value in (("width", width), ("height", height)):
+        if value < 16 or value % 16:
+            return f"{name} {value} must be a positive multiple of 16 (ConsisID: 720 x 480)"
+    return True
+
+
+class ConsisIDSampler:
+    DESCRIPTION = (
+        "Generates a ConsisID video latent: the identity, the text and a first frame (by default the "
+        "identity's aligned face, as the reference), denoised with diffusers' ConsisIDPipeline. "
+        "Progress bar and Cancel work mid-run; options apply to this run only."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Video latents [1, channels, latent frames, h, w]; decode with ConsisID VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader."}),
+                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed or Load Identity."}),
+                "text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 50)."}),
+                "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                       "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
+                "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
+                "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
+                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
+                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
+                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
+                                  "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                                   "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
+                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                                "tooltip": "Scale of the face features (the transformer's local_face_scale)."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face (as the reference). "
+                                               "A batch uses its first image."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, frames: int, width: int, height: int):
+        return check_size(frames, width, height)
+
+    def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
+               identity_strength, image=None):
+        first = None
+        if image is not None:
+            if len(image) > 1:
+                logger.info("the first-frame input is a batch of %d; using its first image", len(image))
+            first = to_uint8(image[0])
+        device = host.torch_device()
+        progress = host.Progress(steps)
+        host.make_room([model.transformer, model.vae], device, extra=2 * 2**30)
+        try:
+            latents = sample(
+                model, identity, text, first,
+                seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+                frames=frames, height=height, width=width, identity_strength=identity_strength,
+                callback=lambda step, total, latents: progress.update(step, latents),
+                device=device,
+            )
+        finally:
+            host.after_run()
+        return ({"samples": latents.permute(0, 2, 1, 3, 4).contiguous()},)
+
+
+NODES = {"ConsisIDSampler": ConsisIDSampler}
+NAMES = {"ConsisIDSampler": "ConsisID Sampler"}

@@ -1,0 +1,55 @@
+"""VAE decode: a ConsisID LATENT -> an IMAGE batch [F, H, W, 3] for the native video nodes."""
+
+from __future__ import annotations
+
+from ..consisid_core.sampling import Tiling, decode
+from . import host
+
+
+class ConsisIDVAEDecode:
+    DESCRIPTION = (
+        "Decodes a ConsisID video latent with the model's CogVideoX VAE into frames (IMAGE batch), "
+        "for Create Video, upscalers and frame interpolators. Tiling lowers memory at large sizes."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader (its VAE is used)."}),
+                "latent": ("LATENT", {"tooltip": "From ConsisID Sampler."}),
+                "tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in overlapping tiles: less memory, same size."}),
+                "tile_height": ("INT", {"default": 240, "min": 16, "max": 4096, "step": 8,
+                                        "tooltip": "Tile height in pixels (multiple of 8)."}),
+                "tile_width": ("INT", {"default": 360, "min": 16, "max": 4096, "step": 8,
+                                       "tooltip": "Tile width in pixels (multiple of 8)."}),
+                "overlap": ("INT", {"default": 48, "min": 0, "max": 1024, "step": 8,
+                                    "tooltip": "Pixels each tile overlaps its neighbours, blended (multiple of 8)."}),
+                "slicing": ("BOOLEAN", {"default": False,
+                                        "tooltip": "Decode the videos of a batch one at a time (less memory for batches)."}),
+            }
+        }
+
+    def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
+        device = host.torch_device()
+        host.make_room([model.vae], device, extra=4 * 2**30)
+        try:
+            frames = decode(
+                model,
+                latent["samples"].permute(0, 2, 1, 3, 4),
+                device,
+                tiling=Tiling(tile_height, tile_width, overlap, overlap) if tiling else None,
+                slicing=slicing,
+            )
+        finally:
+            host.after_run()
+        return (frames,)
+
+
+NODES = {"ConsisIDVAEDecode": ConsisIDVAEDecode}
+NAMES = {"ConsisIDVAEDecode": "ConsisID VAE Decode"}

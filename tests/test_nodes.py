@@ -1,9 +1,7 @@
 """The nodes outside ComfyUI: declarations ComfyUI's loader accepts, and a whole graph run by hand."""
 
-import importlib.util
 import inspect
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def import_pack():
-    """Import the repo as ComfyUI does: the folder's __init__.py as a package of its own name."""
-    if "consisid_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "consisid_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["consisid_pack"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["consisid_pack"]
-
+from workflow_tools import import_pack  # noqa: E402
 
 pack = import_pack()
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402

@@ -1,0 +1,257 @@
+"""The pack inside a real ComfyUI: skipped unless COMFYUI_DIR names a ComfyUI source folder.
+
+Run with a Python that has both ComfyUI's requirements and this pack's, e.g.
+`COMFYUI_DIR=~/ComfyUI ~/comfy-venv/bin/python -m pytest tests/test_comfyui.py`.
+The server runs on the CPU, on a free loopback port, with the pack as a custom node and tiny
+checkpoints in a temporary models folder (`--extra-model-paths-config`).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workflow_tools import CHECKPOINT, ROOT, WORKFLOWS, our_specs, to_api
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+
+OURS = set(our_specs())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = base / "extra_model_paths.yaml"
+        config.write_text(
+            "consisid_test:\n"
+            f"  base_path: {base}\n"
+            "  consisid: models/consisid\n"
+            "  diffusion_models: models/diffusion_models\n"
+            "  vae: models/vae\n"
+            "  custom_nodes: custom_nodes\n"
+        )
+        self.log = open(base / "server.log", "w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, str(Path(COMFYUI_DIR) / "main.py"), "--cpu", "--listen", "127.0.0.1",
+                "--port", str(self.port), "--extra-model-paths-config", str(config),
+                "--input-directory", str(base / "input"), "--output-directory", str(base / "output"),
+                "--user-directory", str(base / "user"), "--disable-all-custom-nodes",
+                "--whitelist-custom-nodes", "consisid",
+            ],
+            cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict):
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+                return response.status, (json.loads(text) if text else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def wait_ready(self, seconds: float = 180) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {(self.base / 'server.log').read_text()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError("ComfyUI did not answer in time")
+
+    def run(self, prompt: dict, seconds: float = 600) -> dict:
+        status, answer = self.post("/prompt", {"prompt": prompt})
+        assert status == 200, answer
+        return self.wait(answer["prompt_id"], seconds)
+
+    def wait(self, prompt_id: str, seconds: float = 600) -> dict:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from consisid_core.identity import save_identity
+    from consisid_core.tiny import make_tiny, random_identity
+
+    base = tmp_path_factory.mktemp("comfy")
+    tiny = make_tiny(base / "models" / "consisid" / CHECKPOINT)
+    for kind, part in (("diffusion_models", "transformer"), ("vae", "vae")):
+        (base / "models" / kind).mkdir(parents=True)
+        shutil.copy(tiny / part / "diffusion_pytorch_model.safetensors", base / "models" / kind / "tiny.safetensors")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    (base / "user").mkdir()
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    Image.fromarray(skimage_data.astronaut()).save(base / "input" / "consisid_face.png")
+    from consisid_core.checkpoint import Checkpoint
+
+    save_identity(random_identity(Checkpoint.open(tiny).transformer_config, 3), base / "input" / "identity.safetensors")
+    server = Server(base)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def _tiny(prompt: dict, steps: int = 3) -> dict:
+    """The shipped graph at the tiny checkpoint's size; stand-ins for what cannot be had here."""
+    for node_id, node in list(prompt.items()):
+        inputs = node["inputs"]
+        if node["class_type"] == "ConsisIDSampler":
+            inputs.update(frames=9, width=96, height=64, steps=steps)
+        elif node["class_type"] == "ConsisIDModelLoader":
+            inputs["dtype"] = "fp32"
+        elif node["class_type"] == "UpscaleModelLoader":
+            del prompt[node_id]
+        elif node["class_type"] == "ImageUpscaleWithModel":  # no upscale model file here: a core resize
+            node["class_type"] = "ImageScaleBy"
+            node["inputs"] = {"image": inputs["image"], "upscale_method": "lanczos", "scale_by": 2.0}
+        elif node["class_type"] == "RIFE VFI":  # a separate pack: a core node that also doubles the frames
+            node["class_type"] = "RepeatImageBatch"
+            node["inputs"] = {"image": inputs["frames"], "amount": 2}
+    return prompt
+
+
+def _api(server, name: str) -> dict:
+    specs = server.get("/object_info")
+    specs["RIFE VFI"] = json.loads((Path(__file__).parent / "data" / "comfyui_node_specs.json").read_text())["RIFE VFI"]
+    return to_api(json.loads((WORKFLOWS / name).read_text()), specs)
+
+
+def _videos(server) -> list[Path]:
+    return sorted((server.base / "output" / "consisid").glob("ConsisID_*.mp4"))
+
+
+def _frames(path: Path) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    return len(frames), frames[0].height, frames[0].width
+
+
+def test_object_info_lists_every_node(server):
+    info = server.get("/object_info")
+    assert OURS <= set(info)
+    ours = our_specs()
+    for name in OURS:
+        assert info[name]["category"] == "ConsisID"
+        assert info[name]["description"]
+        assert list(info[name]["input"]["required"]) == list(ours[name]["input"]["required"])
+    assert info["ConsisIDModelLoader"]["input"]["required"]["model"][0] == [CHECKPOINT, "diffusion_models/tiny.safetensors"]
+    assert info["ConsisIDFaceModelsLoader"]["input"]["required"]["face_encoder"][0] == [CHECKPOINT]
+
+
+def test_basic_workflow(server):
+    before = set(_videos(server))
+    result = server.run(_tiny(_api(server, "consisid_basic.json")))
+    assert result["status"]["status_str"] == "success", result["status"]
+    (video,) = set(_videos(server)) - before
+    assert _frames(video) == (9, 64, 96)
+    assert list((server.base / "output" / "consisid").glob("identity_*_.safetensors"))
+
+
+def test_reuse_identity_workflow(server):
+    before = set(_videos(server))
+    result = server.run(_tiny(_api(server, "consisid_reuse_identity.json")))
+    assert result["status"]["status_str"] == "success", result["status"]
+    (video,) = set(_videos(server)) - before
+    assert _frames(video) == (9, 64, 96)
+
+
+def test_upscale_interpolate_workflow(server):
+    before = set(_videos(server))
+    result = server.run(_tiny(_api(server, "consisid_upscale_interpolate.json")))
+    assert result["status"]["status_str"] == "success", result["status"]
+    (video,) = set(_videos(server)) - before
+    assert _frames(video) == (18, 128, 192)
+
+
+def test_native_t5_workflow_fails_validation_only_at_the_missing_t5_file(server):
+    """No T5-XXL file can be had here: validation must name CLIPLoader's file, and nothing else
+    (the branch that does not need it, Save Identity, still runs)."""
+    status, answer = server.post("/prompt", {"prompt": _tiny(_api(server, "consisid_native_t5.json"))})
+    assert status == 200
+    errors = answer["node_errors"]
+    assert [e["class_type"] for e in errors.values()] == ["CLIPLoader"]
+    assert "clip_name" in json.dumps(errors) and "t5xxl_fp16.safetensors" in json.dumps(errors)
+    assert server.wait(answer["prompt_id"])["status"]["status_str"] == "success"
+
+
+def test_interrupt_mid_sampling_leaves_the_server_healthy(server):
+    prompt = _tiny(_api(server, "consisid_reuse_identity.json"), steps=1000)
+    next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 7
+    status, answer = server.post("/prompt", {"prompt": prompt})
+    assert status == 200
+    prompt_id = answer["prompt_id"]
+    end = time.monotonic() + 120
+    while not server.get("/queue")["queue_running"] and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(5)  # models load in well under a second: the sampler is some steps in
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    started = time.monotonic()
+    result = server.wait(prompt_id, 120)
+    assert time.monotonic() - started < 10, "the run did not stop at the next step"
+    assert result["status"]["status_str"] == "error"
+    assert any(event == "execution_interrupted" for event, _ in result["status"]["messages"])
+    again = server.run(_tiny(_api(server, "consisid_reuse_identity.json")))
+    assert again["status"]["status_str"] == "success"
+    assert server.get("/system_stats")
+
+
+def test_comfy_clip_route_equals_the_checkpoint_t5_route():
+    """A tiny T5 in ComfyUI's own T5-XXL code (CLIPLoader type sd3) and in transformers, same
+    weights and tokenizer: the text node's 226-token embeddings agree."""
+    script = Path(__file__).parent / "comfy_clip_parity.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PYTHONPATH": COMFYUI_DIR},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "max |diff|" in result.stdout

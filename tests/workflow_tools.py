@@ -1,0 +1,305 @@
+"""The shipped workflows: how they are built, checked against node specs, and turned into API format.
+
+`python tests/workflow_tools.py` writes workflows/*.json (UI format, the files a person drags into
+ComfyUI). Node specs are ComfyUI's /object_info entries: ours are made from the node classes, the
+core and third-party ones are a snapshot in tests/data/comfyui_node_specs.json (ComfyUI a125cd8,
+ComfyUI-Frame-Interpolation's RIFE VFI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+SNAPSHOT = Path(__file__).parent / "data" / "comfyui_node_specs.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+THIRD_PARTY = {"RIFE VFI": "ComfyUI-Frame-Interpolation"}
+
+PROMPT = (
+    "The video shows a woman walking along a quiet city street at golden hour, filmed on a classic 35mm "
+    "camera. She smiles softly at the camera; the wind moves her hair, and warm light falls across her "
+    "face. Shop windows and softly blurred passers-by fill the background."
+)
+CHECKPOINT = "ConsisID-preview"
+
+
+def import_pack():
+    """The repo imported as ComfyUI does: its __init__.py as a package (here named consisid_pack)."""
+    if "consisid_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "consisid_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["consisid_pack"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["consisid_pack"]
+
+
+def our_specs() -> dict:
+    """Our nodes as /object_info shows them (JSON round trip: tuples become lists)."""
+    import_pack()
+    from consisid_pack.nodes import NODE_CLASS_MAPPINGS
+
+    specs = {}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        specs[name] = {
+            "input": inputs,
+            "input_order": {group: list(values) for group, values in inputs.items()},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
+        }
+    return json.loads(json.dumps(specs))
+
+
+def all_specs() -> dict:
+    return json.loads(SNAPSHOT.read_text()) | our_specs()
+
+
+def _declared(spec: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of every input, in the order the frontend makes widgets."""
+    result = []
+    for group in ("required", "optional"):
+        declared = spec["input"].get(group, {})
+        for name in spec.get("input_order", {}).get(group, list(declared)):
+            kind, *rest = declared[name]
+            options = rest[0] if rest else {}
+            result.append((name, "COMBO" if isinstance(kind, list) else kind, options))
+    return result
+
+
+def _combo_options(spec: dict, name: str) -> list:
+    for group in ("required", "optional"):
+        if name in spec["input"].get(group, {}):
+            kind, *rest = spec["input"][group][name]
+            return kind if isinstance(kind, list) else (rest[0] if rest else {}).get("options", [])
+    return []
+
+
+def widget_slots(spec: dict) -> list[tuple[str, bool]]:
+    """(input name, is an extra frontend-only value after it) for each widget value stored."""
+    slots = []
+    for name, kind, options in _declared(spec):
+        if kind not in WIDGET_TYPES or options.get("forceInput"):
+            continue
+        slots.append((name, False))
+        if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
+            slots.append((name, True))  # the "control after generate" combo
+        if options.get("image_upload"):
+            slots.append((name, True))  # the upload button
+    return slots
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+class Graph:
+    """A UI-format graph under construction; nodes are laid out in columns by depth."""
+
+    def __init__(self, specs: dict):
+        self.specs = specs
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, *widgets, **sockets) -> int:
+        spec = self.specs[node_type]
+        node_id = len(self.nodes) + 1
+        depth = 0
+        inputs = []
+        for name, kind, _ in _declared(spec):
+            if name in sockets:
+                source, slot = sockets.pop(name)
+                link_id = len(self.links) + 1
+                origin = self.nodes[source - 1]
+                self.links.append([link_id, source, slot, node_id, len(inputs), origin["outputs"][slot]["type"]])
+                origin["outputs"][slot]["links"].append(link_id)
+                inputs.append({"name": name, "type": kind, "link": link_id})
+                depth = max(depth, origin["_depth"] + 1)
+            elif kind not in WIDGET_TYPES:
+                inputs.append({"name": name, "type": kind, "link": None})
+        assert not sockets, f"{node_type} has no inputs {sorted(sockets)}"
+        assert len(widgets) == len(widget_slots(spec)), f"{node_type}: {len(widget_slots(spec))} widget values"
+        outputs = [
+            {"name": name, "type": kind, "links": [], "slot_index": i}
+            | ({"shape": 6} if spec.get("output_is_list", [False] * 99)[i] else {})
+            for i, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))
+        ]
+        self.nodes.append(
+            {
+                "id": node_id,
+                "type": node_type,
+                "pos": [0, 0],
+                "size": [360, 120 + 26 * len(widgets)],
+                "flags": {},
+                "order": 0,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": node_type}
+                | ({"cnr_id": THIRD_PARTY[node_type]} if node_type in THIRD_PARTY else {}),
+                "widgets_values": list(widgets),
+                "_depth": depth,
+            }
+        )
+        return node_id
+
+    def to_json(self) -> dict:
+        rows: dict[int, int] = {}
+        for order, node in enumerate(self.nodes):
+            depth = node.pop("_depth")
+            node["order"] = order
+            node["pos"] = [40 + 420 * depth, 40 + rows.get(depth, 0)]
+            rows[depth] = rows.get(depth, 0) + node["size"][1] + 60
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+def _tail(g: Graph, model: int, identity: tuple[int, int], text: int, fps: float, extra=None) -> None:
+    """Sampler -> VAE decode -> (extra image steps) -> CreateVideo -> SaveVideo (mp4, h264)."""
+    sampler = g.add(
+        "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0,
+        model=(model, 0), identity=identity, text=(text, 0),
+    )
+    frames = (g.add("ConsisIDVAEDecode", False, 240, 360, 48, False, model=(model, 0), latent=(sampler, 0)), 0)
+    if extra is not None:
+        frames = extra(g, frames)
+    video = g.add("CreateVideo", fps, images=frames)
+    g.add("SaveVideo", "consisid/ConsisID", "mp4", "h264", video=(video, 0))
+
+
+def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8.0) -> dict:
+    g = Graph(specs)
+    photo = g.add("LoadImage", "consisid_face.png", "image")
+    faces = g.add("ConsisIDFaceModelsLoader", CHECKPOINT, "cpu", "cpu")
+    embed = g.add("ConsisIDFaceEmbed", -1, image=(photo, 0), face_models=(faces, 0))
+    if extra is None:
+        g.add("ConsisIDSaveIdentity", "consisid/identity", identity=(embed, 0))
+    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16")
+    if native_t5:
+        clip = g.add("CLIPLoader", "t5xxl_fp16.safetensors", "sd3", "default")
+        text = g.add("ConsisIDTextEncode", PROMPT, "", clip=(clip, 0))
+    else:
+        text = g.add("ConsisIDTextEncode", PROMPT, "", model=(model, 0))
+    _tail(g, model, (embed, 0), text, fps, extra)
+    return g.to_json()
+
+
+def _upscale_and_interpolate(g: Graph, frames: tuple[int, int]) -> tuple[int, int]:
+    upscaler = g.add("UpscaleModelLoader", "RealESRGAN_x2.pth")
+    upscaled = g.add("ImageUpscaleWithModel", upscale_model=(upscaler, 0), image=frames)
+    return g.add("RIFE VFI", "rife47.pth", 10, 2, True, True, 1.0, frames=(upscaled, 0)), 0
+
+
+def _reuse_identity(specs: dict) -> dict:
+    g = Graph(specs)
+    identity = g.add("ConsisIDLoadIdentity", "identity.safetensors")
+    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16")
+    text = g.add("ConsisIDTextEncode", PROMPT, "", model=(model, 0))
+    _tail(g, model, (identity, 0), text, 8.0)
+    return g.to_json()
+
+
+def build(specs: dict | None = None) -> dict[str, dict]:
+    """File name -> UI-format workflow, for every shipped workflow."""
+    specs = specs or all_specs()
+    return {
+        "consisid_basic.json": _face_graph(specs),
+        "consisid_native_t5.json": _face_graph(specs, native_t5=True),
+        "consisid_upscale_interpolate.json": _face_graph(specs, extra=_upscale_and_interpolate, fps=16.0),
+        "consisid_reuse_identity.json": _reuse_identity(specs),
+    }
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# checking and converting
+
+
+def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "UpscaleModelLoader")) -> list[str]:
+    """Problems with a UI-format workflow against node specs: unknown nodes, inputs, links of the
+    wrong type, wrong widget counts, values outside their range or choices. Empty if none."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        origin = nodes[source]
+        if origin["type"] in specs and specs[origin["type"]]["output"][slot] != kind:
+            problems.append(f"link {link_id}: {origin['type']} output {slot} is not {kind}")
+        if nodes[target]["inputs"][target_slot]["link"] != link_id:
+            problems.append(f"link {link_id} does not end where it says")
+    for node in workflow["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        spec = specs.get(node["type"])
+        if spec is None:
+            problems.append(f"{where}: no such node")
+            continue
+        declared = {name: (kind, options) for name, kind, options in _declared(spec)}
+        for socket in node.get("inputs", []):
+            if socket["name"] not in declared:
+                problems.append(f"{where}: no input '{socket['name']}'")
+            elif socket["link"] is not None and declared[socket["name"]][0] != socket["type"]:
+                problems.append(f"{where}: input '{socket['name']}' is {declared[socket['name']][0]}, not {socket['type']}")
+        slots = widget_slots(spec)
+        values = node.get("widgets_values", [])
+        if len(values) != len(slots):
+            problems.append(f"{where}: {len(values)} widget values, expected {len(slots)}")
+            continue
+        for (name, extra), value in zip(slots, values):
+            kind, options = declared[name]
+            if extra:
+                continue
+            if kind == "COMBO":
+                choices = _combo_options(spec, name)
+                is_model_list = node["type"] in dynamic or (node["type"].startswith("ConsisID") and name in (
+                    "face_encoder", "model", "vae", "identity_file"))
+                if not is_model_list and value not in choices:
+                    problems.append(f"{where}: {name}={value!r} is not one of {choices}")
+            elif kind == "BOOLEAN" and not isinstance(value, bool):
+                problems.append(f"{where}: {name}={value!r} is not a boolean")
+            elif kind in ("INT", "FLOAT"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
+                    problems.append(f"{where}: {name}={value!r} is not a {kind}")
+                elif not options.get("min", value) <= value <= options.get("max", value):
+                    problems.append(f"{where}: {name}={value} is outside {options.get('min')}..{options.get('max')}")
+            elif kind == "STRING" and not isinstance(value, str):
+                problems.append(f"{where}: {name}={value!r} is not text")
+    return problems
+
+
+def to_api(workflow: dict, specs: dict) -> dict:
+    """UI format -> the API format `/prompt` takes."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        spec = specs[node["type"]]
+        inputs = {}
+        for socket in node.get("inputs", []):
+            if socket["link"] is not None:
+                _, source, slot, *_ = links[socket["link"]]
+                inputs[socket["name"]] = [str(source), slot]
+        for (name, extra), value in zip(widget_slots(spec), node.get("widgets_values", [])):
+            if not extra and name not in inputs:
+                inputs[name] = value
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+if __name__ == "__main__":
+    for name, workflow in build().items():
+        (WORKFLOWS / name).write_text(dumps(workflow))

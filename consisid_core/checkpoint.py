@@ -191,10 +191,20 @@ class Checkpoint:
         dtype: str | torch.dtype = "bf16",
         transformer: torch.nn.Module | None = None,
         vae: torch.nn.Module | None = None,
+        fp8: bool = False,
     ) -> ConsisIDModel:
-        """Transformer, VAE (this folder's, or ones loaded from single files) and scheduler."""
+        """Transformer, VAE (this folder's, or ones loaded from single files) and scheduler.
+
+        `fp8` stores the transformer's linear layers in float8 (see `enable_fp8_storage`).
+        """
+        if transformer is None:
+            transformer = self.load_transformer(dtype)
+            if fp8:
+                enable_fp8_storage(transformer)
+        elif fp8:
+            raise CheckpointError("fp8 storage applies when the transformer is loaded; pass fp8 to load_transformer_file")
         model = ConsisIDModel(
-            transformer if transformer is not None else self.load_transformer(dtype),
+            transformer,
             vae if vae is not None else self.load_vae(dtype),
             self.load_scheduler_config(),
             self,
@@ -205,14 +215,17 @@ class Checkpoint:
 
 
 def model_from_files(
-    transformer_path: str | os.PathLike, vae_path: str | os.PathLike, dtype: str | torch.dtype = "bf16"
+    transformer_path: str | os.PathLike,
+    vae_path: str | os.PathLike,
+    dtype: str | torch.dtype = "bf16",
+    fp8: bool = False,
 ) -> ConsisIDModel:
     """A model from a single-file transformer and a single-file VAE, configs inferred, no folder.
 
     There is no T5 or face models then: text comes from another encoder, identities from files.
     """
     model = ConsisIDModel(
-        load_transformer_file(transformer_path, dtype),
+        load_transformer_file(transformer_path, dtype, fp8=fp8),
         load_vae_file(vae_path, dtype),
         RELEASED_SCHEDULER_CONFIG,
         None,
@@ -438,11 +451,12 @@ def load_transformer_file(
     path: str | os.PathLike,
     dtype: str | torch.dtype = "bf16",
     config: Mapping | str | os.PathLike | None = None,
+    fp8: bool = False,
 ) -> torch.nn.Module:
     """A ConsisIDTransformer3DModel from one .safetensors file with diffusers key names.
 
     `config` is a config dict, a checkpoint folder (its transformer/config.json is used), a
-    config.json, or None to infer it from the weights' shapes.
+    config.json, or None to infer it from the weights' shapes. `fp8` as for `Checkpoint.load_model`.
     """
     from diffusers import ConsisIDTransformer3DModel
 
@@ -454,8 +468,26 @@ def load_transformer_file(
     else:
         config = _config_from(config, "transformer")
     _check_transformer_config(config, f"the config for '{path}'")
-    return _load_single_file(
+    transformer = _load_single_file(
         ConsisIDTransformer3DModel, path, shapes, config, dtype_from_name(dtype), "ConsisID transformer"
+    )
+    if fp8:
+        enable_fp8_storage(transformer)
+    return transformer
+
+
+FACE_MODULES = ("local_facial_extractor", "perceiver_cross_attention")
+
+
+def enable_fp8_storage(transformer: torch.nn.Module) -> None:
+    """Store the transformer's linear layers in float8 (e4m3), computing in its dtype: about half
+    the memory of bf16 weights. The face modules, embeddings and norms keep their precision."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    transformer.enable_layerwise_casting(
+        storage_dtype=torch.float8_e4m3fn,
+        compute_dtype=transformer.dtype,
+        skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + FACE_MODULES,
     )
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from .checkpoint import Checkpoint, ConsisIDModel
 from .errors import ConsisIDError
 from .identity import Identity
+from .performance import Performance, applied
 from .text import TextEmbeddings, encode_text
 
 logger = logging.getLogger(__name__)
@@ -163,11 +164,13 @@ def sample(
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
     progress_bar: bool = False,
+    performance: Performance = Performance(),
 ) -> torch.Tensor:
     """Denoise a video; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
     Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
-    `identity_strength` overrides the transformer's `local_face_scale` for this run only.
+    `identity_strength` overrides the transformer's `local_face_scale` for this run only;
+    `performance` (compile, offload, step cache) applies to this run only too.
     """
     frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width)
     if (frames, height, width) != native_size(model.config, model.vae.config):
@@ -184,12 +187,17 @@ def sample(
             callback(i + 1, steps, tensors["latents"])
         return {}
 
-    with placed([model.transformer, model.vae], device), _face_scale(model.transformer, identity_strength):
-        target = next(model.transformer.parameters())
+    dtype = model.dtype
+    with (
+        applied(model, performance, steps, device) as (to_place, _),
+        placed(to_place, device),
+        _face_scale(model.transformer, identity_strength),
+    ):
+        target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
         latents = pipe(
             image=frame,
-            prompt_embeds=text.positive.to(target.device, target.dtype),
-            negative_prompt_embeds=text.negative.to(target.device, target.dtype),
+            prompt_embeds=text.positive.to(target, dtype),
+            negative_prompt_embeds=text.negative.to(target, dtype),
             height=height,
             width=width,
             num_frames=frames,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConsisIDError
+from .performance import OFFLOAD_MODES
 
 logger = logging.getLogger("consisid_core")
 
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
     gen.add_argument("--fps", type=int, default=8, help="frames per second of an .mp4")
     gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--fp8", action="store_true", help="store the transformer's linear weights in fp8 (less memory)")
+    gen.add_argument("--offload", choices=OFFLOAD_MODES, default="model",
+                     help="model: whole models on the GPU for the run; sequential: stream the transformer's layers")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    gen.add_argument("--step-cache", type=float, default=0.0,
+                     help="TeaCache threshold: 0 off; 0.1 / 0.15 / 0.2 trade quality for speed")
+    gen.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     gen.add_argument("--out", type=Path, required=True, help="a path ending in .mp4, or a folder for PNG frames")
     return parser
 
@@ -120,7 +128,8 @@ def _generate(args) -> None:
     from .checkpoint import Checkpoint, dtype_from_name
     from .identity import load_identity
     from .media import check_output, read_image, write_frames
-    from .sampling import check_inputs, encode_with_checkpoint, resolve_size, sample, decode
+    from .performance import Performance
+    from .sampling import Tiling, check_inputs, decode, encode_with_checkpoint, resolve_size, sample
 
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -131,6 +140,7 @@ def _generate(args) -> None:
     image = read_image(args.image).convert("RGB") if args.image else None
     if args.fps < 1:
         raise ConsisIDError(f"--fps {args.fps} must be at least 1")
+    performance = Performance(compile=args.compile, offload=args.offload, step_cache=args.step_cache)
     with _checkpoint_folder(args.model) as folder:
         checkpoint = Checkpoint.open(folder)
         size = resolve_size(checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width)
@@ -148,15 +158,15 @@ def _generate(args) -> None:
         if identity is None:
             identity = _embed_photo(checkpoint, args.face, args, device)
         text = encode_with_checkpoint(checkpoint, dtype_from_name(dtype), args.prompt, args.negative_prompt, device)
-        model = checkpoint.load_model(dtype)
+        model = checkpoint.load_model(dtype, fp8=args.fp8)
         check_inputs(model, identity, text, args.steps)
         frames, height, width = size
         latents = sample(
             model, identity, text, image,
             seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
-            frames=frames, height=height, width=width, device=device, progress_bar=True,
+            frames=frames, height=height, width=width, device=device, progress_bar=True, performance=performance,
         )
-        video = decode(model, latents, device)
+        video = decode(model, latents, device, tiling=Tiling() if args.vae_tiling else None)
     write_frames(video, args.out, args.fps)
     logger.info("wrote %d frames to %s", video.shape[0], args.out)
 

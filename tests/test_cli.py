@@ -152,3 +152,13 @@ def test_embed_needs_a_safetensors_path(tiny_dir, photo, tmp_path, capsys):
     assert main(["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(out)]) == 2
     assert "must be a .safetensors path" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_performance_flags(tiny_dir, identity_file, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--steps", "3"]
+    out = tmp_path / "fast"
+    assert main(args + ["--fp8", "--offload", "sequential", "--step-cache", "0.2", "--vae-tiling", "--out", str(out)]) == 0
+    assert len(list(out.iterdir())) == 9
+    assert main(args + ["--step-cache", "-1", "--out", str(tmp_path / "no")]) == 2
+    assert "step cache threshold -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

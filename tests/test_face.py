@@ -289,7 +289,7 @@ def test_input_kinds_give_the_same_identity(models, tmp_path):
     assert path_result.identity.metadata["source_image"] == str(tmp_path / "face.png")
     Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "face16.png")  # 16-bit grey PNG
     _same(extract_identity(models, tmp_path / "face16.png"), base)
-    with pytest.raises(FaceError, match="does not exist"):
+    with pytest.raises(ConsisIDError, match="missing.png' does not exist"):
         extract_identity(models, tmp_path / "missing.png")
 
 

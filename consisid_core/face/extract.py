@@ -21,7 +21,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 
 from ..errors import FaceError
 from ..identity import Identity
+from ..media import read_image
 from .models import RETINAFACE_THRESH, FaceModels
 
 logger = logging.getLogger(__name__)
@@ -104,15 +104,7 @@ def to_rgb_uint8(image: Any, name: str = "the face image") -> np.ndarray:
     from PIL import Image, ImageOps
 
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FaceError(f"face image '{path}' does not exist")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = ImageOps.exif_transpose(im)
-        except OSError as e:
-            raise FaceError(f"'{path}' is not a readable image ({e})") from None
+        image = read_image(image)
     if isinstance(image, Image.Image):
         image = _pil_to_array(ImageOps.exif_transpose(image))
     if isinstance(image, torch.Tensor):

@@ -18,6 +18,7 @@ WORKFLOWS = ROOT / "workflows"
 SNAPSHOT = Path(__file__).parent / "data" / "comfyui_node_specs.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 THIRD_PARTY = {"RIFE VFI": "ComfyUI-Frame-Interpolation"}
+IMAGE_PREVIEW = 200  # room below an upload widget for the image preview (LoadImage)
 
 PROMPT = (
     "The video shows a woman walking along a quiet city street at golden hour, filmed on a classic 35mm "
@@ -125,6 +126,9 @@ class Graph:
                 inputs.append({"name": name, "type": kind, "link": None})
         assert not sockets, f"{node_type} has no inputs {sorted(sockets)}"
         assert len(widgets) == len(widget_slots(spec)), f"{node_type}: {len(widget_slots(spec))} widget values"
+        height = 120 + 26 * len(widgets)
+        if any(options.get("image_upload") for _, _, options in _declared(spec)):
+            height += IMAGE_PREVIEW  # the frontend grows the node to show the picked image
         outputs = [
             {"name": name, "type": kind, "links": [], "slot_index": i}
             | ({"shape": 6} if spec.get("output_is_list", [False] * 99)[i] else {})
@@ -135,7 +139,7 @@ class Graph:
                 "id": node_id,
                 "type": node_type,
                 "pos": [0, 0],
-                "size": [360, 120 + 26 * len(widgets)],
+                "size": [360, height],
                 "flags": {},
                 "order": 0,
                 "mode": 0,

@@ -1,0 +1,140 @@
+"""The shipped workflows in ComfyUI's real web frontend (the comfyui-frontend-package its server
+serves), driven in headless Chromium: skipped unless COMFYUI_DIR names a ComfyUI source folder and
+both the `playwright` package and a Chromium (on PATH, or $CHROMIUM) are there.
+
+    COMFYUI_DIR=~/ComfyUI ~/comfy-venv/bin/python -m pytest tests/test_frontend.py
+
+Each workflow is opened as a person opens it (Workflow > Open, picking the file). Checked: which
+node types the frontend finds missing (its "Some Nodes Are Missing" dialog and the graph), that it
+raised no validation warnings, fixed no links and threw nothing, that every widget value landed in
+the widget the builder meant it for, and that the prompt the frontend would queue is the one the
+other tests send to /prompt. tests/frontend_tools.py has the machinery and writes the README
+pictures.
+"""
+
+import json
+import os
+
+import pytest
+
+from workflow_tools import SNAPSHOT, WORKFLOWS, to_api, widget_slots
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+from frontend_tools import chromium_path, comfyui, frontend, prepare_base, snapshot_node_defs  # noqa: E402
+
+if chromium_path() is None:
+    pytest.skip("no Chromium (apt-get install chromium, or set CHROMIUM to one)", allow_module_level=True)
+
+SHIPPED = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+MISSING = {"consisid_upscale_interpolate.json": ["RIFE VFI"]}  # ComfyUI-Frame-Interpolation, not installed
+EXTRA_WIDGETS = ("control_after_generate", "upload")  # frontend-only widgets after seed / image
+
+
+def _workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """The server, its /object_info, and one page on its frontend."""
+    base = prepare_base(tmp_path_factory.mktemp("frontend"))
+    with comfyui(base) as server, frontend(server.url) as page:
+        specs = server.get("/object_info")
+        yield page, specs
+
+
+@pytest.fixture(scope="module")
+def opened(session):
+    """What the frontend made of each workflow, all opened before any test changes the page."""
+    page, _ = session
+    return {name: page.open_workflow(WORKFLOWS / name) for name in SHIPPED}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_opens_with_no_missing_node_but_the_third_party_one(opened, name):
+    loaded = opened[name]
+    expected = MISSING.get(name, [])
+    assert loaded.active_workflow == f"workflows/{name}"
+    assert loaded.reported_missing == expected
+    assert loaded.dialog_missing == expected
+    assert loaded.graph_missing == expected
+    if expected:
+        assert len(loaded.dialogs) == 1 and "Some Nodes Are Missing" in loaded.dialogs[0]
+    else:
+        assert loaded.dialogs == []
+    assert loaded.toasts == []  # workflow validation and link fixing report here
+    assert loaded.page_errors == []
+    assert [n["type"] for n in loaded.nodes] == [n["type"] for n in _workflow(name)["nodes"]]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_frontend_keeps_every_node_link_and_value(opened, name):
+    """Saving right after opening gives back the file's nodes, links and widget values."""
+    workflow, saved = _workflow(name), opened[name].serialized
+    assert saved["links"] == workflow["links"]
+    assert [(n["id"], n["type"], n.get("widgets_values", [])) for n in saved["nodes"]] == [
+        (n["id"], n["type"], n["widgets_values"]) for n in workflow["nodes"]
+    ]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_value_lands_in_the_widget_it_is_meant_for(session, opened, name):
+    _, specs = session
+    for node, shown in zip(_workflow(name)["nodes"], opened[name].nodes):
+        if not shown["registered"]:
+            continue
+        saved = [(widget, value) for widget, value, is_saved in shown["widgets"] if is_saved]
+        meant = [slot for slot, extra in widget_slots(specs[node["type"]]) if not extra]
+        assert [widget for widget, _ in saved if widget not in EXTRA_WIDGETS] == meant, node["type"]
+        assert [value for _, value in saved] == node["widgets_values"], node["type"]
+    (sampler,) = (n for n in opened[name].nodes if n["type"] == "ConsisIDSampler")
+    sampler = {widget: value for widget, value, _ in sampler["widgets"]}
+    assert (sampler["seed"], sampler["control_after_generate"], sampler["steps"]) == (42, "fixed", 50)
+    assert (sampler["guidance"], sampler["scheduler"], sampler["frames"]) == (6.0, "dpm", 49)
+    assert (sampler["width"], sampler["height"]) == (720, 480)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_frontend_queues_the_prompt_the_other_tests_send(session, opened, name):
+    """app.graphToPrompt() against workflow_tools.to_api (what test_comfyui posts to /prompt),
+    node for node; a missing node has no class to give, so it is left out of both."""
+    _, specs = session
+    specs = specs | {"RIFE VFI": json.loads(SNAPSHOT.read_text())["RIFE VFI"]}
+    ours = to_api(_workflow(name), specs)
+    theirs = opened[name].prompt
+    known = {str(n["id"]) for n in opened[name].nodes if n["registered"]}
+    assert set(theirs) == set(ours)
+    assert {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in theirs.items() if i in known} == {
+        i: n for i, n in ours.items() if i in known
+    }
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_no_node_covers_another_as_the_frontend_sizes_them(opened, name):
+    """With the face photo in input/, LoadImage grows to show it; nothing may then overlap."""
+    boxes = [(n["id"], n["pos"], n["size"]) for n in opened[name].serialized["nodes"]]
+    title = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above pos
+    for i, (a, (ax, ay), (aw, ah)) in enumerate(boxes):
+        for b, (bx, by), (bw, bh) in boxes[i + 1:]:
+            apart = ax + aw <= bx or bx + bw <= ax or ay + ah <= by - title or by + bh <= ay - title
+            assert apart, f"nodes {a} and {b} overlap"
+
+
+def test_rife_vfi_values_land_with_its_definition_registered(session, opened):
+    """RIFE VFI's definition from the node-spec snapshot, added the way the frontend adds the
+    server's nodes: then nothing is missing and its values land in their widgets."""
+    page, specs = session
+    page.register_node_defs(snapshot_node_defs())
+    loaded = page.open_workflow(WORKFLOWS / "consisid_upscale_interpolate.json")
+    assert loaded.reported_missing == loaded.dialog_missing == loaded.graph_missing == loaded.dialogs == []
+    rife = next(n for n in loaded.nodes if n["type"] == "RIFE VFI")
+    assert [(widget, value) for widget, value, _ in rife["widgets"]] == [
+        ("ckpt_name", "rife47.pth"), ("clear_cache_after_n_frames", 10), ("multiplier", 2),
+        ("fast_mode", True), ("ensemble", True), ("scale_factor", 1.0),
+    ]
+    specs = specs | {"RIFE VFI": json.loads(SNAPSHOT.read_text())["RIFE VFI"]}
+    ours = to_api(_workflow("consisid_upscale_interpolate.json"), specs)
+    assert {"class_type": loaded.prompt["10"]["class_type"], "inputs": loaded.prompt["10"]["inputs"]} == ours["10"]

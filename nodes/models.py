@@ -44,6 +44,12 @@ class ConsisIDModelLoader:
                     list(DTYPES),
                     {"default": "bf16", "tooltip": "Weights' precision. bf16 as the reference; fp32 for CPU."},
                 ),
+                "fp8_weights": (
+                    "BOOLEAN",
+                    {"default": False,
+                     "tooltip": "Store the transformer's linear weights in fp8 (about half the memory of bf16), "
+                                "computing in dtype. The face modules keep full precision."},
+                ),
             }
         }
 
@@ -56,16 +62,16 @@ class ConsisIDModelLoader:
             )
         return True
 
-    def load(self, model: str, vae: str, dtype: str) -> tuple[ConsisIDModel]:
+    def load(self, model: str, vae: str, dtype: str, fp8_weights: bool) -> tuple[ConsisIDModel]:
         if model.startswith(SINGLE_FILE):
             transformer = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
-            return (model_from_files(transformer, host.file_path("vae", vae), dtype),)
+            return (model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights),)
         folders = host.pipeline_folders()
         if model not in folders:
             raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
         checkpoint = Checkpoint.open(folders[model])
         own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
-        return (checkpoint.load_model(dtype, vae=own_vae),)
+        return (checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights),)
 
 
 NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}

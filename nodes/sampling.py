@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..consisid_core.media import to_uint8
+from ..consisid_core.performance import OFFLOAD_MODES, Performance
 from ..consisid_core.sampling import SCHEDULERS, sample
 from . import host
 
@@ -61,6 +62,7 @@ class ConsisIDSampler:
             "optional": {
                 "image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face (as the reference). "
                                                "A batch uses its first image."}),
+                "performance": ("CONSISID_PERFORMANCE", {"tooltip": "Speed and memory options from ConsisID Performance."}),
             },
         }
 
@@ -69,7 +71,7 @@ class ConsisIDSampler:
         return check_size(frames, width, height)
 
     def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
-               identity_strength, image=None):
+               identity_strength, image=None, performance=None):
         first = None
         if image is not None:
             if len(image) > 1:
@@ -85,11 +87,42 @@ class ConsisIDSampler:
                 frames=frames, height=height, width=width, identity_strength=identity_strength,
                 callback=lambda step, total, latents: progress.update(step, latents),
                 device=device,
+                performance=performance or Performance(),
             )
         finally:
             host.after_run()
         return ({"samples": latents.permute(0, 2, 1, 3, 4).contiguous()},)
 
 
-NODES = {"ConsisIDSampler": ConsisIDSampler}
-NAMES = {"ConsisIDSampler": "ConsisID Sampler"}
+class ConsisIDPerformance:
+    DESCRIPTION = (
+        "Speed and memory options for ConsisID Sampler, for its run only: torch.compile, streaming the "
+        "transformer's layers to the GPU (least memory), and TeaCache step caching."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "options"
+    RETURN_TYPES = ("CONSISID_PERFORMANCE",)
+    RETURN_NAMES = ("performance",)
+    OUTPUT_TOOLTIPS = ("Connect to ConsisID Sampler's performance input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "compile": ("BOOLEAN", {"default": False,
+                                        "tooltip": "torch.compile the transformer blocks: faster steps after a slow first run."}),
+                "offload": (list(OFFLOAD_MODES), {"default": "model",
+                                                  "tooltip": "model: the whole transformer on the GPU for the run. "
+                                                             "sequential: its layers stream in one at a time (least VRAM, slower)."}),
+                "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "TeaCache threshold: skip steps whose timestep embedding changed little. "
+                                                    "0 off; 0.1 / 0.15 / 0.2 trade quality for about 1.6x / 2.1x / 2.7x."}),
+            }
+        }
+
+    def options(self, compile: bool, offload: str, step_cache: float):
+        return (Performance(compile=compile, offload=offload, step_cache=step_cache),)
+
+
+NODES = {"ConsisIDSampler": ConsisIDSampler, "ConsisIDPerformance": ConsisIDPerformance}
+NAMES = {"ConsisIDSampler": "ConsisID Sampler", "ConsisIDPerformance": "ConsisID Performance"}

@@ -16,7 +16,7 @@ from consisid_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS 
 
 EXPECTED = {
     "ConsisIDFaceModelsLoader", "ConsisIDFaceEmbed", "ConsisIDSaveIdentity", "ConsisIDLoadIdentity",
-    "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDVAEDecode",
+    "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDPerformance", "ConsisIDVAEDecode",
 }
 
 
@@ -97,7 +97,7 @@ def test_a_whole_graph_equals_the_core(home, tiny_dir):
     (face_models,) = n["ConsisIDFaceModelsLoader"]().load("tiny", "cpu", "cpu")
     identities, face, mask = n["ConsisIDFaceEmbed"]().embed(_image(photo), face_models, -1)
     assert len(identities) == 1 and face.shape == (1, 512, 512, 3) and mask.shape == (1, 512, 512)
-    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32")
+    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     (text,) = n["ConsisIDTextEncode"]().encode("an astronaut smiling", "blurry", model=model)
     (latent,) = n["ConsisIDSampler"]().sample(
         model, identities[0], text, 42, 3, 6.0, False, "dpm", 9, 96, 64, 1.0
@@ -116,7 +116,7 @@ def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
     from consisid_core.tiny import random_identity
 
     n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32")
+    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     identity = random_identity(model.config, seed=2)
     result = n["ConsisIDSaveIdentity"]().save(identity, "people/me")
     saved = home / "output" / "people" / "me_00001_.safetensors"
@@ -147,13 +147,13 @@ def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
 
 def test_single_file_model_and_a_vae_file(home):
     n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("diffusion_models/tiny.safetensors", "tiny.safetensors", "bf16")
+    (model,) = n["ConsisIDModelLoader"]().load("diffusion_models/tiny.safetensors", "tiny.safetensors", "bf16", True)
     assert model.checkpoint is None and model.transformer.dtype == torch.bfloat16
     from consisid_pack.consisid_core.errors import ConsisIDError
 
     with pytest.raises(ConsisIDError, match="no T5 text encoder of its own: .* CLIPLoader"):
         n["ConsisIDTextEncode"]().encode("x", "", model=model)
-    (with_vae,) = n["ConsisIDModelLoader"]().load("tiny", "tiny.safetensors", "fp32")
+    (with_vae,) = n["ConsisIDModelLoader"]().load("tiny", "tiny.safetensors", "fp32", False)
     assert with_vae.checkpoint is not None
 
 
@@ -166,8 +166,30 @@ def test_text_encode_needs_a_model_or_a_clip():
 
 def test_tiled_decode_node(home):
     n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32")
+    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     latent = {"samples": torch.randn(1, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))}
     plain = n["ConsisIDVAEDecode"]().decode(model, latent, False, 32, 48, 16, False)[0]
     tiled = n["ConsisIDVAEDecode"]().decode(model, latent, True, 32, 48, 16, True)[0]
     assert plain.shape == tiled.shape == (9, 64, 96, 3)
+
+
+def test_performance_node_feeds_the_sampler(home):
+    from consisid_pack.consisid_core.performance import Performance
+
+    n = NODE_CLASS_MAPPINGS
+    (options,) = n["ConsisIDPerformance"]().options(False, "sequential", 0.0)
+    assert options == Performance(offload="sequential")
+    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
+    from consisid_pack.consisid_core.text import TextEmbeddings
+    from consisid_pack.consisid_core.tiny import random_identity
+
+    identity = random_identity(model.config, seed=5)
+    width = model.config.text_embed_dim
+    text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))
+    args = (model, identity, text, 1, 2, 6.0, False, "dpm", 9, 96, 64, 1.0)
+    plain = n["ConsisIDSampler"]().sample(*args)[0]["samples"]
+    streamed = n["ConsisIDSampler"]().sample(*args, performance=options)[0]["samples"]
+    assert torch.equal(plain, streamed)
+    (cached,) = n["ConsisIDPerformance"]().options(False, "model", 5.0)
+    skipped = n["ConsisIDSampler"]().sample(*args[:4], 8, *args[5:], performance=cached)[0]["samples"]
+    assert skipped.shape == plain.shape

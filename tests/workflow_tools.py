@@ -192,7 +192,7 @@ def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8
     embed = g.add("ConsisIDFaceEmbed", -1, image=(photo, 0), face_models=(faces, 0))
     if extra is None:
         g.add("ConsisIDSaveIdentity", "consisid/identity", identity=(embed, 0))
-    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16")
+    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16", False)
     if native_t5:
         clip = g.add("CLIPLoader", "t5xxl_fp16.safetensors", "sd3", "default")
         text = g.add("ConsisIDTextEncode", PROMPT, "", clip=(clip, 0))
@@ -211,7 +211,7 @@ def _upscale_and_interpolate(g: Graph, frames: tuple[int, int]) -> tuple[int, in
 def _reuse_identity(specs: dict) -> dict:
     g = Graph(specs)
     identity = g.add("ConsisIDLoadIdentity", "identity.safetensors")
-    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16")
+    model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16", False)
     text = g.add("ConsisIDTextEncode", PROMPT, "", model=(model, 0))
     _tail(g, model, (identity, 0), text, 8.0)
     return g.to_json()

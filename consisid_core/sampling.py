@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -240,12 +241,27 @@ class Tiling:
                     f"grid: the tile must be a multiple of {scale}, the overlap smaller than the tile, and "
                     f"tile - overlap a multiple of {scale} (e.g. tile 240, overlap 40)"
                 )
-            factor = overlap / tile
-            # diffusers' tiled decode strides by int(latent_tile * (1 - f)) and crops to tile - int(tile * f)
-            if int(tile // scale * (1 - factor)) * scale != tile - int(tile * factor):
-                factor = (overlap + 1e-6) / tile
+            factor = _grid_factor(tile, overlap, scale)
+            if factor is None:
+                fits = [o for o in range(0, tile, scale) if _grid_factor(tile, o, scale) is not None]
+                nearest = sorted(fits, key=lambda o: abs(o - overlap))[:3]
+                raise ConsisIDError(
+                    f"tile {name} {tile} px with {overlap} px overlap cannot be decoded exactly by diffusers' "
+                    f"tiling (rounding); overlaps that work with this tile: {', '.join(map(str, sorted(nearest)))}"
+                )
             result.append(factor)
         return result[0], result[1]
+
+
+def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
+    """The overlap factor for which diffusers' tiled decode (latent stride int(tile/scale * (1 - f)),
+    crop tile - int(tile * f)) steps exactly tile - overlap pixels, or None where floating point
+    rounding leaves no such factor."""
+    exact = overlap / tile
+    for factor in sorted({exact, *(math.nextafter(exact, d) for d in (0.0, 1.0))}):
+        if int(tile // scale * (1 - factor)) * scale == tile - int(tile * factor) == tile - overlap:
+            return factor
+    return None
 
 
 @contextlib.contextmanager

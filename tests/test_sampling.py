@@ -152,11 +152,21 @@ def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
     assert tiny_model.vae.use_tiling is False
 
 
-def test_default_tiling_at_the_released_size_lands_on_the_grid():
+def test_accepted_tilings_land_exactly_on_the_latent_grid():
+    """What diffusers' tiled decode does with the factors: stride and crop agree, for every tile
+    and overlap accepted; the rest are refused with overlaps that work."""
     from consisid_core.sampling import Tiling
 
-    tile = Tiling()
-    for size, length, factor in ((tile.tile_height, 60, tile.factors(8)[0]), (tile.tile_width, 90, tile.factors(8)[1])):
-        stride = int(size // 8 * (1 - factor))
-        limit = size - int(size * factor)
-        assert stride * 8 == limit
+    accepted = 0
+    for tile in range(16, 513, 8):
+        for overlap in range(0, tile, 8):
+            try:
+                factor, _ = Tiling(tile, tile, overlap, overlap).factors(8)
+            except ConsisIDError as e:
+                assert "overlaps that work with this tile" in str(e)
+                continue
+            accepted += 1
+            assert int(tile // 8 * (1 - factor)) * 8 == tile - int(tile * factor) == tile - overlap
+    assert accepted > 1000
+    Tiling().factors(8)
+    Tiling(240, 360, 48, 48).factors(8)  # the node's defaults

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from test_comfyui import running
 from workflow_tools import ROOT, SNAPSHOT, THIRD_PARTY, WORKFLOWS
 
 log = logging.getLogger("frontend_tools")
@@ -83,19 +84,6 @@ def prepare_base(base: Path, face: bool = True) -> Path:
         except ImportError:
             log.info("scikit-image is not installed: LoadImage shows no preview")
     return base
-
-
-@contextlib.contextmanager
-def comfyui(base: Path):
-    """A running ComfyUI (tests/test_comfyui.py's Server) over `base`; stopped on exit."""
-    from test_comfyui import Server
-
-    server = Server(base)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def snapshot_node_defs() -> dict:
@@ -296,7 +284,7 @@ def write_pictures(out: Path = PICTURES, names: list[str] | None = None) -> list
     names = names or sorted(p.name for p in WORKFLOWS.glob("*.json"))
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with tempfile.TemporaryDirectory(prefix="consisid-frontend-") as tmp, comfyui(prepare_base(Path(tmp))) as server:
+    with tempfile.TemporaryDirectory(prefix="consisid-frontend-") as tmp, running(prepare_base(Path(tmp))) as server:
         with frontend(server.url) as page:
             page.register_node_defs(snapshot_node_defs())
             for name in names:

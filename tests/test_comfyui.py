@@ -6,6 +6,7 @@ The server runs on the CPU, on a free loopback port, with the pack as a custom n
 checkpoints in a temporary models folder (`--extra-model-paths-config`).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -130,6 +131,13 @@ def server(tmp_path_factory):
     from consisid_core.checkpoint import Checkpoint
 
     save_identity(random_identity(Checkpoint.open(tiny).transformer_config, 3), base / "input" / "identity.safetensors")
+    with running(base) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(base: Path):
+    """A ComfyUI server over `base` (models, custom_nodes, input, output, user), stopped on exit."""
     server = Server(base)
     try:
         server.wait_ready()

@@ -23,7 +23,8 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-from frontend_tools import chromium_path, comfyui, frontend, prepare_base, snapshot_node_defs  # noqa: E402
+from frontend_tools import chromium_path, frontend, prepare_base, snapshot_node_defs  # noqa: E402
+from test_comfyui import running  # noqa: E402
 
 if chromium_path() is None:
     pytest.skip("no Chromium (apt-get install chromium, or set CHROMIUM to one)", allow_module_level=True)
@@ -41,7 +42,7 @@ def _workflow(name: str) -> dict:
 def session(tmp_path_factory):
     """The server, its /object_info, and one page on its frontend."""
     base = prepare_base(tmp_path_factory.mktemp("frontend"))
-    with comfyui(base) as server, frontend(server.url) as page:
+    with running(base) as server, frontend(server.url) as page:
         specs = server.get("/object_info")
         yield page, specs
 

@@ -1,0 +1,1 @@
+"""`python -m bench`: our ConsisID path against diffusers' ConsisIDPipeline (see bench/README.md)."""

@@ -1,0 +1,192 @@
+"""`python -m bench --size tiny|medium|real`: our path against diffusers' ConsisIDPipeline, one table.
+
+    python -m bench --size medium [--steps N] [--repeats N] [--modes tiling,cache-0.1,…]
+                    [--frames F --height H --width W] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
+                    [--checkpoint DIR] [--out bench/RESULTS.md]
+
+The checkpoint is written (random weights, real layout) into a temporary folder, or into / read
+from `--checkpoint DIR` so a large one is built once. `--out FILE` also writes the table into FILE,
+replacing that size's section (between `<!-- bench:SIZE -->` markers) or appending it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from consisid_core.checkpoint import DTYPES
+from consisid_core.sampling import resolve_size
+
+from .harness import MODES, default_modes, make_inputs, performance_available, quiet_diffusers, run_bench, table
+from .sizes import SIZES, build_checkpoint, folder_megabytes
+
+logger = logging.getLogger("bench")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the size's)")
+    p.add_argument("--repeats", type=int, help="alternating repeats of each path (default: the size's)")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when there is one)")
+    p.add_argument(
+        "--modes",
+        help=f"comma-separated, or 'none' (default: all that apply on the device; known: {', '.join(MODES)})",
+    )
+    p.add_argument("--checkpoint", type=Path, help="build the checkpoint here, or reuse the one already here")
+    p.add_argument("--out", type=Path, help="also write the table into this markdown file (its size's section)")
+    return p
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> list[str]:
+    import diffusers
+    import transformers
+
+    lines = [
+        f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}",
+        f"CPU: {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"{platform.system()} {platform.release()}",
+    ]
+    if hasattr(os, "getloadavg"):
+        lines[-1] += f", load average {os.getloadavg()[0]:.2f} at start"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
+    lines.append(f"device {device}, dtype {str(dtype).removeprefix('torch.')}")
+    return lines
+
+
+def _write_section(path: Path, size: str, text: str) -> None:
+    begin, end = f"<!-- bench:{size} -->", f"<!-- /bench:{size} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _run(args) -> int:
+    size = SIZES[args.size]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if size.gpu_only and device.type != "cuda":
+        sys.stderr.write(
+            f"error: --size {size.name} builds the real ConsisID architecture (about 5B parameters) and needs a GPU; "
+            "this machine has none (or --device is cpu). Use --size medium on a CPU.\n"
+        )
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    modes = default_modes(device) if args.modes is None else [m for m in args.modes.split(",") if m and m != "none"]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        sys.stderr.write(f"error: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}\n")
+        return 2
+    steps = args.steps or size.steps
+    repeats = args.repeats or size.repeats
+    try:
+        frames, height, width = resolve_size(
+            size.transformer, {"block_out_channels": size.vae.get("block_out_channels", (128, 256, 256, 512)),
+                               "temporal_compression_ratio": size.vae.get("temporal_compression_ratio", 4)},
+            args.frames or size.frames, args.height or size.height, args.width or size.width,
+        )
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    if steps < 1 or repeats < 1:
+        sys.stderr.write("error: --steps and --repeats must be at least 1\n")
+        return 2
+
+    env = environment(device, dtype)
+    for line in env:
+        logger.info("%s", line)
+    with _CheckpointFolder(args.checkpoint) as folder, quiet_diffusers():
+        if not (folder / "model_index.json").is_file():
+            logger.info("building the %s checkpoint: %s", size.name, size.describe())
+            build_checkpoint(size, folder, dtype=dtype, device=device)
+        megabytes = folder_megabytes(folder)
+        inputs = make_inputs(folder, steps, frames, height, width)
+        results = run_bench(folder, inputs, dtype, device, repeats, modes)
+    report = "\n".join(
+        [
+            f"### {size.name}: {steps} steps, {frames} frames at {width}×{height}, {repeats} alternating repeats",
+            "",
+            f"`python -m bench --size {size.name}"
+            + (f" --steps {steps}" if args.steps else "")
+            + (f" --repeats {repeats}" if args.repeats else "")
+            + (f" --modes {args.modes}" if args.modes else "")
+            + f"` on {datetime.date.today().isoformat()}",
+            "",
+            *[f"- {line}" for line in env],
+            f"- checkpoint: {size.describe()} ({size.note}); {megabytes:,.0f} MB on disk",
+            "- text: precomputed random embeddings [1, 226, "
+            f"{size.transformer['text_embed_dim']}] given to both paths; diffusers' from_pretrained also loads the "
+            "checkpoint's (small, random, never run) T5, which our path does not load",
+            f"- performance options (consisid_core.performance): {'present' if performance_available() else 'absent'}",
+            "",
+            table(results, steps),
+            "",
+        ]
+    )
+    sys.stdout.write(report + "\n")
+    if args.out:
+        _write_section(args.out, size.name, report)
+        logger.info("wrote the %s section of %s", size.name, args.out)
+    return 0
+
+
+class _CheckpointFolder:
+    """`folder` as given (created if need be), or a temporary folder removed afterwards."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self._tmp = folder, None
+
+    def __enter__(self) -> Path:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self.folder
+        self._tmp = tempfile.TemporaryDirectory(prefix="consisid-bench-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The benchmark's checkpoint sizes, and a builder that writes one in the real layout.
+
+Every size is written the way `make-tiny` writes its checkpoint (diffusers `save_pretrained` of
+the pipeline, a SentencePiece tokenizer built locally) with random weights, so both paths load the
+same files through their own loaders. No `face_encoder/`: the bench feeds identities directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from consisid_core.checkpoint import RELEASED_SCHEDULER_CONFIG, RELEASED_VAE_CONFIG
+from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, _write_spiece_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    transformer: dict
+    vae: dict
+    frames: int
+    height: int
+    width: int
+    steps: int
+    repeats: int
+    gpu_only: bool = False
+    t5: dict = field(default_factory=dict)
+    """Overrides for the (small, random) T5 written into text_encoder/; its width is text_embed_dim."""
+    note: str = ""
+
+    def describe(self) -> str:
+        t = self.transformer
+        width = t["num_attention_heads"] * t["attention_head_dim"]
+        vae = self.vae.get("block_out_channels", (128, 256, 256, 512))
+        return (
+            f"transformer {t['num_layers']} layers × width {width} ({t['num_attention_heads']} heads × "
+            f"{t['attention_head_dim']}), LFE vit {t['LFE_vit_dim']} × depth {t['LFE_depth']}, text width "
+            f"{t['text_embed_dim']}; VAE channels {tuple(vae)}, {self.vae.get('latent_channels', 16)} latent; "
+            f"{self.frames} frames at {self.width}×{self.height}"
+        )
+
+
+_LFE_RELEASED = dict(  # ConsisIDTransformer3DModel's LFE defaults = the released checkpoint's
+    LFE_id_dim=1280,
+    LFE_vit_dim=1024,
+    LFE_depth=10,
+    LFE_dim_head=64,
+    LFE_num_heads=16,
+    LFE_num_id_token=5,
+    LFE_num_querie=32,
+    LFE_ff_mult=4,
+    LFE_num_scale=5,
+)
+
+
+def _transformer(heads: int, layers: int, **extra) -> dict:
+    inner = heads * 64
+    return dict(
+        num_attention_heads=heads,
+        attention_head_dim=64,
+        in_channels=32,
+        out_channels=16,
+        time_embed_dim=512,
+        text_embed_dim=4096,
+        num_layers=layers,
+        sample_width=90,
+        sample_height=60,
+        sample_frames=49,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False,
+        is_train_face=True,
+        is_kps=False,
+        cross_attn_interval=2,
+        cross_attn_dim_head=128,
+        cross_attn_num_heads=int(inner * 2 / 3) // 128,
+        LFE_output_dim=int(inner * 2 / 3),  # the cross-attention's key/value width
+        **_LFE_RELEASED,
+        **extra,
+    )
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size(
+        "tiny",
+        transformer=dict(TINY_TRANSFORMER),
+        vae=dict(TINY_VAE),
+        frames=9,
+        height=64,
+        width=96,
+        steps=4,
+        repeats=3,
+        note="consisid_core.tiny's TINY_TRANSFORMER and TINY_VAE",
+    ),
+    "medium": Size(
+        "medium",
+        transformer=_transformer(heads=12, layers=8),
+        vae=dict(RELEASED_VAE_CONFIG),  # AutoencoderKLCogVideoX's defaults: the real VAE architecture
+        frames=9,
+        height=160,
+        width=240,
+        steps=10,
+        repeats=2,
+        note="the real Local Facial Extractor and the real CogVideoX VAE; 8 transformer layers of width 768",
+    ),
+    "real": Size(
+        "real",
+        transformer=_transformer(heads=48, layers=42),
+        vae=dict(RELEASED_VAE_CONFIG),
+        frames=49,
+        height=480,
+        width=720,
+        steps=10,
+        repeats=2,
+        gpu_only=True,
+        note="ConsisID-preview's architecture (CogVideoX-5B-I2V + LFE); random weights",
+    ),
+}
+
+
+def build_checkpoint(size: Size, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> Path:
+    """Write `size` as a checkpoint folder (diffusers layout, random weights) into `directory`."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDPipeline, ConsisIDTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_spiece_model(Path(tmp) / "spiece.model")
+        tokenizer = T5Tokenizer.from_pretrained(tmp, local_files_only=True)
+    with torch.device(device):
+        torch.manual_seed(seed)
+        transformer = ConsisIDTransformer3DModel(**size.transformer).to(dtype).eval()
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLCogVideoX(**size.vae).to(dtype).eval()
+        torch.manual_seed(seed + 2)
+        # a small T5 of the transformer's text width: the bench passes precomputed embeddings, so
+        # this is only loaded (by diffusers' from_pretrained), never run
+        t5 = dict(d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                  is_encoder_decoder=False, use_cache=False)
+        t5.update(size.t5)
+        text_encoder = T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer), d_model=size.transformer["text_embed_dim"], **t5)
+        ).to(dtype).eval()
+    pipe = ConsisIDPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDPMScheduler.from_config(RELEASED_SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    # as in the released checkpoint (and make-tiny), the tokenizer is its SentencePiece model
+    (directory / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    _write_spiece_model(directory / "tokenizer" / "spiece.model")
+    logger.info("wrote the %s checkpoint to %s", size.name, directory)
+    return directory
+
+
+def folder_megabytes(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20

@@ -6,15 +6,19 @@ import logging
 
 import torch
 
-from ..consisid_core.face import extract_identity, load_face_models, resolve_providers
+from ..consisid_core.face import extract_identity, load_face_models
 from . import host
 
 logger = logging.getLogger(__name__)
 
 
 def _providers() -> list[str]:
-    import onnxruntime
-
+    """ONNX Runtime's providers here, cpu first (just cpu if onnxruntime is missing: loading says
+    what to install)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return ["cpu"]
     names = [p.removesuffix("ExecutionProvider").lower() for p in onnxruntime.get_available_providers()]
     return ["cpu"] + [n for n in names if n != "cpu"]
 
@@ -59,7 +63,6 @@ class ConsisIDFaceModelsLoader:
                 f"face encoder '{face_encoder}' is not in models/consisid; put the ConsisID checkpoint "
                 "(with its face_encoder/ folder) there and refresh"
             )
-        resolve_providers(provider)
         target = host.torch_device() if device == "gpu" else torch.device("cpu")
         return (load_face_models(folders[face_encoder], provider=provider, device=target),)
 

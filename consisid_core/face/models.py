@@ -69,7 +69,10 @@ class FaceModels:
 
 def resolve_providers(provider: str) -> list[str]:
     """'cpu', 'cuda' or any ONNX Runtime provider name → the provider list for a session (CPU last)."""
-    import onnxruntime
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("the ConsisID face pipeline needs ONNX Runtime: pip install onnxruntime (or onnxruntime-gpu)") from e
 
     available = list(onnxruntime.get_available_providers())
     wanted = str(provider).strip()

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,7 +119,6 @@ class Checkpoint:
     """A validated ConsisID checkpoint folder. Components load on demand."""
 
     root: Path
-    model_index: Mapping = field(repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -146,7 +145,7 @@ class Checkpoint:
             _check_component(root / name, name, required, one_of, unsafe)
         config = _read_json(root / "transformer" / "config.json")
         _check_transformer_config(config, root / "transformer" / "config.json")
-        return cls(root, index)
+        return cls(root)
 
     @property
     def transformer_config(self) -> dict:
@@ -170,7 +169,8 @@ class Checkpoint:
 
         return _from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype))
 
-    def load_scheduler_config(self) -> dict:
+    @property
+    def scheduler_config(self) -> dict:
         return _read_json(self.root / "scheduler" / "scheduler_config.json")
 
     def load_text_encoder(self, dtype: str | torch.dtype = "bf16"):
@@ -206,7 +206,7 @@ class Checkpoint:
         model = ConsisIDModel(
             transformer,
             vae if vae is not None else self.load_vae(dtype),
-            self.load_scheduler_config(),
+            self.scheduler_config,
             self,
             self.root.name,
         )

@@ -129,7 +129,7 @@ def _generate(args) -> None:
     from .identity import load_identity
     from .media import check_output, read_image, write_frames
     from .performance import Performance
-    from .sampling import Tiling, check_inputs, decode, encode_with_checkpoint, resolve_size, sample
+    from .sampling import Tiling, decode, encode_with_checkpoint, resolve_size, sample
 
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -140,6 +140,8 @@ def _generate(args) -> None:
     image = read_image(args.image).convert("RGB") if args.image else None
     if args.fps < 1:
         raise ConsisIDError(f"--fps {args.fps} must be at least 1")
+    if args.steps < 1:
+        raise ConsisIDError(f"--steps {args.steps} must be at least 1")
     performance = Performance(compile=args.compile, offload=args.offload, step_cache=args.step_cache)
     with _checkpoint_folder(args.model) as folder:
         checkpoint = Checkpoint.open(folder)
@@ -153,13 +155,10 @@ def _generate(args) -> None:
             identity = random_identity(checkpoint.transformer_config)
         if identity is not None:
             identity.check_compatible(checkpoint.transformer_config, f"'{args.identity or 'the identity'}'")
-        if args.steps < 1:
-            raise ConsisIDError(f"--steps {args.steps} must be at least 1")
         if identity is None:
             identity = _embed_photo(checkpoint, args.face, args, device)
         text = encode_with_checkpoint(checkpoint, dtype_from_name(dtype), args.prompt, args.negative_prompt, device)
         model = checkpoint.load_model(dtype, fp8=args.fp8)
-        check_inputs(model, identity, text, args.steps)
         frames, height, width = size
         latents = sample(
             model, identity, text, image,

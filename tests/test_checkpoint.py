@@ -254,7 +254,7 @@ def test_model_from_two_files(tiny_dir):
 
     assert model.checkpoint is None
     released = CogVideoXDPMScheduler.from_config(model.scheduler_config).config
-    written = CogVideoXDPMScheduler.from_config(Checkpoint.open(tiny_dir).load_scheduler_config()).config
+    written = CogVideoXDPMScheduler.from_config(Checkpoint.open(tiny_dir).scheduler_config).config
     assert {k: v for k, v in released.items() if not k.startswith("_")} == {
         k: v for k, v in written.items() if not k.startswith("_")
     }

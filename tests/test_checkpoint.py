@@ -272,3 +272,21 @@ def test_a_vae_that_does_not_fit_the_transformer(tiny_dir, tmp_path):
             tmp_path / "vae" / "diffusion_pytorch_model.safetensors",
             "fp32",
         )
+
+
+def test_inferred_config_of_the_released_architecture():
+    """The released transformer's shapes (48 heads x 64, 42 layers, the full Local Facial Extractor),
+    built on the meta device so no memory is used: the inferred config is the released one."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    released = dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=42, patch_size=2, use_rotary_positional_embeddings=True,
+        is_train_face=True, cross_attn_interval=2, cross_attn_dim_head=128, cross_attn_num_heads=16,
+        LFE_id_dim=1280, LFE_vit_dim=1024, LFE_depth=10, LFE_dim_head=64, LFE_num_heads=16,
+        LFE_num_id_token=5, LFE_num_querie=32, LFE_output_dim=2048, LFE_ff_mult=4, LFE_num_scale=5,
+    )
+    with torch.device("meta"):
+        model = ConsisIDTransformer3DModel(**released)
+    inferred = infer_transformer_config({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    assert {k: inferred[k] for k in released} == released

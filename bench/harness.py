@@ -35,7 +35,6 @@ from consisid_core.sampling import Tiling, decode, sample
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
 from consisid_core.tiny import random_identity
 
-from .sizes import Size
 
 logger = logging.getLogger(__name__)
 

@@ -165,7 +165,7 @@ def sample(
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
     progress_bar: bool = False,
-    performance: Performance = Performance(),
+    performance: Performance | None = None,
 ) -> torch.Tensor:
     """Denoise a video; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
@@ -190,7 +190,7 @@ def sample(
 
     dtype = model.dtype
     with (
-        applied(model, performance, steps, device) as (to_place, _),
+        applied(model, performance or Performance(), steps, device) as (to_place, _),
         placed(to_place, device),
         _face_scale(model.transformer, identity_strength),
     ):

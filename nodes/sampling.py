@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from ..consisid_core.media import to_uint8
 from ..consisid_core.performance import OFFLOAD_MODES, Performance
@@ -87,7 +86,7 @@ class ConsisIDSampler:
                 frames=frames, height=height, width=width, identity_strength=identity_strength,
                 callback=lambda step, total, latents: progress.update(step, latents),
                 device=device,
-                performance=performance or Performance(),
+                performance=performance,
             )
         finally:
             host.after_run()

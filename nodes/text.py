@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.sampling import encode_with_checkpoint

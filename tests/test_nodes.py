@@ -2,12 +2,10 @@
 
 import inspect
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from workflow_tools import import_pack  # noqa: E402
 

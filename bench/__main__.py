@@ -2,17 +2,19 @@
 
     python -m bench --size medium [--steps N] [--repeats N] [--modes tiling,cache-0.1,…]
                     [--frames F --height H --width W] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
-                    [--checkpoint DIR] [--out bench/RESULTS.md]
+                    [--text embeddings|t5] [--checkpoint DIR] [--out bench/RESULTS.md]
 
 The checkpoint is written (random weights, real layout) into a temporary folder, or into / read
 from `--checkpoint DIR` so a large one is built once. `--out FILE` also writes the table into FILE,
-replacing that size's section (between `<!-- bench:SIZE -->` markers) or appending it.
+replacing that size's section (between `<!-- bench:SIZE -->` markers) or appending it; with
+`--text t5` the section is SIZE-t5.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import platform
@@ -27,7 +29,9 @@ from consisid_core.checkpoint import DTYPES
 from consisid_core.sampling import resolve_size
 
 from .harness import MODES, default_modes, make_inputs, performance_available, quiet_diffusers, run_bench, table
-from .sizes import SIZES, build_checkpoint, folder_megabytes
+from .sizes import (
+    SIZES, TEXT_MODES, build_checkpoint, folder_megabytes, t5_config, t5_parameters, transformer_parameters,
+)
 
 logger = logging.getLogger("bench")
 
@@ -45,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes",
         help=f"comma-separated, or 'none' (default: all that apply on the device; known: {', '.join(MODES)})",
+    )
+    p.add_argument(
+        "--text", choices=TEXT_MODES, default="embeddings",
+        help="embeddings: both paths get the same precomputed text embeddings (the checkpoint's T5 is small, "
+        "never run); t5: both encode the same prompts with a T5 of the released share of the parameters "
+        "(0.95 x the transformer's; tiny keeps its tiny T5)",
     )
     p.add_argument("--checkpoint", type=Path, help="build the checkpoint here, or reuse the one already here")
     p.add_argument("--out", type=Path, help="also write the table into this markdown file (its size's section)")
@@ -138,25 +148,55 @@ def _run(args) -> int:
     with _CheckpointFolder(args.checkpoint) as folder, quiet_diffusers():
         if not (folder / "model_index.json").is_file():
             logger.info("building the %s checkpoint: %s", size.name, size.describe())
-            build_checkpoint(size, folder, dtype=dtype, device=device)
+            build_checkpoint(size, folder, dtype=dtype, device=device, text=args.text)
+        t5 = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        wanted = t5_config(size, args.text, t5["vocab_size"])
+        if any(t5.get(k) != v for k, v in wanted.items() if k in ("d_ff", "num_layers", "num_heads", "d_kv")):
+            sys.stderr.write(
+                f"error: the T5 in '{folder}' (d_ff {t5.get('d_ff')}, {t5.get('num_layers')} layers) is not the one "
+                f"--size {size.name} --text {args.text} builds (d_ff {wanted['d_ff']}, {wanted['num_layers']} layers): "
+                "give another --checkpoint folder\n"
+            )
+            return 2
         megabytes = folder_megabytes(folder)
-        inputs = make_inputs(folder, steps, frames, height, width)
+        inputs = make_inputs(folder, steps, frames, height, width, args.text)
         results = run_bench(folder, inputs, dtype, device, repeats, modes)
+    t5_params = t5_parameters(
+        vocab=t5["vocab_size"],
+        **{k: t5[k] for k in ("d_model", "d_kv", "num_heads", "d_ff", "num_layers", "relative_attention_num_buckets")},
+    )
+    transformer_params = transformer_parameters(size)
+    if args.text == "t5":
+        text_line = (
+            f"- text: both paths encode the same prompt and negative prompt with the checkpoint's T5 (random weights, "
+            f"width {t5['d_model']}, {t5['num_heads']} heads × {t5['d_kv']}, gated GELU, d_ff {t5['d_ff']}, "
+            f"{t5['num_layers']} layer{'s' if t5['num_layers'] > 1 else ''}: {t5_params:,} parameters, "
+            f"{t5_params / transformer_params:.2f} × the transformer's {transformer_params:,}; the released "
+            "T5-XXL encoder is 4.76 B against ≈5 B, 0.95). Ours: `encode_with_checkpoint` (load T5, encode, "
+            "release), then `load_model` → `sample` → `decode`, as the CLI; diffusers: `from_pretrained` (T5 "
+            "included), then `pipe(prompt=..., negative_prompt=...)`, so its T5 stays loaded for the whole run"
+        )
+    else:
+        text_line = (
+            "- text: precomputed random embeddings [1, 226, "
+            f"{size.transformer['text_embed_dim']}] given to both paths; diffusers' from_pretrained also loads the "
+            "checkpoint's (small, random, never run) T5, which our path does not load"
+        )
+    section = size.name if args.text == "embeddings" else f"{size.name}-t5"
     report = "\n".join(
         [
-            f"### {size.name}: {steps} steps, {frames} frames at {width}×{height}, {repeats} alternating repeats",
+            f"### {section}: {steps} steps, {frames} frames at {width}×{height}, {repeats} alternating repeats",
             "",
             f"`python -m bench --size {size.name}"
             + (f" --steps {steps}" if args.steps else "")
             + (f" --repeats {repeats}" if args.repeats else "")
             + (f" --modes {args.modes}" if args.modes else "")
+            + (f" --text {args.text}" if args.text != "embeddings" else "")
             + f"` on {datetime.date.today().isoformat()}",
             "",
             *[f"- {line}" for line in env],
             f"- checkpoint: {size.describe()} ({size.note}); {megabytes:,.0f} MB on disk",
-            "- text: precomputed random embeddings [1, 226, "
-            f"{size.transformer['text_embed_dim']}] given to both paths; diffusers' from_pretrained also loads the "
-            "checkpoint's (small, random, never run) T5, which our path does not load",
+            text_line,
             f"- performance options (consisid_core.performance): {'present' if performance_available() else 'absent'}",
             "",
             table(results, steps),
@@ -165,8 +205,8 @@ def _run(args) -> int:
     )
     sys.stdout.write(report + "\n")
     if args.out:
-        _write_section(args.out, size.name, report)
-        logger.info("wrote the %s section of %s", size.name, args.out)
+        _write_section(args.out, section, report)
+        logger.info("wrote the %s section of %s", section, args.out)
     return 0
 
 

@@ -11,6 +11,14 @@ path goes first; the table shows medians.
 - diffusers runs as its users call it, one `pipe(...)` with `output_type="pt"`: its decode is the
   time from the last step's callback to the return (`decode_latents` + `postprocess_video`).
 - ours is `sample(...)` then `decode(...)`; end-to-end is the two together, load not included.
+- with prompts (`--text t5`) ours encodes them first, as the CLI does (`encode_with_checkpoint`:
+  load the checkpoint's T5, encode, release), then loads the model; diffusers gets `prompt=` and
+  encodes inside `pipe(...)` with the T5 its `from_pretrained` loaded. Its encode is timed by
+  wrapping the pipeline's `encode_prompt` (timing only). End-to-end then includes the encode.
+- the whole run's peak (load + encode + sample + decode) is taken too, above the memory held just
+  before the run (after `gc.collect()` and `malloc_trim(0)`, so the previous run's freed memory is
+  back with the OS): on the CPU peak VmRSS and peak RssAnon (anonymous memory only), on a GPU
+  `max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pathlib import Path
 import torch
 
 from consisid_core.checkpoint import Checkpoint
-from consisid_core.sampling import Tiling, decode, sample
+from consisid_core.sampling import Tiling, decode, encode_with_checkpoint, sample
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
 from consisid_core.tiny import random_identity
 
@@ -40,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 SEED = 42
 GUIDANCE = 6.0
+PROMPT = (
+    "The video features a woman standing next to an airplane, engaged in a conversation on her cell phone. "
+    "She is wearing sunglasses and a black top, and she appears to be talking seriously."
+)
+NEGATIVE_PROMPT = "blurry, low quality, distorted face"
 
 
 def performance_available() -> bool:
@@ -158,15 +171,23 @@ def _trim_heap() -> None:
 
 
 def _rss_bytes() -> int:
+    return _rss_and_anon_bytes()[0]
+
+
+def _rss_and_anon_bytes() -> tuple[int, int]:
+    """(VmRSS, RssAnon): the resident set, and its anonymous part (file-backed pages such as
+    memory-mapped weights left out: those the kernel can drop and read back)."""
+    values = {}
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                values[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return values.get("VmRSS", 0), values.get("RssAnon", 0)
 
 
 class PeakMemory:
-    """Peak memory per phase: RSS above the phase's start on the CPU, max allocated on a GPU."""
+    """Peak memory per phase: RSS above the phase's start on the CPU, max allocated on a GPU; and
+    the same over a whole run (several phases), above the run's start (`begin_run`)."""
 
     def __init__(self, device: torch.device, interval: float = 0.005):
         self.device = device
@@ -174,6 +195,7 @@ class PeakMemory:
         self.rss = os.path.exists("/proc/self/status")
         self.interval = interval
         self._base = self._peak = 0
+        self._run_base = self._run_peak = (0, 0)  # (VmRSS, RssAnon) on the CPU; (allocated, 0) on a GPU
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -189,14 +211,50 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
-            value = _rss_bytes()
+            self._sample()
+
+    def _sample(self) -> int:
+        rss, anon = _rss_and_anon_bytes()
+        with self._lock:
+            self._peak = max(self._peak, rss)
+            self._run_peak = (max(self._run_peak[0], rss), max(self._run_peak[1], anon))
+        return rss
+
+    def _fold_gpu_peak(self) -> None:
+        """The GPU's peak since the last reset into the run's, before a phase resets it."""
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self._run_peak = (max(self._run_peak[0], peak), 0)
+
+    def begin_run(self) -> None:
+        """A run begins here: its baseline is taken after `gc.collect()` and `malloc_trim(0)`."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._run_base = self._run_peak = (torch.cuda.memory_allocated(self.device), 0)
+        elif self.rss:
+            _trim_heap()
             with self._lock:
-                self._peak = max(self._peak, value)
+                self._run_base = self._run_peak = _rss_and_anon_bytes()
+
+    def run_peak_mb(self) -> tuple[float, float]:
+        """The run's peak so far above its start, MiB: (VmRSS, RssAnon) on the CPU, (allocated, nan) on a GPU."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._fold_gpu_peak()
+            return (self._run_peak[0] - self._run_base[0]) / 2**20, float("nan")
+        if not self.rss:
+            return float("nan"), float("nan")
+        self._sample()
+        with self._lock:
+            return tuple((p - b) / 2**20 for p, b in zip(self._run_peak, self._run_base))
 
     def reset(self) -> None:
         """A phase begins here."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            self._fold_gpu_peak()
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.rss:
             _trim_heap()
@@ -222,9 +280,8 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if not self.rss:
             return float("nan")
-        value = _rss_bytes()
+        self._sample()
         with self._lock:
-            self._peak = max(self._peak, value)
             return (self._peak - self._base) / 2**20
 
     def close(self) -> None:
@@ -235,6 +292,10 @@ class PeakMemory:
 
 @dataclass
 class RunResult:
+    encode_s: float = float("nan")  # with prompts: ours' encode_with_checkpoint, diffusers' encode_prompt
+    encode_mb: float = float("nan")
+    run_mb: float = float("nan")  # the whole run's peak above its start (RSS, or GPU allocated)
+    run_anon_mb: float = float("nan")  # the same for RssAnon (CPU only)
     load_s: float = float("nan")
     load_mb: float = float("nan")
     held_mb: float = float("nan")  # still held when the load returned: the resident weights
@@ -251,7 +312,8 @@ class RunResult:
 
     @property
     def total_s(self) -> float:
-        return self.sample_s + self.decode_s
+        """Sampling + decode, and the text encode when there was one."""
+        return self.sample_s + self.decode_s + (self.encode_s if self.encode_s == self.encode_s else 0.0)
 
 
 class _Steps:
@@ -289,29 +351,45 @@ class _Steps:
 @dataclass
 class Inputs:
     identity: object
-    text: TextEmbeddings
+    text: TextEmbeddings | None  # precomputed embeddings, or None: each path encodes `prompt`
     frames: int
     height: int
     width: int
     steps: int
+    prompt: str | None = None
+    negative_prompt: str = ""
 
 
-def make_inputs(checkpoint: Path, steps: int, frames: int, height: int, width: int) -> Inputs:
+def make_inputs(checkpoint: Path, steps: int, frames: int, height: int, width: int,
+                text: str = "embeddings") -> Inputs:
+    """`text` "embeddings": the same random text embeddings for both paths; "t5": the prompt
+    strings PROMPT and NEGATIVE_PROMPT, which each path encodes with the checkpoint's T5."""
     config = Checkpoint.open(checkpoint).transformer_config
     identity = random_identity(config, seed=11, face_size=64)
+    if text == "t5":
+        return Inputs(identity, None, frames, height, width, steps, PROMPT, NEGATIVE_PROMPT)
     g = torch.Generator("cpu").manual_seed(3)
     shape = (1, MAX_SEQUENCE_LENGTH, config["text_embed_dim"])
     # T5-XXL's outputs are small (its final RMSNorm): this scale keeps the random ones alike
-    text = TextEmbeddings(0.1 * torch.randn(shape, generator=g), 0.1 * torch.randn(shape, generator=g))
-    return Inputs(identity, text, frames, height, width, steps)
+    embeddings = TextEmbeddings(0.1 * torch.randn(shape, generator=g), 0.1 * torch.randn(shape, generator=g))
+    return Inputs(identity, embeddings, frames, height, width, steps)
 
 
 class Ours:
     name = "ours"
+    encodes_before_load = True  # as the CLI: encode_with_checkpoint, then load_model
 
     def __init__(self, checkpoint: Path, dtype: torch.dtype, device: torch.device):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self.model = None
+        self.text: TextEmbeddings | None = None
+
+    def encode(self, inputs: Inputs) -> None:
+        """The checkpoint's T5, loaded for the prompts and released (`encode_with_checkpoint`)."""
+        device = None if self.device.type == "cpu" else self.device
+        self.text = encode_with_checkpoint(
+            Checkpoint.open(self.checkpoint), self.dtype, inputs.prompt, inputs.negative_prompt, device
+        )
 
     def load(self, mode: Mode) -> None:
         self.model = Checkpoint.open(self.checkpoint).load_model(self.dtype, **mode.ours_load)
@@ -325,7 +403,7 @@ class Ours:
         latents = sample(
             self.model,
             inputs.identity,
-            inputs.text,
+            self.text if self.text is not None else inputs.text,
             seed=SEED,
             steps=inputs.steps,
             guidance_scale=GUIDANCE,
@@ -350,11 +428,12 @@ class Ours:
         return decode(self.model, latents, device, slicing=True)
 
     def release(self) -> None:
-        self.model = None
+        self.model = self.text = None
 
 
 class Diffusers:
     name = "diffusers"
+    encodes_before_load = False  # pipe(prompt=...) encodes inside the call, its T5 loaded with the rest
 
     def __init__(self, checkpoint: Path, dtype: torch.dtype, device: torch.device):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
@@ -381,11 +460,29 @@ class Diffusers:
         pipe = self.pipe
         target = pipe.transformer.dtype
         execution = self.device  # where the pipeline puts its inputs
+        if inputs.prompt is not None:
+            text = dict(prompt=inputs.prompt, negative_prompt=inputs.negative_prompt)
+            pipe.encode_prompt = _timed_encode(pipe.encode_prompt, steps)
+        else:
+            text = dict(prompt_embeds=inputs.text.positive.to(execution, target),
+                        negative_prompt_embeds=inputs.text.negative.to(execution, target))
         steps.begin()
-        video = pipe(
+        try:
+            video = self._call(pipe, inputs, steps, text, decode_too)
+        finally:
+            vars(pipe).pop("encode_prompt", None)
+        if decode_too:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            steps.result.decode_s = time.perf_counter() - steps.decode_start
+            steps.result.decode_mb = steps.memory.peak_mb()
+            steps.result.frames = video[0].permute(0, 2, 3, 1).float().cpu()
+
+    @staticmethod
+    def _call(pipe, inputs: Inputs, steps: _Steps, text: dict, decode_too: bool):
+        return pipe(
             image=inputs.identity.face_image_pil(),
-            prompt_embeds=inputs.text.positive.to(execution, target),
-            negative_prompt_embeds=inputs.text.negative.to(execution, target),
+            **text,
             height=inputs.height,
             width=inputs.width,
             num_frames=inputs.frames,
@@ -400,12 +497,6 @@ class Diffusers:
             id_vit_hidden=list(inputs.identity.id_vit_hidden),
             kps_cond=inputs.identity.kps.numpy(),
         )[0]
-        if decode_too:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            steps.result.decode_s = time.perf_counter() - steps.decode_start
-            steps.result.decode_mb = steps.memory.peak_mb()
-            steps.result.frames = video[0].permute(0, 2, 3, 1).float().cpu()
 
     def decode_only(self, mode: Mode, latents: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         pipe, vae = self.pipe, self.pipe.vae
@@ -433,6 +524,22 @@ class Diffusers:
         self.pipe = None
 
 
+def _timed_encode(encode_prompt, steps: _Steps):
+    """`encode_prompt` that closes the text-encode phase (from the call of `pipe(...)`) when it
+    returns and starts the sampling phase there, so both paths' phases cover the same work."""
+
+    def timed(*args, **kwargs):
+        out = encode_prompt(*args, **kwargs)
+        if steps.device.type == "cuda":
+            torch.cuda.synchronize(steps.device)
+        steps.result.encode_s = time.perf_counter() - steps.start
+        steps.result.encode_mb = steps.memory.peak_mb()
+        steps.begin()
+        return out
+
+    return timed
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -444,6 +551,15 @@ def run_once(path, mode: Mode, inputs: Inputs, memory: PeakMemory, decode_too: b
     result = RunResult()
     _free(path.device)
     try:
+        memory.begin_run()
+        if inputs.prompt is not None and path.encodes_before_load:
+            memory.reset()
+            start = time.perf_counter()
+            path.encode(inputs)
+            if path.device.type == "cuda":
+                torch.cuda.synchronize(path.device)
+            result.encode_s = time.perf_counter() - start
+            result.encode_mb = memory.peak_mb()
         memory.reset()
         start = time.perf_counter()
         path.load(mode)
@@ -453,6 +569,7 @@ def run_once(path, mode: Mode, inputs: Inputs, memory: PeakMemory, decode_too: b
         result.load_mb = memory.peak_mb()
         result.held_mb = memory.held_mb()
         path.run(mode, inputs, _Steps(path.device, inputs.steps, memory, result), decode_too)
+        result.run_mb, result.run_anon_mb = memory.run_peak_mb()
     except Exception as e:  # a mode that does not work here is a table entry, not the end of the bench
         logger.warning("%s, %s: %s: %s", path.name, mode.name, type(e).__name__, e)
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
@@ -508,6 +625,7 @@ class Results:
     skipped: dict[str, str]  # mode -> why
     memory_label: str
     tiling: str = ""
+    prompts: bool = False  # each path encoded the prompt strings (--text t5)
 
 
 def run_bench(
@@ -567,7 +685,7 @@ def run_bench(
         memory.close()
     t = tiling_for(inputs.height, inputs.width)
     tiling = f"({t.tile_width}×{t.tile_height} px tiles, overlap {t.overlap_width}/{t.overlap_height})"
-    return Results(default, mode_results, skipped, memory.label, tiling)
+    return Results(default, mode_results, skipped, memory.label, tiling, inputs.prompt is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +736,19 @@ def table(results: Results, steps: int) -> str:
 
     ours, theirs = results.default["ours"], results.default["diffusers"]
     n = len(ours)
+    encode_rows = (
+        ("text encode s (ours: load T5, encode, release; diffusers: its encode_prompt in pipe)", "encode_s", "s"),
+        (f"text encode {mem}", "encode_mb", "MB"),
+    ) if results.prompts else ()
+    if mem.startswith("peak GPU"):
+        whole = (("end-to-end peak GPU MB (max allocated, from before load)", "run_mb", "MB"),)
+    else:
+        whole = (
+            ("end-to-end peak RSS MB (from before load)", "run_mb", "MB"),
+            ("end-to-end peak RssAnon MB (anonymous memory only, from before load)", "run_anon_mb", "MB"),
+        )
     for label, attr, unit in (
+        *encode_rows,
         ("load s", "load_s", "s"),
         (f"load {mem}", "load_mb", "MB"),
         ("held after load MB (the loaded weights)", "held_mb", "MB"),
@@ -627,7 +757,9 @@ def table(results: Results, steps: int) -> str:
         (f"sampling {mem}", "sample_mb", "MB"),
         ("VAE decode s", "decode_s", "s"),
         (f"decode {mem}", "decode_mb", "MB"),
-        ("end-to-end s (sample + decode)", "total_s", "s"),
+        ("end-to-end s (encode + sample + decode)" if results.prompts else "end-to-end s (sample + decode)",
+         "total_s", "s"),
+        *whole,
     ):
         row(f"default (median of {n})", label, _median([getattr(r, attr) for r in ours]),
             _median([getattr(r, attr) for r in theirs]), unit)

@@ -128,8 +128,9 @@ SIZES: dict[str, Size] = {
 
 
 def build_checkpoint(size: Size, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu") -> Path:
-    """Write `size` as a checkpoint folder (diffusers layout, random weights) into `directory`."""
+                     device: torch.device | str = "cpu", text: str = "embeddings") -> Path:
+    """Write `size` as a checkpoint folder (diffusers layout, random weights) into `directory`;
+    its T5 is `t5_config(size, text, vocabulary)`."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDPipeline, ConsisIDTransformer3DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
@@ -142,12 +143,7 @@ def build_checkpoint(size: Size, directory: Path, seed: int = 0, dtype: torch.dt
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLCogVideoX(**size.vae).to(dtype).eval()
         torch.manual_seed(seed + 2)
-        # a small T5 of the transformer's text width: the bench passes precomputed embeddings, so
-        # this is only loaded (by diffusers' from_pretrained), never run
-        t5 = dict(d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-                  relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                  is_encoder_decoder=False, use_cache=False)
-        t5.update(size.t5)
+        t5 = t5_config(size, text, len(tokenizer))
         text_encoder = T5EncoderModel(
             T5Config(vocab_size=len(tokenizer), d_model=size.transformer["text_embed_dim"], **t5)
         ).to(dtype).eval()
@@ -164,6 +160,62 @@ def build_checkpoint(size: Size, directory: Path, seed: int = 0, dtype: torch.dt
     _write_spiece_model(directory / "tokenizer" / "spiece.model")
     logger.info("wrote the %s checkpoint to %s", size.name, directory)
     return directory
+
+
+TEXT_MODES = ("embeddings", "t5")
+"""`embeddings`: both paths get the same precomputed text embeddings; the checkpoint's T5 is small and
+never run. `t5`: both paths encode the same prompt strings with a T5 whose share of the parameters is
+the released checkpoint's (T5-XXL's encoder, 4.76 B, against the ≈5 B transformer: 0.95)."""
+
+T5_SHARE = 0.95
+"""T5 parameters / transformer parameters in the released checkpoint (4.76 B / ≈5 B)."""
+
+_SMALL_T5 = dict(d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=32)
+# T5-XXL's encoder (google/t5-v1_1-xxl): d_model 4096, 64 heads × 64, gated-GELU, d_ff 10240, 24 layers
+_T5_XXL = dict(d_kv=64, num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+_T5_XXL_FF = 10240
+
+
+def transformer_parameters(size: Size) -> int:
+    """The transformer's parameter count, from its config alone (built on the meta device)."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    with torch.device("meta"):
+        model = ConsisIDTransformer3DModel(**size.transformer)
+    return sum(p.numel() for p in model.parameters())
+
+
+def t5_parameters(d_model: int, vocab: int, d_kv: int, num_heads: int, d_ff: int, num_layers: int,
+                  relative_attention_num_buckets: int, **_) -> int:
+    """T5EncoderModel's (gated) parameter count: shared embedding, per layer q/k/v/o, wi_0/wi_1/wo
+    and two RMSNorms, the first layer's relative-position bias, the final norm."""
+    inner = d_kv * num_heads
+    layer = 4 * d_model * inner + 3 * d_model * d_ff + 2 * d_model
+    return vocab * d_model + num_layers * layer + relative_attention_num_buckets * num_heads + d_model
+
+
+def t5_config(size: Size, text: str, vocab: int) -> dict:
+    """The T5 written into text_encoder/ (T5Config fields other than vocab_size and d_model).
+
+    `embeddings`, or the tiny size: a small T5 (never run with `embeddings`). `t5`: T5-XXL's width
+    (d_model = the transformer's text_embed_dim, 4096), heads (64 × 64) and gated GELU, with as many
+    layers as T5-XXL's d_ff gives for T5_SHARE × the transformer's parameters (at least one), and
+    d_ff (a multiple of 256) then fitted so the T5 comes as close to that share as it can.
+    """
+    if text not in TEXT_MODES:
+        raise ValueError(f"text '{text}' is not one of {', '.join(TEXT_MODES)}")
+    common = dict(feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    if text == "embeddings" or size.name == "tiny":
+        return {**_SMALL_T5, **common, **size.t5}
+    d_model = size.transformer["text_embed_dim"]
+    target = T5_SHARE * transformer_parameters(size)
+    base = dict(_T5_XXL, d_model=d_model, vocab=vocab)
+    per_layer = t5_parameters(**base, d_ff=_T5_XXL_FF, num_layers=1) - t5_parameters(**base, d_ff=_T5_XXL_FF, num_layers=0)
+    layers = max(1, round(target / per_layer))
+    without_ff = t5_parameters(**base, d_ff=0, num_layers=layers)
+    d_ff = max(256, round((target - without_ff) / (3 * d_model * layers) / 256) * 256)
+    return {**_T5_XXL, "d_ff": d_ff, "num_layers": layers, **common}
 
 
 def folder_megabytes(path: Path) -> float:

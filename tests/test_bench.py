@@ -33,6 +33,19 @@ def test_tiny_bench_prints_the_table_and_writes_its_section(tmp_path):
     assert "old table" not in written and "kept" in written and "| default (median of 1) | load s |" in written
 
 
+def test_tiny_bench_with_prompts_encodes_them_in_both_paths():
+    run = _bench("--size", "tiny", "--text", "t5", "--steps", "2", "--repeats", "1", "--modes", "none",
+                 "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = run.stdout
+    for metric in ("text encode s", "end-to-end s (encode + sample + decode)",
+                   "end-to-end peak RSS MB (from before load)"):
+        assert metric in table
+    # both encode the same prompts with the same T5: identical frames
+    diff = next(line for line in table.splitlines() if "ours vs diffusers (0..1)" in line)
+    assert float(re.search(r"\(0\.\.1\) \| ([^ |]+) \|", diff).group(1)) <= 1e-4
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the real size is refused only without a GPU")
 def test_real_size_is_refused_on_the_cpu():
     run = _bench("--size", "real", "--device", "cpu", timeout=120)

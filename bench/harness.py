@@ -381,7 +381,7 @@ class Ours:
 
     def __init__(self, checkpoint: Path, dtype: torch.dtype, device: torch.device):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
-        self.model = None
+        self.model = self.vae = None
         self.text: TextEmbeddings | None = None
 
     def encode(self, inputs: Inputs) -> None:
@@ -415,7 +415,9 @@ class Ours:
             **options,
         )
         if decode_too:
-            steps.result.frames = decode(self.model, latents, device)
+            # as the CLI: the transformer is released before the decode (the VAE is all it needs)
+            self.vae, self.model = self.model.vae, None
+            steps.result.frames = decode(self.vae, latents, device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             steps.result.decode_s = time.perf_counter() - steps.decode_start
@@ -423,12 +425,13 @@ class Ours:
 
     def decode_only(self, mode: Mode, latents: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         device = None if self.device.type == "cpu" else self.device
+        vae = self.vae if self.model is None else self.model.vae
         if mode.name == "tiling":
-            return decode(self.model, latents, device, tiling=tiling_for(inputs.height, inputs.width))
-        return decode(self.model, latents, device, slicing=True)
+            return decode(vae, latents, device, tiling=tiling_for(inputs.height, inputs.width))
+        return decode(vae, latents, device, slicing=True)
 
     def release(self) -> None:
-        self.model = self.text = None
+        self.model = self.vae = self.text = None
 
 
 class Diffusers:

@@ -165,7 +165,8 @@ def _generate(args) -> None:
             seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
             frames=frames, height=height, width=width, device=device, progress_bar=True, performance=performance,
         )
-        video = decode(model, latents, device, tiling=Tiling() if args.vae_tiling else None)
+        vae, model = model.vae, None  # the transformer is done: release it before the decode's peak
+        video = decode(vae, latents, device, tiling=Tiling() if args.vae_tiling else None)
     write_frames(video, args.out, args.fps)
     logger.info("wrote %d frames to %s", video.shape[0], args.out)
 

@@ -136,12 +136,10 @@ def _face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[N
         transformer.local_face_scale = saved
 
 
-def _pipeline(model: ConsisIDModel, scheduler=None, progress_bar: bool = False):
+def _pipeline(vae: torch.nn.Module, transformer: torch.nn.Module | None = None, scheduler=None, progress_bar=False):
     from diffusers import ConsisIDPipeline
 
-    pipe = ConsisIDPipeline(
-        tokenizer=None, text_encoder=None, vae=model.vae, transformer=model.transformer, scheduler=scheduler
-    )
+    pipe = ConsisIDPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe
 
@@ -181,7 +179,7 @@ def sample(
         )
     check_inputs(model, identity, text, steps)
     frame = first_frame(image, identity)
-    pipe = _pipeline(model, make_scheduler(model, scheduler), progress_bar)
+    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
         if callback is not None:
@@ -290,7 +288,7 @@ def _vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> 
 
 @torch.no_grad()
 def decode(
-    model: ConsisIDModel,
+    vae: torch.nn.Module,
     latents: torch.Tensor,
     device: torch.device | str | None = None,
     tiling: Tiling | None = None,
@@ -298,13 +296,14 @@ def decode(
 ) -> torch.Tensor:
     """Latents [B, F, C, h, w] from `sample` -> frames [B·F', H, W, 3], float32 in 0..1, on the CPU.
 
+    Takes the model's VAE alone, so a caller can release the transformer before decoding.
     `tiling` decodes in spatial tiles, `slicing` one video of a batch at a time; both only for
     this call.
     """
-    pipe = _pipeline(model)
-    with placed([model.vae], device), _vae_options(model.vae, tiling, slicing):
-        vae = next(model.vae.parameters())
-        video = pipe.decode_latents(latents.to(vae.device, vae.dtype))
+    pipe = _pipeline(vae)
+    with placed([vae], device), _vae_options(vae, tiling, slicing):
+        weight = next(vae.parameters())
+        video = pipe.decode_latents(latents.to(weight.device, weight.dtype))
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")
     return video.flatten(0, 1).permute(0, 2, 3, 1).float().cpu()
 
@@ -341,4 +340,4 @@ def generate(
     else:
         text = prompt
     latents = sample(model, identity, text, image, **options)
-    return decode(model, latents, options.get("device"))
+    return decode(model.vae, latents, options.get("device"))

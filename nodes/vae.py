@@ -40,7 +40,7 @@ class ConsisIDVAEDecode:
         host.make_room([model.vae], device, extra=4 * 2**30)
         try:
             frames = decode(
-                model,
+                model.vae,
                 latent["samples"].permute(0, 2, 1, 3, 4),
                 device,
                 tiling=Tiling(tile_height, tile_width, overlap, overlap) if tiling else None,

@@ -87,7 +87,7 @@ def test_callback_sees_every_step(tiny_model, identity, text):
     latents = sample(tiny_model, identity, text, steps=3, callback=counter)
     assert latents.shape == (1, 3, 4, 8, 12)
     assert counter.calls == [(1, 3, (1, 3, 4, 8, 12)), (2, 3, (1, 3, 4, 8, 12)), (3, 3, (1, 3, 4, 8, 12))]
-    frames = decode(tiny_model, latents)
+    frames = decode(tiny_model.vae, latents)
     assert frames.shape == (9, 64, 96, 3) and frames.dtype == torch.float32
     assert 0 <= frames.min() and frames.max() <= 1
 
@@ -125,10 +125,10 @@ def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identit
     from consisid_core.sampling import Tiling
 
     latents = sample(tiny_model, identity, text, steps=2, seed=3)
-    plain = decode(tiny_model, latents)
+    plain = decode(tiny_model.vae, latents)
     vae = tiny_model.vae
     before = (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_height)
-    tiled = decode(tiny_model, latents, tiling=Tiling(32, 48, 8, 16), slicing=True)
+    tiled = decode(tiny_model.vae, latents, tiling=Tiling(32, 48, 8, 16), slicing=True)
     assert (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_height) == before
     assert tiled.shape == plain.shape
     # tiles are blended at their seams, so the frames differ a little, not wholesale
@@ -137,7 +137,7 @@ def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identit
 
 def test_decode_a_batch_of_videos(tiny_model, identity, text):
     latents = sample(tiny_model, identity, text, steps=1, seed=3)
-    frames = decode(tiny_model, torch.cat([latents, latents]), slicing=True)
+    frames = decode(tiny_model.vae, torch.cat([latents, latents]), slicing=True)
     assert frames.shape == (18, 64, 96, 3)
     assert torch.equal(frames[:9], frames[9:])
 
@@ -148,7 +148,7 @@ def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
 
     latents = torch.zeros(1, 3, 4, 8, 12)
     with pytest.raises(ConsisIDError, match="px overlap does not fit the VAE's 8-px latent grid"):
-        decode(tiny_model, latents, tiling=Tiling(*tiling))
+        decode(tiny_model.vae, latents, tiling=Tiling(*tiling))
     assert tiny_model.vae.use_tiling is False
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def _generate(args) -> None:
             frames=frames, height=height, width=width, device=device, progress_bar=True, performance=performance,
         )
         vae, model = model.vae, None  # the transformer is done: release it before the decode's peak
+        gc.collect()  # diffusers' hook registries hold reference cycles to their modules
         video = decode(vae, latents, device, tiling=Tiling() if args.vae_tiling else None)
     write_frames(video, args.out, args.fps)
     logger.info("wrote %d frames to %s", video.shape[0], args.out)

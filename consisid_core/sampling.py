@@ -10,6 +10,7 @@ whatever happens.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -322,6 +323,7 @@ def encode_with_checkpoint(
         return encode_text(encoder, prompt, negative_prompt, device)
     finally:
         del encoder
+        gc.collect()
 
 
 def generate(

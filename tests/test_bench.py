@@ -51,3 +51,14 @@ def test_real_size_is_refused_on_the_cpu():
     run = _bench("--size", "real", "--device", "cpu", timeout=120)
     assert run.returncode == 2
     assert "needs a GPU" in run.stderr and run.stdout == ""
+
+
+def test_peak_memory_runs_each_path_in_its_own_process():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.peak_memory", "--size", "tiny", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| whole-run peak RSS MB"))
+    ours, theirs = (float(cell.replace(",", "")) for cell in row.split("|")[2:4])
+    assert ours > 0 and theirs > 0

@@ -103,7 +103,6 @@ class ConsisIDModel:
     vae: torch.nn.Module
     scheduler_config: Mapping
     checkpoint: Checkpoint | None = None
-    name: str = ""
 
     @property
     def config(self) -> Mapping:
@@ -208,7 +207,6 @@ class Checkpoint:
             vae if vae is not None else self.load_vae(dtype),
             self.scheduler_config,
             self,
-            self.root.name,
         )
         check_vae_fits(model)
         return model
@@ -229,7 +227,6 @@ def model_from_files(
         load_vae_file(vae_path, dtype),
         RELEASED_SCHEDULER_CONFIG,
         None,
-        Path(transformer_path).stem,
     )
     check_vae_fits(model)
     return model

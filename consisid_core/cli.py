@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConsisIDError
-from .performance import OFFLOAD_MODES
+from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 logger = logging.getLogger("consisid_core")
 
@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     gen.add_argument("--step-cache", type=float, default=0.0,
                      help="TeaCache threshold: 0 off; 0.1 / 0.15 / 0.2 trade quality for speed")
+    gen.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                     help="sdpa: PyTorch's, as diffusers; sage: SageAttention (pip install sageattention; CUDA, bf16/fp16)")
     gen.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     gen.add_argument("--out", type=Path, required=True, help="a path ending in .mp4, or a folder for PNG frames")
     return parser
@@ -143,7 +145,9 @@ def _generate(args) -> None:
         raise ConsisIDError(f"--fps {args.fps} must be at least 1")
     if args.steps < 1:
         raise ConsisIDError(f"--steps {args.steps} must be at least 1")
-    performance = Performance(compile=args.compile, offload=args.offload, step_cache=args.step_cache)
+    performance = Performance(
+        compile=args.compile, offload=args.offload, step_cache=args.step_cache, attention=args.attention
+    )
     with _checkpoint_folder(args.model) as folder:
         checkpoint = Checkpoint.open(folder)
         size = resolve_size(checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width)

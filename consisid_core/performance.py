@@ -10,6 +10,9 @@ Options (`Performance`):
   back to the CPU after it, so nothing stays on the GPU between runs; `sequential` keeps the
   transformer on the CPU and streams its layers to the GPU one at a time as they run (diffusers'
   leaf-level group offloading): the least GPU memory, slower.
+- `attention`: `sdpa` (PyTorch's scaled_dot_product_attention, as diffusers) or `sage`
+  (SageAttention's quantized kernel for the transformer's attention, when the `sageattention`
+  package is installed: CUDA GPUs, bf16/fp16 models only; faster, results move slightly).
 - `step_cache`: TeaCache for ConsisID: when the timestep embedding changed little since the last
   computed step (accumulated, rescaled relative L1 change below this threshold), the transformer's
   blocks are skipped and their last residual reused. 0 turns it off; 0.1 / 0.15 / 0.2 gave 1.6× /
@@ -35,6 +38,7 @@ from .errors import ConsisIDError
 logger = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("model", "sequential")
+ATTENTION_BACKENDS = ("sdpa", "sage")
 
 TEACACHE_COEFFICIENTS = (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02)
 """TeaCache4ConsisID's polynomial rescaling of the timestep embedding's relative L1 change."""
@@ -47,10 +51,13 @@ class Performance:
     compile: bool = False
     offload: str = "model"
     step_cache: float = 0.0
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
             raise ConsisIDError(f"offload '{self.offload}' is not one of {', '.join(OFFLOAD_MODES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConsisIDError(f"attention '{self.attention}' is not one of {', '.join(ATTENTION_BACKENDS)}")
         if not 0 <= self.step_cache < 10:
             raise ConsisIDError(f"step cache threshold {self.step_cache} must be 0 (off) or a small positive number such as 0.1")
 
@@ -180,6 +187,74 @@ def _teacache_hooks(transformer: torch.nn.Module, state: _TeaCacheState) -> list
     return pairs
 
 
+SAGE_HEAD_DIMS = (64, 96, 128)
+"""Head sizes SageAttention's kernels take (ConsisID's transformer: 64)."""
+
+
+def sage_kernel(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """SageAttention's `sageattn`, once the run's device, dtype and head size are known to suit it."""
+    try:
+        from sageattention import sageattn
+    except ImportError as error:
+        raise ConsisIDError(
+            "attention 'sage' needs SageAttention: pip install sageattention (CUDA GPUs only), or choose sdpa"
+        ) from error
+    if device.type != "cuda":
+        raise ConsisIDError(f"attention 'sage' runs on CUDA GPUs only, not on {device}: choose sdpa")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ConsisIDError(f"attention 'sage' needs a bf16 or fp16 model, this one is {dtype}: load it as bf16, or choose sdpa")
+    if head_dim not in SAGE_HEAD_DIMS:
+        raise ConsisIDError(
+            f"attention 'sage' takes heads of size {', '.join(map(str, SAGE_HEAD_DIMS))}; this transformer's are "
+            f"{head_dim}: choose sdpa"
+        )
+    return sageattn
+
+
+class _AttentionKernel(torch.overrides.TorchFunctionMode):
+    """Inside an attention module's forward, sends its unmasked `scaled_dot_product_attention`
+    ([batch, heads, tokens, head size]) to `kernel`; any other call runs as it was."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            call = _sdpa_arguments(*args, **kwargs)
+            if (
+                call["attn_mask"] is None
+                and call["dropout_p"] == 0
+                and not call["is_causal"]
+                and not call["enable_gqa"]
+            ):
+                return self.kernel(
+                    call["query"], call["key"], call["value"], tensor_layout="HND", is_causal=False, sm_scale=call["scale"]
+                )
+        return func(*args, **kwargs)
+
+
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return locals()
+
+
+def _attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
+    """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
+    _, ModelHook = _hooks()
+
+    class KernelAttention(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.mode = _AttentionKernel(kernel)
+
+        def new_forward(self, module, *args, **kwargs):
+            with self.mode:
+                return self.fn_ref.original_forward(*args, **kwargs)
+
+    return [(block.attn1, KernelAttention()) for block in transformer.transformer_blocks]
+
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Each block's compiled call, kept for later runs so that they do not trace again."""
 
@@ -238,6 +313,10 @@ def applied(model, options: Performance, steps: int, device) -> Iterator[tuple[l
         pairs.append((transformer.local_facial_extractor, _once_per_run_hook()))
     if options.step_cache > 0:
         pairs += _teacache_hooks(transformer, _TeaCacheState(options.step_cache, steps, stats))
+    if options.attention == "sage":
+        target = torch.device(device) if device is not None else next(transformer.parameters()).device
+        kernel = sage_kernel(target, model.dtype, transformer.config.attention_head_dim)
+        pairs += _attention_hooks(transformer, kernel)
     with _offloaded(model, options.offload, device) as to_place, _hooked(pairs), _compiled(
         list(transformer.transformer_blocks), options.compile
     ):

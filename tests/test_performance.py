@@ -7,7 +7,7 @@ import torch
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import ConsisIDError, GenerationCancelled
-from consisid_core.performance import Performance
+from consisid_core.performance import Performance, _attention_hooks, _hooked
 from consisid_core.sampling import sample
 from consisid_core.text import TextEmbeddings
 
@@ -93,6 +93,40 @@ def test_compiled_blocks_give_the_same_latents_and_are_undone(model, identity, t
     assert all(block._compiled_call_impl is None for block in model.transformer.transformer_blocks)
 
 
+class SdpaKernel:
+    """Stands in for SageAttention's `sageattn` (CUDA only): its call signature, exact SDPA inside."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
+        assert tensor_layout == "HND" and not is_causal
+        self.shapes.append(tuple(q.shape))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+
+def test_attention_kernel_route_takes_every_blocks_attention(model, identity, text):
+    plain = sample(model, identity, text, steps=2)
+    kernel = SdpaKernel()
+    blocks = len(model.transformer.transformer_blocks)
+    with _hooked(_attention_hooks(model.transformer, kernel)):
+        routed = sample(model, identity, text, steps=2)
+    assert torch.equal(routed, plain)
+    config = model.config
+    patches = (config.sample_height // config.patch_size) * (config.sample_width // config.patch_size)
+    tokens = 226 + ((config.sample_frames - 1) // 4 + 1) * patches  # text, then latent frames × patches
+    # 2 steps × a guided batch of 2 in one forward each, every block once
+    assert kernel.shapes == [(2, config.num_attention_heads, tokens, config.attention_head_dim)] * (2 * blocks)
+    assert _hooks_left(model.transformer) == []
+
+
+def test_sage_attention_is_refused_where_it_cannot_run(model, identity, text):
+    refused = "attention 'sage' (needs SageAttention: pip install sageattention|runs on CUDA GPUs only, not on cpu)"
+    with pytest.raises(ConsisIDError, match=refused):
+        sample(model, identity, text, steps=2, device="cpu", performance=Performance(attention="sage"))
+    assert _hooks_left(model.transformer) == []
+
+
 def test_fp8_storage_keeps_the_face_modules_and_stays_close(tiny_dir, model, identity, text):
     fp8 = Checkpoint.open(tiny_dir).load_model("fp32", fp8=True)
     blocks, face = fp8.transformer.transformer_blocks[0], fp8.transformer.local_facial_extractor
@@ -111,3 +145,5 @@ def test_bad_options():
         Performance(offload="disk")
     with pytest.raises(ConsisIDError, match="step cache threshold -1"):
         Performance(step_cache=-1)
+    with pytest.raises(ConsisIDError, match="attention 'flash' is not one of sdpa, sage"):
+        Performance(attention="flash")

@@ -1,0 +1,95 @@
+"""On a CUDA GPU (skipped without one): models go to the GPU for a run and leave nothing there
+after it, after an error and after a Cancel; the memory modes and SageAttention run there.
+
+Run on a lent GPU machine with `python -m pytest tests/test_gpu.py`.
+"""
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+from consisid_core.checkpoint import Checkpoint
+from consisid_core.errors import GenerationCancelled
+from consisid_core.performance import Performance
+from consisid_core.sampling import decode, sample
+from consisid_core.text import TextEmbeddings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SLACK = 2**20
+"""Bytes of GPU memory a finished run may leave allocated (none expected; this allows an allocator block)."""
+
+
+@pytest.fixture
+def text(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    width = tiny_model.config.text_embed_dim
+    return TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
+
+
+def _allocated() -> int:
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def _all_on_cpu(*modules: torch.nn.Module) -> bool:
+    return all(t.device.type == "cpu" for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def test_a_run_uses_the_gpu_and_leaves_nothing_there(tiny_model, identity, text):
+    baseline = _allocated()
+    torch.cuda.reset_peak_memory_stats()
+    on_cpu = sample(tiny_model, identity, text, steps=3, device="cpu")
+    on_gpu = sample(tiny_model, identity, text, steps=3, device="cuda")
+    assert torch.cuda.max_memory_allocated() > baseline  # the run did happen on the GPU
+    assert on_gpu.device.type == "cpu"
+    assert (on_gpu - on_cpu).abs().max() <= 1e-3 * on_cpu.abs().max()
+    frames = decode(tiny_model.vae, on_gpu, "cuda")
+    assert frames.device.type == "cpu"
+    assert _all_on_cpu(tiny_model.transformer, tiny_model.vae)
+    assert _allocated() <= baseline + SLACK
+
+
+@pytest.mark.parametrize("failure", [GenerationCancelled("cancelled"), RuntimeError("an error mid-run")])
+def test_nothing_stays_on_the_gpu_after_a_cancel_or_an_error(tiny_model, identity, text, failure):
+    baseline = _allocated()
+
+    def stop(step, total, latents):
+        if step == 2:
+            raise failure
+
+    with pytest.raises(type(failure)):
+        sample(tiny_model, identity, text, steps=4, device="cuda", callback=stop,
+               performance=Performance(step_cache=0.5))
+    assert _all_on_cpu(tiny_model.transformer, tiny_model.vae)
+    assert _allocated() <= baseline + SLACK
+    sample(tiny_model, identity, text, steps=2, device="cuda")  # the next run works
+
+
+def test_sequential_offload_streams_the_transformer_and_cleans_up(tiny_model, identity, text):
+    baseline = _allocated()
+    plain = sample(tiny_model, identity, text, steps=3, device="cuda")
+    streamed = sample(tiny_model, identity, text, steps=3, device="cuda", performance=Performance(offload="sequential"))
+    assert (streamed - plain).abs().max() <= 1e-3 * plain.abs().max()
+    assert _all_on_cpu(tiny_model.transformer, tiny_model.vae)
+    assert _allocated() <= baseline + SLACK
+
+
+def test_sage_attention_stays_close_to_sdpa(tiny_dir, identity, text):
+    pytest.importorskip("sageattention")
+    from diffusers import ConsisIDTransformer3DModel
+
+    # SageAttention takes heads of 64, 96 or 128: the tiny transformer's width as one head of 64
+    model = Checkpoint.open(tiny_dir).load_model("bf16")
+    torch.manual_seed(0)
+    config = {**model.config, "num_attention_heads": 1, "attention_head_dim": 64}
+    transformer = ConsisIDTransformer3DModel.from_config(config).to(torch.bfloat16).eval()
+    model = dataclasses.replace(model, transformer=transformer)
+    plain = sample(model, identity, text, steps=3, device="cuda").float()
+    sage = sample(model, identity, text, steps=3, device="cuda", performance=Performance(attention="sage")).float()
+    assert not torch.equal(sage, plain)
+    assert (sage - plain).abs().max() <= 0.1 * plain.abs().max()  # int8 attention: close, not equal
+    assert _all_on_cpu(model.transformer, model.vae)

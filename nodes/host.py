@@ -19,6 +19,8 @@ try:
     import comfy.model_management as model_management
     import comfy.utils
     import folder_paths
+    from comfy.cli_args import LatentPreviewMethod
+    from comfy.cli_args import args as comfy_args
 except ImportError:
     model_management = None
 
@@ -157,25 +159,27 @@ def check_interrupted() -> None:
 
 
 class Progress:
-    """ComfyUI's progress bar (each update is also a Cancel point); nothing outside ComfyUI."""
+    """ComfyUI's progress bar (each update is also a Cancel point), with a latent preview when
+    ComfyUI's `--preview-method` is not `none`, as its own samplers; nothing outside ComfyUI."""
 
     def __init__(self, total: int):
         self._bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+        self._previews = IN_COMFYUI and comfy_args.preview_method != LatentPreviewMethod.NoPreviews
         self.total = total
 
     def update(self, value: int, latents: torch.Tensor | None = None) -> None:
         check_interrupted()
         if self._bar is not None:
-            self._bar.update_absolute(value, self.total, _preview(latents))
+            preview = _preview(latents, comfy_args.preview_size) if self._previews and latents is not None else None
+            self._bar.update_absolute(value, self.total, preview)
 
 
-def _preview(latents: torch.Tensor | None):
-    """A cheap look at the first latent frame: three channels stretched to 0..255."""
-    if latents is None:
-        return None
+def _preview(latents: torch.Tensor, size: int) -> tuple:
+    """A cheap look at the first latent frame of [B, F, C, h, w] latents: three channels stretched
+    to 0..255, 8x up (the VAE's spatial factor); ComfyUI shrinks it to `size` on the long side."""
     from PIL import Image
 
     frame = latents[0, 0, :3].float()
     low, high = frame.amin(dim=(1, 2), keepdim=True), frame.amax(dim=(1, 2), keepdim=True)
     pixels = ((frame - low) / (high - low + 1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
-    return "JPEG", Image.fromarray(pixels).resize((pixels.shape[1] * 8, pixels.shape[0] * 8)), 512
+    return "JPEG", Image.fromarray(pixels).resize((pixels.shape[1] * 8, pixels.shape[0] * 8)), size

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
         self.base = base
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,7 +55,7 @@ class Server:
                 "--port", str(self.port), "--extra-model-paths-config", str(config),
                 "--input-directory", str(base / "input"), "--output-directory", str(base / "output"),
                 "--user-directory", str(base / "user"), "--disable-all-custom-nodes",
-                "--whitelist-custom-nodes", "consisid",
+                "--whitelist-custom-nodes", "consisid", *extra_args,
             ],
             cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -111,7 +111,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def base(tmp_path_factory) -> Path:
+    """Models (a tiny checkpoint, and its transformer and VAE as single files), input and the pack."""
     from consisid_core.identity import save_identity
     from consisid_core.tiny import make_tiny, random_identity
 
@@ -131,14 +132,19 @@ def server(tmp_path_factory):
     from consisid_core.checkpoint import Checkpoint
 
     save_identity(random_identity(Checkpoint.open(tiny).transformer_config, 3), base / "input" / "identity.safetensors")
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(base):
     with running(base) as server:
         yield server
 
 
 @contextlib.contextmanager
-def running(base: Path):
+def running(base: Path, extra_args: tuple[str, ...] = ()):
     """A ComfyUI server over `base` (models, custom_nodes, input, output, user), stopped on exit."""
-    server = Server(base)
+    server = Server(base, extra_args)
     try:
         server.wait_ready()
         yield server
@@ -244,6 +250,47 @@ def test_interrupt_mid_sampling_leaves_the_server_healthy(server):
     again = server.run(_tiny(_api(server, "consisid_reuse_identity.json")))
     assert again["status"]["status_str"] == "success"
     assert server.get("/system_stats")
+
+
+def _previews_while_running(server, prompt: dict) -> tuple[int, int, str]:
+    """Run `prompt` as a websocket client would: (preview images, the sampler's progress updates, status)."""
+    import asyncio
+    import uuid
+
+    import aiohttp  # ComfyUI's own server library
+
+    sampler = next(key for key, node in prompt.items() if node["class_type"] == "ConsisIDSampler")
+
+    async def watch():
+        client = uuid.uuid4().hex
+        previews = progress = 0
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{server.url}/ws?clientId={client}") as ws:
+            status, answer = server.post("/prompt", {"prompt": prompt, "client_id": client})
+            assert status == 200, answer
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    # PREVIEW_IMAGE (1) or PREVIEW_IMAGE_WITH_METADATA (4), a big-endian event type first
+                    previews += int.from_bytes(message.data[:4], "big") in (1, 4)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(message.data)
+                    data = event.get("data", {})
+                    progress += event["type"] == "progress" and data.get("node") == sampler
+                    if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == answer["prompt_id"]:
+                        break
+        return previews, progress, server.wait(answer["prompt_id"])["status"]["status_str"]
+
+    return asyncio.run(watch())
+
+
+def test_latent_previews_follow_comfyuis_preview_method(server, base):
+    """As ComfyUI's own samplers: none by default (`--preview-method none`), one per step when on."""
+    prompt = _tiny(_api(server, "consisid_reuse_identity.json"), steps=3)
+    next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 11
+    assert _previews_while_running(server, prompt) == (0, 3, "success")
+    with running(base, ("--preview-method", "auto")) as previewing:
+        prompt = _tiny(_api(previewing, "consisid_reuse_identity.json"), steps=3)
+        next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 12
+        assert _previews_while_running(previewing, prompt) == (3, 3, "success")
 
 
 def test_comfy_clip_route_equals_the_checkpoint_t5_route():

@@ -144,17 +144,6 @@ def default_modes(device: torch.device) -> list[str]:
     return [m.name for m in MODES.values() if device.type == "cuda" or not m.gpu_only]
 
 
-def tiling_for(height: int, width: int) -> Tiling:
-    """Tiles a little over half the frame each way, so every size is cut into 2×2 tiles."""
-    def tile(size: int) -> tuple[int, int]:
-        overlap = 8 if size <= 128 else 16 * (size // 240 + 1)
-        t = ((size + overlap) // 2 + 7) // 8 * 8
-        return t, overlap
-
-    (tile_height, overlap_height), (tile_width, overlap_width) = tile(height), tile(width)
-    return Tiling(tile_height, tile_width, overlap_height, overlap_width)
-
-
 # ---------------------------------------------------------------------------------------------
 # Measuring
 
@@ -427,7 +416,7 @@ class Ours:
         device = None if self.device.type == "cpu" else self.device
         vae = self.vae if self.model is None else self.model.vae
         if mode.name == "tiling":
-            return decode(vae, latents, device, tiling=tiling_for(inputs.height, inputs.width))
+            return decode(vae, latents, device, tiling=Tiling.halves(inputs.height, inputs.width))
         return decode(vae, latents, device, slicing=True)
 
     def release(self) -> None:
@@ -504,7 +493,7 @@ class Diffusers:
     def decode_only(self, mode: Mode, latents: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         pipe, vae = self.pipe, self.pipe.vae
         if mode.name == "tiling":
-            tiling = tiling_for(inputs.height, inputs.width)
+            tiling = Tiling.halves(inputs.height, inputs.width)
             factor_height, factor_width = tiling.factors(pipe.vae_scale_factor_spatial)
             vae.enable_tiling(
                 tile_sample_min_height=tiling.tile_height,
@@ -686,7 +675,7 @@ def run_bench(
                 paths[name].release()
     finally:
         memory.close()
-    t = tiling_for(inputs.height, inputs.width)
+    t = Tiling.halves(inputs.height, inputs.width)
     tiling = f"({t.tile_width}×{t.tile_height} px tiles, overlap {t.overlap_width}/{t.overlap_height})"
     return Results(default, mode_results, skipped, memory.label, tiling, inputs.prompt is not None)
 

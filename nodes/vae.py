@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from ..consisid_core.sampling import Tiling, decode
+from ..consisid_core.sampling import Tiling, decode, decode_memory
 from . import host
 
 
 class ConsisIDVAEDecode:
     DESCRIPTION = (
         "Decodes a ConsisID video latent with the model's CogVideoX VAE into frames (IMAGE batch), "
-        "for Create Video, upscalers and frame interpolators. Tiling lowers memory at large sizes."
+        "for Create Video, upscalers and frame interpolators. Tiling lowers memory at large sizes; out of "
+        "memory without it, the frames are decoded again in tiles."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "decode"
@@ -37,15 +38,11 @@ class ConsisIDVAEDecode:
 
     def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
         device = host.torch_device()
-        host.make_room([model.vae], device, extra=4 * 2**30)
+        latents = latent["samples"].permute(0, 2, 1, 3, 4)
+        tiles = Tiling(tile_height, tile_width, overlap, overlap) if tiling else None
+        host.make_room([model.vae], device, extra=decode_memory(model.vae, latents.shape, tiles))
         try:
-            frames = decode(
-                model.vae,
-                latent["samples"].permute(0, 2, 1, 3, 4),
-                device,
-                tiling=Tiling(tile_height, tile_width, overlap, overlap) if tiling else None,
-                slicing=slicing,
-            )
+            frames = decode(model.vae, latents, device, tiling=tiles, slicing=slicing)
         finally:
             host.after_run()
         return (frames,)

@@ -1,5 +1,8 @@
 """Sampling: checks before work, progress, stopping, options that do not stick."""
 
+import copy
+import logging
+
 import pytest
 import torch
 
@@ -170,3 +173,62 @@ def test_accepted_tilings_land_exactly_on_the_latent_grid():
     assert accepted > 1000
     Tiling().factors(8)
     Tiling(240, 360, 48, 48).factors(8)  # the node's defaults
+
+
+def test_half_frame_tiles_fit_every_size():
+    """`Tiling.halves` (the out-of-memory retry's and the bench's tiles) cuts each side in two,
+    with overlaps diffusers' tiled decode steps exactly, at every size the sampler accepts."""
+    from consisid_core.sampling import Tiling
+
+    for size in range(32, 2049, 16):  # 16 px is a single 2×2 latent: nothing to cut
+        tiling = Tiling.halves(size, size)
+        tiling.factors(8)
+        assert 2 * tiling.tile_height - tiling.overlap_height >= size > tiling.tile_height
+    assert Tiling.halves(480, 720) == Tiling(264, 392, 40, 64)
+
+
+class OutOfMemoryUntiled:
+    """Raises CUDA's out-of-memory error whenever the VAE's decoder gets whole frames ([h, w]
+    latents), as a GPU too small for them does."""
+
+    def __init__(self, vae, whole_frame: tuple[int, int]):
+        self.whole_frame, self.whole = whole_frame, 0
+        self.handle = vae.decoder.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if tuple(args[0].shape[-2:]) == self.whole_frame:
+            self.whole += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+
+def test_out_of_memory_decodes_again_in_tiles(tiny_model, identity, text, caplog):
+    from consisid_core.sampling import Tiling
+
+    latents = sample(tiny_model, identity, text, steps=1, seed=3)
+    tiled = decode(tiny_model.vae, latents, tiling=Tiling.halves(64, 96))
+    oom = OutOfMemoryUntiled(tiny_model.vae, tuple(latents.shape[-2:]))
+    try:
+        with caplog.at_level(logging.WARNING, logger="consisid_core.sampling"):
+            retried = decode(tiny_model.vae, latents)
+        assert oom.whole == 1
+        assert torch.equal(retried, tiled)
+        assert "out of memory decoding whole frames; decoding again in 56x40 px tiles" in caplog.text
+        assert tiny_model.vae.use_tiling is False
+        with pytest.raises(torch.OutOfMemoryError):  # tiles the caller chose are not changed
+            decode(tiny_model.vae, latents, tiling=Tiling(64, 96, 0, 0))
+    finally:
+        oom.handle.remove()
+
+
+def test_decode_memory_follows_frame_batches_tiles_and_dtype(tiny_model):
+    """The room the VAE Decode node asks ComfyUI for: diffusers decodes 3 latent frames at a time,
+    and one tile at a time with tiling."""
+    from consisid_core.sampling import Tiling, decode_memory
+
+    vae = tiny_model.vae
+    whole = decode_memory(vae, (1, 13, 4, 60, 90))
+    assert whole == decode_memory(vae, (1, 3, 4, 60, 90)) == 3 * decode_memory(vae, (1, 1, 4, 60, 90))
+    tiled = decode_memory(vae, (1, 13, 4, 60, 90), Tiling.halves(480, 720))
+    assert 0.25 < tiled / whole < 0.4  # tiles a little over half the frame each way
+    half = decode_memory(copy.deepcopy(vae).to(torch.bfloat16), (1, 13, 4, 60, 90))
+    assert half * 2 == whole

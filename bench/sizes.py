@@ -175,6 +175,7 @@ _SMALL_T5 = dict(d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_
 # T5-XXL's encoder (google/t5-v1_1-xxl): d_model 4096, 64 heads × 64, gated-GELU, d_ff 10240, 24 layers
 _T5_XXL = dict(d_kv=64, num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128)
 _T5_XXL_FF = 10240
+_T5_XXL_LAYERS = 24
 
 
 def transformer_parameters(size: Size) -> int:
@@ -198,7 +199,8 @@ def t5_parameters(d_model: int, vocab: int, d_kv: int, num_heads: int, d_ff: int
 def t5_config(size: Size, text: str, vocab: int) -> dict:
     """The T5 written into text_encoder/ (T5Config fields other than vocab_size and d_model).
 
-    `embeddings`, or the tiny size: a small T5 (never run with `embeddings`). `t5`: T5-XXL's width
+    `embeddings`, or the tiny size: a small T5 (never run with `embeddings`). `t5` at the real size:
+    T5-XXL's encoder itself. `t5` at other sizes: T5-XXL's width
     (d_model = the transformer's text_embed_dim, 4096), heads (64 × 64) and gated GELU, with as many
     layers as T5-XXL's d_ff gives for T5_SHARE × the transformer's parameters (at least one), and
     d_ff (a multiple of 256) then fitted so the T5 comes as close to that share as it can.
@@ -208,6 +210,8 @@ def t5_config(size: Size, text: str, vocab: int) -> dict:
     common = dict(feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
     if text == "embeddings" or size.name == "tiny":
         return {**_SMALL_T5, **common, **size.t5}
+    if size.name == "real":  # the released text encoder itself
+        return {**_T5_XXL, "d_ff": _T5_XXL_FF, "num_layers": _T5_XXL_LAYERS, **common}
     d_model = size.transformer["text_embed_dim"]
     target = T5_SHARE * transformer_parameters(size)
     base = dict(_T5_XXL, d_model=d_model, vocab=vocab)

@@ -62,3 +62,40 @@ def test_peak_memory_runs_each_path_in_its_own_process():
     row = next(line for line in run.stdout.splitlines() if line.startswith("| whole-run peak RSS MB"))
     ours, theirs = (float(cell.replace(",", "")) for cell in row.split("|")[2:4])
     assert ours > 0 and theirs > 0
+
+
+def test_live_bytes_counts_storages_until_their_last_view_dies():
+    from bench.gpu_memory import LiveBytes
+
+    weight = torch.empty(1000, device="meta")  # existed before: not counted, nor views of it
+    with LiveBytes([weight]) as counter:
+        x = torch.empty(1000, 1000, device="meta")  # 4 MB
+        y = x * 2
+        view = y.view(-1)
+        _ = weight.view(10, 100)
+        assert counter.live == counter.peak == 8_000_000
+        del x
+        assert counter.live == 4_000_000
+        del y
+        assert counter.live == 4_000_000  # the view keeps y's storage alive
+        del view
+        assert counter.live == 0 and counter.peak == 8_000_000
+
+
+def test_fused_attention_is_counted_without_the_score_matrix():
+    from bench.gpu_memory import peak_bytes
+
+    q = torch.empty(1, 2, 4096, 64, device="meta", dtype=torch.bfloat16)
+    peak = peak_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), [q])
+    assert peak == q.numel() * 2 + 2 * 4096 * 4  # output and float32 log-sum-exp; scores would be 64 MB
+
+
+def test_gpu_memory_estimate_runs_on_the_cpu():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_memory", "--size", "tiny", "--dtype", "fp32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in run.stdout.splitlines() if line.startswith("| ")}
+    whole, tiled = (float(rows[f"decode, {m} (VAE)"][1]) for m in ("whole frames", "half-frame tiles"))
+    assert 0 < tiled < whole

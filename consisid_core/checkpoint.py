@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -171,6 +172,15 @@ class Checkpoint:
     @property
     def scheduler_config(self) -> dict:
         return _read_json(self.root / "scheduler" / "scheduler_config.json")
+
+    def parameter_count(self, component: str) -> int:
+        """Parameters of a component (`text_encoder`, `transformer`, `vae`), from its .safetensors
+        headers alone."""
+        return sum(
+            math.prod(shape)
+            for path in sorted((self.root / component).glob("*.safetensors"))
+            for shape in read_safetensors_shapes(path).values()
+        )
 
     def load_text_encoder(self, dtype: str | torch.dtype = "bf16"):
         """The checkpoint's own T5 and tokenizer, as a `text.TextEncoder`."""

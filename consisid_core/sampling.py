@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, ConsisIDModel
 from .errors import ConsisIDError
 from .identity import Identity
 from .performance import Performance, applied
-from .text import TextEmbeddings, encode_text
+from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +352,30 @@ def decode_memory(vae: torch.nn.Module, latents_shape: tuple[int, ...], tiling: 
         height, width = min(height, tiling.tile_height // scale), min(width, tiling.tile_width // scale)
     dtype_bytes = next(vae.parameters()).element_size()
     return DECODE_BYTES_PER_LATENT * frames * height * width * dtype_bytes // 4
+
+
+SAMPLING_ACTIVATIONS_PER_TOKEN = 13
+"""Peak activations of one transformer forward, in token-widths (tokens × the transformer's inner
+width) per token of the guided batch: `python -m bench.gpu_memory --size real` counts 2.82 GB for
+2 × 17,776 tokens of width 3,072 in bf16 (12.9)."""
+
+ENCODE_ACTIVATIONS_PER_PIXEL = 2_700
+"""Peak activations of the first frame's VAE encode, in elements per pixel (the same estimate:
+1.84 GB for one 480×720 frame in bf16)."""
+
+
+def sampling_memory(model: ConsisIDModel, frames: int, height: int, width: int) -> int:
+    """Estimated working memory (bytes) of `sample` at this size beyond the weights: the larger of
+    one transformer forward of the guided batch of 2 and the first frame's VAE encode."""
+    config = model.config
+    scale = _spatial_scale(model.vae)
+    temporal = model.vae.config.temporal_compression_ratio
+    patches = (height // scale // config.patch_size) * (width // scale // config.patch_size)
+    tokens = 2 * (MAX_SEQUENCE_LENGTH + ((frames - 1) // temporal + 1) * patches)
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    forward = SAMPLING_ACTIVATIONS_PER_TOKEN * tokens * config.num_attention_heads * config.attention_head_dim
+    encode = ENCODE_ACTIVATIONS_PER_PIXEL * height * width
+    return max(forward, encode) * dtype_bytes
 
 
 def _spatial_scale(vae: torch.nn.Module) -> int:

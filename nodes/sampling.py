@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-
 from ..consisid_core.media import to_uint8
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
-from ..consisid_core.sampling import SCHEDULERS, sample
+from ..consisid_core.sampling import SCHEDULERS, sample, sampling_memory
 from . import host
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class ConsisIDSampler:
             first = to_uint8(image[0])
         device = host.torch_device()
         progress = host.Progress(steps)
-        host.make_room([model.transformer, model.vae], device, extra=2 * 2**30)
+        host.make_room([model.transformer, model.vae], device, extra=sampling_memory(model, frames, height, width))
         try:
             latents = sample(
                 model, identity, text, first,

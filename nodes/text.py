@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.sampling import encode_with_checkpoint
@@ -87,7 +88,9 @@ class ConsisIDTextEncode:
         if model is None:
             raise ConsisIDError("connect a ConsisID model (for its own T5) or a CLIP holding t5xxl to ConsisID Text Encode")
         device = host.torch_device()
-        host.make_room([], device, extra=10 * 2**30 if device.type != "cpu" else 0)
+        if model.checkpoint is not None:  # the T5's weights in the model's dtype, and 1 GiB to work in
+            t5_bytes = model.checkpoint.parameter_count("text_encoder") * torch.finfo(model.dtype).bits // 8
+            host.make_room([], device, extra=t5_bytes + 2**30)
         try:
             text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, device)
         finally:

@@ -99,3 +99,23 @@ def test_gpu_memory_estimate_runs_on_the_cpu():
     rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in run.stdout.splitlines() if line.startswith("| ")}
     whole, tiled = (float(rows[f"decode, {m} (VAE)"][1]) for m in ("whole frames", "half-frame tiles"))
     assert 0 < tiled < whole
+
+
+def test_the_nodes_memory_requests_agree_with_the_estimate_at_the_real_size():
+    """`decode_memory` and `sampling_memory` (what the nodes ask ComfyUI to free) against
+    `bench.gpu_memory`'s count of live tensors, both at 49 frames of 480×720 in bf16."""
+    from bench.gpu_memory import meta_models, phase_peaks
+    from bench.sizes import SIZES
+    from consisid_core.checkpoint import ConsisIDModel
+    from consisid_core.sampling import Tiling, decode_memory, sampling_memory
+
+    size = SIZES["real"]
+    models = meta_models(size, torch.bfloat16)
+    peaks = phase_peaks(size, models, torch.bfloat16)
+    model = ConsisIDModel(models.transformer, models.vae, {})
+    latents = (1, 13, 16, 60, 90)
+    sampling = max(peaks["first frame encode"], peaks["transformer forward (guided batch of 2)"])
+    assert sampling_memory(model, 49, 480, 720) == pytest.approx(sampling, rel=0.05)
+    assert decode_memory(models.vae, latents) == pytest.approx(peaks["decode, whole frames"], rel=0.05)
+    tiled = decode_memory(models.vae, latents, Tiling.halves(480, 720))
+    assert tiled == pytest.approx(peaks["decode, half-frame tiles"], rel=0.05)

@@ -232,3 +232,15 @@ def test_decode_memory_follows_frame_batches_tiles_and_dtype(tiny_model):
     assert 0.25 < tiled / whole < 0.4  # tiles a little over half the frame each way
     half = decode_memory(copy.deepcopy(vae).to(torch.bfloat16), (1, 13, 4, 60, 90))
     assert half * 2 == whole
+
+
+def test_sampling_memory_scales_with_tokens_and_the_first_frame(tiny_model, tiny_dir):
+    """The room the sampler node asks ComfyUI for, beyond the weights."""
+    from consisid_core.checkpoint import Checkpoint
+    from consisid_core.sampling import sampling_memory
+
+    small, frames, wide = (sampling_memory(tiny_model, f, h, w) for f, h, w in ((9, 64, 96), (17, 64, 96), (9, 64, 192)))
+    assert 0 < small <= frames and small < wide
+    # the T5's room: its parameters, read from the file headers
+    t5 = Checkpoint.open(tiny_dir).load_text_encoder("fp32").model
+    assert Checkpoint.open(tiny_dir).parameter_count("text_encoder") == sum(p.numel() for p in t5.parameters())

@@ -1,4 +1,4 @@
-"""GPU memory of a run at a bench size, estimated on the CPU with no GPU and no weights.
+"""GPU memory (and compute) of a run at a bench size, estimated on the CPU with no GPU and no weights.
 
     python -m bench.gpu_memory --size real [--dtype bf16] [--out bench/RESULTS.md]
 
@@ -14,6 +14,9 @@ the transformer back on the CPU before the decode) and diffusers' at its default
 - text: the T5 encodes the prompt and the negative prompt (226 tokens each);
 - sampling: the first frame's VAE encode, and one transformer forward of the guided batch of 2;
 - decode: the VAE decode of the whole video, whole frames or in half-frame tiles.
+
+The transformer forward's FLOPs are counted the same way (`torch.utils.flop_counter`) and set
+against an H100's bf16 peak.
 
 An estimate, not a measurement: it leaves out the CUDA context (about 0.5 GB), the caching
 allocator's rounding and fragmentation, and cuDNN's convolution workspaces, so a measured
@@ -44,6 +47,9 @@ from .__main__ import _write_section
 from .sizes import SIZES, Size, t5_config
 
 logger = logging.getLogger("bench")
+
+H100_BF16_FLOPS = 989e12
+"""NVIDIA H100 SXM's dense bf16 tensor-core peak (its datasheet: 1,979 TFLOPS with sparsity)."""
 
 T5_VOCABULARY = 32128
 """T5-XXL's vocabulary (the released checkpoint's text encoder)."""
@@ -131,8 +137,28 @@ def meta_models(size: Size, dtype: torch.dtype) -> Models:
         )
 
 
+FORWARD = "transformer forward (guided batch of 2)"
+
+
 def phase_peaks(size: Size, models: Models, dtype: torch.dtype) -> dict[str, int]:
     """Peak activation bytes of each phase at this size (see the module doc)."""
+    phases, inputs = _phases(size, models, dtype)
+    return {name: peak_bytes(run, inputs) for name, run in phases.items()}
+
+
+def forward_flops(size: Size, models: Models, dtype: torch.dtype) -> int:
+    """Floating-point operations of one transformer forward of the guided batch (matmuls and
+    attention, as `torch.utils.flop_counter` counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    phases, _ = _phases(size, models, dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        phases[FORWARD]()
+    return counter.get_total_flops()
+
+
+def _phases(size: Size, models: Models, dtype: torch.dtype):
+    """Each phase as a callable over meta inputs, and those inputs."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     config, vae = models.transformer.config, models.vae
@@ -183,20 +209,22 @@ def phase_peaks(size: Size, models: Models, dtype: torch.dtype) -> dict[str, int
         models.t5(tokens)[0]
         models.t5(tokens)[0]
 
-    return {
-        "text": peak_bytes(text_encode, inputs),
-        "first frame encode": peak_bytes(lambda: vae.encode(image), inputs),
-        "transformer forward (guided batch of 2)": peak_bytes(forward, inputs),
-        "decode, whole frames": peak_bytes(lambda: vae.decode(decode_input), inputs),
-        "decode, half-frame tiles": peak_bytes(tiled_decode, inputs),
+    phases = {
+        "text": text_encode,
+        "first frame encode": lambda: vae.encode(image),
+        FORWARD: forward,
+        "decode, whole frames": lambda: vae.decode(decode_input),
+        "decode, half-frame tiles": tiled_decode,
     }
+    return phases, inputs
 
 
 def report(size: Size, dtype: torch.dtype) -> str:
     models = meta_models(size, dtype)
     weights = {name: weight_bytes(getattr(models, name)) for name in ("t5", "transformer", "vae")}
     peaks = phase_peaks(size, models, dtype)
-    sampling = max(peaks["first frame encode"], peaks["transformer forward (guided batch of 2)"])
+    flops = forward_flops(size, models, dtype)
+    sampling = max(peaks["first frame encode"], peaks[FORWARD])
 
     def gb(n: int) -> str:
         return f"{n / 1e9:,.2f}"
@@ -232,6 +260,9 @@ def report(size: Size, dtype: torch.dtype) -> str:
         f"resident, plus its largest phase): {gb(diffusers)} GB; ours/diffusers "
         f"{ours_tiled / diffusers:.2f} (tiling on), {ours_whole / diffusers:.2f} (tiling off)",
         "- activations of each phase: " + ", ".join(f"{name} {gb(n)}" for name, n in peaks.items()),
+        f"- compute: one transformer forward of the guided batch is {flops / 1e12:,.1f} TFLOP, so 50 steps are "
+        f"{50 * flops / 1e15:,.1f} PFLOP: {50 * flops / H100_BF16_FLOPS:,.0f} s at an H100 SXM's dense bf16 peak "
+        f"({H100_BF16_FLOPS / 1e12:,.0f} TFLOPS), {50 * flops / (0.6 * H100_BF16_FLOPS):,.0f} s at 60 % of it",
     ]
     return "\n".join(rows + [""] + summary)
 

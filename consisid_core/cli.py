@@ -131,7 +131,7 @@ def _generate(args) -> None:
     from .checkpoint import Checkpoint, dtype_from_name
     from .identity import load_identity
     from .media import check_output, read_image, write_frames
-    from .performance import Performance
+    from .performance import Performance, sage_kernel
     from .sampling import Tiling, decode, encode_with_checkpoint, resolve_size, sample
 
     device = _device(args.device)
@@ -151,6 +151,8 @@ def _generate(args) -> None:
     with _checkpoint_folder(args.model) as folder:
         checkpoint = Checkpoint.open(folder)
         size = resolve_size(checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width)
+        if performance.attention == "sage":  # refused before any work, not at the first step
+            sage_kernel(device, dtype_from_name(dtype), checkpoint.transformer_config["attention_head_dim"])
         if identity is None and args.face is None:
             if args.model != "tiny":
                 raise ConsisIDError("give the person as --face PHOTO or --identity FILE")

@@ -72,6 +72,7 @@ def test_readme_demo_runs_as_a_module(tmp_path):
         (["--steps", "0"], "--steps 0 must be at least 1"),
         (["--fps", "0"], "--fps 0 must be at least 1"),
         (["--image", "missing.png"], "image 'missing.png' does not exist"),
+        (["--attention", "sage", "--device", "cpu"], "attention 'sage' "),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(

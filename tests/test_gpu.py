@@ -46,7 +46,7 @@ def test_a_run_uses_the_gpu_and_leaves_nothing_there(tiny_model, identity, text)
     on_gpu = sample(tiny_model, identity, text, steps=3, device="cuda")
     assert torch.cuda.max_memory_allocated() > baseline  # the run did happen on the GPU
     assert on_gpu.device.type == "cpu"
-    assert (on_gpu - on_cpu).abs().max() <= 1e-3 * on_cpu.abs().max()
+    assert (on_gpu - on_cpu).abs().max() <= 1e-2 * on_cpu.abs().max()  # cuDNN convolutions run in TF32
     frames = decode(tiny_model.vae, on_gpu, "cuda")
     assert frames.device.type == "cpu"
     assert _all_on_cpu(tiny_model.transformer, tiny_model.vae)

@@ -77,7 +77,10 @@ class ConsisIDSampler:
             first = to_uint8(image[0])
         device = host.torch_device()
         progress = host.Progress(steps)
-        host.make_room([model.transformer, model.vae], device, extra=sampling_memory(model, frames, height, width))
+        # streamed layer by layer, the transformer needs no room of its own
+        streamed = performance is not None and performance.offload == "sequential"
+        on_gpu = [model.vae] if streamed else [model.transformer, model.vae]
+        host.make_room(on_gpu, device, extra=sampling_memory(model, frames, height, width))
         try:
             latents = sample(
                 model, identity, text, first,

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,9 @@ import torch
 from consisid_core.checkpoint import DTYPES
 from consisid_core.sampling import resolve_size
 
-from .harness import MODES, default_modes, make_inputs, performance_available, quiet_diffusers, run_bench, table
+from .harness import (
+    MODES, default_modes, make_inputs, performance_available, quiet_diffusers, run_bench, table, write_section,
+)
 from .sizes import (
     SIZES, TEXT_MODES, build_checkpoint, folder_megabytes, t5_config, t5_parameters, transformer_parameters,
 )
@@ -89,15 +90,6 @@ def environment(device: torch.device, dtype: torch.dtype) -> list[str]:
         lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
     lines.append(f"device {device}, dtype {str(dtype).removeprefix('torch.')}")
     return lines
-
-
-def _write_section(path: Path, size: str, text: str) -> None:
-    begin, end = f"<!-- bench:{size} -->", f"<!-- /bench:{size} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +197,7 @@ def _run(args) -> int:
     )
     sys.stdout.write(report + "\n")
     if args.out:
-        _write_section(args.out, section, report)
+        write_section(args.out, section, report)
         logger.info("wrote the %s section of %s", section, args.out)
     return 0
 

@@ -40,10 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from consisid_core.checkpoint import DTYPES
-from consisid_core.sampling import Tiling
+from consisid_core.sampling import Tiling, vae_options
 from consisid_core.text import MAX_SEQUENCE_LENGTH
 
-from .__main__ import _write_section
+from .harness import write_section
 from .sizes import SIZES, Size, t5_config
 
 logger = logging.getLogger("bench")
@@ -194,16 +194,8 @@ def _phases(size: Size, models: Models, dtype: torch.dtype):
         )
 
     def tiled_decode():
-        tiling = Tiling.halves(size.height, size.width, spatial)
-        factor_height, factor_width = tiling.factors(spatial)
-        vae.enable_tiling(
-            tile_sample_min_height=tiling.tile_height, tile_sample_min_width=tiling.tile_width,
-            tile_overlap_factor_height=factor_height, tile_overlap_factor_width=factor_width,
-        )
-        try:
+        with vae_options(vae, Tiling.halves(size.height, size.width, spatial), slicing=False):
             vae.decode(decode_input)
-        finally:
-            vae.disable_tiling()
 
     def text_encode():  # the prompt, then the negative prompt, as encode_prompt does
         models.t5(tokens)[0]
@@ -290,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sys.stdout.write(text + "\n")
     if args.out:
-        _write_section(args.out, section, text)
+        write_section(args.out, section, text)
         logger.info("wrote the %s section of %s", section, args.out)
     return 0
 

@@ -30,6 +30,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import statistics
 import threading
 import time
@@ -678,6 +679,16 @@ def run_bench(
     t = Tiling.halves(inputs.height, inputs.width)
     tiling = f"({t.tile_width}×{t.tile_height} px tiles, overlap {t.overlap_width}/{t.overlap_height})"
     return Results(default, mode_results, skipped, memory.label, tiling, inputs.prompt is not None)
+
+
+def write_section(path: Path, size: str, text: str) -> None:
+    """Replace the `<!-- bench:SIZE -->` section of a markdown file with `text`, or append it."""
+    begin, end = f"<!-- bench:{size} -->", f"<!-- /bench:{size} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
 
 
 @contextlib.contextmanager
-def _vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> Iterator[None]:
+def vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> Iterator[None]:
     """Turn on tiling/slicing for one decode and restore the VAE's own settings after."""
     names = (
         "use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height",
@@ -384,7 +384,7 @@ def _spatial_scale(vae: torch.nn.Module) -> int:
 
 def _decode(vae, latents, device, tiling: Tiling | None, slicing: bool) -> torch.Tensor:
     pipe = _pipeline(vae)
-    with placed([vae], device), _vae_options(vae, tiling, slicing):
+    with placed([vae], device), vae_options(vae, tiling, slicing):
         weight = next(vae.parameters())
         video = pipe.decode_latents(latents.to(weight.device, weight.dtype))
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")

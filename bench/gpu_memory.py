@@ -13,7 +13,8 @@ the transformer back on the CPU before the decode) and diffusers' at its default
 
 - text: the T5 encodes the prompt and the negative prompt (226 tokens each);
 - sampling: the first frame's VAE encode, and one transformer forward of the guided batch of 2;
-- decode: the VAE decode of the whole video, whole frames or in half-frame tiles.
+- decode: the VAE decode of the whole video, whole frames or in half-frame tiles (ours with the
+  decoder our loaders return, diffusers' with its own).
 
 The transformer forward's FLOPs are counted the same way (`torch.utils.flop_counter`) and set
 against an H100's bf16 peak.
@@ -40,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from consisid_core.checkpoint import DTYPES
+from consisid_core.decoder import speed_up_decoder
 from consisid_core.sampling import Tiling, vae_options
 from consisid_core.text import MAX_SEQUENCE_LENGTH
 
@@ -119,7 +121,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
 class Models:
     transformer: torch.nn.Module
     vae: torch.nn.Module
+    """As our loaders return it: its decoder rebuilt by `consisid_core.decoder.speed_up_decoder`."""
     t5: torch.nn.Module
+    diffusers_vae: torch.nn.Module
 
 
 def meta_models(size: Size, dtype: torch.dtype) -> Models:
@@ -130,14 +134,16 @@ def meta_models(size: Size, dtype: torch.dtype) -> Models:
     with torch.device("meta"):
         return Models(
             ConsisIDTransformer3DModel(**size.transformer).to(dtype).eval(),
-            AutoencoderKLCogVideoX(**size.vae).to(dtype).eval(),
+            speed_up_decoder(AutoencoderKLCogVideoX(**size.vae).to(dtype).eval()),
             T5EncoderModel(
                 T5Config(vocab_size=T5_VOCABULARY, d_model=size.transformer["text_embed_dim"], **t5)
             ).to(dtype).eval(),
+            AutoencoderKLCogVideoX(**size.vae).to(dtype).eval(),
         )
 
 
 FORWARD = "transformer forward (guided batch of 2)"
+DIFFUSERS_DECODE = "decode, whole frames, diffusers' decoder"
 
 
 def phase_peaks(size: Size, models: Models, dtype: torch.dtype) -> dict[str, int]:
@@ -207,6 +213,7 @@ def _phases(size: Size, models: Models, dtype: torch.dtype):
         FORWARD: forward,
         "decode, whole frames": lambda: vae.decode(decode_input),
         "decode, half-frame tiles": tiled_decode,
+        DIFFUSERS_DECODE: lambda: models.diffusers_vae.decode(decode_input),
     }
     return phases, inputs
 
@@ -227,7 +234,7 @@ def report(size: Size, dtype: torch.dtype) -> str:
         mode: weights["vae"] + peaks[f"decode, {mode}"] for mode in ("whole frames", "half-frame tiles")
     }
     resident = sum(weights.values())
-    diffusers = resident + max(peaks["text"], sampling, peaks["decode, whole frames"])
+    diffusers = resident + max(peaks["text"], sampling, peaks[DIFFUSERS_DECODE])
     ours_tiled = max(ours_text, ours_sampling, ours_decode["half-frame tiles"])
     ours_whole = max(ours_text, ours_sampling, ours_decode["whole frames"])
     parameters = {name: sum(p.numel() for p in getattr(models, name).parameters()) / 1e9 for name in weights}

@@ -629,6 +629,11 @@ def run_bench(
     repeats: int,
     modes: list[str],
 ) -> Results:
+    # both paths' model code imported before anything is timed: the first load must not carry it
+    from diffusers import ConsisIDPipeline  # noqa: F401
+
+    import consisid_core.decoder  # noqa: F401
+
     paths = {"ours": Ours(checkpoint, dtype, device), "diffusers": Diffusers(checkpoint, dtype, device)}
     memory = PeakMemory(device)
     default: dict[str, list[RunResult]] = {"ours": [], "diffusers": []}

@@ -12,7 +12,8 @@ A checkpoint folder is laid out like the Hub repo `BestWishYsh/ConsisID-preview`
 
 The transformer also loads from one `.safetensors` file with diffusers key names (what people keep
 in ComfyUI's `models/diffusion_models`), its config read from a checkpoint folder or inferred from
-the weights' shapes. Everything loads from local files only, in the dtype the caller picks.
+the weights' shapes. Everything loads from local files only, in the dtype the caller picks. The
+VAE comes back with its decoder rebuilt by `decoder.speed_up_decoder` (same results, faster).
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ class Checkpoint:
     def load_vae(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
         from diffusers import AutoencoderKLCogVideoX
 
-        return _from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype))
+        from .decoder import speed_up_decoder
+
+        return speed_up_decoder(_from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype)))
 
     @property
     def scheduler_config(self) -> dict:
@@ -509,7 +512,10 @@ def load_vae_file(
     """
     from diffusers import AutoencoderKLCogVideoX
 
+    from .decoder import speed_up_decoder
+
     path = Path(path)
     shapes = read_safetensors_shapes(path)
     config = infer_vae_config(shapes, f"the weights in '{path}'") if config is None else _config_from(config, "vae")
-    return _load_single_file(AutoencoderKLCogVideoX, path, shapes, config, dtype_from_name(dtype), "CogVideoX VAE")
+    vae = _load_single_file(AutoencoderKLCogVideoX, path, shapes, config, dtype_from_name(dtype), "CogVideoX VAE")
+    return speed_up_decoder(vae)

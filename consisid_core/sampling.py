@@ -334,12 +334,12 @@ def decode(
     return _decode(vae, latents, device, tiling, slicing)
 
 
-DECODE_BYTES_PER_LATENT = 490_000 * 4
+DECODE_BYTES_PER_LATENT = 307_000 * 4
 """Peak working memory of a whole-frame decode, per latent voxel of the VAE's first frame batch,
-in bytes at fp32, for the released VAE architecture: `python -m bench.gpu_memory --size real`
-counts 15.8 GB of live tensors for 49 frames at 480×720 in bf16 (3 latent frames of 60×90 at a
-time), and at the medium size (3 latent frames of 20×30, fp32) this gives 3,364 MiB against the
-3,203 MiB of RSS `python -m bench --size medium` measures."""
+in bytes at fp32, for the released VAE architecture with the decoder our loaders return
+(`decoder.speed_up_decoder`): `python -m bench.gpu_memory --size real` counts 9.95 GB of live
+tensors for 49 frames at 480×720 in bf16 (3 latent frames of 60×90 at a time; diffusers' own
+decoder 15.8 GB)."""
 
 
 def decode_memory(vae: torch.nn.Module, latents_shape: tuple[int, ...], tiling: Tiling | None = None) -> int:

@@ -126,7 +126,8 @@ class CausalConv3d(CogVideoXCausalConv3d):
             first = conv.weight[:, :, : k - t].sum(2)
             frame = F.conv2d(inputs[:, :, 0], first, conv.bias, padding=conv.padding[1:])
             for j in range(k - t, k):
-                frame = frame + F.conv2d(inputs[:, :, t + j - (k - 1)], conv.weight[:, :, j], padding=conv.padding[1:])
+                tap = F.conv2d(inputs[:, :, t + j - (k - 1)], conv.weight[:, :, j], padding=conv.padding[1:])
+                frame = frame + tap
             outputs.append(frame[:, :, None])
         if inputs.shape[2] >= k:
             outputs.append(conv(inputs))
@@ -160,7 +161,8 @@ def _faster(module: torch.nn.Module) -> torch.nn.Module:
         conv = module.conv
         return _rebuilt(
             CausalConv3d, module, in_channels=conv.in_channels, out_channels=conv.out_channels,
-            kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation[0], pad_mode=module.pad_mode,
+            kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation[0],
+            pad_mode=module.pad_mode,
         )
     return module
 

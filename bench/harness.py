@@ -539,6 +539,16 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _timed(device: torch.device, memory: PeakMemory, work) -> float:
+    """Seconds `work()` takes, the GPU's queue drained, with the memory peak reset at its start."""
+    memory.reset()
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def run_once(path, mode: Mode, inputs: Inputs, memory: PeakMemory, decode_too: bool = True) -> RunResult:
     """Load, sample, decode (and leave the model loaded for decode modes); errors are recorded."""
     result = RunResult()
@@ -546,19 +556,9 @@ def run_once(path, mode: Mode, inputs: Inputs, memory: PeakMemory, decode_too: b
     try:
         memory.begin_run()
         if inputs.prompt is not None and path.encodes_before_load:
-            memory.reset()
-            start = time.perf_counter()
-            path.encode(inputs)
-            if path.device.type == "cuda":
-                torch.cuda.synchronize(path.device)
-            result.encode_s = time.perf_counter() - start
+            result.encode_s = _timed(path.device, memory, lambda: path.encode(inputs))
             result.encode_mb = memory.peak_mb()
-        memory.reset()
-        start = time.perf_counter()
-        path.load(mode)
-        if path.device.type == "cuda":
-            torch.cuda.synchronize(path.device)
-        result.load_s = time.perf_counter() - start
+        result.load_s = _timed(path.device, memory, lambda: path.load(mode))
         result.load_mb = memory.peak_mb()
         result.held_mb = memory.held_mb()
         path.run(mode, inputs, _Steps(path.device, inputs.steps, memory, result), decode_too)
@@ -573,12 +573,10 @@ def run_decode(path, mode: Mode, latents: torch.Tensor, inputs: Inputs, memory: 
     result = RunResult()
     _free(path.device)
     try:
-        memory.reset()
-        start = time.perf_counter()
-        result.frames = path.decode_only(mode, latents, inputs)
-        if path.device.type == "cuda":
-            torch.cuda.synchronize(path.device)
-        result.decode_s = time.perf_counter() - start
+        def work():
+            result.frames = path.decode_only(mode, latents, inputs)
+
+        result.decode_s = _timed(path.device, memory, work)
         result.decode_mb = memory.peak_mb()
     except Exception as e:
         logger.warning("%s, %s: %s: %s", path.name, mode.name, type(e).__name__, e)

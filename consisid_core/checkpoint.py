@@ -18,6 +18,7 @@ VAE comes back with its decoder rebuilt by `decoder.speed_up_decoder` (same resu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checks import check_config, check_module_weights, check_tensors, class_defaults
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -85,12 +87,42 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
         raise CheckpointError(f"dtype '{name}' is not one of {', '.join(DTYPES)}") from None
 
 
+MAX_JSON_BYTES = 2**20
+"""Config and index files are a few kB (a sharded T5-XXL index about 50 kB)."""
+
+
 def _read_json(path: Path) -> dict:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"'{path}' is over {MAX_JSON_BYTES // 1024} kB: not a config or index file")
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a readable JSON file ({e})") from None
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"'{path}' is not a readable JSON file ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object of settings, found a {type(data).__name__}")
+    return data
+
+
+def _effective_config(config: Mapping, component: str, where) -> dict:
+    """The config diffusers builds a component from (its defaults under the file's values),
+    every number in it checked (`checks.CONFIG_RULES`)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDTransformer3DModel
+
+    cls = {"transformer": ConsisIDTransformer3DModel, "vae": AutoencoderKLCogVideoX}.get(
+        component, CogVideoXDPMScheduler
+    )
+    if component == "transformer":
+        _check_transformer_config(config, where)
+    effective = check_config(config, cls.__name__, str(where), class_defaults(cls))
+    if component == "vae":
+        counts = {len(effective[k]) for k in ("block_out_channels", "down_block_types", "up_block_types")}
+        if len(counts) != 1:
+            raise CheckpointError(
+                f"'{where}': block_out_channels, down_block_types and up_block_types must be lists of the same "
+                "length; use the checkpoint's original config.json"
+            )
+    return effective
 
 
 @dataclass(frozen=True)
@@ -144,17 +176,20 @@ class Checkpoint:
             )
         for name, (required, one_of, unsafe) in _COMPONENTS.items():
             _check_component(root / name, name, required, one_of, unsafe)
-        config = _read_json(root / "transformer" / "config.json")
-        _check_transformer_config(config, root / "transformer" / "config.json")
-        return cls(root)
+        checkpoint = cls(root)
+        checkpoint.transformer_config, checkpoint.vae_config, checkpoint.scheduler_config  # noqa: B018 - checked now
+        return checkpoint
 
     @property
     def transformer_config(self) -> dict:
-        return _read_json(self.root / "transformer" / "config.json")
+        """The transformer's config.json with diffusers' defaults for what it leaves out, checked."""
+        path = self.root / "transformer" / "config.json"
+        return _effective_config(_read_json(path), "transformer", path)
 
     @property
     def vae_config(self) -> dict:
-        return _read_json(self.root / "vae" / "config.json")
+        path = self.root / "vae" / "config.json"
+        return _effective_config(_read_json(path), "vae", path)
 
     @property
     def face_encoder_dir(self) -> Path:
@@ -174,7 +209,10 @@ class Checkpoint:
 
     @property
     def scheduler_config(self) -> dict:
-        return _read_json(self.root / "scheduler" / "scheduler_config.json")
+        path = self.root / "scheduler" / "scheduler_config.json"
+        config = _read_json(path)
+        _effective_config(config, "scheduler", path)
+        return config
 
     def parameter_count(self, component: str) -> int:
         """Parameters of a component (`text_encoder`, `transformer`, `vae`), from its .safetensors
@@ -276,6 +314,26 @@ def _check_component(folder: Path, name: str, required, one_of, unsafe) -> None:
                 f"convert them to .safetensors (expected {' or '.join(one_of)})"
             )
         raise CheckpointError(f"'{folder}' has none of {', '.join(one_of)} (found: {_listing(folder)})")
+    for index in (f for f in one_of if f.endswith(".index.json")):
+        if (folder / index).is_file():
+            _check_shards(folder / index)
+
+
+def _check_shards(index: Path) -> None:
+    """A sharded component's index may name only .safetensors files beside it."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"'{index}' has no weight_map of tensor names to shard files; download it again")
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        if not shard.endswith(".safetensors"):
+            raise CheckpointError(
+                f"'{index}' names the shard '{shard[:100]}', which is not a .safetensors file: pickled shards are "
+                "not loaded for safety; convert them to .safetensors"
+            )
+        if Path(shard).name != shard or shard.startswith("."):
+            raise CheckpointError(f"'{index}' names the shard '{shard[:100]}' outside its folder; only files beside it load")
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"'{index}' names the shard '{shard}', which is missing; download it again")
 
 
 def _check_transformer_config(config: Mapping, where: Path | str) -> None:
@@ -290,18 +348,29 @@ def _check_transformer_config(config: Mapping, where: Path | str) -> None:
         )
 
 
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, TypeError, KeyError, IndexError, AttributeError)
+"""What diffusers and transformers raise for a damaged folder: shown as one line."""
+
+
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     try:
-        return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    except _LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {first}") from None
+    check_module_weights(model, f"'{folder}'")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
 # The transformer from one .safetensors file
 
-_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+def _indices(shapes: Mapping, pattern: str, where: str) -> list[int]:
+    """The numbers `[0-9]+` in keys matching `pattern` (one group), at least one."""
+    found = sorted({int(m.group(1)) for k in shapes if (m := re.fullmatch(pattern, k))})
+    if not found:
+        raise CheckpointError(f"{where} are not a ConsisID transformer: no key matches {pattern.split('(')[0]}…")
+    return found
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -318,6 +387,22 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
         raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
 
 
+def _shapes_of_another_model(infer):
+    """Shapes of another rank or size than the model's make `infer` fail in arithmetic: one line."""
+
+    @functools.wraps(infer)
+    def checked(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
+        try:
+            return infer(shapes, where)
+        except (ValueError, ZeroDivisionError, IndexError, TypeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{where} have shapes no ConsisID model has ({e}); use a ConsisID file") from None
+
+    return checked
+
+
+@_shapes_of_another_model
 def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
     """A ConsisIDTransformer3DModel config from diffusers-named weights' shapes.
 
@@ -336,15 +421,15 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str =
 
     inner, in_channels, patch, _ = shape("patch_embed.proj.weight")
     head_dim = shape("transformer_blocks.0.attn1.norm_q.weight")[0]
-    num_layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.match(k)))
+    num_layers = 1 + max(_indices(shapes, r"transformer_blocks\.([0-9]+)\..*", where))
     lfe = "local_facial_extractor."
     if lfe + "latents" not in shapes:
         raise CheckpointError(f"{where} have no local_facial_extractor: not a ConsisID transformer")
     _, num_queries, vit_dim = shape(lfe + "latents")
-    num_id_token = shape(lfe + "id_embedding_mapping.6.weight")[0] // vit_dim
-    depth = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith(lfe + "layers."))
-    num_scale = sum(1 for k in shapes if re.fullmatch(lfe + r"mapping_\d+\.0\.weight", k))
-    num_cross = sum(1 for k in shapes if re.fullmatch(r"perceiver_cross_attention\.\d+\.to_q\.weight", k))
+    num_id_token = shape(lfe + "id_embedding_mapping.6.weight")[0] // max(vit_dim, 1)
+    depth = 1 + max(_indices(shapes, r"local_facial_extractor\.layers\.([0-9]+)\..*", where))
+    num_scale = len(_indices(shapes, r"local_facial_extractor\.mapping_([0-9]+)\.0\.weight", where))
+    num_cross = len(_indices(shapes, r"perceiver_cross_attention\.([0-9]+)\.to_q\.weight", where))
     lfe_inner = shape(lfe + "layers.0.0.to_q.weight")[0]
     cross_inner = shape("perceiver_cross_attention.0.to_q.weight")[0]
     lfe_dim_head = 64 if lfe_inner % 64 == 0 else lfe_inner
@@ -384,6 +469,7 @@ RELEASED_VAE_CONFIG = {"scaling_factor": 0.7}
 """The released checkpoint's VAE (CogVideoX-5B-I2V's): AutoencoderKLCogVideoX's defaults but this."""
 
 
+@_shapes_of_another_model
 def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
     """An AutoencoderKLCogVideoX config from diffusers-named weights' shapes.
 
@@ -427,6 +513,12 @@ def _config_from(config: Mapping | str | os.PathLike, component: str) -> dict:
     return _read_json(path)
 
 
+def _build_config(config: Mapping, component: str, where) -> dict:
+    """A file's own config as given (checked): what `from_config` receives."""
+    _effective_config(config, component, where)
+    return dict(config)
+
+
 def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: torch.dtype, what: str):
     """Build `cls` from `config` without memory, check every key and shape, then load the weights."""
     with torch.device("meta"):
@@ -451,8 +543,12 @@ def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: 
             f"'{path}' does not match the {what} config: keys {'; '.join(problems)}. "
             "Pass the config of the checkpoint this file came from"
         )
-    with safe_open(path, framework="pt") as f:
-        state = {k: f.get_tensor(k).to(dtype) for k in expected}
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k).to(dtype) for k in expected}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
+    check_tensors(state.items(), f"'{path}'", "the file is damaged; download or convert it again", CheckpointError)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
@@ -477,7 +573,7 @@ def load_transformer_file(
         logger.info("inferred the transformer config of '%s' from its weights' shapes", path.name)
     else:
         config = _config_from(config, "transformer")
-    _check_transformer_config(config, f"the config for '{path}'")
+    config = _build_config(config, "transformer", f"the config for {path.name}")
     transformer = _load_single_file(
         ConsisIDTransformer3DModel, path, shapes, config, dtype_from_name(dtype), "ConsisID transformer"
     )
@@ -517,5 +613,6 @@ def load_vae_file(
     path = Path(path)
     shapes = read_safetensors_shapes(path)
     config = infer_vae_config(shapes, f"the weights in '{path}'") if config is None else _config_from(config, "vae")
+    config = _build_config(config, "vae", f"the config for {path.name}")
     vae = _load_single_file(AutoencoderKLCogVideoX, path, shapes, config, dtype_from_name(dtype), "CogVideoX VAE")
     return speed_up_decoder(vae)

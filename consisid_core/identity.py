@@ -9,6 +9,8 @@ face keypoints `kps` and `face_image`, the aligned face that the reference uses 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,20 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import IdentityError
+from .checks import check_tensors
+from .errors import ConsisIDError, IdentityError
+from .files import publish
 
 FORMAT = "consisid-identity"
 VERSION = "1"
+MAX_FILE_BYTES = 256 * 2**20
+"""A real identity is about 13 MB (five [1, 577, 1024] float32 hidden states and a 512² face)."""
+MAX_SCALES = 64
+MAX_FACE_SIDE = 4096
+MIN_FACE_SIDE = 16
+MAX_VALUE = 1e4
+"""Embeddings and hidden states of the face models stay far below this; keypoints are pixels."""
+_KEY = re.compile(r"id_cond|kps|face_image|id_vit_hidden\.(0|[1-9][0-9]?)")
 
 
 @dataclass(frozen=True)
@@ -77,25 +89,41 @@ def _check_shapes(id_cond, id_vit_hidden, kps, face_image, where: str) -> None:
         raise IdentityError(f"{where}: kps must be a float tensor [5, 2] (five keypoints), found {_describe(kps)}")
     if face_image.ndim != 3 or face_image.shape[-1] != 3 or face_image.dtype != torch.uint8:
         raise IdentityError(f"{where}: face_image must be uint8 [H, W, 3], found {_describe(face_image)}")
+    if not MIN_FACE_SIDE <= min(face_image.shape[:2]) <= max(face_image.shape[:2]) <= MAX_FACE_SIDE:
+        raise IdentityError(
+            f"{where}: face_image is {face_image.shape[1]}×{face_image.shape[0]}; it must be {MIN_FACE_SIDE} to "
+            f"{MAX_FACE_SIDE} pixels a side (the face models make 512×512)"
+        )
+    if len(id_vit_hidden) > MAX_SCALES:
+        raise IdentityError(f"{where}: {len(id_vit_hidden)} hidden states; ConsisID uses 5 (at most {MAX_SCALES})")
+    named = [("id_cond", id_cond), ("kps", kps)] + [(f"id_vit_hidden.{i}", h) for i, h in enumerate(id_vit_hidden)]
+    check_tensors(named, where, "make the identity again from a photo with the face models", IdentityError, MAX_VALUE)
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
 
 
-def save_identity(identity: Identity, path: str | os.PathLike) -> Path:
-    """Write `identity` to `path` (.safetensors) atomically: a failed write leaves nothing behind."""
+def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `identity` to `path` (.safetensors) atomically: a failed write leaves nothing behind,
+    and an existing file is never replaced unless `overwrite`."""
     path = Path(path)
     if not path.parent.is_dir():
         raise IdentityError(f"cannot write '{path}': its folder '{path.parent}' does not exist")
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise IdentityError(f"'{path}' already exists; give a new file name")
     tensors = {"id_cond": identity.id_cond, "kps": identity.kps, "face_image": identity.face_image}
     tensors |= {f"id_vit_hidden.{i}": h for i, h in enumerate(identity.id_vit_hidden)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {str(k): str(v) for k, v in identity.metadata.items()} | {"format": FORMAT, "version": VERSION}
-    tmp = path.with_name(f".{path.name}.partial")
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path, overwrite)
+    except ConsisIDError as e:
+        raise IdentityError(str(e)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -106,13 +134,27 @@ def load_identity(path: str | os.PathLike) -> Identity:
     path = Path(path)
     if not path.is_file():
         raise IdentityError(f"identity file '{path}' does not exist; make one with `python -m consisid_core embed`")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise IdentityError(
+            f"'{path}' is {path.stat().st_size / 2**20:.0f} MB; an identity file is about 13 MB "
+            f"(at most {MAX_FILE_BYTES // 2**20} MB): this is not one"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
+            names = list(f.keys())
+            unknown = [k for k in names if not _KEY.fullmatch(k)]
+            if unknown:
+                raise IdentityError(
+                    f"'{path}' is not a ConsisID identity file: unexpected tensor '{unknown[0][:80]}' "
+                    "(it holds id_cond, kps, face_image and id_vit_hidden.0, .1, …)"
+                )
+            tensors = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        if isinstance(e, IdentityError):
+            raise
         raise IdentityError(f"'{path}' is not a readable .safetensors identity file ({e})") from None
-    scales = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("id_vit_hidden.") and k[14:].isdigit())
+    scales = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("id_vit_hidden."))
     missing = [k for k in ("id_cond", "kps", "face_image", "id_vit_hidden.0") if k not in tensors]
     missing += [f"id_vit_hidden.{i}" for i in range(len(scales)) if i not in scales]
     if missing:
@@ -120,6 +162,8 @@ def load_identity(path: str | os.PathLike) -> Identity:
             f"'{path}' is not a ConsisID identity file: missing {', '.join(missing)} "
             f"(found {', '.join(sorted(tensors)) or 'no tensors'})"
         )
+    # half-precision or float64 files load as the float32 the face models make
+    tensors = {k: v.float() if v.is_floating_point() and k != "face_image" else v for k, v in tensors.items()}
     hidden = tuple(tensors[f"id_vit_hidden.{i}"] for i in range(len(scales)))
     _check_shapes(tensors["id_cond"], hidden, tensors["kps"], tensors["face_image"], f"'{path}'")
     metadata.pop("format", None)

@@ -21,10 +21,21 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, ConsisIDModel
+from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors
 from .errors import ConsisIDError
 from .identity import Identity
+from .memory import (
+    available_memory,
+    check_fits,
+    decode_memory,
+    dtype_bytes,
+    gigabytes,
+    module_bytes,
+    sampling_memory,
+    spatial_scale,
+)
 from .performance import Performance, applied
-from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_text
+from .text import TextEmbeddings, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +52,18 @@ def resolve_size(
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    allow_oversize: bool = False,
 ) -> tuple[int, int, int]:
-    """(frames, height, width), defaults from the checkpoint, checked against what it can take.
+    """(frames, height, width), defaults from the checkpoint, checked against what it can take
+    and against the bounds of `checks.bounded_size` (lifted by `allow_oversize`).
 
     Needs only the configs, so a request fails before any weights load.
     """
     native_frames, native_height, native_width = native_size(transformer_config, vae_config)
-    frames = native_frames if frames is None else frames
-    height = native_height if height is None else height
-    width = native_width if width is None else width
+    frames = native_frames if frames is None else check_number("frame count", frames, integer=True)
+    height = native_height if height is None else check_number("height", height, integer=True)
+    width = native_width if width is None else check_number("width", width, integer=True)
+    frames, height, width = int(frames), int(height), int(width)
     multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
     for name, value, native in (("height", height, native_height), ("width", width, native_width)):
         if value <= 0 or value % multiple:
@@ -65,6 +79,7 @@ def resolve_size(
             f"frame count {frames} does not fit this checkpoint: it must be {t}·k + 1 and at least {least} "
             f"(e.g. {lower} or {lower + t}; the checkpoint's native count is {native_frames})"
         )
+    bounded_size(frames, height, width, (native_frames, native_height, native_width), allow_oversize)
     return frames, height, width
 
 
@@ -75,9 +90,27 @@ def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, 
     return c["sample_frames"], c["sample_height"] * scale, c["sample_width"] * scale
 
 
-def check_inputs(model: ConsisIDModel, identity: Identity, text: TextEmbeddings | None, steps: int) -> None:
-    if steps < 1:
-        raise ConsisIDError(f"steps {steps} must be at least 1 (the reference uses 50)")
+MAX_GUIDANCE = 100.0
+MAX_IDENTITY_STRENGTH = 10.0
+
+
+def check_inputs(
+    model: ConsisIDModel,
+    identity: Identity,
+    text: TextEmbeddings | None,
+    steps: int,
+    seed: int = 0,
+    guidance_scale: float = 6.0,
+    identity_strength: float | None = None,
+) -> None:
+    """Every argument of a run that the inputs alone decide, before any work."""
+    check_steps(steps, model.scheduler_config.get("num_train_timesteps", 1000))
+    check_seed(seed)
+    check_number("guidance", guidance_scale, 0, MAX_GUIDANCE, "the reference uses 6; 1 or less turns guidance off")
+    if identity_strength is not None:
+        check_number("identity strength", identity_strength, 0, MAX_IDENTITY_STRENGTH, "1 is the trained strength")
+    if not isinstance(identity, Identity):
+        raise ConsisIDError(f"the identity must be an Identity (from the face models or an identity file), not {type(identity).__name__}")
     identity.check_compatible(model.config)
     if text is not None and text.positive.shape[-1] != model.config.text_embed_dim:
         raise ConsisIDError(
@@ -165,21 +198,25 @@ def sample(
     device: torch.device | str | None = None,
     progress_bar: bool = False,
     performance: Performance | None = None,
+    allow_oversize: bool = False,
 ) -> torch.Tensor:
     """Denoise a video; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
     Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
     `identity_strength` overrides the transformer's `local_face_scale` for this run only;
-    `performance` (compile, offload, step cache) applies to this run only too.
+    `performance` (compile, offload, step cache) applies to this run only too. Sizes beyond
+    `checks.bounded_size` need `allow_oversize`; a run that cannot fit the device is refused.
     """
-    frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width)
+    frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
     if (frames, height, width) != native_size(model.config, model.vae.config):
         logger.warning(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
             frames, width, height, *native_size(model.config, model.vae.config),
         )
-    check_inputs(model, identity, text, steps)
+    check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
     frame = first_frame(image, identity)
+    performance = performance or Performance()
+    check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential")
     pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
@@ -189,7 +226,7 @@ def sample(
 
     dtype = model.dtype
     with (
-        applied(model, performance or Performance(), steps, device) as (to_place, _),
+        applied(model, performance, steps, device) as (to_place, _),
         placed(to_place, device),
         _face_scale(model.transformer, identity_strength),
     ):
@@ -212,7 +249,28 @@ def sample(
             id_vit_hidden=list(identity.id_vit_hidden),
             kps_cond=identity.kps.numpy(),
         )[0]
+    check_tensors(
+        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
+    )
     return latents.cpu()
+
+
+def check_sampling_fits(
+    model: ConsisIDModel, frames: int, height: int, width: int, device, streamed: bool = False
+) -> None:
+    """Refuse a run whose estimated memory on `device` is more than the device has: the working
+    memory, plus on a GPU the weights moved there (the VAE alone when the transformer streams)."""
+    if device is None:
+        return
+    device = torch.device(device)
+    need = sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width)
+    if device.type != "cpu":  # on the CPU the weights are already in the memory counted as used
+        need += module_bytes(model.vae) + (0 if streamed else module_bytes(model.transformer))
+    check_fits(
+        need, device, f"sampling {frames} frames of {width}×{height}",
+        "lower the frame count or the size" + ("" if streamed or device.type == "cpu" else ", or stream the transformer "
+                                               "(sequential offload)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -248,6 +306,8 @@ class Tiling:
             ("height", self.tile_height, self.overlap_height),
             ("width", self.tile_width, self.overlap_width),
         ):
+            check_number(f"tile {name}", tile, 1, MAX_TILE, integer=True)
+            check_number(f"tile overlap ({name})", overlap, 0, MAX_TILE, integer=True)
             if tile < 2 * scale or tile % scale or overlap < 0 or overlap >= tile or (tile - overlap) % scale:
                 raise ConsisIDError(
                     f"tile {name} {tile} px with {overlap} px overlap does not fit the VAE's {scale}-px latent "
@@ -264,6 +324,9 @@ class Tiling:
                 )
             result.append(factor)
         return result[0], result[1]
+
+
+MAX_TILE = 4096
 
 
 def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
@@ -287,7 +350,7 @@ def vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> I
     saved = {n: getattr(vae, n) for n in names}
     try:
         if tiling is not None:
-            factor_height, factor_width = tiling.factors(_spatial_scale(vae))
+            factor_height, factor_width = tiling.factors(spatial_scale(vae.config))
             vae.enable_tiling(
                 tile_sample_min_height=tiling.tile_height,
                 tile_sample_min_width=tiling.tile_width,
@@ -314,14 +377,24 @@ def decode(
     Takes the model's VAE alone, so a caller can release the transformer before decoding.
     `tiling` decodes in spatial tiles, `slicing` one video of a batch at a time; both only for
     this call. Out of memory without tiling, it decodes again in 2×2 tiles (as ComfyUI's own VAE
-    Decode falls back to tiles).
+    Decode falls back to tiles); where the estimate already says whole frames cannot fit, it
+    starts with those tiles, and where even they cannot, it refuses before any work.
     """
+    check_latents(vae, latents)
+    if device is not None and tiling is None:
+        tiling = _tiles_if_needed(vae, latents.shape, device)
+    if device is not None:
+        check_fits(
+            decode_memory(vae.config, vae.dtype, latents.shape, tiling) + _weights_moved(vae, device), device,
+            f"decoding {latents.shape[1]} latent frames of {latents.shape[-1]}×{latents.shape[-2]}",
+            "decode with smaller tiles",
+        )
     try:
         return _decode(vae, latents, device, tiling, slicing)
     except torch.OutOfMemoryError:
         if tiling is not None:
             raise
-        scale = _spatial_scale(vae)
+        scale = spatial_scale(vae.config)
         tiling = Tiling.halves(latents.shape[-2] * scale, latents.shape[-1] * scale, scale)
         logger.warning(
             "out of memory decoding whole frames; decoding again in %dx%d px tiles (VAE tiling)",
@@ -334,53 +407,59 @@ def decode(
     return _decode(vae, latents, device, tiling, slicing)
 
 
-DECODE_BYTES_PER_LATENT = 307_000 * 4
-"""Peak working memory of a whole-frame decode, per latent voxel of the VAE's first frame batch,
-in bytes at fp32, for the released VAE architecture with the decoder our loaders return
-(`decoder.speed_up_decoder`): `python -m bench.gpu_memory --size real` counts 9.95 GB of live
-tensors for 49 frames at 480×720 in bf16 (3 latent frames of 60×90 at a time; diffusers' own
-decoder 15.8 GB), and at the medium size (3 latent frames of 20×30, fp32) this gives 2,108 MiB
-against the 2,332 MiB of RSS `python -m bench --size medium` measures."""
+def check_run_fits(
+    checkpoint: Checkpoint, dtype: torch.dtype, frames: int, height: int, width: int, device,
+    streamed: bool = False, fp8: bool = False,
+) -> None:
+    """Before any weights load: refuse a whole run (T5, then sampling, then a decode in tiles if
+    need be) whose estimated memory on `device` is more than the device has."""
+    device = torch.device(device)
+    transformer_config, vae_config = checkpoint.transformer_config, checkpoint.vae_config
+    size = dtype_bytes(dtype)
+    t5 = checkpoint.parameter_count("text_encoder") * size
+    transformer = checkpoint.parameter_count("transformer") * (1 if fp8 else size)
+    vae = checkpoint.parameter_count("vae") * size
+    scale = spatial_scale(vae_config)
+    latent_shape = (1, (frames - 1) // vae_config["temporal_compression_ratio"] + 1, 1, height // scale, width // scale)
+    decoding = decode_memory(vae_config, dtype, latent_shape, Tiling.halves(height, width, scale))
+    sampling = sampling_memory(transformer_config, vae_config, dtype, frames, height, width)
+    on_device = vae + (0 if streamed and device.type != "cpu" else transformer)
+    check_fits(t5 + 2**30, device, "encoding the prompt with the checkpoint's T5", "use a machine with more memory")
+    check_fits(
+        on_device + max(sampling, decoding), device, f"generating {frames} frames of {width}×{height}",
+        "lower the frame count or the size" + ("" if streamed or device.type == "cpu" else ", or use --offload sequential"),
+    )
 
 
-def decode_memory(vae: torch.nn.Module, latents_shape: tuple[int, ...], tiling: Tiling | None = None) -> int:
-    """Estimated working memory (bytes) of decoding latents [B, F, C, h, w] with this VAE in its
-    dtype: the VAE decodes at most 3 latent frames at a time (diffusers' frame batches), one
-    video at a time with slicing, and one tile at a time with `tiling`."""
-    frames, height, width = min(latents_shape[1], 3), latents_shape[-2], latents_shape[-1]
-    if tiling is not None:
-        scale = _spatial_scale(vae)
-        height, width = min(height, tiling.tile_height // scale), min(width, tiling.tile_width // scale)
-    dtype_bytes = next(vae.parameters()).element_size()
-    return DECODE_BYTES_PER_LATENT * frames * height * width * dtype_bytes // 4
+def check_latents(vae: torch.nn.Module, latents) -> None:
+    """Latents this VAE can decode: [B, F, C, h, w] with its latent channels, finite."""
+    channels = vae.config.latent_channels
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels or 0 in latents.shape:
+        found = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ConsisIDError(
+            f"these latents ({found}) are not a ConsisID video latent [batch, frames, {channels}, h, w]: "
+            "decode the LATENT of ConsisID Sampler with the VAE of the same model"
+        )
+    check_tensors([("latents", latents)], "the latents", "decode the output of a run that finished")
 
 
-SAMPLING_ACTIVATIONS_PER_TOKEN = 13
-"""Peak activations of one transformer forward, in token-widths (tokens × the transformer's inner
-width) per token of the guided batch: `python -m bench.gpu_memory --size real` counts 2.82 GB for
-2 × 17,776 tokens of width 3,072 in bf16 (12.9)."""
-
-ENCODE_ACTIVATIONS_PER_PIXEL = 2_700
-"""Peak activations of the first frame's VAE encode, in elements per pixel (the same estimate:
-1.84 GB for one 480×720 frame in bf16)."""
+def _weights_moved(vae: torch.nn.Module, device) -> int:
+    return 0 if torch.device(device).type == "cpu" else module_bytes(vae)
 
 
-def sampling_memory(model: ConsisIDModel, frames: int, height: int, width: int) -> int:
-    """Estimated working memory (bytes) of `sample` at this size beyond the weights: the larger of
-    one transformer forward of the guided batch of 2 and the first frame's VAE encode."""
-    config = model.config
-    scale = _spatial_scale(model.vae)
-    temporal = model.vae.config.temporal_compression_ratio
-    patches = (height // scale // config.patch_size) * (width // scale // config.patch_size)
-    tokens = 2 * (MAX_SEQUENCE_LENGTH + ((frames - 1) // temporal + 1) * patches)
-    dtype_bytes = torch.finfo(model.dtype).bits // 8
-    forward = SAMPLING_ACTIVATIONS_PER_TOKEN * tokens * config.num_attention_heads * config.attention_head_dim
-    encode = ENCODE_ACTIVATIONS_PER_PIXEL * height * width
-    return max(forward, encode) * dtype_bytes
-
-
-def _spatial_scale(vae: torch.nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def _tiles_if_needed(vae: torch.nn.Module, shape: tuple[int, ...], device) -> Tiling | None:
+    """None when whole frames fit `device` by the estimate, else 2×2 tiles."""
+    have = available_memory(device)
+    need = decode_memory(vae.config, vae.dtype, shape) + _weights_moved(vae, device)
+    if have is None or need <= have:
+        return None
+    scale = spatial_scale(vae.config)
+    tiling = Tiling.halves(shape[-2] * scale, shape[-1] * scale, scale)
+    logger.warning(
+        "decoding whole frames would need about %s, more than the %s available; decoding in %dx%d px tiles",
+        gigabytes(need), gigabytes(have), tiling.tile_width, tiling.tile_height,
+    )
+    return tiling
 
 
 def _decode(vae, latents, device, tiling: Tiling | None, slicing: bool) -> torch.Tensor:
@@ -418,8 +497,14 @@ def generate(
     **options,
 ) -> torch.Tensor:
     """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. Options as for `sample`."""
-    resolve_size(model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"))
-    check_inputs(model, identity, None, options.get("steps", 50))
+    resolve_size(
+        model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"),
+        options.get("allow_oversize", False),
+    )
+    check_inputs(
+        model, identity, None, options.get("steps", 50), options.get("seed", 42), options.get("guidance_scale", 6.0),
+        options.get("identity_strength"),
+    )
     if isinstance(prompt, str):
         text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.get("device"))
     else:

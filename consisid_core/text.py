@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_prompt, check_tensors
 from .errors import ConsisIDError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class TextEmbeddings:
                 f"positive {list(self.positive.shape)} and negative {list(self.negative.shape)} text embeddings "
                 "differ in shape: encode both with the same text encoder"
             )
+        check_tensors(
+            [("positive", self.positive), ("negative", self.negative)], "the text embeddings",
+            "the text encoder's numbers overflowed or its weights are damaged: encode in bf16 or fp32",
+        )
 
 
 @torch.no_grad()
@@ -47,6 +52,8 @@ def encode_text(encoder: TextEncoder, prompt: str, negative_prompt: str = "", de
     """Encode exactly as `ConsisIDPipeline.encode_prompt` does (it is what runs here)."""
     from diffusers import ConsisIDPipeline
 
+    check_prompt(prompt)
+    check_prompt(negative_prompt, "negative prompt")
     device = torch.device(device) if device is not None else encoder.model.device
     pipe = ConsisIDPipeline(
         tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=None, transformer=None, scheduler=None

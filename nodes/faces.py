@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..consisid_core.errors import FaceError
 from ..consisid_core.face import extract_identity, load_face_models
 from . import host
 
@@ -98,6 +99,8 @@ class ConsisIDFaceEmbed:
         }
 
     def embed(self, image: torch.Tensor, face_models, face_index: int):
+        if image.ndim != 4 or len(image) == 0:
+            raise FaceError(f"the image input holds no image (shape {list(image.shape)}); connect a photo")
         identities, faces, masks = [], [], []
         for i, frame in enumerate(image):
             host.check_interrupted()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..consisid_core.files import inside, numbered_path
+
 try:
     import comfy.model_management as model_management
     import comfy.utils
@@ -66,13 +68,13 @@ def files(kind: str, suffixes: Iterable[str] = (".safetensors",)) -> list[str]:
 
 
 def file_path(kind: str, name: str) -> Path:
-    """The full path of a listed file; a missing one gets an error naming where it was looked for."""
-    if IN_COMFYUI:
-        return Path(folder_paths.get_full_path_or_raise(kind, name))
+    """The full path of a file named relative to a model folder (never outside it); a missing one
+    gets an error naming the folder kind."""
     for root in folders(kind):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(f"'{name}' is not in the {kind} folders ({', '.join(map(str, folders(kind)))})")
+        path = inside(root, name, f"models/{kind}", follow_links=True)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"'{name}' is not in the {kind} model folders; put it there and refresh the list")
 
 
 def pipeline_folders() -> dict[str, Path]:
@@ -116,16 +118,45 @@ def output_dir() -> Path:
     return Path(folder_paths.get_output_directory()) if IN_COMFYUI else _home() / "output"
 
 
-def save_path(prefix: str, extension: str) -> Path:
-    """A new file `<prefix>_00001_<extension>` in the output folder, counted as ComfyUI does."""
+def input_file(name: str) -> Path:
+    """A file named relative to the input folder, refused if the name leads outside it."""
+    return inside(input_dir(), name, "input")
+
+
+def input_files(suffix: str) -> list[str]:
+    """Files with `suffix` in the input folder (and its subfolders), as names relative to it."""
+    root = input_dir()
+    if not root.is_dir():
+        return []
+    names = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob(f"*{suffix}") if p.is_file())
+    return [n for n in names if _stays_inside(root, n)]
+
+
+def _stays_inside(root: Path, name: str) -> bool:
+    try:
+        inside(root, name, "input")
+    except ValueError:
+        return False
+    return True
+
+
+def save_path_checked(prefix: str) -> Path:
+    """The output folder, once `prefix` is known to stay inside it (ComfyUI's %date% fields too)."""
     out = output_dir()
+    inside(out, prefix.replace("%", ""), "output")
+    return out
+
+
+def save_path(prefix: str, extension: str) -> Path:
+    """A new file `<prefix>_<n:05>_<extension>` in the output folder, n one above the highest taken
+    (ComfyUI's naming); a prefix that leads outside the output folder is refused."""
+    out = save_path_checked(prefix)
     if IN_COMFYUI:
         folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(out))
         return Path(folder) / f"{name}_{counter:05}_{extension}"
-    target = out / prefix
+    target = inside(out, prefix, "output")
     target.parent.mkdir(parents=True, exist_ok=True)
-    counter = 1 + sum(1 for _ in target.parent.glob(f"{target.name}_*_{extension}"))
-    return target.parent / f"{target.name}_{counter:05}_{extension}"
+    return numbered_path(target.parent, target.name, extension)
 
 
 def torch_device() -> torch.device:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
+from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.identity import load_identity, save_identity
 from . import host
+from .declared import short
 
 SUFFIX = ".safetensors"
-
-
-def _identity_files() -> list[str]:
-    root = host.input_dir()
-    if not root.is_dir():
-        return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{SUFFIX}") if p.is_file())
 
 
 class ConsisIDSaveIdentity:
@@ -37,6 +32,14 @@ class ConsisIDSaveIdentity:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str):
+        try:
+            host.save_path_checked(filename_prefix)
+        except ConsisIDError as e:
+            return str(e)
+        return True
+
     def save(self, identity, filename_prefix: str):
         path = save_identity(identity, host.save_path(filename_prefix, SUFFIX))
         return {"ui": {"text": [str(path.name)]}, "result": ()}
@@ -55,7 +58,7 @@ class ConsisIDLoadIdentity:
         return {
             "required": {
                 "identity_file": (
-                    _identity_files(),
+                    host.input_files(SUFFIX),
                     {"tooltip": "An identity .safetensors in ComfyUI's input folder."},
                 ),
             }
@@ -63,17 +66,24 @@ class ConsisIDLoadIdentity:
 
     @classmethod
     def VALIDATE_INPUTS(cls, identity_file: str):
-        if not (host.input_dir() / identity_file).is_file():
-            return f"identity file '{identity_file}' is not in the input folder {host.input_dir()}"
+        # only a listed file: the answer is the same for any other name, so it tells nothing of the disk
+        if identity_file not in host.input_files(SUFFIX):
+            return (
+                f"identity_file '{short(identity_file)}' is not one of the identity files in the input folder; "
+                "pick one from the list (refresh it after adding files)"
+            )
         return True
 
     @classmethod
     def IS_CHANGED(cls, identity_file: str):
-        path = host.input_dir() / identity_file
+        try:
+            path = host.input_file(identity_file)
+        except ConsisIDError:
+            return ""
         return path.stat().st_mtime_ns if path.is_file() else ""
 
     def load(self, identity_file: str):
-        identity = load_identity(host.input_dir() / identity_file)
+        identity = load_identity(host.input_file(identity_file))
         return identity, (identity.face_image.float() / 255).unsqueeze(0)
 
 

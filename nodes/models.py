@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel, load_vae_file, model_from_files
 from . import host
+from .declared import declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
 SINGLE_FILE = "diffusion_models/"
@@ -55,6 +56,9 @@ class ConsisIDModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model: str, vae: str):
+        problem = declared_error(cls, model=model, vae=vae)
+        if problem:
+            return problem
         if model.startswith(SINGLE_FILE) and vae == FROM_CHECKPOINT:
             return (
                 f"'{model}' is a single transformer file with no VAE of its own: "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from ..consisid_core.media import to_uint8
+from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
-from ..consisid_core.sampling import SCHEDULERS, sample, sampling_memory
+from ..consisid_core.sampling import SCHEDULERS, check_inputs, check_sampling_fits, resolve_size, sample
 from . import host
+from .declared import declared_error
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +63,33 @@ class ConsisIDSampler:
                 "image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face (as the reference). "
                                                "A batch uses its first image."}),
                 "performance": ("CONSISID_PERFORMANCE", {"tooltip": "Speed and memory options from ConsisID Performance."}),
+                "allow_oversize": ("BOOLEAN", {"default": False,
+                                               "tooltip": "Allow more than 8x the checkpoint's frames or 4x its pixels per "
+                                                          "frame in one pass (runs that cannot fit in memory are still refused)."}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, frames: int, width: int, height: int):
-        return check_size(frames, width, height)
+        return declared_error(cls, frames=frames, width=width, height=height) or check_size(frames, width, height)
 
     def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
-               identity_strength, image=None, performance=None):
+               identity_strength, image=None, performance=None, allow_oversize=False):
+        # everything the inputs decide, before ComfyUI is asked for room
+        frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
+        check_inputs(model, identity, text, steps, seed, guidance, identity_strength)
+        device = host.torch_device()
+        streamed = performance is not None and performance.offload == "sequential"
+        check_sampling_fits(model, frames, height, width, device, streamed)
         first = None
         if image is not None:
             if len(image) > 1:
                 logger.info("the first-frame input is a batch of %d; using its first image", len(image))
             first = to_uint8(image[0])
-        device = host.torch_device()
         progress = host.Progress(steps)
         # streamed layer by layer, the transformer needs no room of its own
-        streamed = performance is not None and performance.offload == "sequential"
         on_gpu = [model.vae] if streamed else [model.transformer, model.vae]
-        host.make_room(on_gpu, device, extra=sampling_memory(model, frames, height, width))
+        host.make_room(on_gpu, device, extra=sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width))
         try:
             latents = sample(
                 model, identity, text, first,
@@ -89,6 +98,7 @@ class ConsisIDSampler:
                 callback=lambda step, total, latents: progress.update(step, latents),
                 device=device,
                 performance=performance,
+                allow_oversize=allow_oversize,
             )
         finally:
             host.after_run()

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..consisid_core.checks import check_prompt
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.sampling import encode_with_checkpoint
 from ..consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
@@ -37,6 +38,8 @@ def _tokens_226(clip, text: str) -> dict:
 
 def encode_with_comfy_clip(clip, prompt: str, negative_prompt: str) -> TextEmbeddings:
     """Both prompts through a ComfyUI CLIP (CLIPLoader: t5xxl, type sd3 for the reference's numbers)."""
+    check_prompt(prompt)
+    check_prompt(negative_prompt, "negative prompt")
     embeddings = []
     for text in (prompt, negative_prompt):
         out = clip.encode_from_tokens(_tokens_226(clip, text), return_dict=True)

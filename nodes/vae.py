@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..consisid_core.sampling import Tiling, decode, decode_memory
+from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.memory import decode_memory
+from ..consisid_core.sampling import Tiling, check_latents, decode
 from . import host
 
 
@@ -38,9 +40,16 @@ class ConsisIDVAEDecode:
 
     def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
         device = host.torch_device()
-        latents = latent["samples"].permute(0, 2, 1, 3, 4)
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if samples is None or samples.ndim != 5:
+            found = list(samples.shape) if samples is not None else "no samples"
+            raise ConsisIDError(
+                f"this LATENT ({found}) is not a video latent: connect the LATENT of ConsisID Sampler"
+            )
+        latents = samples.permute(0, 2, 1, 3, 4)
+        check_latents(model.vae, latents)
         tiles = Tiling(tile_height, tile_width, overlap, overlap) if tiling else None
-        host.make_room([model.vae], device, extra=decode_memory(model.vae, latents.shape, tiles))
+        host.make_room([model.vae], device, extra=decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles))
         try:
             frames = decode(model.vae, latents, device, tiling=tiles, slicing=slicing)
         finally:

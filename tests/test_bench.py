@@ -106,16 +106,16 @@ def test_the_nodes_memory_requests_agree_with_the_estimate_at_the_real_size():
     `bench.gpu_memory`'s count of live tensors, both at 49 frames of 480×720 in bf16."""
     from bench.gpu_memory import FORWARD, meta_models, phase_peaks
     from bench.sizes import SIZES
-    from consisid_core.checkpoint import ConsisIDModel
-    from consisid_core.sampling import Tiling, decode_memory, sampling_memory
+    from consisid_core.memory import decode_memory, sampling_memory
+    from consisid_core.sampling import Tiling
 
     size = SIZES["real"]
     models = meta_models(size, torch.bfloat16)
     peaks = phase_peaks(size, models, torch.bfloat16)
-    model = ConsisIDModel(models.transformer, models.vae, {})
     latents = (1, 13, 16, 60, 90)
     sampling = max(peaks["first frame encode"], peaks[FORWARD])
-    assert sampling_memory(model, 49, 480, 720) == pytest.approx(sampling, rel=0.05)
-    assert decode_memory(models.vae, latents) == pytest.approx(peaks["decode, whole frames"], rel=0.05)
-    tiled = decode_memory(models.vae, latents, Tiling.halves(480, 720))
+    vae = models.vae.config, torch.bfloat16
+    assert sampling_memory(models.transformer.config, *vae, 49, 480, 720) == pytest.approx(sampling, rel=0.05)
+    assert decode_memory(*vae, latents) == pytest.approx(peaks["decode, whole frames"], rel=0.05)
+    tiled = decode_memory(*vae, latents, Tiling.halves(480, 720))
     assert tiled == pytest.approx(peaks["decode, half-frame tiles"], rel=0.05)

@@ -69,8 +69,8 @@ def test_readme_demo_runs_as_a_module(tmp_path):
         (["--frames", "10"], "frame count 10 does not fit this checkpoint"),
         (["--height", "100"], "height 100 does not fit this checkpoint: it must be a positive multiple of 16"),
         (["--width", "90"], "width 90 does not fit"),
-        (["--steps", "0"], "--steps 0 must be at least 1"),
-        (["--fps", "0"], "--fps 0 must be at least 1"),
+        (["--steps", "0"], "--steps 0 must be a whole number from 1 to 1000"),
+        (["--fps", "0"], "--fps 0 must be a whole number from 1 to 240"),
         (["--image", "missing.png"], "image 'missing.png' does not exist"),
         (["--attention", "sage", "--device", "cpu"], "attention 'sage' "),
     ],
@@ -151,7 +151,7 @@ def test_embed_without_a_face_exits_2_and_writes_nothing(tiny_dir, tmp_path, cap
 def test_embed_needs_a_safetensors_path(tiny_dir, photo, tmp_path, capsys):
     out = tmp_path / "id.pt"
     assert main(["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(out)]) == 2
-    assert "must be a .safetensors path" in capsys.readouterr().err
+    assert "must be a path ending in .safetensors" in capsys.readouterr().err
     assert not out.exists()
 
 

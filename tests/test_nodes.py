@@ -72,13 +72,15 @@ def test_model_lists_come_from_the_model_folders(home):
     assert faces["face_encoder"][0] == ["tiny"]
 
 
-def test_validation_messages_name_the_value_and_the_fix():
+def test_validation_messages_name_the_value_and_the_fix(home):
     sampler = NODE_CLASS_MAPPINGS["ConsisIDSampler"]
     assert sampler.VALIDATE_INPUTS(frames=49, width=720, height=480) is True
     assert "frames 50 must be 4·k + 1" in sampler.VALIDATE_INPUTS(frames=50, width=720, height=480)
     assert "width 100 must be a positive multiple of 16" in sampler.VALIDATE_INPUTS(frames=49, width=100, height=480)
     loader = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]
-    assert "pick the CogVideoX VAE" in loader.VALIDATE_INPUTS(model="diffusion_models/x.safetensors", vae="(from checkpoint)")
+    single = "diffusion_models/tiny.safetensors"
+    assert "pick the CogVideoX VAE" in loader.VALIDATE_INPUTS(model=single, vae="(from checkpoint)")
+    assert loader.VALIDATE_INPUTS(model=single, vae="tiny.safetensors") is True
 
 
 def _image(array: np.ndarray) -> torch.Tensor:
@@ -125,7 +127,7 @@ def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
     shutil.copy(saved, home / "input" / "me.safetensors")
     loader = n["ConsisIDLoadIdentity"]
     assert loader.INPUT_TYPES()["required"]["identity_file"][0] == ["me.safetensors"]
-    assert "is not in the input folder" in loader.VALIDATE_INPUTS("gone.safetensors")
+    assert "is not one of the identity files in the input folder" in loader.VALIDATE_INPUTS("gone.safetensors")
     loaded, face = loader().load("me.safetensors")
     assert torch.equal(loaded.id_cond, identity.id_cond)
     assert face.shape == (1, 64, 64, 3)

@@ -1,6 +1,5 @@
 """Sampling: checks before work, progress, stopping, options that do not stick."""
 
-import copy
 import logging
 
 import pytest
@@ -76,7 +75,7 @@ def test_text_must_be_padded_to_226():
 
 
 def test_zero_steps(tiny_model, identity, text):
-    with pytest.raises(ConsisIDError, match="steps 0 must be at least 1"):
+    with pytest.raises(ConsisIDError, match="steps 0 must be a whole number from 1 to 1000"):
         sample(tiny_model, identity, text, steps=0)
 
 
@@ -223,23 +222,25 @@ def test_out_of_memory_decodes_again_in_tiles(tiny_model, identity, text, caplog
 def test_decode_memory_follows_frame_batches_tiles_and_dtype(tiny_model):
     """The room the VAE Decode node asks ComfyUI for: diffusers decodes 3 latent frames at a time,
     and one tile at a time with tiling."""
-    from consisid_core.sampling import Tiling, decode_memory
+    from consisid_core.memory import decode_memory
+    from consisid_core.sampling import Tiling
 
-    vae = tiny_model.vae
-    whole = decode_memory(vae, (1, 13, 4, 60, 90))
-    assert whole == decode_memory(vae, (1, 3, 4, 60, 90)) == 3 * decode_memory(vae, (1, 1, 4, 60, 90))
-    tiled = decode_memory(vae, (1, 13, 4, 60, 90), Tiling.halves(480, 720))
+    vae = tiny_model.vae.config, torch.float32
+    whole = decode_memory(*vae, (1, 13, 4, 60, 90))
+    assert whole == decode_memory(*vae, (1, 3, 4, 60, 90)) == 3 * decode_memory(*vae, (1, 1, 4, 60, 90))
+    tiled = decode_memory(*vae, (1, 13, 4, 60, 90), Tiling.halves(480, 720))
     assert 0.25 < tiled / whole < 0.4  # tiles a little over half the frame each way
-    half = decode_memory(copy.deepcopy(vae).to(torch.bfloat16), (1, 13, 4, 60, 90))
+    half = decode_memory(tiny_model.vae.config, torch.bfloat16, (1, 13, 4, 60, 90))
     assert half * 2 == whole
 
 
 def test_sampling_memory_scales_with_tokens_and_the_first_frame(tiny_model, tiny_dir):
     """The room the sampler node asks ComfyUI for, beyond the weights."""
     from consisid_core.checkpoint import Checkpoint
-    from consisid_core.sampling import sampling_memory
+    from consisid_core.memory import sampling_memory
 
-    small, frames, wide = (sampling_memory(tiny_model, f, h, w) for f, h, w in ((9, 64, 96), (17, 64, 96), (9, 64, 192)))
+    configs = tiny_model.config, tiny_model.vae.config, torch.float32
+    small, frames, wide = (sampling_memory(*configs, f, h, w) for f, h, w in ((9, 64, 96), (17, 64, 96), (9, 64, 192)))
     assert 0 < small <= frames and small < wide
     # the T5's room: its parameters, read from the file headers
     t5 = Checkpoint.open(tiny_dir).load_text_encoder("fp32").model

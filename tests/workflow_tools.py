@@ -175,7 +175,7 @@ class Graph:
 def _tail(g: Graph, model: int, identity: tuple[int, int], text: int, fps: float, extra=None) -> None:
     """Sampler -> VAE decode -> (extra image steps) -> CreateVideo -> SaveVideo (mp4, h264)."""
     sampler = g.add(
-        "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0,
+        "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False,
         model=(model, 0), identity=identity, text=(text, 0),
     )
     frames = (g.add("ConsisIDVAEDecode", False, 240, 360, 48, False, model=(model, 0), latent=(sampler, 0)), 0)

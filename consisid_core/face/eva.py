@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_tensors
 from ..errors import FaceError
+from ..files import load_torch_weights
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +121,19 @@ class EvaVisionTower(torch.nn.Module):
         return self.model.forward_head(final), hidden
 
 
+def load_face_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A face model's state dict (`.pth` / `.pt`), read safely and checked for NaN, Inf and absurd values."""
+    state = load_torch_weights(path, FaceError)
+    check_tensors(state.items(), f"'{path}'", "the file is damaged; download the face_encoder folder again", FaceError)
+    return state
+
+
 def load_eva_tower(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> EvaVisionTower:
     """Build the tower from an original EVA-CLIP `.pt` (keys `visual.*`) and load its weights."""
     from timm.models.eva import checkpoint_filter_fn
 
     path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise FaceError(f"'{path}' does not hold a state dict (found {type(state).__name__})")
+    state = load_face_weights(path)
     prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
     visual = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     config = eva_config_from_state_dict(visual, f"'{path}'")

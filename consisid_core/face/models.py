@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import FaceError
-from .eva import EvaVisionTower, load_eva_tower
+from .eva import EvaVisionTower, load_eva_tower, load_face_weights
 from .tiny import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
 
 logger = logging.getLogger(__name__)
@@ -101,18 +101,6 @@ def _require(path: Path, folder: Path, what: str) -> Path:
     return path
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
-        raise FaceError(f"'{path}' is not a readable PyTorch weights file ({e})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise FaceError(f"'{path}' does not hold a state dict (found {type(state).__name__})")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
     """facexlib RetinaFace from our file; the backbone (resnet50 or mobile0.25) is read from the keys."""
     try:
@@ -120,7 +108,7 @@ def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
     except ImportError as e:
         raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
     path = Path(path)
-    state = _load_state_dict(path)
+    state = load_face_weights(path)
     if "body.conv1.weight" in state:
         network = "resnet50"
     elif "body.stage1.0.0.weight" in state:
@@ -145,7 +133,7 @@ def load_bisenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
     except ImportError as e:
         raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
     path = Path(path)
-    state = _load_state_dict(path)
+    state = load_face_weights(path)
     classes = state.get("conv_out.conv_out.weight")
     if classes is None:
         raise FaceError(f"'{path}' is not a facexlib BiSeNet checkpoint (no conv_out.conv_out.weight)")
@@ -162,7 +150,13 @@ def _load_insightface(path: Path, task: str, providers: list[str]):
         from insightface.model_zoo import model_zoo
     except ImportError as e:
         raise ImportError("the ConsisID face pipeline needs insightface: pip install insightface") from e
-    model = model_zoo.get_model(str(path), providers=providers)  # an existing file: never downloads
+    try:
+        model = model_zoo.get_model(str(path), providers=providers)  # an existing file: never downloads
+    except Exception as e:  # noqa: BLE001 - onnx and ONNX Runtime raise their own kinds for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FaceError(
+            f"'{path}' is not a readable ONNX model ({first}); download the antelopev2 files again"
+        ) from None
     if model is None or getattr(model, "taskname", None) != task:
         found = getattr(model, "taskname", "an unrecognised model")
         raise FaceError(f"'{path}' should be the antelopev2 {task} model, insightface reads it as {found}")

@@ -1,0 +1,274 @@
+"""What a run accepts, checked before any work: numbers, seeds, prompts, sizes, configs, tensors.
+
+Every check raises a `ConsisIDError` (or a subclass) whose one-line message names the value and
+the fix. The bounds are documented here and in the README's "Security" section:
+
+- frames per pass at most `MAX_FRAMES_FACTOR` × the checkpoint's native count, and at most
+  `MAX_PIXELS_FACTOR` × its native pixels per frame (each side at most that many times its
+  native side), unless the caller explicitly allows oversize runs;
+- steps at most the scheduler's training timesteps (1000 for ConsisID);
+- configs read from disk: the numbers diffusers builds the models from, positive integers where
+  integers, within `CONFIG_RULES`;
+- tensors (identities, text embeddings, weights, latents): finite and below `MAX_MAGNITUDE`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .errors import CheckpointError, ConsisIDError
+
+MAX_FRAMES_FACTOR = 8
+"""Frames per pass: at most 8 × the checkpoint's native count (392 for ConsisID's 49)."""
+MAX_PIXELS_FACTOR = 4
+"""Pixels per frame: at most 4 × the native 480 × 720; each side at most 4 × its native side."""
+MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARACTERS = 100_000
+"""T5 reads the first 226 tokens; longer text only costs tokenizing time."""
+MAX_MAGNITUDE = 1e8
+"""No trained weight, embedding or latent comes near this; a value beyond it (or NaN / Inf)
+turns every frame black, so it is refused where it enters."""
+
+
+def check_number(
+    name: str, value, low: float | None = None, high: float | None = None, fix: str = "", integer: bool = False
+) -> float:
+    """`value` as a finite number in [low, high] (an int if `integer`), else a ConsisIDError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer and isinstance(value, float):
+        ok = value.is_integer()
+    if ok and not math.isfinite(value):
+        ok = False
+    if ok and ((low is not None and value < low) or (high is not None and value > high)):
+        ok = False
+    if not ok:
+        kind = "a whole number" if integer else "a finite number"
+        span = f" from {low:g} to {high:g}" if low is not None and high is not None else (
+            f" of at least {low:g}" if low is not None else (f" of at most {high:g}" if high is not None else "")
+        )
+        raise ConsisIDError(f"{name} {value!r} must be {kind}{span}" + (f"; {fix}" if fix else ""))
+    return int(value) if integer else float(value)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    return int(check_number(name, seed, 0, MAX_SEED, "seeds are 0 to 2^64 - 1", integer=True))
+
+
+def check_prompt(text, name: str = "prompt") -> str:
+    """A prompt that T5's tokenizer can take: a str of valid UTF-8 text, of bounded length."""
+    if not isinstance(text, str):
+        raise ConsisIDError(f"the {name} must be text, found {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConsisIDError(
+            f"the {name} is not valid UTF-8 text (character {e.start} is a stray byte): "
+            "give it as UTF-8, the text encoding of a modern terminal or editor"
+        ) from None
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        raise ConsisIDError(
+            f"the {name} is {len(text):,} characters long; T5 reads only its first 226 tokens, so keep it "
+            f"under {MAX_PROMPT_CHARACTERS:,} characters"
+        )
+    return text
+
+
+def check_steps(steps, train_timesteps: int = 1000, name: str = "steps") -> int:
+    return int(
+        check_number(
+            name, steps, 1, train_timesteps,
+            f"the scheduler has {train_timesteps} training timesteps (the reference uses 50)", integer=True,
+        )
+    )
+
+
+def bounded_size(
+    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False
+) -> None:
+    """Refuse a pass larger than `MAX_FRAMES_FACTOR` × the native frames or `MAX_PIXELS_FACTOR` ×
+    the native pixels (and sides), unless `allow_oversize`."""
+    native_frames, native_height, native_width = native
+    if allow_oversize:
+        return
+    hint = "; pass allow_oversize (CLI: --allow-oversize) to go beyond it, memory permitting"
+    most_frames = MAX_FRAMES_FACTOR * native_frames
+    if frames > most_frames:
+        raise ConsisIDError(
+            f"frame count {frames} is over this checkpoint's maximum of {most_frames} per pass "
+            f"({MAX_FRAMES_FACTOR} × its native {native_frames}){hint}"
+        )
+    side_factor = MAX_PIXELS_FACTOR
+    for name, value, native_side in (("height", height, native_height), ("width", width, native_width)):
+        if value > side_factor * native_side:
+            raise ConsisIDError(
+                f"{name} {value} is over this checkpoint's maximum of {side_factor * native_side} "
+                f"({side_factor} × its native {native_side}){hint}"
+            )
+    if height * width > MAX_PIXELS_FACTOR * native_height * native_width:
+        raise ConsisIDError(
+            f"{width}×{height} is {height * width:,} pixels per frame, over this checkpoint's maximum of "
+            f"{MAX_PIXELS_FACTOR * native_height * native_width:,} ({MAX_PIXELS_FACTOR} × its native "
+            f"{native_width}×{native_height}){hint}"
+        )
+
+
+def check_tensors(
+    named: Iterable[tuple[str, torch.Tensor]], where: str, fix: str, error=ConsisIDError, limit: float = MAX_MAGNITUDE
+) -> None:
+    """Refuse tensors left on the meta device (missing weights) or holding NaN, Inf or values
+    beyond `limit`: one reduction per tensor, no copy."""
+    named = list(named)
+    missing = [name for name, t in named if t.device.type == "meta"]
+    if missing:
+        raise error(
+            f"{where} lacks {len(missing)} tensor(s) ({', '.join(missing[:3])}): the file is incomplete; {fix}"
+        )
+    for name, t in named:
+        if not t.is_floating_point() or t.numel() == 0 or t.dtype in _UNREDUCIBLE:
+            continue
+        low, high = (float(v) for v in torch.aminmax(t.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) > limit:
+            bad = low if not math.isfinite(low) or -low > limit else high
+            raise error(f"{where}: '{name}' holds {_describe_value(bad)} values: {fix}")
+
+
+_UNREDUCIBLE = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+"""fp8 storage is made from already checked weights."""
+
+
+def _describe_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "infinite"
+    return f"absurdly large ({value:.3g})"
+
+
+def check_module_weights(module: torch.nn.Module, where: str) -> None:
+    """`check_tensors` over a loaded model's parameters and buffers."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    check_tensors(named, where, "the file is damaged; download or convert it again", CheckpointError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs read from disk
+
+_SIDE = (1, 4096)
+_WIDTH = (1, 65536)
+CONFIG_RULES: dict[str, dict[str, tuple]] = {
+    "ConsisIDTransformer3DModel": {
+        "num_attention_heads": ("int", 1, 1024),
+        "attention_head_dim": ("int", 1, 1024),
+        "in_channels": ("int", 1, 4096),
+        "out_channels": ("int", 1, 4096),
+        "time_embed_dim": ("int", *_WIDTH),
+        "text_embed_dim": ("int", *_WIDTH),
+        "num_layers": ("int", 1, 512),
+        "sample_width": ("int", *_SIDE),
+        "sample_height": ("int", *_SIDE),
+        "sample_frames": ("int", 1, 1024),
+        "patch_size": ("int", 1, 64),
+        "temporal_compression_ratio": ("int", 1, 64),
+        "max_text_seq_length": ("int", 226, 226),
+        "norm_eps": ("float", 0.0, 1.0),
+        "spatial_interpolation_scale": ("float", 0.0, 1e4),
+        "temporal_interpolation_scale": ("float", 0.0, 1e4),
+        "cross_attn_interval": ("int", 1, 512),
+        "cross_attn_dim_head": ("int", 1, 4096),
+        "cross_attn_num_heads": ("int", 1, 1024),
+        "LFE_id_dim": ("int", *_WIDTH),
+        "LFE_vit_dim": ("int", *_WIDTH),
+        "LFE_depth": ("int", 1, 256),
+        "LFE_dim_head": ("int", 1, 4096),
+        "LFE_num_heads": ("int", 1, 1024),
+        "LFE_num_id_token": ("int", 1, 1024),
+        "LFE_num_querie": ("int", 1, 4096),
+        "LFE_output_dim": ("int", *_WIDTH),
+        "LFE_ff_mult": ("int", 1, 64),
+        "LFE_num_scale": ("int", 1, 64),
+        "local_face_scale": ("float", 0.0, 100.0),
+        "is_train_face": ("bool",),
+        "is_kps": ("bool",),
+        "use_rotary_positional_embeddings": ("bool",),
+        "use_learned_positional_embeddings": ("bool",),
+        "attention_bias": ("bool",),
+        "norm_elementwise_affine": ("bool",),
+    },
+    "AutoencoderKLCogVideoX": {
+        "in_channels": ("int", 1, 64),
+        "out_channels": ("int", 1, 64),
+        "block_out_channels": ("ints", 1, 16384, 8),
+        "down_block_types": ("strs", 8),
+        "up_block_types": ("strs", 8),
+        "latent_channels": ("int", 1, 1024),
+        "layers_per_block": ("int", 1, 64),
+        "norm_num_groups": ("int", 1, 1024),
+        "norm_eps": ("float", 0.0, 1.0),
+        "temporal_compression_ratio": ("int", 1, 64),
+        "sample_height": ("int", *_SIDE),
+        "sample_width": ("int", *_SIDE),
+        "scaling_factor": ("float", 1e-6, 1e6),
+    },
+    "CogVideoXDPMScheduler": {
+        "num_train_timesteps": ("int", 1, 100_000),
+        "beta_start": ("float", 0.0, 1.0),
+        "beta_end": ("float", 0.0, 1.0),
+        "steps_offset": ("int", 0, 100_000),
+        "snr_shift_scale": ("float", 1e-6, 1e6),
+    },
+}
+"""Per class, the config values diffusers builds it from, with what they may be: an int or float
+in [low, high], a bool, or a list of ints / strings of at most n entries."""
+
+
+def class_defaults(cls) -> dict:
+    """A diffusers class's config defaults, from its `__init__` signature."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
+    }
+
+
+def check_config(config, class_name: str, where: str, defaults: Mapping | None = None) -> dict:
+    """The effective config (`defaults` under the file's values) after checking every value in
+    `CONFIG_RULES[class_name]`; a wrong one gets a CheckpointError naming the key and the fix."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"'{where}' must hold a JSON object of settings, found {type(config).__name__}")
+    effective = {**(defaults or {}), **config}
+    for key, rule in CONFIG_RULES[class_name].items():
+        if key not in effective:
+            raise CheckpointError(f"'{where}' has no '{key}': add it (the released checkpoint's config.json has it)")
+        _check_config_value(effective[key], rule, key, where)
+    return effective
+
+
+def _check_config_value(value, rule: tuple, key: str, where: str) -> None:
+    kind = rule[0]
+    fix = "the config is damaged or for another model; use the checkpoint's original config.json"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise CheckpointError(f"'{where}': '{key}' is {value!r}, expected true or false; {fix}")
+        return
+    if kind in ("ints", "strs"):
+        items_ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= rule[-1]
+        if items_ok and kind == "ints":
+            items_ok = all(
+                isinstance(v, int) and not isinstance(v, bool) and rule[1] <= v <= rule[2] for v in value
+            )
+        elif items_ok:
+            items_ok = all(isinstance(v, str) for v in value)
+        if not items_ok:
+            what = f"whole numbers from {rule[1]} to {rule[2]}" if kind == "ints" else "names"
+            raise CheckpointError(f"'{where}': '{key}' is {value!r}, expected a list of 1 to {rule[-1]} {what}; {fix}")
+        return
+    try:
+        if kind == "int" and isinstance(value, float):  # diffusers would build layers of a float size
+            raise ConsisIDError(f"'{key}' {value!r} must be a whole number written without a decimal point")
+        check_number(f"'{key}'", value, rule[1], rule[2], integer=kind == "int")
+    except ConsisIDError as e:
+        raise CheckpointError(f"'{where}': {e}; {fix}") from None

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
 from .errors import CheckpointError
+from .files import shown
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +94,17 @@ MAX_JSON_BYTES = 2**20
 
 def _read_json(path: Path) -> dict:
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"'{path}' is over {MAX_JSON_BYTES // 1024} kB: not a config or index file")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        size = path.stat().st_size
+        if size <= MAX_JSON_BYTES:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"'{path}' is not a readable JSON file ({str(e)[:200]})") from None
+    if size > MAX_JSON_BYTES:  # refused unread
+        raise CheckpointError(
+            f"'{path}' is over {MAX_JSON_BYTES // 1024} kB: not a config or index file; "
+            "use the checkpoint's original one"
+        )
     if not isinstance(data, dict):
         raise CheckpointError(f"'{path}' must hold a JSON object of settings, found a {type(data).__name__}")
     return data
@@ -122,6 +128,13 @@ def _effective_config(config: Mapping, component: str, where) -> dict:
                 f"'{where}': block_out_channels, down_block_types and up_block_types must be lists of the same "
                 "length; use the checkpoint's original config.json"
             )
+    if component == "transformer":  # what diffusers would fail on when building or sampling
+        for whole, part in (("LFE_depth", "LFE_num_scale"), ("num_layers", "cross_attn_interval")):
+            if effective[whole] % effective[part]:
+                raise CheckpointError(
+                    f"'{where}': {whole} {effective[whole]} is not a multiple of {part} {effective[part]}; "
+                    "use the checkpoint's original config.json"
+                )
     return effective
 
 
@@ -327,13 +340,15 @@ def _check_shards(index: Path) -> None:
     for shard in sorted({str(v) for v in weight_map.values()}):
         if not shard.endswith(".safetensors"):
             raise CheckpointError(
-                f"'{index}' names the shard '{shard[:100]}', which is not a .safetensors file: pickled shards are "
+                f"'{index}' names the shard '{shown(shard)}', which is not a .safetensors file: pickled shards are "
                 "not loaded for safety; convert them to .safetensors"
             )
         if Path(shard).name != shard or shard.startswith("."):
-            raise CheckpointError(f"'{index}' names the shard '{shard[:100]}' outside its folder; only files beside it load")
+            raise CheckpointError(
+                f"'{index}' names the shard '{shown(shard)}' outside its folder; only files beside it load"
+            )
         if not (index.parent / shard).is_file():
-            raise CheckpointError(f"'{index}' names the shard '{shard}', which is missing; download it again")
+            raise CheckpointError(f"'{index}' names the shard '{shown(shard)}', which is missing; download it again")
 
 
 def _check_transformer_config(config: Mapping, where: Path | str) -> None:
@@ -348,16 +363,44 @@ def _check_transformer_config(config: Mapping, where: Path | str) -> None:
         )
 
 
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, TypeError, KeyError, IndexError, AttributeError)
+_LOAD_ERRORS = (
+    OSError, ValueError, RuntimeError, SafetensorError, TypeError, KeyError, IndexError, AttributeError, AssertionError
+)
 """What diffusers and transformers raise for a damaged folder: shown as one line."""
+
+
+def _key_names(keys) -> list[str]:
+    return sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys or ())
 
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     try:
-        model = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+        model, info = cls.from_pretrained(
+            folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
+        )
     except _LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {first}") from None
+    # diffusers and transformers fill a tensor missing from the files with random values (or leave
+    # it on the meta device): refused. Tensors the config has no place for are dropped: that is
+    # said, not refused, so that a released folder carrying an extra tensor still loads.
+    problems = []
+    for what, found in (("missing", "missing_keys"), ("of the wrong shape", "mismatched_keys")):
+        names = _key_names(info.get(found))
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(shown(n) for n in names[:3])})")
+    if problems:
+        raise CheckpointError(
+            f"'{folder}' does not load as a {cls.__name__}: its weights and config.json do not match, tensors "
+            f"{'; '.join(problems)}; the files are incomplete or from different models, download the folder again"
+        )
+    unexpected = _key_names(info.get("unexpected_keys"))
+    if unexpected:
+        logger.warning(
+            "'%s' holds %d tensor(s) its config.json has no place for (%s); they are not used. If the video "
+            "looks wrong, the folder's config.json and weights come from different models",
+            folder, len(unexpected), ", ".join(shown(n) for n in unexpected[:3]),
+        )
     check_module_weights(model, f"'{folder}'")
     return model
 
@@ -366,7 +409,18 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
 # The transformer from one .safetensors file
 
 def _indices(shapes: Mapping, pattern: str, where: str) -> list[int]:
-    """The numbers `[0-9]+` in keys matching `pattern` (one group), at least one."""
+    """The numbers `[0-9]+` in keys matching `pattern` (one group), at least one.
+
+    A key under the same prefix numbered otherwise (digits of another script, a leading zero) is
+    refused: left out of the count, it would make the inferred model smaller than the file."""
+    prefix = pattern.split("(")[0].replace("\\", "")
+    for key in shapes:
+        number = key[len(prefix) :].split(".")[0] if key.startswith(prefix) else "0"
+        if not re.fullmatch(r"0|[1-9][0-9]*", number):
+            raise CheckpointError(
+                f"{where} have the key '{shown(key)}', numbered '{shown(number)}' where diffusers writes 0, 1, 2, …: "
+                "use a ConsisID file with diffusers key names"
+            )
     found = sorted({int(m.group(1)) for k in shapes if (m := re.fullmatch(pattern, k))})
     if not found:
         raise CheckpointError(f"{where} are not a ConsisID transformer: no key matches {pattern.split('(')[0]}…")
@@ -415,7 +469,7 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str =
         if key not in shapes:
             raise CheckpointError(
                 f"{where} are not a ConsisID transformer with diffusers key names: '{key}' is missing "
-                f"(first keys found: {', '.join(sorted(shapes)[:5]) or 'none'})"
+                f"(first keys found: {', '.join(shown(k) for k in sorted(shapes)[:5]) or 'none'})"
             )
         return shapes[key]
 
@@ -480,7 +534,7 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the we
         if key not in shapes:
             raise CheckpointError(
                 f"{where} are not a CogVideoX VAE with diffusers key names: '{key}' is missing "
-                f"(first keys found: {', '.join(sorted(shapes)[:5]) or 'none'})"
+                f"(first keys found: {', '.join(shown(k) for k in sorted(shapes)[:5]) or 'none'})"
             )
         return shapes[key]
 
@@ -521,8 +575,14 @@ def _build_config(config: Mapping, component: str, where) -> dict:
 
 def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: torch.dtype, what: str):
     """Build `cls` from `config` without memory, check every key and shape, then load the weights."""
-    with torch.device("meta"):
-        model = cls.from_config(dict(config))
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(dict(config))
+    except _LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"the {what} config for '{path}' does not build: {first}; pass the checkpoint's config"
+        ) from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - shapes.keys())
     unexpected = sorted(shapes.keys() - expected.keys())
@@ -532,7 +592,7 @@ def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: 
         if missing:
             problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+            problems.append(f"{len(unexpected)} unexpected ({', '.join(shown(k) for k in unexpected[:3])})")
         if wrong:
             problems.append(
                 f"{len(wrong)} of the wrong shape ("

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .errors import CheckpointError, ConsisIDError
+from .files import shown
 
 MAX_FRAMES_FACTOR = 8
 """Frames per pass: at most 8 × the checkpoint's native count (392 for ConsisID's 49)."""
@@ -41,17 +42,33 @@ def check_number(
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and integer and isinstance(value, float):
         ok = value.is_integer()
-    if ok and not math.isfinite(value):
-        ok = False
+    if ok:
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            ok = False
     if ok and ((low is not None and value < low) or (high is not None and value > high)):
         ok = False
     if not ok:
         kind = "a whole number" if integer else "a finite number"
-        span = f" from {low:g} to {high:g}" if low is not None and high is not None else (
-            f" of at least {low:g}" if low is not None else (f" of at most {high:g}" if high is not None else "")
+        span = f" from {_fmt(low)} to {_fmt(high)}" if low is not None and high is not None else (
+            f" of at least {_fmt(low)}" if low is not None else (f" of at most {_fmt(high)}" if high is not None else "")
         )
-        raise ConsisIDError(f"{name} {value!r} must be {kind}{span}" + (f"; {fix}" if fix else ""))
+        raise ConsisIDError(f"{name} {_repr(value)} must be {kind}{span}" + (f"; {fix}" if fix else ""))
     return int(value) if integer else float(value)
+
+
+def _fmt(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _repr(value, limit: int = 80) -> str:
+    """`repr(value)` cut after `limit` characters: a value read from a file can be a long list."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        text = "an int of thousands of digits"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -124,16 +141,15 @@ def check_tensors(
     named = list(named)
     missing = [name for name, t in named if t.device.type == "meta"]
     if missing:
-        raise error(
-            f"{where} lacks {len(missing)} tensor(s) ({', '.join(missing[:3])}): the file is incomplete; {fix}"
-        )
+        names = ", ".join(shown(n) for n in missing[:3])
+        raise error(f"{where} lacks {len(missing)} tensor(s) ({names}): the file is incomplete; {fix}")
     for name, t in named:
         if not t.is_floating_point() or t.numel() == 0 or t.dtype in _UNREDUCIBLE:
             continue
         low, high = (float(v) for v in torch.aminmax(t.detach()))
         if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) > limit:
             bad = low if not math.isfinite(low) or -low > limit else high
-            raise error(f"{where}: '{name}' holds {_describe_value(bad)} values: {fix}")
+            raise error(f"{where}: '{shown(name)}' holds {_describe_value(bad)} values: {fix}")
 
 
 _UNREDUCIBLE = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -191,6 +207,8 @@ CONFIG_RULES: dict[str, dict[str, tuple]] = {
         "LFE_ff_mult": ("int", 1, 64),
         "LFE_num_scale": ("int", 1, 64),
         "local_face_scale": ("float", 0.0, 100.0),
+        "activation_fn": ("choice", "gelu", "gelu-approximate", "geglu", "geglu-approximate", "swiglu", "linear-silu"),
+        "timestep_activation_fn": ("choice", "swish", "silu", "mish", "gelu", "relu"),
         "is_train_face": ("bool",),
         "is_kps": ("bool",),
         "use_rotary_positional_embeddings": ("bool",),
@@ -219,10 +237,15 @@ CONFIG_RULES: dict[str, dict[str, tuple]] = {
         "beta_end": ("float", 0.0, 1.0),
         "steps_offset": ("int", 0, 100_000),
         "snr_shift_scale": ("float", 1e-6, 1e6),
+        "beta_schedule": ("choice", "linear", "scaled_linear", "squaredcos_cap_v2"),
+        "trained_betas": ("choice", None),
+        "prediction_type": ("choice", "epsilon", "sample", "v_prediction"),
+        "timestep_spacing": ("choice", "linspace", "leading", "trailing"),
     },
 }
 """Per class, the config values diffusers builds it from, with what they may be: an int or float
-in [low, high], a bool, or a list of ints / strings of at most n entries."""
+in [low, high], a bool, a list of ints / strings of at most n entries, or one of a few choices
+(what diffusers would otherwise reject only when it builds the model or samples)."""
 
 
 def class_defaults(cls) -> dict:
@@ -252,7 +275,12 @@ def _check_config_value(value, rule: tuple, key: str, where: str) -> None:
     fix = "the config is damaged or for another model; use the checkpoint's original config.json"
     if kind == "bool":
         if not isinstance(value, bool):
-            raise CheckpointError(f"'{where}': '{key}' is {value!r}, expected true or false; {fix}")
+            raise CheckpointError(f"'{where}': '{key}' is {_repr(value)}, expected true or false; {fix}")
+        return
+    if kind == "choice":
+        if not any(value == choice and type(value) is type(choice) for choice in rule[1:]):
+            choices = ", ".join("null" if c is None else repr(c) for c in rule[1:])
+            raise CheckpointError(f"'{where}': '{key}' is {_repr(value)}, expected one of {choices}; {fix}")
         return
     if kind in ("ints", "strs"):
         items_ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= rule[-1]
@@ -264,11 +292,13 @@ def _check_config_value(value, rule: tuple, key: str, where: str) -> None:
             items_ok = all(isinstance(v, str) for v in value)
         if not items_ok:
             what = f"whole numbers from {rule[1]} to {rule[2]}" if kind == "ints" else "names"
-            raise CheckpointError(f"'{where}': '{key}' is {value!r}, expected a list of 1 to {rule[-1]} {what}; {fix}")
+            raise CheckpointError(
+                f"'{where}': '{key}' is {_repr(value)}, expected a list of 1 to {rule[-1]} {what}; {fix}"
+            )
         return
     try:
         if kind == "int" and isinstance(value, float):  # diffusers would build layers of a float size
-            raise ConsisIDError(f"'{key}' {value!r} must be a whole number written without a decimal point")
+            raise ConsisIDError(f"'{key}' {_repr(value)} must be a whole number written without a decimal point")
         check_number(f"'{key}'", value, rule[1], rule[2], integer=kind == "int")
     except ConsisIDError as e:
         raise CheckpointError(f"'{where}': {e}; {fix}") from None

@@ -27,8 +27,15 @@ from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 logger = logging.getLogger("consisid_core")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (not the usage block) like every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m consisid_core", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m consisid_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True)
 

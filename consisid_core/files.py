@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -32,7 +31,7 @@ def inside(root: str | os.PathLike, name: str, folder: str, follow_links: bool =
     ComfyUI follows them; otherwise the resolved path must stay inside the resolved root too.
     """
     refused = ConsisIDError(
-        f"'{name}' is not a file name inside the {folder} folder: give a name relative to that folder, "
+        f"'{shown(name)}' is not a file name inside the {folder} folder: give a name relative to that folder, "
         "without '..' or a leading '/', as its file list shows it"
     )
     if not isinstance(name, str) or not name.strip() or "\0" in name:
@@ -46,9 +45,16 @@ def inside(root: str | os.PathLike, name: str, folder: str, follow_links: bool =
         real_root = root.resolve()
         if not path.resolve().is_relative_to(real_root):
             raise ConsisIDError(
-                f"'{name}' leads outside the {folder} folder through a link; only files inside it are used"
+                f"'{shown(name)}' leads outside the {folder} folder through a link; only files inside it are used"
             )
     return path
+
+
+def shown(value, limit: int = 120) -> str:
+    """A name as a message shows it: on one line (control characters such as a newline or NUL
+    written as escapes) and cut after `limit` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def numbered_path(folder: str | os.PathLike, prefix: str, suffix: str) -> Path:
@@ -110,18 +116,20 @@ def load_torch_weights(path: str | os.PathLike, error=ConsisIDError) -> dict:
     Any file that is not a plain weights file gets one line: `error(...)`.
     """
     path = Path(path)
+    damaged = f"'{path}' is not a readable PyTorch weights file, damaged or truncated"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        text = str(e).lower()
+        if "weights only" in text and "unsupported operand" not in text:  # an object, not random bytes
             raise error(
                 f"'{path}' is not a plain weights file: it holds pickled Python objects, which are never loaded "
                 "(they could run code); use the original file from the ConsisID checkpoint"
             ) from None
-        raise error(f"'{path}' is not a PyTorch weights file (unreadable pickle data)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, MemoryError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise error(f"'{path}' is not a readable PyTorch weights file, damaged or truncated ({first})") from None
+        raise error(f"{damaged} (unreadable pickle data); download it again") from None
+    except Exception as e:  # noqa: BLE001 - damaged bytes fail in many ways there (IndexError, KeyError, …)
+        first = re.split(r"(?<=\.)\s", (str(e).strip().splitlines() or [type(e).__name__])[0])[0][:200]
+        raise error(f"{damaged} ({first or type(e).__name__}); download it again") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .checks import check_tensors
 from .errors import ConsisIDError, IdentityError
-from .files import publish
+from .files import publish, shown
 
 FORMAT = "consisid-identity"
 VERSION = "1"
@@ -108,24 +108,32 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
     """Write `identity` to `path` (.safetensors) atomically: a failed write leaves nothing behind,
     and an existing file is never replaced unless `overwrite`."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise IdentityError(f"cannot write '{path}': its folder '{path.parent}' does not exist")
-    if path.is_dir() or (path.exists() and not overwrite):
-        raise IdentityError(f"'{path}' already exists; give a new file name")
+    try:
+        if not path.parent.is_dir():
+            raise IdentityError(f"cannot write '{path}': its folder '{path.parent}' does not exist")
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise IdentityError(f"'{path}' already exists; give a new file name")
+    except OSError as e:  # a name too long for the file system, …
+        raise IdentityError(f"cannot write '{path}': {e.strerror or e}") from None
     tensors = {"id_cond": identity.id_cond, "kps": identity.kps, "face_image": identity.face_image}
     tensors |= {f"id_vit_hidden.{i}": h for i, h in enumerate(identity.id_vit_hidden)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # copies: safetensors refuses tensors that share memory (one hidden state given for every scale)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {str(k): str(v) for k, v in identity.metadata.items()} | {"format": FORMAT, "version": VERSION}
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(descriptor)
-    tmp = Path(name)
-    try:
+    tmp = None
+    try:  # the temporary name is kept short: the file name may be as long as the file system allows
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".partial", dir=path.parent)
+        os.close(descriptor)
+        tmp = Path(name)
         save_file(tensors, tmp, metadata=metadata)
         publish(tmp, path, overwrite)
     except ConsisIDError as e:
         raise IdentityError(str(e)) from None
+    except (OSError, SafetensorError) as e:
+        raise IdentityError(f"cannot write '{path}': {getattr(e, 'strerror', None) or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -146,7 +154,7 @@ def load_identity(path: str | os.PathLike) -> Identity:
             unknown = [k for k in names if not _KEY.fullmatch(k)]
             if unknown:
                 raise IdentityError(
-                    f"'{path}' is not a ConsisID identity file: unexpected tensor '{unknown[0][:80]}' "
+                    f"'{path}' is not a ConsisID identity file: unexpected tensor '{shown(unknown[0], 80)}' "
                     "(it holds id_cond, kps, face_image and id_vit_hidden.0, .1, …)"
                 )
             tensors = {k: f.get_tensor(k) for k in names}

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,13 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     before their pixels are decoded."""
     path = Path(path)
     if not path.is_file():
-        raise ConsisIDError(f"image '{path}' does not exist")
+        raise ConsisIDError(f"image '{path}' " + ("is a folder: give an image file" if path.is_dir() else "does not exist"))
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # PIL warns from 89 megapixels on; the bound below is lower and refuses those in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
                 raise ConsisIDError(
@@ -40,10 +45,12 @@ def read_image(path: str | os.PathLike) -> Image.Image:
                 )
             image.load()
             return ImageOps.exif_transpose(image)
+    except ConsisIDError:  # a ValueError too: not to be wrapped as unreadable below
+        raise
     except Image.DecompressionBombError:
         raise ConsisIDError(
             f"'{path}' declares more pixels than any photo (a decompression bomb?); photos are read up to "
-            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels"
+            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels: scale it down first"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -109,8 +109,6 @@ def check_inputs(
     check_number("guidance", guidance_scale, 0, MAX_GUIDANCE, "the reference uses 6; 1 or less turns guidance off")
     if identity_strength is not None:
         check_number("identity strength", identity_strength, 0, MAX_IDENTITY_STRENGTH, "1 is the trained strength")
-    if not isinstance(identity, Identity):
-        raise ConsisIDError(f"the identity must be an Identity (from the face models or an identity file), not {type(identity).__name__}")
     identity.check_compatible(model.config)
     if text is not None and text.positive.shape[-1] != model.config.text_embed_dim:
         raise ConsisIDError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from ..consisid_core.files import shown
+
 
 def declared_error(node_class, **values) -> str | None:
     """The first value outside what `node_class.INPUT_TYPES()` declares for it, as one line."""
@@ -14,16 +16,14 @@ def declared_error(node_class, **values) -> str | None:
         kind, options = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
         if isinstance(kind, (list, tuple)):
             if value not in kind:
-                return f"{name} '{short(value)}' is not one of the choices; pick one from the list (refresh it after adding files)"
+                return f"{name} '{shown(value)}' is not one of the choices; pick one from the list (refresh it after adding files)"
         elif kind in ("INT", "FLOAT"):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            # ints stay ints: a huge one (JSON allows 10**400) would overflow a float
+            number = not isinstance(value, bool) and (
+                isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+            )
+            whole = number and (isinstance(value, int) or value.is_integer())
             low, high = options.get("min", -math.inf), options.get("max", math.inf)
-            if not number or (kind == "INT" and float(value) != int(value)) or not low <= value <= high:
-                return f"{name} {short(value)} must be {'a whole number' if kind == 'INT' else 'a number'} from {low} to {high}"
+            if not number or (kind == "INT" and not whole) or not low <= value <= high:
+                return f"{name} {shown(value)} must be {'a whole number' if kind == 'INT' else 'a number'} from {low} to {high}"
     return None
-
-
-def short(value, limit: int = 120) -> str:
-    """A value as shown in a message: long text cut, so that a message stays one readable line."""
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -8,6 +8,7 @@ import torch
 
 from ..consisid_core.errors import FaceError
 from ..consisid_core.face import extract_identity, load_face_models
+from ..consisid_core.files import shown
 from . import host
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class ConsisIDFaceModelsLoader:
         folders = host.face_encoder_folders()
         if face_encoder not in folders:
             raise FileNotFoundError(
-                f"face encoder '{face_encoder}' is not in models/consisid; put the ConsisID checkpoint "
+                f"face encoder '{shown(face_encoder)}' is not in models/consisid; put the ConsisID checkpoint "
                 "(with its face_encoder/ folder) there and refresh"
             )
         target = host.torch_device() if device == "gpu" else torch.device("cpu")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..consisid_core.files import inside, numbered_path
+from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.files import inside, numbered_path, shown
 
 try:
     import comfy.model_management as model_management
@@ -74,7 +75,7 @@ def file_path(kind: str, name: str) -> Path:
         path = inside(root, name, f"models/{kind}", follow_links=True)
         if path.is_file():
             return path
-    raise FileNotFoundError(f"'{name}' is not in the {kind} model folders; put it there and refresh the list")
+    raise FileNotFoundError(f"'{shown(name)}' is not in the {kind} model folders; put it there and refresh the list")
 
 
 def pipeline_folders() -> dict[str, Path]:
@@ -141,9 +142,14 @@ def _stays_inside(root: Path, name: str) -> bool:
 
 
 def save_path_checked(prefix: str) -> Path:
-    """The output folder, once `prefix` is known to stay inside it (ComfyUI's %date% fields too)."""
+    """The output folder, once `prefix` is known to stay inside it (ComfyUI's %date% fields too)
+    and to end in a file name."""
     out = output_dir()
-    inside(out, prefix.replace("%", ""), "output")
+    if inside(out, prefix.replace("%", ""), "output") == out:  # '.' or './': the folder itself
+        raise ConsisIDError(
+            f"filename_prefix '{shown(prefix)}' names the output folder, not a file: end it with a name, "
+            "e.g. consisid/identity"
+        )
     return out
 
 

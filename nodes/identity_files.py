@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.identity import load_identity, save_identity
+from ..consisid_core.files import shown
 from . import host
-from .declared import short
 
 SUFFIX = ".safetensors"
 
@@ -41,7 +41,13 @@ class ConsisIDSaveIdentity:
         return True
 
     def save(self, identity, filename_prefix: str):
-        path = save_identity(identity, host.save_path(filename_prefix, SUFFIX))
+        try:
+            path = save_identity(identity, host.save_path(filename_prefix, SUFFIX))
+        except OSError as e:  # a name too long for the file system, a read-only folder, a file where a folder goes
+            raise ConsisIDError(
+                f"cannot write an identity file for filename_prefix '{shown(filename_prefix)}' in the output "
+                f"folder ({e.strerror or type(e).__name__}); choose a shorter prefix, or another folder"
+            ) from None
         return {"ui": {"text": [str(path.name)]}, "result": ()}
 
 
@@ -69,7 +75,7 @@ class ConsisIDLoadIdentity:
         # only a listed file: the answer is the same for any other name, so it tells nothing of the disk
         if identity_file not in host.input_files(SUFFIX):
             return (
-                f"identity_file '{short(identity_file)}' is not one of the identity files in the input folder; "
+                f"identity_file '{shown(identity_file)}' is not one of the identity files in the input folder; "
                 "pick one from the list (refresh it after adding files)"
             )
         return True

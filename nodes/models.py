@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel, load_vae_file, model_from_files
 from . import host
+from ..consisid_core.files import shown
 from .declared import declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -72,7 +73,7 @@ class ConsisIDModelLoader:
             return (model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights),)
         folders = host.pipeline_folders()
         if model not in folders:
-            raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
+            raise FileNotFoundError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; refresh the list")
         checkpoint = Checkpoint.open(folders[model])
         own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
         return (checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights),)

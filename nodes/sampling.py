@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.media import to_uint8
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
@@ -83,6 +86,12 @@ class ConsisIDSampler:
         check_sampling_fits(model, frames, height, width, device, streamed)
         first = None
         if image is not None:
+            if not isinstance(image, torch.Tensor) or image.ndim != 4 or len(image) == 0:
+                found = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ConsisIDError(
+                    f"the first-frame image ({found}) is not an IMAGE batch [N, H, W, 3] with an image in it: "
+                    "connect a Load Image, or leave the input empty for the identity's face"
+                )
             if len(image) > 1:
                 logger.info("the first-frame input is a batch of %d; using its first image", len(image))
             first = to_uint8(image[0])

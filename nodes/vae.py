@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.memory import decode_memory
 from ..consisid_core.sampling import Tiling, check_latents, decode
@@ -41,8 +43,8 @@ class ConsisIDVAEDecode:
     def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
         device = host.torch_device()
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        if samples is None or samples.ndim != 5:
-            found = list(samples.shape) if samples is not None else "no samples"
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
+            found = list(samples.shape) if isinstance(samples, torch.Tensor) else "no samples tensor"
             raise ConsisIDError(
                 f"this LATENT ({found}) is not a video latent: connect the LATENT of ConsisID Sampler"
             )

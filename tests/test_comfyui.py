@@ -303,3 +303,35 @@ def test_comfy_clip_route_equals_the_checkpoint_t5_route():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max |diff|" in result.stdout
+
+
+def test_load_identity_refuses_names_outside_the_input_folder(server):
+    """A shared server: an API prompt naming `../` or an absolute path gets a validation error that
+    reads the same whether a file is there or not, and the file is never read."""
+    base = server.base
+    secret = base / "secret.safetensors"  # a valid identity, beside input/
+    shutil.copy(base / "input" / "identity.safetensors", secret)
+    stat = secret.stat()
+    os.utime(secret, ns=(stat.st_mtime_ns - 10**12, stat.st_mtime_ns))  # any read moves atime past mtime
+    names = {
+        "../secret.safetensors": True, str(secret): True, "input/../../secret.safetensors": True,
+        "../nothing.safetensors": False, str(base / "nothing.safetensors"): False,
+    }
+    messages = set()
+    for name in names:
+        prompt = {
+            "1": {"class_type": "ConsisIDLoadIdentity", "inputs": {"identity_file": name}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
+        }
+        status, answer = server.post("/prompt", {"prompt": prompt})
+        assert status == 400, answer
+        (error,) = answer["node_errors"]["1"]["errors"]
+        assert error["type"] == "custom_validation_failed"
+        details = error["details"]
+        assert "\n" not in details and not any(w in details.lower() for w in ("exist", "found", "missing"))
+        messages.add(details.replace(name, "<name>"))
+    assert messages == {
+        "identity_file - identity_file '<name>' is not one of the identity files in the input folder; "
+        "pick one from the list (refresh it after adding files)"
+    }
+    assert secret.stat().st_atime_ns < secret.stat().st_mtime_ns, "the file outside the input folder was read"

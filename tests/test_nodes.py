@@ -18,19 +18,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def home(tmp_path, tiny_dir, monkeypatch):
-    """A ComfyUI-like base folder: models/consisid/tiny, models/diffusion_models, models/vae, input/."""
-    (tmp_path / "models" / "consisid").mkdir(parents=True)
-    (tmp_path / "models" / "consisid" / "tiny").symlink_to(tiny_dir, target_is_directory=True)
-    for kind, source in (("diffusion_models", "transformer"), ("vae", "vae")):
-        (tmp_path / "models" / kind).mkdir()
-        shutil.copy(tiny_dir / source / "diffusion_pytorch_model.safetensors", tmp_path / "models" / kind / "tiny.safetensors")
-    (tmp_path / "input").mkdir()
-    monkeypatch.setenv("CONSISID_HOME", str(tmp_path))
-    return tmp_path
-
-
 def test_the_pack_registers_nothing_outside_comfyui():
     assert pack.NODE_CLASS_MAPPINGS == {}
 

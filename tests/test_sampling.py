@@ -7,17 +7,8 @@ import torch
 
 from consisid_core.errors import ConsisIDError, GenerationCancelled, IdentityError
 from consisid_core.sampling import decode, sample
-from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
+from consisid_core.text import TextEmbeddings
 from consisid_core.tiny import random_identity
-
-
-@pytest.fixture
-def text(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    width = tiny_model.config.text_embed_dim
-    return TextEmbeddings(
-        torch.randn(1, MAX_SEQUENCE_LENGTH, width, generator=g), torch.randn(1, MAX_SEQUENCE_LENGTH, width, generator=g)
-    )
 
 
 class Counter:

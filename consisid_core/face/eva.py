@@ -17,7 +17,7 @@ import torch
 
 from ..checks import check_tensors
 from ..errors import FaceError
-from ..files import load_torch_weights
+from ..files import load_torch_weights, shown
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ HIDDEN_BLOCKS = (4, 8, 12, 16, 20)
 """Hidden states are taken ENTERING these blocks (CLS token included), as consisid_eva_clip does."""
 DEFAULT_HEAD_WIDTH = 64
 """EVA02-CLIP-L's head width; used only when the checkpoint has no RoPE buffers to read it from."""
+MAX_DEPTH = 128
+"""EVA02-CLIP-L has 24 blocks; a depth is read from the largest block number in the file."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,27 @@ def eva_config_from_state_dict(visual: dict[str, torch.Tensor], where: str) -> E
             f"{where} is not an EVA02-CLIP checkpoint: missing visual.{', visual.'.join(missing)}. "
             "Use EVA02_CLIP_L_336_psz14_s6B.pt from the ConsisID checkpoint's face_encoder folder."
         )
+    try:
+        return _eva_config(visual, where)
+    except (IndexError, ValueError, ZeroDivisionError, TypeError) as e:  # shapes of another rank or size
+        if isinstance(e, FaceError):
+            raise
+        raise FaceError(
+            f"{where} has shapes no EVA02-CLIP has ({e}); use EVA02_CLIP_L_336_psz14_s6B.pt from the ConsisID "
+            "checkpoint's face_encoder folder"
+        ) from None
+
+
+def _eva_config(visual: dict[str, torch.Tensor], where: str) -> EvaConfig:
     width = visual["cls_token"].shape[-1]
     patch = visual["patch_embed.proj.weight"].shape[-1]
     tokens = visual["pos_embed"].shape[1] - 1
     grid = round(tokens**0.5)
     if grid * grid != tokens:
         raise FaceError(f"{where}: pos_embed has {tokens} patch tokens, not a square grid")
-    depth = 1 + max(int(m.group(1)) for k in visual if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max(int(m.group(1)) for k in visual if (m := re.match(r"blocks\.([0-9]+)\.", k)))
+    if depth > MAX_DEPTH:
+        raise FaceError(f"{where} has a block number {depth - 1}; an EVA02-CLIP tower has at most {MAX_DEPTH} blocks")
     rope = next((visual[k] for k in ("rope.freqs_cos", "blocks.0.attn.rope.freqs_cos") if k in visual), None)
     head_dim = rope.shape[-1] if rope is not None else DEFAULT_HEAD_WIDTH
     if width % head_dim:
@@ -128,8 +144,31 @@ def load_face_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
+    """Refuse, in one line, a state dict whose keys or shapes are not `module`'s (RoPE buffers,
+    computed from the sizes, may be absent)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(k for k in expected.keys() - state.keys() if "rope" not in k)
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
+    wrong = [f"{k}: {list(state[k].shape)}, expected {list(expected[k])}" for k in wrong]
+    problems = [
+        f"{len(keys)} {kind} ({', '.join(shown(k) for k in keys[:3])})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise FaceError(
+            f"{where} does not fit {what}: tensors {'; '.join(problems)}; download the ConsisID checkpoint's "
+            "face_encoder folder again"
+        )
+
+
 def load_eva_tower(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> EvaVisionTower:
-    """Build the tower from an original EVA-CLIP `.pt` (keys `visual.*`) and load its weights."""
+    """Build the tower from an original EVA-CLIP `.pt` (keys `visual.*`) and load its weights.
+
+    The tower is first built on the meta device (no memory) and the file checked against it, so
+    that sizes read from a wrong file never allocate a model larger than the file."""
     from timm.models.eva import checkpoint_filter_fn
 
     path = Path(path)
@@ -137,13 +176,20 @@ def load_eva_tower(path: str | os.PathLike, device="cpu", dtype=torch.float32) -
     prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
     visual = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     config = eva_config_from_state_dict(visual, f"'{path}'")
-    tower = EvaVisionTower(config)
-    mapped = checkpoint_filter_fn(visual, tower.model)
-    missing, unexpected = tower.model.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if "rope" not in k]
-    if missing or unexpected:
+    try:
+        with torch.device("meta"):
+            skeleton = EvaVisionTower(config)
+        mapped = checkpoint_filter_fn(visual, skeleton.model)
+    except (ValueError, ZeroDivisionError, RuntimeError, TypeError, IndexError) as e:
+        if isinstance(e, FaceError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise FaceError(
-            f"'{path}' does not match the EVA02-CLIP vision tower: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+            f"'{path}' has sizes no EVA02-CLIP tower has ({first}); use EVA02_CLIP_L_336_psz14_s6B.pt from the "
+            "ConsisID checkpoint's face_encoder folder"
+        ) from None
+    check_state_fits(skeleton.model, mapped, f"'{path}'", "the EVA02-CLIP vision tower")
+    tower = EvaVisionTower(config)
+    tower.model.load_state_dict(checkpoint_filter_fn(visual, tower.model), strict=False)
     logger.info("loaded EVA vision tower from %s: %s", path, config)
     return tower.eval().requires_grad_(False).to(device=device, dtype=dtype)

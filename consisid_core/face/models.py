@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import FaceError
-from .eva import EvaVisionTower, load_eva_tower, load_face_weights
+from .eva import EvaVisionTower, check_state_fits, load_eva_tower, load_face_weights
 from .tiny import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ DET_SIZE = (640, 640)
 DET_THRESH = 0.5
 RETINAFACE_THRESH = 0.97
 """facexlib FaceRestoreHelper's detection threshold."""
+BISENET_CLASSES = 19
+"""facexlib's face parser: background, skin, brows, eyes, …, hat (`extract.PARSING_BACKGROUND`)."""
 
 
 @dataclass
@@ -119,10 +121,8 @@ def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
             "use detection_Resnet50_Final.pth from the ConsisID face_encoder folder"
         )
     model = RetinaFace(network_name=network, half=False, device=torch.device(device))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise FaceError(f"'{path}' does not fit facexlib RetinaFace ({network}): {e}") from None
+    check_state_fits(model, state, f"'{path}'", f"facexlib RetinaFace ({network})")
+    model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -137,11 +137,15 @@ def load_bisenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
     classes = state.get("conv_out.conv_out.weight")
     if classes is None:
         raise FaceError(f"'{path}' is not a facexlib BiSeNet checkpoint (no conv_out.conv_out.weight)")
-    model = BiSeNet(num_class=classes.shape[0])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise FaceError(f"'{path}' does not fit facexlib BiSeNet: {e}") from None
+    if classes.ndim != 4 or classes.shape[0] != BISENET_CLASSES:
+        raise FaceError(
+            f"'{path}' is not ConsisID's face parser: its conv_out.conv_out.weight is {list(classes.shape)}, a "
+            f"parser of the {BISENET_CLASSES} face classes has [{BISENET_CLASSES}, 64, 1, 1]; use parsing_bisenet.pth "
+            "from the ConsisID checkpoint's face_encoder folder"
+        )
+    model = BiSeNet(num_class=BISENET_CLASSES)
+    check_state_fits(model, state, f"'{path}'", "facexlib BiSeNet")
+    model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -1,0 +1,266 @@
+"""The command line, tried as a careless user and an attacker would: every bad argument exits 2 with
+one line naming the value and the fix, before any weights load, writing nothing; signals clean up.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from consisid_core import cli
+from consisid_core.checkpoint import Checkpoint
+from consisid_core.identity import save_identity
+from consisid_core.media import write_frames
+from consisid_core.tiny import random_identity
+
+
+@pytest.fixture
+def identity_file(tiny_model, tmp_path):
+    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Fails the test if a transformer is built: every case here must stop before that."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    built = []
+    original = ConsisIDTransformer3DModel.__init__
+
+    def recording(self, *args, **kwargs):
+        built.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConsisIDTransformer3DModel, "__init__", recording)
+    yield
+    assert built == [], "the transformer was built although the arguments alone decide the refusal"
+
+
+def _refused(capsys, args: list[str], message: str) -> str:
+    capsys.readouterr()  # what earlier runs in the test printed
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--seed", str(2**64)], "--seed 18446744073709551616 must be a whole number from 0 to 18446744073709551615"),
+        (["--seed", "-1"], "--seed -1 must be a whole number from 0"),
+        (["--frames", "1000001"], "frame count 1000001 is over this checkpoint's maximum of 72 per pass"),
+        (["--width", "100000"], "width 100000 is over this checkpoint's maximum of 384"),
+        (["--height", "1008", "--width", "96"], "height 1008 is over this checkpoint's maximum of 256"),
+        (["--height", "256", "--width", "384"], "pixels per frame, over this checkpoint's maximum of 24,576"),
+        (["--frames", "100001", "--width", "4096", "--height", "4096", "--allow-oversize"],
+         "generating 100001 frames of 4096×4096 needs about"),
+        (["--steps", "1001"], "--steps 1001 must be a whole number from 1 to 1000"),
+        (["--guidance", "nan"], "--guidance nan must be a finite number from 0 to 100"),
+        (["--guidance", "inf"], "--guidance inf must be a finite number"),
+        (["--guidance", "-3"], "--guidance -3.0 must be a finite number from 0 to 100"),
+        (["--fps", "100000"], "--fps 100000 must be a whole number from 1 to 240"),
+        (["--step-cache", "nan"], "step cache threshold nan"),
+        (["--device", "meta"], "device 'meta' is not one to run on; use auto, cpu, cuda or cuda:N"),
+        (["--device", "tpu:3"], "device 'tpu:3' is not one to run on"),
+        (["--device", "banana"], "device 'banana' is not one to run on"),
+        (["--prompt", "x" * 100_001], "the prompt is 100,001 characters long"),
+        (["--negative-prompt", "bad \udcff byte"], "the negative prompt is not valid UTF-8 text"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_weights_load(
+    tiny_dir, identity_file, tmp_path, capsys, no_weights_load, extra, message
+):
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--out", str(out)]
+    _refused(capsys, args + extra, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+def test_a_cuda_device_without_a_gpu(tiny_dir, identity_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x"]
+    _refused(capsys, args + ["--device", "cuda:1", "--out", str(tmp_path / "v.mp4")], "torch sees no CUDA GPU")
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_in_a_real_process(tiny_dir, identity_file, tmp_path):
+    out = tmp_path / "v.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "consisid_core", "generate", "--model", str(tiny_dir), "--identity",
+         str(identity_file), "--prompt", b"a man \xff\xfe walking", "--out", str(out)],
+        capture_output=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1].startswith("error: the prompt is not valid UTF-8 text")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/self/video.mp4", "/proc/self/frames", "/sys/video.mp4"])
+def test_out_where_nothing_can_be_written(tiny_dir, identity_file, capsys, no_weights_load, where):
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--out", where]
+    _refused(capsys, args, "cannot write in")
+
+
+def test_out_through_a_symlink_is_refused(tiny_dir, identity_file, tmp_path, capsys, no_weights_load):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "frames"
+    link.symlink_to(target, target_is_directory=True)
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x"]
+    _refused(capsys, args + ["--out", str(link)], "is a symbolic link")
+    mp4_link = tmp_path / "v.mp4"
+    mp4_link.symlink_to(tmp_path / "nowhere.mp4")
+    _refused(capsys, args + ["--out", str(mp4_link)], "is a symbolic link")
+    assert list(target.iterdir()) == [] and not (tmp_path / "nowhere.mp4").exists()
+
+
+def test_an_existing_video_is_replaced_only_with_overwrite(tiny_dir, identity_file, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"the user's own video")
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--steps", "1"]
+    _refused(capsys, args + ["--out", str(out)], "already exists; give a new name, or pass --overwrite")
+    assert out.read_bytes() == b"the user's own video"
+    assert cli.main(args + ["--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[4:8] == b"ftyp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors", "v.mp4"]
+
+
+def test_overwrite_replaces_only_a_folder_of_frames(tiny_dir, identity_file, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--steps", "1"]
+    frames = tmp_path / "frames"
+    assert cli.main(args + ["--out", str(frames)]) == 0
+    _refused(capsys, args + ["--out", str(frames)], "already exists and is not empty")
+    assert cli.main(args + ["--out", str(frames), "--overwrite", "--seed", "3"]) == 0
+    assert len(list(frames.iterdir())) == 9
+    (frames / "notes.txt").write_text("mine")
+    _refused(capsys, args + ["--out", str(frames), "--overwrite"], "already exists and is not empty")
+    assert (frames / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "me.safetensors"]
+
+
+def test_embed_out_onto_a_folder_or_an_existing_identity(tiny_dir, identity_file, tmp_path, capsys):
+    photo = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(photo)
+    folder = tmp_path / "id.safetensors"
+    folder.mkdir()
+    base = ["embed", "--model", str(tiny_dir), "--face", str(photo), "--out"]
+    _refused(capsys, base + [str(folder)], "a folder of that name exists")
+    before = identity_file.read_bytes()
+    _refused(capsys, base + [str(identity_file)], "already exists; give a new name, or pass --overwrite")
+    assert identity_file.read_bytes() == before
+    _refused(capsys, base + ["/proc/self/id.safetensors"], "cannot write in")
+
+
+def test_make_tiny_seed_out_of_range(tmp_path, capsys):
+    _refused(capsys, ["make-tiny", str(tmp_path / "t"), "--seed", "-5"], "--seed -5 must be a whole number from 0")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_run_out_of_memory_is_refused_before_loading(tiny_dir, identity_file, tmp_path, capsys, no_weights_load):
+    """The memory estimate against what the machine has, at a size the bounds allow when asked."""
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x",
+            "--allow-oversize", "--frames", "100001",
+            "--height", "2048", "--width", "2048", "--out", str(tmp_path / "v.mp4")]
+    err = _refused(capsys, args, "generating 100001 frames of 2048×2048 needs about")
+    assert "memory available: lower the frame count or the size" in err
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "cancelled")])
+def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path, sig, code, line):
+    """`--model tiny` makes its checkpoint in a temporary folder: a signal mid-run removes it."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consisid_core", "generate", "--model", "tiny", "--prompt", "a woman smiling",
+         "--steps", "1000", "--out", str(out_dir / "v.mp4")],
+        env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        started = _wait_for(lambda: any((p / "checkpoint").is_dir() for p in temp.glob("consisid-tiny-*")), 240)
+        assert started, "the tiny checkpoint never appeared"
+        time.sleep(2)  # into the run
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, err
+    assert err.splitlines()[-1] == f"{line}: nothing was written"
+    # ONNX Runtime writes a session id (.ses) at import and torch keeps a compile cache: not ours
+    ours = [p.name for p in temp.iterdir() if p.name != ".ses" and not p.name.startswith("torchinductor_")]
+    assert ours == [] and list(out_dir.iterdir()) == []
+
+
+def test_sigterm_while_frames_are_written_removes_the_staging_folder(tmp_path, monkeypatch):
+    """The hidden staging folder beside --out goes too when SIGTERM comes mid-write."""
+    from PIL import Image
+
+    saved = []
+    real_save = Image.Image.save
+
+    def save_then_signal(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        saved.append(True)
+        if len(saved) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_signal)
+    out = tmp_path / "frames"
+    with pytest.raises(cli.Terminated), cli._terminating_cleanly():
+        write_frames(torch.rand(9, 16, 16, 3), out)
+    assert len(saved) == 3
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_checkpoint_open_alone_refuses_before_weights(tmp_path, tiny_dir):
+    """`generate` refuses a bad checkpoint folder at Checkpoint.open: configs only."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    config = json.loads((bad / "transformer" / "config.json").read_text())
+    config["num_layers"] = 1_000_000_000
+    (bad / "transformer" / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="'num_layers' 1000000000 must be a whole number from 1 to 512"):
+        Checkpoint.open(bad)
+    assert time.monotonic() - started < 10
+    assert Path(bad / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--model", "m", "--prompt", "p", "--seed", "abc", "--out", "o"], "argument --seed: invalid int value: 'abc'"),
+        (["generate", "--model", "m", "--out", "o"], "the following arguments are required: --prompt"),
+        (["generate", "--model", "m", "--prompt", "p", "--dtype", "fp4", "--out", "o"], "argument --dtype: invalid choice: 'fp4'"),
+        (["paint"], "argument command: invalid choice: 'paint'"),
+    ],
+)
+def test_malformed_command_lines_get_one_line_too(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "--help" in err

@@ -28,7 +28,7 @@ from consisid_core.checkpoint import DTYPES
 from consisid_core.sampling import resolve_size
 
 from .harness import (
-    MODES, default_modes, make_inputs, performance_available, quiet_diffusers, run_bench, table, write_section,
+    MODES, default_modes, make_inputs, quiet_diffusers, run_bench, table, write_section,
 )
 from .sizes import (
     SIZES, TEXT_MODES, build_checkpoint, folder_megabytes, t5_config, t5_parameters, transformer_parameters,
@@ -189,7 +189,6 @@ def _run(args) -> int:
             *[f"- {line}" for line in env],
             f"- checkpoint: {size.describe()} ({size.note}); {megabytes:,.0f} MB on disk",
             text_line,
-            f"- performance options (consisid_core.performance): {'present' if performance_available() else 'absent'}",
             "",
             table(results, steps),
             "",

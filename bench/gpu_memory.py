@@ -99,10 +99,11 @@ class FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
             query, _, value = args[:3]
-            log_sum_exp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
-            out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
-            del log_sum_exp  # alive beside the output while the kernel runs
-            return out
+            out_and_log_sum_exp = (  # both alive while the kernel runs; the log-sum-exp dies on return
+                torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device),
+                torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device),
+            )
+            return out_and_log_sum_exp[0]
         return func(*args, **(kwargs or {}))
 
 

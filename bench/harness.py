@@ -24,10 +24,8 @@ path goes first; the table shows medians.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import importlib.util
-import inspect
+import importlib
 import logging
 import os
 import re
@@ -40,8 +38,9 @@ from pathlib import Path
 import torch
 
 from consisid_core.checkpoint import Checkpoint
-from consisid_core.sampling import Tiling, decode, encode_with_checkpoint, sample
-from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
+from consisid_core.performance import Performance
+from consisid_core.sampling import Tiling, decode, sample
+from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
 from consisid_core.tiny import random_identity
 
 
@@ -54,52 +53,6 @@ PROMPT = (
     "She is wearing sunglasses and a black top, and she appears to be talking seriously."
 )
 NEGATIVE_PROMPT = "blurry, low quality, distorted face"
-
-
-def performance_available() -> bool:
-    """Whether `consisid_core.performance` exists and `sample` takes `performance=`."""
-    return (
-        importlib.util.find_spec("consisid_core.performance") is not None
-        and "performance" in inspect.signature(sample).parameters
-    )
-
-
-def _performance_fields() -> dict[str, object]:
-    """Performance's fields and their defaults, {} without the module."""
-    if not performance_available():
-        return {}
-    from consisid_core.performance import Performance
-
-    return {f.name: f.default for f in dataclasses.fields(Performance)}
-
-
-def _performance(**fields):
-    from consisid_core.performance import Performance
-
-    return Performance(**fields)
-
-
-def _load_options() -> set[str]:
-    return set(inspect.signature(Checkpoint.load_model).parameters) - {"self", "dtype", "transformer", "vae"}
-
-
-def unsupported(mode: Mode) -> str:
-    """Why our path cannot run `mode` with this core, or "" when it can."""
-    fields = _performance_fields()
-    if mode.ours and not fields:
-        return "consisid_core.performance is not there (or sample takes no performance=)"
-    for name, value in mode.ours.items():
-        if name not in fields:
-            return f"Performance has no '{name}' option"
-        if name == "offload":
-            from consisid_core import performance
-
-            if value not in getattr(performance, "OFFLOAD_MODES", (value,)):
-                return f"Performance's offload has no '{value}'"
-    for name in mode.ours_load:
-        if name not in _load_options():
-            return f"Checkpoint.load_model has no '{name}' option"
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +340,7 @@ class Ours:
     def run(self, mode: Mode, inputs: Inputs, steps: _Steps, decode_too: bool = True) -> None:
         options = {}
         if mode.ours:
-            options["performance"] = _performance(**mode.ours)
+            options["performance"] = Performance(**mode.ours)
         device = None if self.device.type == "cpu" else self.device
         steps.begin()
         latents = sample(
@@ -628,9 +581,8 @@ def run_bench(
     modes: list[str],
 ) -> Results:
     # both paths' model code imported before anything is timed: the first load must not carry it
-    from diffusers import ConsisIDPipeline  # noqa: F401
-
-    import consisid_core.decoder  # noqa: F401
+    for module in ("diffusers.pipelines.consisid.pipeline_consisid", "consisid_core.decoder"):
+        importlib.import_module(module)
 
     paths = {"ours": Ours(checkpoint, dtype, device), "diffusers": Diffusers(checkpoint, dtype, device)}
     memory = PeakMemory(device)
@@ -640,10 +592,7 @@ def run_bench(
     chosen = []
     for name in modes:
         mode = MODES[name]
-        why = unsupported(mode)
-        if why:
-            skipped[name] = why
-        elif mode.gpu_only and device.type != "cuda" and name.startswith("offload"):
+        if mode.gpu_only and device.type != "cuda" and name.startswith("offload"):
             skipped[name] = "needs a GPU (nothing to offload to on the CPU)"
         else:
             chosen.append(mode)

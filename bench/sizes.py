@@ -1,21 +1,21 @@
 """The benchmark's checkpoint sizes, and a builder that writes one in the real layout.
 
-Every size is written the way `make-tiny` writes its checkpoint (diffusers `save_pretrained` of
-the pipeline, a SentencePiece tokenizer built locally) with random weights, so both paths load the
-same files through their own loaders. No `face_encoder/`: the bench feeds identities directly.
+Every size is written by `make-tiny`'s own builder (`consisid_core.tiny.random_components` and
+`save_components`: diffusers `save_pretrained` of the pipeline, a SentencePiece tokenizer built
+locally) with random weights, so both paths load the same files through their own loaders. No
+`face_encoder/`: the bench feeds identities directly.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from consisid_core.checkpoint import RELEASED_SCHEDULER_CONFIG, RELEASED_VAE_CONFIG
-from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, _write_spiece_model
+from consisid_core.checkpoint import RELEASED_VAE_CONFIG
+from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, random_components, save_components, tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -129,35 +129,10 @@ SIZES: dict[str, Size] = {
 
 def build_checkpoint(size: Size, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu", text: str = "embeddings") -> Path:
-    """Write `size` as a checkpoint folder (diffusers layout, random weights) into `directory`;
-    its T5 is `t5_config(size, text, vocabulary)`."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDPipeline, ConsisIDTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_spiece_model(Path(tmp) / "spiece.model")
-        tokenizer = T5Tokenizer.from_pretrained(tmp, local_files_only=True)
-    with torch.device(device):
-        torch.manual_seed(seed)
-        transformer = ConsisIDTransformer3DModel(**size.transformer).to(dtype).eval()
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKLCogVideoX(**size.vae).to(dtype).eval()
-        torch.manual_seed(seed + 2)
-        t5 = t5_config(size, text, len(tokenizer))
-        text_encoder = T5EncoderModel(
-            T5Config(vocab_size=len(tokenizer), d_model=size.transformer["text_embed_dim"], **t5)
-        ).to(dtype).eval()
-    pipe = ConsisIDPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=CogVideoXDPMScheduler.from_config(RELEASED_SCHEDULER_CONFIG),
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    # as in the released checkpoint (and make-tiny), the tokenizer is its SentencePiece model
-    (directory / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    _write_spiece_model(directory / "tokenizer" / "spiece.model")
+    """Write `size` as a checkpoint folder (diffusers layout, random weights) into `directory`,
+    with make-tiny's builder; its T5 is `t5_config(size, text, vocabulary)`."""
+    t5 = t5_config(size, text, len(tokenizer()))
+    save_components(random_components(size.transformer, size.vae, t5, seed, dtype, device), directory)
     logger.info("wrote the %s checkpoint to %s", size.name, directory)
     return directory
 

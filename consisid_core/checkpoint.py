@@ -8,7 +8,7 @@ A checkpoint folder is laid out like the Hub repo `BestWishYsh/ConsisID-preview`
     text_encoder/         T5EncoderModel, config.json + safetensors
     tokenizer/            T5 tokenizer (spiece.model)
     scheduler/            CogVideoXDPMScheduler config
-    face_encoder/         insightface antelopev2, facexlib and EVA-CLIP files (see `face`)
+    face_encoder/         the face models (FACE_ENCODER below), read by `face.load_face_models`
 
 The transformer also loads from one `.safetensors` file with diffusers key names (what people keep
 in ComfyUI's `models/diffusion_models`), its config read from a checkpoint folder or inferred from
@@ -56,6 +56,22 @@ RELEASED_SCHEDULER_CONFIG = {
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE_CLASS = "ConsisIDPipeline"
 EXPECTED_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, face_encoder/"
+
+FACE_ENCODER = "face_encoder"
+"""The face models' folder. `open` does not require it (a model used with identity files needs no
+face models); `face.load_face_models` says which of these files is missing when it loads them."""
+ANTELOPE_DIR = Path("models") / "antelopev2"
+"""insightface's antelopev2 models, inside face_encoder/."""
+DETECTION_FILE = "scrfd_10g_bnkps.onnx"
+"""In ANTELOPE_DIR: the insightface detector (SCRFD, 5 keypoints)."""
+RECOGNITION_FILE = "glintr100.onnx"
+"""In ANTELOPE_DIR: the insightface recogniser (ArcFace, 512-d)."""
+RETINAFACE_FILE = "detection_Resnet50_Final.pth"
+"""facexlib RetinaFace (aligns the face)."""
+BISENET_FILE = "parsing_bisenet.pth"
+"""facexlib BiSeNet (face parsing)."""
+EVA_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
+"""EVA02-CLIP-L-14-336 (its vision tower is used)."""
 
 # component -> (files that must all exist, alternatives of which one must exist, unsafe formats)
 _COMPONENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -206,7 +222,7 @@ class Checkpoint:
 
     @property
     def face_encoder_dir(self) -> Path:
-        return self.root / "face_encoder"
+        return self.root / FACE_ENCODER
 
     def load_transformer(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
         from diffusers import ConsisIDTransformer3DModel

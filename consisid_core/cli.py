@@ -163,7 +163,8 @@ def _generate(args) -> None:
     from .identity import load_identity
     from .media import check_output, read_image, write_frames
     from .performance import Performance, sage_kernel
-    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, decode, encode_with_checkpoint, resolve_size, sample
+    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, decode, resolve_size, sample
+    from .text import encode_with_checkpoint
 
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

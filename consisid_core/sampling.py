@@ -35,7 +35,7 @@ from .memory import (
     spatial_scale,
 )
 from .performance import Performance, applied
-from .text import TextEmbeddings, encode_text
+from .text import TextEmbeddings, encode_with_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -467,23 +467,6 @@ def _decode(vae, latents, device, tiling: Tiling | None, slicing: bool) -> torch
         video = pipe.decode_latents(latents.to(weight.device, weight.dtype))
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")
     return video.flatten(0, 1).permute(0, 2, 3, 1).float().cpu()
-
-
-def encode_with_checkpoint(
-    checkpoint: Checkpoint | None, dtype: torch.dtype, prompt: str, negative_prompt: str = "", device=None
-) -> TextEmbeddings:
-    """Encode with the checkpoint's own T5, loaded for this and released after."""
-    if checkpoint is None:
-        raise ConsisIDError(
-            "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
-            "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
-        )
-    encoder = checkpoint.load_text_encoder(dtype)
-    try:
-        return encode_text(encoder, prompt, negative_prompt, device)
-    finally:
-        del encoder
-        gc.collect()
 
 
 def generate(

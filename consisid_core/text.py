@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checks import check_prompt, check_tensors
 from .errors import ConsisIDError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +76,20 @@ def encode_text(encoder: TextEncoder, prompt: str, negative_prompt: str = "", de
     finally:
         encoder.model.to(original)
     return TextEmbeddings(positive, negative)
+
+
+def encode_with_checkpoint(
+    checkpoint: Checkpoint | None, dtype: torch.dtype, prompt: str, negative_prompt: str = "", device=None
+) -> TextEmbeddings:
+    """Encode with the checkpoint's own T5, loaded for this and released after."""
+    if checkpoint is None:
+        raise ConsisIDError(
+            "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
+            "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
+        )
+    encoder = checkpoint.load_text_encoder(dtype)
+    try:
+        return encode_text(encoder, prompt, negative_prompt, device)
+    finally:
+        del encoder
+        gc.collect()

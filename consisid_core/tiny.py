@@ -12,11 +12,12 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .checkpoint import RELEASED_SCHEDULER_CONFIG
+from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG
 from .errors import ConsisIDError
 from .identity import Identity
 
@@ -94,40 +95,77 @@ def _write_spiece_model(path: Path) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-def _components(seed: int, kps: bool):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+TINY_T5 = dict(
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+    use_cache=False,
+)
+"""T5Config fields of the tiny T5 but vocab_size and d_model (the tokenizer's and the transformer's
+text_embed_dim)."""
+
+
+def tokenizer():
+    """The T5 tokenizer of `_write_spiece_model`'s SentencePiece model."""
+    from transformers import T5Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         _write_spiece_model(Path(tmp) / "spiece.model")
-        tokenizer = T5Tokenizer.from_pretrained(tmp, local_files_only=True)
-    torch.manual_seed(seed)
-    transformer = ConsisIDTransformer3DModel(**TINY_TRANSFORMER, is_kps=kps)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLCogVideoX(**TINY_VAE)
-    torch.manual_seed(seed + 2)
-    text_config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=TINY_TRANSFORMER["text_embed_dim"],
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    text_encoder = T5EncoderModel(text_config).eval()
+        return T5Tokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def random_components(
+    transformer: Mapping,
+    vae: Mapping,
+    t5: Mapping,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """`ConsisIDPipeline`'s components from configs, with random weights drawn from `seed`.
+
+    `transformer` and `vae` are the models' configs; `t5` the T5Config fields but vocab_size and
+    d_model (as TINY_T5). Built on `device` in `dtype`; the scheduler is the released one's.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, ConsisIDTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    def cast(model: torch.nn.Module) -> torch.nn.Module:  # built in float32 (diffusers warns on any cast)
+        return (model if dtype == torch.float32 else model.to(dtype)).eval()
+
+    words = tokenizer()
+    with torch.device(device):
+        torch.manual_seed(seed)
+        transformer_model = cast(ConsisIDTransformer3DModel(**transformer))
+        torch.manual_seed(seed + 1)
+        vae_model = cast(AutoencoderKLCogVideoX(**vae))
+        torch.manual_seed(seed + 2)
+        text_encoder = cast(T5EncoderModel(T5Config(vocab_size=len(words), d_model=transformer["text_embed_dim"], **t5)))
     return dict(
-        tokenizer=tokenizer,
+        tokenizer=words,
         text_encoder=text_encoder,
-        vae=vae.eval(),
-        transformer=transformer.eval(),
+        vae=vae_model,
+        transformer=transformer_model,
         scheduler=CogVideoXDPMScheduler.from_config(RELEASED_SCHEDULER_CONFIG),
     )
+
+
+def save_components(components: Mapping, directory: str | os.PathLike) -> Path:
+    """Write `random_components`' output into `directory` in the released checkpoint's layout
+    (diffusers `save_pretrained`, the tokenizer as its SentencePiece model); no face_encoder/."""
+    from diffusers import ConsisIDPipeline
+
+    directory = Path(directory)
+    ConsisIDPipeline(**components).save_pretrained(directory, safe_serialization=True)
+    (directory / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    _write_spiece_model(directory / "tokenizer" / "spiece.model")
+    return directory
 
 
 def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) -> Path:
@@ -135,8 +173,6 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) ->
 
     Written beside the target and moved into place at the end: a failure leaves nothing behind.
     """
-    from diffusers import ConsisIDPipeline
-
     from .face.tiny import write_tiny_face_encoder
 
     target = Path(directory)
@@ -145,11 +181,8 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        ConsisIDPipeline(**_components(seed, kps)).save_pretrained(staging, safe_serialization=True)
-        # as in the released checkpoint, the tokenizer is its SentencePiece model
-        (staging / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-        _write_spiece_model(staging / "tokenizer" / "spiece.model")
-        write_tiny_face_encoder(staging / "face_encoder", seed)
+        save_components(random_components({**TINY_TRANSFORMER, "is_kps": kps}, TINY_VAE, TINY_T5, seed), staging)
+        write_tiny_face_encoder(staging / FACE_ENCODER, seed)
         if target.exists():
             target.rmdir()
         os.replace(staging, target)

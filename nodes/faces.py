@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..consisid_core.errors import FaceError
-from ..consisid_core.face import extract_identity, load_face_models
+from ..consisid_core.face import extract_identity, load_face_models, onnxruntime_providers
 from ..consisid_core.files import shown
 from . import host
 
@@ -15,13 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 def _providers() -> list[str]:
-    """ONNX Runtime's providers here, cpu first (just cpu if onnxruntime is missing: loading says
-    what to install)."""
+    """ONNX Runtime's providers here, cpu first (just cpu without ONNX Runtime: the nodes still
+    load, and loading the face models says what to install)."""
     try:
-        import onnxruntime
+        names = [p.removesuffix("ExecutionProvider").lower() for p in onnxruntime_providers()]
     except ImportError:
         return ["cpu"]
-    names = [p.removesuffix("ExecutionProvider").lower() for p in onnxruntime.get_available_providers()]
     return ["cpu"] + [n for n in names if n != "cpu"]
 
 
@@ -48,7 +47,7 @@ class ConsisIDFaceModelsLoader:
                 "provider": (
                     _providers(),
                     {"default": "cpu", "tooltip": "ONNX Runtime provider for the insightface models. "
-                                                  "'cuda' needs onnxruntime-gpu."},
+                                                  "'cuda' needs onnxruntime-gpu (instead of onnxruntime)."},
                 ),
                 "device": (
                     ["cpu", "gpu"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..consisid_core.checkpoint import ANTELOPE_DIR, FACE_ENCODER
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.files import inside, numbered_path, shown
 
@@ -96,10 +97,10 @@ def pipeline_folders() -> dict[str, Path]:
 def face_encoder_folders() -> dict[str, Path]:
     """Folders holding the face models: each checkpoint's face_encoder/, and standalone ones in
     `models/consisid/` (a folder with models/antelopev2/ inside)."""
-    found = {name: path / "face_encoder" for name, path in pipeline_folders().items() if (path / "face_encoder").is_dir()}
+    found = {name: path / FACE_ENCODER for name, path in pipeline_folders().items() if (path / FACE_ENCODER).is_dir()}
     for root in folders(CONSISID_FOLDER):
         if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if (p / "models" / "antelopev2").is_dir()):
+            for folder in sorted(p for p in root.iterdir() if (p / ANTELOPE_DIR).is_dir()):
                 found.setdefault(folder.name, folder)
     return found
 

@@ -8,8 +8,7 @@ import torch
 
 from ..consisid_core.checks import check_prompt
 from ..consisid_core.errors import ConsisIDError
-from ..consisid_core.sampling import encode_with_checkpoint
-from ..consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
+from ..consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
 from . import host
 
 logger = logging.getLogger(__name__)

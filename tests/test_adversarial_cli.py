@@ -90,6 +90,7 @@ def test_a_cuda_device_without_a_gpu(tiny_dir, identity_file, tmp_path, capsys):
     _refused(capsys, args + ["--device", "cuda:1", "--out", str(tmp_path / "v.mp4")], "torch sees no CUDA GPU")
 
 
+@pytest.mark.slow
 def test_a_prompt_of_bytes_that_are_not_utf8_in_a_real_process(tiny_dir, identity_file, tmp_path):
     out = tmp_path / "v.mp4"
     result = subprocess.run(
@@ -121,6 +122,7 @@ def test_out_through_a_symlink_is_refused(tiny_dir, identity_file, tmp_path, cap
     assert list(target.iterdir()) == [] and not (tmp_path / "nowhere.mp4").exists()
 
 
+@pytest.mark.slow
 def test_an_existing_video_is_replaced_only_with_overwrite(tiny_dir, identity_file, tmp_path, capsys):
     out = tmp_path / "v.mp4"
     out.write_bytes(b"the user's own video")
@@ -132,6 +134,7 @@ def test_an_existing_video_is_replaced_only_with_overwrite(tiny_dir, identity_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors", "v.mp4"]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_a_folder_of_frames(tiny_dir, identity_file, tmp_path, capsys):
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--steps", "1"]
     frames = tmp_path / "frames"
@@ -183,6 +186,7 @@ def _wait_for(predicate, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "cancelled")])
 def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path, sig, code, line):
     """`--model tiny` makes its checkpoint in a temporary folder: a signal mid-run removes it."""

@@ -105,6 +105,7 @@ def test_a_value_beyond_float32_in_a_float64_file(saved):
     refused(rf"'id_cond' holds infinite values: {AGAIN}", lambda: load_identity(saved))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_files_load_as_float32_and_sample(tiny_model, text, tmp_path, dtype):
     ident = random_identity(tiny_model.config, seed=5)

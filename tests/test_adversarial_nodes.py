@@ -395,6 +395,7 @@ def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls
     assert calls == [] and time.perf_counter() - start < 5
 
 
+@pytest.mark.slow
 def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
     """The counterpart of the refusals: 73 frames with allow_oversize, and the hooks see the work."""
     (latent,) = SAMPLER().sample(**sample_args(model, identity, text, frames=73), allow_oversize=True)

@@ -17,6 +17,7 @@ def _bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_tiny_bench_prints_the_table_and_writes_its_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# results\n\n<!-- bench:tiny -->\nold table\n<!-- /bench:tiny -->\n\nkept\n", encoding="utf-8")
@@ -33,6 +34,7 @@ def test_tiny_bench_prints_the_table_and_writes_its_section(tmp_path):
     assert "old table" not in written and "kept" in written and "| default (median of 1) | load s |" in written
 
 
+@pytest.mark.slow
 def test_tiny_bench_with_prompts_encodes_them_in_both_paths():
     run = _bench("--size", "tiny", "--text", "t5", "--steps", "2", "--repeats", "1", "--modes", "none",
                  "--device", "cpu")
@@ -46,6 +48,7 @@ def test_tiny_bench_with_prompts_encodes_them_in_both_paths():
     assert float(re.search(r"\(0\.\.1\) \| ([^ |]+) \|", diff).group(1)) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the real size is refused only without a GPU")
 def test_real_size_is_refused_on_the_cpu():
     run = _bench("--size", "real", "--device", "cpu", timeout=120)
@@ -53,6 +56,7 @@ def test_real_size_is_refused_on_the_cpu():
     assert "needs a GPU" in run.stderr and run.stdout == ""
 
 
+@pytest.mark.slow
 def test_peak_memory_runs_each_path_in_its_own_process():
     run = subprocess.run(
         [sys.executable, "-m", "bench.peak_memory", "--size", "tiny", "--repeats", "1"],
@@ -90,6 +94,7 @@ def test_fused_attention_is_counted_without_the_score_matrix():
     assert peak == q.numel() * 2 + 2 * 4096 * 4  # output and float32 log-sum-exp; scores would be 64 MB
 
 
+@pytest.mark.slow
 def test_gpu_memory_estimate_runs_on_the_cpu():
     run = subprocess.run(
         [sys.executable, "-m", "bench.gpu_memory", "--size", "tiny", "--dtype", "fp32"],
@@ -101,6 +106,7 @@ def test_gpu_memory_estimate_runs_on_the_cpu():
     assert 0 < tiled < whole
 
 
+@pytest.mark.slow
 def test_the_nodes_memory_requests_agree_with_the_estimate_at_the_real_size():
     """`decode_memory` and `sampling_memory` (what the nodes ask ComfyUI to free) against
     `bench.gpu_memory`'s count of live tensors, both at 49 frames of 480×720 in bf16."""

@@ -26,6 +26,7 @@ def test_make_tiny_command(tmp_path):
     assert Checkpoint.open(tmp_path / "t").transformer_config["is_kps"] is True
 
 
+@pytest.mark.slow
 def test_generate_png_frames_are_the_lossless_frames(tiny_dir, tiny_model, identity_file, tmp_path):
     out = tmp_path / "frames"
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]
@@ -39,6 +40,7 @@ def test_generate_png_frames_are_the_lossless_frames(tiny_dir, tiny_model, ident
     assert np.array_equal(written, expected)
 
 
+@pytest.mark.slow
 def test_generate_mp4(tiny_dir, identity_file, tmp_path):
     out = tmp_path / "video.mp4"
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]
@@ -52,6 +54,7 @@ def test_generate_mp4(tiny_dir, identity_file, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_readme_demo_runs_as_a_module(tmp_path):
     out = tmp_path / "demo.mp4"
     result = subprocess.run(
@@ -127,6 +130,7 @@ def photo(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_embed_then_generate_identity_equals_generate_face(tiny_dir, photo, tmp_path):
     identity = tmp_path / "astronaut.safetensors"
     assert main(["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(identity)]) == 0
@@ -138,6 +142,7 @@ def test_embed_then_generate_identity_equals_generate_face(tiny_dir, photo, tmp_
     assert len(a) == 9 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_embed_without_a_face_exits_2_and_writes_nothing(tiny_dir, tmp_path, capsys):
     dark = tmp_path / "dark.png"
     Image.new("RGB", (200, 160), (10, 10, 10)).save(dark)
@@ -155,6 +160,7 @@ def test_embed_needs_a_safetensors_path(tiny_dir, photo, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_performance_flags(tiny_dir, identity_file, tmp_path, capsys):
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--steps", "3"]
     out = tmp_path / "fast"

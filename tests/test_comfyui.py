@@ -23,7 +23,9 @@ import pytest
 from workflow_tools import CHECKPOINT, ROOT, WORKFLOWS, our_specs, to_api
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+pytestmark = [
+    pytest.mark.comfyui, pytest.mark.slow, pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+]
 
 OURS = set(our_specs())
 

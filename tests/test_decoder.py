@@ -44,6 +44,7 @@ def _latents(shape, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape",
     [
@@ -62,6 +63,7 @@ def test_fp32_frames_match_diffusers(vae_dir, shape):
     assert (fast - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_fp32_tiled_frames_match_diffusers(vae_dir):
     ours, theirs = _both(vae_dir, "fp32")
     latents, tiling = _latents((1, 3, 4, 16, 24)), Tiling.halves(128, 192, 8)
@@ -70,6 +72,7 @@ def test_fp32_tiled_frames_match_diffusers(vae_dir):
     assert (fast - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_each_faster_path_runs_in_fp32(vae_dir):
     """Hooks on the modules diffusers' forward would call show that ours did not call them."""
     ours, _ = _both(vae_dir, "fp32")
@@ -101,6 +104,7 @@ def test_each_faster_path_runs_in_fp32(vae_dir):
     assert set(seen["conv3d frames"]) == {11}
 
 
+@pytest.mark.slow
 def test_bf16_is_bit_identical_and_folds_nothing(vae_dir):
     ours, theirs = _both(vae_dir, "bf16")
     calls = []

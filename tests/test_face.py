@@ -153,6 +153,7 @@ def test_scrfd_decoding_gives_the_designed_faces(models):
         assert box[4] > 0.5
 
 
+@pytest.mark.slow
 def test_retinaface_decoding_gives_the_designed_faces(models):
     bgr = np.ascontiguousarray(squares(faces=THREE)[:, :, ::-1])
     with torch.no_grad():
@@ -171,6 +172,7 @@ def test_retinaface_decoding_gives_the_designed_faces(models):
 # extraction
 
 
+@pytest.mark.slow
 def test_extract_real_photo(models):
     skimage_data = pytest.importorskip("skimage.data")
     photo = skimage_data.astronaut()
@@ -191,6 +193,7 @@ def test_extract_real_photo(models):
     assert all(torch.equal(a, b) for a, b in zip(again.identity.id_vit_hidden, ident.id_vit_hidden))
 
 
+@pytest.mark.slow
 def test_antelope_embedding_is_the_recognizer_on_the_chosen_face(models):
     from insightface.utils import face_align
 
@@ -205,6 +208,7 @@ def test_antelope_embedding_is_the_recognizer_on_the_chosen_face(models):
     assert result.face_count == 1 and result.face_index == 0
 
 
+@pytest.mark.slow
 def test_several_faces_largest_by_default_and_face_index_left_to_right(models, caplog):
     im = squares(faces=THREE)
     with caplog.at_level(logging.INFO, logger="consisid_core.face"):
@@ -234,6 +238,7 @@ def test_no_face_is_a_clear_error(models):
     assert isinstance(e.value, ConsisIDError)
 
 
+@pytest.mark.slow
 def test_fallback_to_aligned_crop_when_antelopev2_finds_none(models, caplog):
     import cv2
 
@@ -254,6 +259,7 @@ def test_fallback_to_aligned_crop_when_antelopev2_finds_none(models, caplog):
     np.testing.assert_allclose(result.identity.id_cond[0, :512].numpy(), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_several_images_give_several_identities(models):
     a = squares(faces=(((320, 320), 250),))
     b = squares(faces=(((160, 192), 230),))
@@ -273,6 +279,7 @@ def _same(r1, r2):
     assert torch.equal(r1.identity.face_image, r2.identity.face_image)
 
 
+@pytest.mark.slow
 def test_input_kinds_give_the_same_identity(models, tmp_path):
     from PIL import Image
 
@@ -307,6 +314,7 @@ def test_rgba_is_composited_on_white():
         to_rgb_uint8(np.zeros((4, 4, 2), np.uint8))
 
 
+@pytest.mark.slow
 def test_very_large_image_box_in_input_pixels(models):
     im = np.zeros((4000, 6000, 3), np.uint8)
     im[1500:2100, 2800:3400] = 240  # a 600 px bright square → 102 px after the 1024 resize
@@ -316,6 +324,7 @@ def test_very_large_image_box_in_input_pixels(models):
     assert result.box[2] - result.box[0] > 600  # a box in the 6000-px frame, not the resized one
 
 
+@pytest.mark.slow
 def test_small_image(models):
     im = np.zeros((80, 100, 3), np.uint8)
     im[36:62, 36:62] = 240

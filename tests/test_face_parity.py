@@ -113,6 +113,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_diffusers_process_face_embeddings_infer(face_dir, reference, case):
     from diffusers.pipelines.consisid import consisid_utils
@@ -151,6 +152,7 @@ def test_matches_diffusers_process_face_embeddings_infer(face_dir, reference, ca
     assert 0 < ours.mask.sum() < ours.mask.numel()
 
 
+@pytest.mark.slow
 def test_eva_tower_matches_consisid_eva_clip(face_dir):
     from consisid_core.face.eva import load_eva_tower
 

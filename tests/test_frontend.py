@@ -20,7 +20,9 @@ import pytest
 from workflow_tools import SNAPSHOT, WORKFLOWS, to_api, widget_slots
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+pytestmark = [
+    pytest.mark.comfyui, pytest.mark.slow, pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")
+]
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 from frontend_tools import chromium_path, frontend, prepare_base, snapshot_node_defs  # noqa: E402

@@ -16,7 +16,7 @@ from consisid_core.performance import Performance
 from consisid_core.sampling import decode, sample
 from consisid_core.text import TextEmbeddings
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SLACK = 2**20
 """Bytes of GPU memory a finished run may leave allocated (none expected; this allows an allocator block)."""

@@ -74,6 +74,7 @@ def _image(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).float().div(255).unsqueeze(0)
 
 
+@pytest.mark.slow
 def test_a_whole_graph_equals_the_core(home, tiny_dir):
     skimage_data = pytest.importorskip("skimage.data")
     from consisid_core import Checkpoint, generate
@@ -99,6 +100,7 @@ def test_a_whole_graph_equals_the_core(home, tiny_dir):
     assert (frames - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
     from consisid_core.tiny import random_identity
 
@@ -151,6 +153,7 @@ def test_text_encode_needs_a_model_or_a_clip():
         NODE_CLASS_MAPPINGS["ConsisIDTextEncode"]().encode("x", "")
 
 
+@pytest.mark.slow
 def test_tiled_decode_node(home):
     n = NODE_CLASS_MAPPINGS
     (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
@@ -160,6 +163,7 @@ def test_tiled_decode_node(home):
     assert plain.shape == tiled.shape == (9, 64, 96, 3)
 
 
+@pytest.mark.slow
 def test_performance_node_feeds_the_sampler(home):
     from consisid_pack.consisid_core.performance import Performance
 

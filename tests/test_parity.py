@@ -42,6 +42,7 @@ def reference_frames(folder, identity, image=None, **kw) -> torch.Tensor:
     return out[0].permute(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kps", [False, True], ids=["kps-off", "kps-on"])
 @pytest.mark.parametrize("dynamic_cfg", [False, True], ids=["cfg", "dynamic-cfg"])
 def test_frames_equal_the_reference(tiny_dir, tiny_kps_dir, kps, dynamic_cfg):
@@ -59,6 +60,7 @@ def test_frames_equal_the_reference(tiny_dir, tiny_kps_dir, kps, dynamic_cfg):
     assert (other - ours).abs().max().item() > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_single_file_transformer_equals_the_reference(tiny_dir):
     weights = tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors"
     transformer = load_transformer_file(weights, "fp32", config=tiny_dir)
@@ -69,6 +71,7 @@ def test_single_file_transformer_equals_the_reference(tiny_dir):
     assert (ours - theirs).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_own_first_frame_and_precomputed_text_equal_the_reference(tiny_dir, tiny_model):
     identity = random_identity(tiny_model.config, seed=13)
     frame = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)

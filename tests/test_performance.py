@@ -42,6 +42,7 @@ class Calls:
         self.count += 1
 
 
+@pytest.mark.slow
 def test_identity_tokens_are_computed_once_per_run(model, identity, text):
     calls = Calls(model.transformer.local_facial_extractor.id_embedding_mapping)
     try:
@@ -63,6 +64,7 @@ def test_hooks_are_removed_when_a_run_stops(model, identity, text):
     assert _hooks_left(model.transformer) == []
 
 
+@pytest.mark.slow
 def test_step_cache_off_changes_nothing_and_on_skips_steps(model, identity, text, caplog):
     plain = sample(model, identity, text, steps=8)
     assert torch.equal(plain, sample(model, identity, text, steps=8, performance=Performance(step_cache=0.0)))
@@ -86,6 +88,7 @@ def test_sequential_offload_gives_the_same_latents(model, identity, text):
     assert _hooks_left(model.transformer) == []
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_latents_and_are_undone(model, identity, text):
     plain = sample(model, identity, text, steps=2)
     compiled = sample(model, identity, text, steps=2, performance=Performance(compile=True))
@@ -127,6 +130,7 @@ def test_sage_attention_is_refused_where_it_cannot_run(model, identity, text):
     assert _hooks_left(model.transformer) == []
 
 
+@pytest.mark.slow
 def test_fp8_storage_keeps_the_face_modules_and_stays_close(tiny_dir, model, identity, text):
     fp8 = Checkpoint.open(tiny_dir).load_model("fp32", fp8=True)
     blocks, face = fp8.transformer.transformer_blocks[0], fp8.transformer.local_facial_extractor

@@ -75,6 +75,7 @@ def test_unknown_scheduler(tiny_model, identity, text):
         sample(tiny_model, identity, text, steps=1, scheduler="euler")
 
 
+@pytest.mark.slow
 def test_callback_sees_every_step(tiny_model, identity, text):
     counter = Counter()
     latents = sample(tiny_model, identity, text, steps=3, callback=counter)
@@ -85,6 +86,7 @@ def test_callback_sees_every_step(tiny_model, identity, text):
     assert 0 <= frames.min() and frames.max() <= 1
 
 
+@pytest.mark.slow
 def test_a_callback_stops_the_run_and_options_do_not_stick(tiny_model, identity, text):
     scale = tiny_model.transformer.local_face_scale
     counter = Counter(stop_at=2)
@@ -95,6 +97,7 @@ def test_a_callback_stops_the_run_and_options_do_not_stick(tiny_model, identity,
     assert next(tiny_model.transformer.parameters()).device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_identity_strength_acts_for_one_run_only(tiny_model, identity, text):
     plain = sample(tiny_model, identity, text, steps=2, seed=1)
     strong = sample(tiny_model, identity, text, steps=2, seed=1, identity_strength=4.0)
@@ -103,6 +106,7 @@ def test_identity_strength_acts_for_one_run_only(tiny_model, identity, text):
     assert torch.equal(plain, again)
 
 
+@pytest.mark.slow
 def test_ddim_scheduler_runs(tiny_model, identity, text):
     dpm = sample(tiny_model, identity, text, steps=2, seed=1)
     ddim = sample(tiny_model, identity, text, steps=2, seed=1, scheduler="ddim")
@@ -114,6 +118,7 @@ def test_other_sizes_run(tiny_model, identity, text):
     assert latents.shape == (1, 2, 4, 4, 6)
 
 
+@pytest.mark.slow
 def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identity, text):
     from consisid_core.sampling import Tiling
 
@@ -128,6 +133,7 @@ def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identit
     assert 0 < (tiled - plain).abs().mean() < 0.05
 
 
+@pytest.mark.slow
 def test_decode_a_batch_of_videos(tiny_model, identity, text):
     latents = sample(tiny_model, identity, text, steps=1, seed=3)
     frames = decode(tiny_model.vae, torch.cat([latents, latents]), slicing=True)
@@ -191,6 +197,7 @@ class OutOfMemoryUntiled:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
 
 
+@pytest.mark.slow
 def test_out_of_memory_decodes_again_in_tiles(tiny_model, identity, text, caplog):
     from consisid_core.sampling import Tiling
 

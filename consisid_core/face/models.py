@@ -1,11 +1,13 @@
 """Loading the face models of a ConsisID checkpoint's `face_encoder/` folder, without any download.
 
-    face_encoder/
-        models/antelopev2/scrfd_10g_bnkps.onnx   insightface detector (SCRFD, 5 keypoints)
-        models/antelopev2/glintr100.onnx         insightface recogniser (ArcFace, 512-d)
-        detection_Resnet50_Final.pth             facexlib RetinaFace (aligns the face)
-        parsing_bisenet.pth                      facexlib BiSeNet (face parsing)
-        EVA02_CLIP_L_336_psz14_s6B.pt            EVA02-CLIP-L-14-336 (the vision tower is used)
+The folder's files are named in `checkpoint` (FACE_ENCODER and the names after it): insightface's
+antelopev2 detector and recogniser (ONNX, run by ONNX Runtime), facexlib's RetinaFace and BiSeNet,
+and EVA02-CLIP-L-14-336 (its vision tower is used).
+
+ONNX Runtime is not a dependency of the package, so that installing it keeps whichever build a
+Python already has (`onnxruntime`, `onnxruntime-gpu`, …; they all provide the one `onnxruntime`
+module and overwrite each other). Without one, loading the face models stops with one ImportError
+naming the install command (`onnxruntime_providers`).
 
 The reference (`diffusers.pipelines.consisid.consisid_utils.prepare_face_models`) builds the same
 models through insightface's `FaceAnalysis`, facexlib's `FaceRestoreHelper` and `consisid_eva_clip`;
@@ -16,15 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
 from ..errors import FaceError
 from .eva import EvaVisionTower, check_state_fits, load_eva_tower, load_face_weights
-from .tiny import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +72,40 @@ class FaceModels:
         return self.eva.config.width
 
 
-def resolve_providers(provider: str) -> list[str]:
-    """'cpu', 'cuda' or any ONNX Runtime provider name → the provider list for a session (CPU last)."""
+def _install_commands() -> str:
+    python = sys.executable or "python"
+    pip = (f'"{python}"' if " " in python else python) + " -m pip"
+    return (
+        f"install one build of it into this Python: '{pip} install onnxruntime' (CPU), or "
+        f"'{pip} install onnxruntime-gpu' for CUDA GPUs; only one, as they share the onnxruntime module"
+    )
+
+
+def onnxruntime_providers() -> list[str]:
+    """The execution providers of the ONNX Runtime installed here, e.g. ['CUDAExecutionProvider',
+    'CPUExecutionProvider']. ImportError naming the install command when there is none (or what is
+    there is broken)."""
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("the ConsisID face pipeline needs ONNX Runtime: pip install onnxruntime (or onnxruntime-gpu)") from e
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            raise ImportError(
+                f"ConsisID's face models run on ONNX Runtime, which is not installed: {_install_commands()}"
+            ) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ImportError(f"ONNX Runtime is installed but does not import ({first}): {_install_commands()}") from e
+    providers = getattr(onnxruntime, "get_available_providers", None)
+    if providers is None:  # what uninstalling one build leaves of another installed over it
+        raise ImportError(
+            "ONNX Runtime's files here are incomplete (one build was installed over another, then one "
+            f"uninstalled): uninstall onnxruntime and onnxruntime-gpu, then {_install_commands()}"
+        )
+    return list(providers())
 
-    available = list(onnxruntime.get_available_providers())
+
+def resolve_providers(provider: str) -> list[str]:
+    """'cpu', 'cuda' or any ONNX Runtime provider name → the provider list for a session (CPU last)."""
+    available = onnxruntime_providers()
     wanted = str(provider).strip()
     key = wanted.lower().removesuffix("executionprovider")
     match = [p for p in available if p.lower().removesuffix("executionprovider") == key]
@@ -84,7 +113,8 @@ def resolve_providers(provider: str) -> list[str]:
         short = ", ".join(p.removesuffix("ExecutionProvider").lower() for p in available)
         raise FaceError(
             f"ONNX Runtime provider '{provider}' is not available here; available: {short}. "
-            + ("For CUDA install onnxruntime-gpu (and uninstall onnxruntime). " if key == "cuda" else "")
+            + ("For CUDA uninstall onnxruntime, then install onnxruntime-gpu (in that order: they share one "
+               "module). " if key == "cuda" else "")
             + "Pick one of the available ones (cpu always works)."
         )
     providers = [match[0]]

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
+
 logger = logging.getLogger(__name__)
 
 TINY_EVA = dict(width=32, depth=24, heads=2, mlp_hidden=85, embed_dim=32, patch_size=14, image_size=336)
@@ -47,13 +49,6 @@ RETINA_SCORE_GAIN = 100.0 / 255.0
 RETINA_FACE_SIZE = 128.0
 CANONICAL_KPS = np.array([[-0.17, -0.12], [0.17, -0.12], [0.0, 0.05], [-0.14, 0.22], [0.14, 0.22]])
 """Left eye, right eye, nose, mouth corners relative to the face centre, in units of the face size."""
-
-DETECTION_FILE = "scrfd_10g_bnkps.onnx"
-RECOGNITION_FILE = "glintr100.onnx"
-RETINAFACE_FILE = "detection_Resnet50_Final.pth"
-BISENET_FILE = "parsing_bisenet.pth"
-EVA_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
-ANTELOPE_DIR = Path("models") / "antelopev2"
 
 
 def scrfd_face_size(gray: float) -> float:

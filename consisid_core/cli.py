@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConsisIDError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except ImportError as e:  # an optional dependency (ONNX Runtime, SageAttention): its message says what to install
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else e!r}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("cancelled: nothing was written\n")
         return 130

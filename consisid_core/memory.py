@@ -1,23 +1,24 @@
-"""Memory: estimates of a run's working memory from the configs alone, and the check that a run
-fits the machine before it starts.
+"""Memory, in one place: where models sit during a run (`placed`), estimates of a run's working
+memory from the configs alone, and the check that a run fits the machine before it starts.
 
 The estimates are calibrated against `python -m bench.gpu_memory --size real` (live tensors of
 each phase counted on the meta device) and the medium bench's measured peaks; they serve both
-what the nodes ask ComfyUI to free and the refusal of runs that cannot fit at all.
+what the nodes ask ComfyUI to reserve and the refusal of runs that cannot fit at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConsisIDError
-from .text import MAX_SEQUENCE_LENGTH
 
 if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
     from .sampling import Tiling
 
 DECODE_BYTES_PER_LATENT = 307_000 * 4
@@ -38,6 +39,34 @@ ENCODE_ACTIVATIONS_PER_PIXEL = 2_700
 1.84 GB for one 480×720 frame in bf16)."""
 
 
+TEXT_ENCODER_WORK = 2**30
+"""Working memory of a T5-XXL encode of 226 tokens beyond its weights (generous: ~0.1 GB used)."""
+
+
+def home_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter's or buffer's device; CPU if it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def placed(modules: list[torch.nn.Module], device: torch.device | str | None) -> Iterator[None]:
+    """Move `modules` to `device` for the block and back to where each was, whatever happens.
+    `device` None moves nothing (the caller, e.g. ComfyUI's model management, placed them)."""
+    if device is None:
+        yield
+        return
+    homes = [home_device(m) for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
 def spatial_scale(vae_config: Mapping) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
@@ -54,7 +83,7 @@ def sampling_memory(
     scale, patch = spatial_scale(vae_config), transformer_config["patch_size"]
     temporal = vae_config["temporal_compression_ratio"]
     patches = (height // scale // patch) * (width // scale // patch)
-    tokens = 2 * (MAX_SEQUENCE_LENGTH + ((frames - 1) // temporal + 1) * patches)
+    tokens = 2 * (transformer_config["max_text_seq_length"] + ((frames - 1) // temporal + 1) * patches)
     inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     forward = SAMPLING_ACTIVATIONS_PER_TOKEN * tokens * inner
     encode = ENCODE_ACTIVATIONS_PER_PIXEL * height * width
@@ -72,6 +101,11 @@ def decode_memory(
         scale = spatial_scale(vae_config)
         height, width = min(height, tiling.tile_height // scale), min(width, tiling.tile_width // scale)
     return DECODE_BYTES_PER_LATENT * frames * height * width * dtype_bytes(dtype) // 4
+
+
+def text_encoder_memory(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """A checkpoint's T5 in `dtype` (its parameters, from the safetensors headers) and its work."""
+    return checkpoint.parameter_count("text_encoder") * dtype_bytes(dtype) + TEXT_ENCODER_WORK
 
 
 def module_bytes(module: torch.nn.Module) -> int:

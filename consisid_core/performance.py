@@ -6,10 +6,11 @@ Always on (same results): the Local Facial Extractor runs once per run instead o
 Options (`Performance`):
 - `compile`: `torch.compile` each transformer block for this run (the compiled code is cached by
   torch, so a later run with the same shapes does not compile again).
-- `offload`: `model` (the default) moves the transformer and the VAE to the GPU for the run and
-  back to the CPU after it, so nothing stays on the GPU between runs; `sequential` keeps the
-  transformer on the CPU and streams its layers to the GPU one at a time as they run (diffusers'
-  leaf-level group offloading): the least GPU memory, slower.
+- `offload`: `model` (the default) runs the transformer and the VAE on the GPU: `sample` moves
+  them there for the run and back to where they were after it (in ComfyUI, ComfyUI places them,
+  whole or partly, and keeps them there between runs); `sequential` keeps the transformer where
+  it is (RAM) and streams its layers to the GPU one at a time as they run (diffusers' leaf-level
+  group offloading): the least GPU memory, slower.
 - `attention`: `sdpa` (PyTorch's scaled_dot_product_attention, as diffusers) or `sage`
   (SageAttention's quantized kernel for the transformer's attention, when the `sageattention`
   package is installed: CUDA GPUs, bf16/fp16 models only; faster, results move slightly).
@@ -33,7 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import diffusers_hooks as hooks
 from .errors import ConsisIDError
+from .memory import home_device
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,6 @@ ATTENTION_BACKENDS = ("sdpa", "sage")
 
 TEACACHE_COEFFICIENTS = (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02)
 """TeaCache4ConsisID's polynomial rescaling of the timestep embedding's relative L1 change."""
-
-_HOOK = "consisid_run"
-
 
 @dataclass(frozen=True)
 class Performance:
@@ -70,31 +70,8 @@ class StepCacheStats:
     skipped: int = 0
 
 
-def _hooks():
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    return HookRegistry, ModelHook
-
-
-@contextlib.contextmanager
-def _hooked(pairs: list[tuple[torch.nn.Module, object]]) -> Iterator[None]:
-    """Register each (module, hook) for the block; remove them all after, whatever happens."""
-    HookRegistry, _ = _hooks()
-    registered = []
-    try:
-        for module, hook in pairs:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _HOOK)
-            registered.append(module)
-        yield
-    finally:
-        for module in registered:
-            module._diffusers_hook.remove_hook(_HOOK, recurse=False)
-
-
 def _once_per_run_hook():
-    _, ModelHook = _hooks()
-
-    class OncePerRun(ModelHook):
+    class OncePerRun(hooks.hook_base()):
         """The first output, returned again for every later call in this run."""
 
         def __init__(self):
@@ -103,7 +80,7 @@ def _once_per_run_hook():
 
         def new_forward(self, module, *args, **kwargs):
             if self.output is None:
-                self.output = self.fn_ref.original_forward(*args, **kwargs)
+                self.output = hooks.original_forward(self, *args, **kwargs)
             return self.output
 
     return OncePerRun()
@@ -143,7 +120,7 @@ class _TeaCacheState:
 def _teacache_hooks(transformer: torch.nn.Module, state: _TeaCacheState) -> list[tuple[torch.nn.Module, object]]:
     """Hooks that make the transformer skip its blocks (and the face cross-attention between them)
     when `state` says so, reusing the last computed residual: TeaCache without rewriting forward."""
-    _, ModelHook = _hooks()
+    ModelHook = hooks.hook_base()
 
     class Decide(ModelHook):  # on time_embedding: its output is this step's embedding
         def post_forward(self, module, output):
@@ -155,19 +132,19 @@ def _teacache_hooks(transformer: torch.nn.Module, state: _TeaCacheState) -> list
             if state.skip:
                 return hidden_states + state.residual[0], encoder_hidden_states + state.residual[1]
             state.start = (hidden_states, encoder_hidden_states)
-            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+            return hooks.original_forward(self, hidden_states, encoder_hidden_states, *args, **kwargs)
 
     class LaterBlock(ModelHook):
         def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
             if state.skip:
                 return hidden_states, encoder_hidden_states
-            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+            return hooks.original_forward(self, hidden_states, encoder_hidden_states, *args, **kwargs)
 
     class FaceCrossAttention(ModelHook):  # added to the hidden states between blocks
         def new_forward(self, module, face, hidden_states, *args, **kwargs):
             if state.skip:
                 return torch.zeros_like(hidden_states)
-            return self.fn_ref.original_forward(face, hidden_states, *args, **kwargs)
+            return hooks.original_forward(self, face, hidden_states, *args, **kwargs)
 
     class AfterBlocks(ModelHook):  # on norm_final: its input is cat(text, video) after all blocks
         def pre_forward(self, module, hidden_states, *args, **kwargs):
@@ -241,16 +218,14 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 def _attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
     """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
-    _, ModelHook = _hooks()
-
-    class KernelAttention(ModelHook):
+    class KernelAttention(hooks.hook_base()):
         def __init__(self):
             super().__init__()
             self.mode = _AttentionKernel(kernel)
 
         def new_forward(self, module, *args, **kwargs):
             with self.mode:
-                return self.fn_ref.original_forward(*args, **kwargs)
+                return hooks.original_forward(self, *args, **kwargs)
 
     return [(block.attn1, KernelAttention()) for block in transformer.transformer_blocks]
 
@@ -260,20 +235,25 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
-def _compiled(blocks: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
-    """`torch.compile` the blocks for this run (what `nn.Module.compile` does), undone after."""
-    if not enabled:
-        yield
-        return
-    try:
-        for block in blocks:
-            if block not in _COMPILED:
-                _COMPILED[block] = torch.compile(block._call_impl)
-            block._compiled_call_impl = _COMPILED[block]
-        yield
-    finally:
-        for block in blocks:
-            block._compiled_call_impl = None
+def check_options(transformer: torch.nn.Module, options: Performance) -> None:
+    """Refuse, before any work, an option whose diffusers or torch internals differ here."""
+    for enabled, needs, option in (
+        (options.step_cache > 0, ("registry", "blocks", "face"), "the step cache"),
+        (options.attention == "sage", ("registry", "attention"), "attention 'sage'"),
+        (options.offload == "sequential", ("offload",), "sequential offload"),
+        (options.compile, ("compile",), "compile"),
+    ):
+        if enabled:
+            hooks.check(transformer, needs, option)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 @contextlib.contextmanager
@@ -285,19 +265,15 @@ def _offloaded(model, mode: str, device: torch.device | None) -> Iterator[list[t
         return
     from diffusers.hooks import apply_group_offloading
 
-    device = torch.device(device)
+    device, home = torch.device(device), home_device(model.transformer)
     try:
         apply_group_offloading(
             model.transformer, onload_device=device, offload_type="leaf_level", use_stream=device.type == "cuda"
         )
         yield [model.vae]
     finally:
-        for module in model.transformer.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
-                if registry is not None and name in registry.hooks:
-                    registry.remove_hook(name, recurse=False)
-        model.transformer.to("cpu")
+        hooks.remove_group_offloading(model.transformer)
+        model.transformer.to(home)
 
 
 @contextlib.contextmanager
@@ -308,17 +284,23 @@ def applied(model, options: Performance, steps: int, device) -> Iterator[tuple[l
     """
     stats = StepCacheStats()
     transformer = model.transformer
+    check_options(transformer, options)
     pairs = []
     if getattr(transformer, "local_facial_extractor", None) is not None:
-        pairs.append((transformer.local_facial_extractor, _once_per_run_hook()))
+        found = hooks.problems(transformer, ("registry", "face"))
+        if found:  # diffusers' own forward: the LFE runs every step, the frames are the same
+            _warn_once(f"the identity tokens are computed every step: this diffusers ({hooks.diffusers_version()}) "
+                       f"differs from what the once-per-run cache is built on ({'; '.join(found)})")
+        else:
+            pairs.append((transformer.local_facial_extractor, _once_per_run_hook()))
     if options.step_cache > 0:
         pairs += _teacache_hooks(transformer, _TeaCacheState(options.step_cache, steps, stats))
     if options.attention == "sage":
-        target = torch.device(device) if device is not None else next(transformer.parameters()).device
+        target = torch.device(device) if device is not None else home_device(transformer)
         kernel = sage_kernel(target, model.dtype, transformer.config.attention_head_dim)
         pairs += _attention_hooks(transformer, kernel)
-    with _offloaded(model, options.offload, device) as to_place, _hooked(pairs), _compiled(
-        list(transformer.transformer_blocks), options.compile
+    with _offloaded(model, options.offload, device) as to_place, hooks.hooked(pairs), hooks.compiled(
+        list(transformer.transformer_blocks), _COMPILED, options.compile
     ):
         yield to_place, stats
     if options.step_cache > 0:

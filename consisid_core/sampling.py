@@ -31,8 +31,10 @@ from .memory import (
     dtype_bytes,
     gigabytes,
     module_bytes,
+    placed,
     sampling_memory,
     spatial_scale,
+    text_encoder_memory,
 )
 from .performance import Performance, applied
 from .text import TextEmbeddings, encode_with_checkpoint
@@ -139,22 +141,6 @@ def make_scheduler(model: ConsisIDModel, name: str):
 
 
 @contextlib.contextmanager
-def placed(modules: list[torch.nn.Module], device: torch.device | str | None) -> Iterator[None]:
-    """Move `modules` to `device` for the block and back to where they were, whatever happens."""
-    if device is None:
-        yield
-        return
-    homes = [next(m.parameters()).device for m in modules]
-    try:
-        for m in modules:
-            m.to(device)
-        yield
-    finally:
-        for m, home in zip(modules, homes):
-            m.to(home)
-
-
-@contextlib.contextmanager
 def _face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[None]:
     """Override the transformer's `local_face_scale` (identity strength) for one run."""
     if scale is None:
@@ -197,13 +183,16 @@ def sample(
     progress_bar: bool = False,
     performance: Performance | None = None,
     allow_oversize: bool = False,
+    move_models: bool = True,
 ) -> torch.Tensor:
-    """Denoise a video; returns latents [1, latent_frames, channels, h, w] on the CPU.
+    """Denoise a video on `device`; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
     Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
     `identity_strength` overrides the transformer's `local_face_scale` for this run only;
     `performance` (compile, offload, step cache) applies to this run only too. Sizes beyond
     `checks.bounded_size` need `allow_oversize`; a run that cannot fit the device is refused.
+    The models are moved to `device` for the run and back after it, unless `move_models` is off
+    (ComfyUI's model management has placed them, perhaps partly).
     """
     frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
     if (frames, height, width) != native_size(model.config, model.vae.config):
@@ -214,7 +203,7 @@ def sample(
     check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
     frame = first_frame(image, identity)
     performance = performance or Performance()
-    check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential")
+    check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential", move_models)
     pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
@@ -225,7 +214,7 @@ def sample(
     dtype = model.dtype
     with (
         applied(model, performance, steps, device) as (to_place, _),
-        placed(to_place, device),
+        placed(to_place, device if move_models else None),
         _face_scale(model.transformer, identity_strength),
     ):
         target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
@@ -254,15 +243,17 @@ def sample(
 
 
 def check_sampling_fits(
-    model: ConsisIDModel, frames: int, height: int, width: int, device, streamed: bool = False
+    model: ConsisIDModel, frames: int, height: int, width: int, device, streamed: bool = False,
+    weights_moved: bool = True,
 ) -> None:
     """Refuse a run whose estimated memory on `device` is more than the device has: the working
-    memory, plus on a GPU the weights moved there (the VAE alone when the transformer streams)."""
+    memory, plus on a GPU the weights moved there (the VAE alone when the transformer streams;
+    none when `weights_moved` is off: ComfyUI loads what fits and streams the rest)."""
     if device is None:
         return
     device = torch.device(device)
     need = sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width)
-    if device.type != "cpu":  # on the CPU the weights are already in the memory counted as used
+    if device.type != "cpu" and weights_moved:  # on the CPU the weights already count as used
         need += module_bytes(model.vae) + (0 if streamed else module_bytes(model.transformer))
     check_fits(
         need, device, f"sampling {frames} frames of {width}×{height}",
@@ -369,6 +360,7 @@ def decode(
     device: torch.device | str | None = None,
     tiling: Tiling | None = None,
     slicing: bool = False,
+    move_models: bool = True,
 ) -> torch.Tensor:
     """Latents [B, F, C, h, w] from `sample` -> frames [B·F', H, W, 3], float32 in 0..1, on the CPU.
 
@@ -376,19 +368,22 @@ def decode(
     `tiling` decodes in spatial tiles, `slicing` one video of a batch at a time; both only for
     this call. Out of memory without tiling, it decodes again in 2×2 tiles (as ComfyUI's own VAE
     Decode falls back to tiles); where the estimate already says whole frames cannot fit, it
-    starts with those tiles, and where even they cannot, it refuses before any work.
+    starts with those tiles, and where even they cannot, it refuses before any work. The VAE is
+    moved to `device` for the decode and back, unless `move_models` is off (already placed).
     """
     check_latents(vae, latents)
+    weights = _weights_moved(vae, device) if move_models and device is not None else 0
     if device is not None and tiling is None:
-        tiling = _tiles_if_needed(vae, latents.shape, device)
+        tiling = _tiles_if_needed(vae, latents.shape, device, weights)
     if device is not None:
         check_fits(
-            decode_memory(vae.config, vae.dtype, latents.shape, tiling) + _weights_moved(vae, device), device,
+            decode_memory(vae.config, vae.dtype, latents.shape, tiling) + weights, device,
             f"decoding {latents.shape[1]} latent frames of {latents.shape[-1]}×{latents.shape[-2]}",
             "decode with smaller tiles",
         )
+    place = device if move_models else None
     try:
-        return _decode(vae, latents, device, tiling, slicing)
+        return _decode(vae, latents, place, tiling, slicing)
     except torch.OutOfMemoryError:
         if tiling is not None:
             raise
@@ -402,7 +397,7 @@ def decode(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return _decode(vae, latents, device, tiling, slicing)
+    return _decode(vae, latents, place, tiling, slicing)
 
 
 def check_run_fits(
@@ -414,7 +409,7 @@ def check_run_fits(
     device = torch.device(device)
     transformer_config, vae_config = checkpoint.transformer_config, checkpoint.vae_config
     size = dtype_bytes(dtype)
-    t5 = checkpoint.parameter_count("text_encoder") * size
+    t5 = text_encoder_memory(checkpoint, dtype)
     transformer = checkpoint.parameter_count("transformer") * (1 if fp8 else size)
     vae = checkpoint.parameter_count("vae") * size
     scale = spatial_scale(vae_config)
@@ -422,7 +417,7 @@ def check_run_fits(
     decoding = decode_memory(vae_config, dtype, latent_shape, Tiling.halves(height, width, scale))
     sampling = sampling_memory(transformer_config, vae_config, dtype, frames, height, width)
     on_device = vae + (0 if streamed and device.type != "cpu" else transformer)
-    check_fits(t5 + 2**30, device, "encoding the prompt with the checkpoint's T5", "use a machine with more memory")
+    check_fits(t5, device, "encoding the prompt with the checkpoint's T5", "use a machine with more memory")
     check_fits(
         on_device + max(sampling, decoding), device, f"generating {frames} frames of {width}×{height}",
         "lower the frame count or the size" + ("" if streamed or device.type == "cpu" else ", or use --offload sequential"),
@@ -445,10 +440,10 @@ def _weights_moved(vae: torch.nn.Module, device) -> int:
     return 0 if torch.device(device).type == "cpu" else module_bytes(vae)
 
 
-def _tiles_if_needed(vae: torch.nn.Module, shape: tuple[int, ...], device) -> Tiling | None:
-    """None when whole frames fit `device` by the estimate, else 2×2 tiles."""
+def _tiles_if_needed(vae: torch.nn.Module, shape: tuple[int, ...], device, weights: int) -> Tiling | None:
+    """None when whole frames (and `weights` bytes moved there) fit `device` by the estimate, else 2×2 tiles."""
     have = available_memory(device)
-    need = decode_memory(vae.config, vae.dtype, shape) + _weights_moved(vae, device)
+    need = decode_memory(vae.config, vae.dtype, shape) + weights
     if have is None or need <= have:
         return None
     scale = spatial_scale(vae.config)

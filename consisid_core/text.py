@@ -11,6 +11,7 @@ import torch
 
 from .checks import check_prompt, check_tensors
 from .errors import ConsisIDError
+from .memory import home_device, placed
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -53,19 +54,20 @@ class TextEmbeddings:
 
 
 @torch.no_grad()
-def encode_text(encoder: TextEncoder, prompt: str, negative_prompt: str = "", device=None) -> TextEmbeddings:
-    """Encode exactly as `ConsisIDPipeline.encode_prompt` does (it is what runs here)."""
+def encode_text(
+    encoder: TextEncoder, prompt: str, negative_prompt: str = "", device=None, move_models: bool = True
+) -> TextEmbeddings:
+    """Encode exactly as `ConsisIDPipeline.encode_prompt` does (it is what runs here), on `device`:
+    the T5 moves there for the call and back, unless `move_models` is off (already placed)."""
     from diffusers import ConsisIDPipeline
 
     check_prompt(prompt)
     check_prompt(negative_prompt, "negative prompt")
-    device = torch.device(device) if device is not None else encoder.model.device
+    device = torch.device(device) if device is not None else home_device(encoder.model)
     pipe = ConsisIDPipeline(
         tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=None, transformer=None, scheduler=None
     )
-    original = encoder.model.device
-    encoder.model.to(device)
-    try:
+    with placed([encoder.model], device if move_models else None):
         positive, negative = pipe.encode_prompt(
             prompt,
             negative_prompt,
@@ -73,21 +75,24 @@ def encode_text(encoder: TextEncoder, prompt: str, negative_prompt: str = "", de
             max_sequence_length=MAX_SEQUENCE_LENGTH,
             device=device,
         )
-    finally:
-        encoder.model.to(original)
     return TextEmbeddings(positive, negative)
+
+
+def own_text_encoder(checkpoint: Checkpoint | None, dtype: torch.dtype) -> TextEncoder:
+    """A model's own T5: its checkpoint folder's (None for a model from single files: refused)."""
+    if checkpoint is None:
+        raise ConsisIDError(
+            "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
+            "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
+        )
+    return checkpoint.load_text_encoder(dtype)
 
 
 def encode_with_checkpoint(
     checkpoint: Checkpoint | None, dtype: torch.dtype, prompt: str, negative_prompt: str = "", device=None
 ) -> TextEmbeddings:
     """Encode with the checkpoint's own T5, loaded for this and released after."""
-    if checkpoint is None:
-        raise ConsisIDError(
-            "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
-            "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
-        )
-    encoder = checkpoint.load_text_encoder(dtype)
+    encoder = own_text_encoder(checkpoint, dtype)
     try:
         return encode_text(encoder, prompt, negative_prompt, device)
     finally:

@@ -65,7 +65,9 @@ class ConsisIDFaceModelsLoader:
                 "(with its face_encoder/ folder) there and refresh"
             )
         target = host.torch_device() if device == "gpu" else torch.device("cpu")
-        return (load_face_models(folders[face_encoder], provider=provider, device=target),)
+        # inside ComfyUI the torch parts wait in RAM; ComfyUI moves them to `target` for each embed
+        models = load_face_models(folders[face_encoder], provider=provider, device="cpu" if host.IN_COMFYUI else target)
+        return (host.managed_faces(models, target),)
 
 
 class ConsisIDFaceEmbed:
@@ -101,6 +103,9 @@ class ConsisIDFaceEmbed:
     def embed(self, image: torch.Tensor, face_models, face_index: int):
         if image.ndim != 4 or len(image) == 0:
             raise FaceError(f"the image input holds no image (shape {list(image.shape)}); connect a photo")
+        owner = host.owner(face_models)
+        if owner is not None:
+            host.load([("face", owner.parts)], owner, load_device=face_models.device)
         identities, faces, masks = [], [], []
         for i, frame in enumerate(image):
             host.check_interrupted()

@@ -1,12 +1,24 @@
 """The one module that touches ComfyUI: model folders, devices, memory, progress and Cancel.
 
+Inside ComfyUI our models are ComfyUI's to hold: each part (transformer, VAE, T5, the face
+models' torch parts) is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded with
+`comfy.model_management.load_models_gpu` before a node's work, with our estimate of that work as
+`memory_required`. ComfyUI then keeps them resident between runs, evicts them when another model
+needs room, follows --highvram / --lowvram / --novram / --gpu-only / --cpu and "Unload Models",
+and loads the transformer and T5 partly when they do not fit: their Linear, Conv, norm and
+Embedding layers are made castable (`comfy.ops` classes, same forward), so the layers left in RAM
+are cast to the GPU per call. The VAE and the face models (small; the VAE decoder reads its
+convolutions' weights directly) always load whole.
+
 Outside ComfyUI (tests, scripts) every function falls back to plain behaviour, so the nodes run
-end to end there too: model folders are `$CONSISID_HOME/models/<kind>` (default: the current
-folder), input and output are `$CONSISID_HOME/input` and `$CONSISID_HOME/output`.
+end to end there too: the core moves models for each run, model folders are
+`$CONSISID_HOME/models/<kind>` (default: the current folder), input and output are
+`$CONSISID_HOME/input` and `$CONSISID_HOME/output`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,12 +27,17 @@ from pathlib import Path
 
 import torch
 
-from ..consisid_core.checkpoint import ANTELOPE_DIR, FACE_ENCODER
+from ..consisid_core.checkpoint import ANTELOPE_DIR, FACE_ENCODER, ConsisIDModel
 from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.face.models import FaceModels
 from ..consisid_core.files import inside, numbered_path, shown
+from ..consisid_core.memory import home_device
 
 try:
     import comfy.model_management as model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.patcher_extension
     import comfy.utils
     import folder_paths
     from comfy.cli_args import LatentPreviewMethod
@@ -172,16 +189,184 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def offload_device() -> torch.device:
-    return model_management.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
+# ---------------------------------------------------------------------------------------------
+# Our models in ComfyUI's model management
 
 
-def make_room(modules: Iterable[torch.nn.Module], device: torch.device, extra: int = 0) -> None:
-    """Ask ComfyUI to evict other models until `modules` (and `extra` bytes of work) fit on `device`."""
-    if not IN_COMFYUI or device.type == "cpu":
+class Held(torch.nn.Module):
+    """One of our modules as a ModelPatcher holds it. ModelPatcher sets a plain `device` attribute
+    on what it holds, which diffusers' and transformers' read-only `device` property refuses;
+    ComfyUI's log names the subclass ("Requested to load ConsisIDTransformer")."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.device = home_device(module)
+        self._dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+    def get_dtype(self) -> torch.dtype:
+        return self._dtype
+
+
+class ConsisIDTransformer(Held):
+    pass
+
+
+class ConsisIDVAE(Held):
+    pass
+
+
+class ConsisIDTextEncoder(Held):
+    pass
+
+
+class ConsisIDFaceModels(Held):
+    pass
+
+
+_PARTS = {
+    # part: (what ModelPatcher holds, loads partly: castable layers)
+    "transformer": (ConsisIDTransformer, True),
+    "text_encoder": (ConsisIDTextEncoder, True),
+    "vae": (ConsisIDVAE, False),
+    "face": (ConsisIDFaceModels, False),
+}
+_CASTABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "Embedding")
+"""torch layers that have a `comfy.ops.disable_weight_init` twin: same forward, but castable."""
+
+
+def make_castable(module: torch.nn.Module) -> int:
+    """Give each plain torch layer of `module` its `comfy.ops` twin's class, in place: the same
+    parameters and forward, plus the switch ComfyUI's partial loading uses to cast weights left in
+    RAM to the GPU per call. Subclasses with forwards of their own are left as they are."""
+    changed = 0
+    for layer in module.modules():
+        name = type(layer).__name__
+        if name in _CASTABLE and type(layer) is getattr(torch.nn, name):
+            layer.__class__ = getattr(comfy.ops.disable_weight_init, name)
+            changed += 1
+    return changed
+
+
+def _move_direct_parameters(patcher, device_to, *_args) -> None:
+    """After a (partial) load: ModelPatcher moves leaf layers, so parameters held directly by a
+    module with children (the Local Facial Extractor's `latents` and `proj_out`, a few MB) are
+    moved here; a full unload moves everything back."""
+    for module in patcher.model.modules():
+        if next(module.children(), None) is None:
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.device != device_to:
+                parameter.data = parameter.data.to(device_to)
+
+
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher if model_management is not None else object):
+    """A ModelPatcher that always loads its model whole (the VAE, the face models): ComfyUI's
+    partial load would leave layers that cannot be cast per call in RAM."""
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return super().partially_load(device_to, 1e32, force_patch_weights)
+
+
+class Managed:
+    """ComfyUI's handles on one loaded model's parts: a ModelPatcher each, made on first use; and
+    the checkpoint's T5, kept in RAM once Text Encode has loaded it (as ComfyUI keeps its CLIP)."""
+
+    def __init__(self):
+        self._patchers: dict[int, tuple] = {}
+        self.text_encoder = None
+        self.parts = None
+
+    def patcher(self, part: str, module: torch.nn.Module, load_device: torch.device | None = None):
+        key = id(module)
+        if key not in self._patchers:
+            holder, castable = _PARTS[part]
+            if castable:
+                make_castable(module)
+            load = load_device if load_device is not None else model_management.get_torch_device()
+            offload = {
+                "transformer": model_management.unet_offload_device,
+                "text_encoder": model_management.text_encoder_offload_device,
+                "vae": model_management.vae_offload_device,
+            }.get(part, model_management.unet_offload_device)()
+            patcher_class = comfy.model_patcher.ModelPatcher if castable else WholeModelPatcher
+            patcher = patcher_class(holder(module), load_device=load, offload_device=offload)
+            if castable:
+                patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _move_direct_parameters)
+            self._patchers[key] = (patcher, module)
+        return self._patchers[key][0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ManagedModel(ConsisIDModel):
+    """The Model Loader's output inside ComfyUI: the model and ComfyUI's handles on its parts
+    (the checkpoint's T5 joins them when Text Encode first loads it)."""
+
+    managed: Managed = dataclasses.field(default_factory=Managed)
+
+
+@dataclasses.dataclass(eq=False)
+class ManagedFaceModels(FaceModels):
+    """The Face Models Loader's output inside ComfyUI: the face models (computing on `device`,
+    kept in RAM between runs) and ComfyUI's handle on their torch parts."""
+
+    managed: Managed = dataclasses.field(default_factory=Managed)
+
+    @property
+    def torch_parts(self) -> torch.nn.Module:
+        return self.managed.parts
+
+
+def managed(model: ConsisIDModel) -> ConsisIDModel:
+    """The Model Loader's output: inside ComfyUI a `ManagedModel`, outside the model itself."""
+    if not IN_COMFYUI:
+        return model
+    return ManagedModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(ConsisIDModel)})
+
+
+def managed_faces(models: FaceModels, device: torch.device) -> FaceModels:
+    """The Face Models Loader's output: inside ComfyUI the models (loaded in RAM) with ComfyUI's
+    handle on their torch parts, to compute on `device`; outside, the models as loaded."""
+    if not IN_COMFYUI:
+        return models
+    fields = {f.name: getattr(models, f.name) for f in dataclasses.fields(FaceModels)} | {"device": device}
+    faces = ManagedFaceModels(**fields)
+    faces.managed.parts = torch.nn.ModuleDict({"retinaface": models.retinaface, "parser": models.parser, "eva": models.eva})
+    return faces
+
+
+def load(parts: list[tuple[str, torch.nn.Module]], owner: Managed | None, memory_required: int = 0,
+         load_device: torch.device | None = None) -> tuple[torch.device, bool]:
+    """Before a node's work: ask ComfyUI to load `parts` (evicting other models as needed, with
+    `memory_required` bytes left for the work). Returns the device to compute on and whether the
+    core should move the models itself (outside ComfyUI, or for a part ComfyUI does not hold)."""
+    if not IN_COMFYUI or owner is None:
+        return (load_device or torch_device()), True
+    patchers = [owner.patcher(part, module, load_device) for part, module in parts]
+    model_management.load_models_gpu(patchers, memory_required=memory_required)
+    return patchers[0].load_device, False
+
+
+def owner(model) -> Managed | None:
+    """ComfyUI's handles on a model from our loader (None outside ComfyUI)."""
+    return getattr(model, "managed", None)
+
+
+def unload(owner: Managed | None, module: torch.nn.Module) -> None:
+    """Take `module` out of ComfyUI's loaded models (back to its offload device), before the core
+    streams it layer by layer itself. ComfyUI has no call to unload one model: this does what
+    its `free_memory` does for each model it unloads, and where `current_loaded_models` is not
+    there (another ComfyUI), unloads every model on that device instead."""
+    if not IN_COMFYUI or owner is None or id(module) not in owner._patchers:
         return
-    size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    model_management.free_memory(size + extra, device)
+    patcher = owner._patchers[id(module)][0]
+    loaded_models = getattr(model_management, "current_loaded_models", None)
+    if loaded_models is None:
+        model_management.free_memory(1e30, patcher.load_device)
+        return
+    for loaded in [m for m in loaded_models if m.model is patcher]:
+        loaded.model_unload()
+        loaded_models.remove(loaded)
 
 
 def after_run() -> None:

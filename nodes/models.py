@@ -70,13 +70,13 @@ class ConsisIDModelLoader:
     def load(self, model: str, vae: str, dtype: str, fp8_weights: bool) -> tuple[ConsisIDModel]:
         if model.startswith(SINGLE_FILE):
             transformer = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
-            return (model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights),)
+            return (host.managed(model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
         folders = host.pipeline_folders()
         if model not in folders:
             raise FileNotFoundError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; refresh the list")
         checkpoint = Checkpoint.open(folders[model])
         own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
-        return (checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights),)
+        return (host.managed(checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights)),)
 
 
 NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}

@@ -81,9 +81,9 @@ class ConsisIDSampler:
         # everything the inputs decide, before ComfyUI is asked for room
         frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
         check_inputs(model, identity, text, steps, seed, guidance, identity_strength)
-        device = host.torch_device()
+        owner = host.owner(model)
         streamed = performance is not None and performance.offload == "sequential"
-        check_sampling_fits(model, frames, height, width, device, streamed)
+        check_sampling_fits(model, frames, height, width, host.torch_device(), streamed, weights_moved=owner is None)
         first = None
         if image is not None:
             if not isinstance(image, torch.Tensor) or image.ndim != 4 or len(image) == 0:
@@ -96,9 +96,11 @@ class ConsisIDSampler:
                 logger.info("the first-frame input is a batch of %d; using its first image", len(image))
             first = to_uint8(image[0])
         progress = host.Progress(steps)
-        # streamed layer by layer, the transformer needs no room of its own
-        on_gpu = [model.vae] if streamed else [model.transformer, model.vae]
-        host.make_room(on_gpu, device, extra=sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width))
+        if streamed:  # the core streams the transformer's layers itself, from where ComfyUI keeps it
+            host.unload(owner, model.transformer)
+        parts = ([] if streamed else [("transformer", model.transformer)]) + [("vae", model.vae)]
+        work = sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width)
+        device, move_models = host.load(parts, owner, memory_required=work)
         try:
             latents = sample(
                 model, identity, text, first,
@@ -108,6 +110,7 @@ class ConsisIDSampler:
                 device=device,
                 performance=performance,
                 allow_oversize=allow_oversize,
+                move_models=move_models,
             )
         finally:
             host.after_run()
@@ -132,8 +135,9 @@ class ConsisIDPerformance:
                 "compile": ("BOOLEAN", {"default": False,
                                         "tooltip": "torch.compile the transformer blocks: faster steps after a slow first run."}),
                 "offload": (list(OFFLOAD_MODES), {"default": "model",
-                                                  "tooltip": "model: the whole transformer on the GPU for the run. "
-                                                             "sequential: its layers stream in one at a time (least VRAM, slower)."}),
+                                                  "tooltip": "model: ComfyUI places the transformer on the GPU (whole, or what fits, "
+                                                             "streaming the rest) and keeps it there between runs. sequential: its "
+                                                             "layers stream in one at a time (least VRAM, slower)."}),
                 "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                          "tooltip": "TeaCache threshold: skip steps whose timestep embedding changed little. "
                                                     "0 off; 0.1 / 0.15 / 0.2 trade quality for about 1.6x / 2.1x / 2.7x."}),

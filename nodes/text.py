@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..consisid_core.checks import check_prompt
 from ..consisid_core.errors import ConsisIDError
-from ..consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
+from ..consisid_core.memory import TEXT_ENCODER_WORK
+from ..consisid_core.text import (
+    MAX_SEQUENCE_LENGTH,
+    TextEmbeddings,
+    encode_text,
+    encode_with_checkpoint,
+    own_text_encoder,
+)
 from . import host
 
 logger = logging.getLogger(__name__)
@@ -89,12 +94,16 @@ class ConsisIDTextEncode:
             return (encode_with_comfy_clip(clip, prompt, negative_prompt),)
         if model is None:
             raise ConsisIDError("connect a ConsisID model (for its own T5) or a CLIP holding t5xxl to ConsisID Text Encode")
-        device = host.torch_device()
-        if model.checkpoint is not None:  # the T5's weights in the model's dtype, and 1 GiB to work in
-            t5_bytes = model.checkpoint.parameter_count("text_encoder") * torch.finfo(model.dtype).bits // 8
-            host.make_room([], device, extra=t5_bytes + 2**30)
+        owner = host.owner(model)
         try:
-            text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, device)
+            if owner is None:  # outside ComfyUI: loaded for this and released, as the CLI does
+                text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, host.torch_device())
+            else:  # kept in RAM once loaded, placed by ComfyUI as its own CLIP
+                if owner.text_encoder is None:
+                    owner.text_encoder = own_text_encoder(model.checkpoint, model.dtype)
+                encoder = owner.text_encoder
+                device, move_models = host.load([("text_encoder", encoder.model)], owner, TEXT_ENCODER_WORK)
+                text = encode_text(encoder, prompt, negative_prompt, device, move_models)
         finally:
             host.after_run()
         return (TextEmbeddings(text.positive.cpu(), text.negative.cpu()),)

@@ -41,7 +41,6 @@ class ConsisIDVAEDecode:
         }
 
     def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
-        device = host.torch_device()
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
             found = list(samples.shape) if isinstance(samples, torch.Tensor) else "no samples tensor"
@@ -51,9 +50,10 @@ class ConsisIDVAEDecode:
         latents = samples.permute(0, 2, 1, 3, 4)
         check_latents(model.vae, latents)
         tiles = Tiling(tile_height, tile_width, overlap, overlap) if tiling else None
-        host.make_room([model.vae], device, extra=decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles))
+        work = decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles)
+        device, move_models = host.load([("vae", model.vae)], host.owner(model), memory_required=work)
         try:
-            frames = decode(model.vae, latents, device, tiling=tiles, slicing=slicing)
+            frames = decode(model.vae, latents, device, tiling=tiles, slicing=slicing, move_models=move_models)
         finally:
             host.after_run()
         return (frames,)

@@ -337,3 +337,46 @@ def test_load_identity_refuses_names_outside_the_input_folder(server):
         "pick one from the list (refresh it after adding files)"
     }
     assert secret.stat().st_atime_ns < secret.stat().st_mtime_ns, "the file outside the input folder was read"
+
+
+def _count(log: Path, text: str) -> int:
+    return log.read_text().count(text)
+
+
+def test_our_models_stay_loaded_between_runs_and_go_on_unload_models(base):
+    """ComfyUI holds our models as its own: loaded once (its log names each part), left loaded for
+    the next run, unloaded by "Unload Models" (/free), loaded again by the run after."""
+    parts = ("ConsisIDTransformer", "ConsisIDVAE")
+    with running(base, ("--verbose", "DEBUG")) as server:
+        log = base / "server.log"
+
+        def run(seed: int) -> None:
+            prompt = _tiny(_api(server, "consisid_reuse_identity.json"))
+            next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = seed
+            assert server.run(prompt)["status"]["status_str"] == "success"
+
+        run(21)
+        assert [_count(log, f"Requested to load {p}") for p in parts] == [1, 1]
+        run(22)  # resident: nothing is loaded or moved again
+        assert [_count(log, f"Requested to load {p}") for p in parts] == [1, 1]
+        status, _ = server.post("/free", {"unload_models": True})
+        assert status == 200
+        end = time.monotonic() + 60
+        while min(_count(log, f"Unloading {p}") for p in parts) < 1 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert [_count(log, f"Unloading {p}") for p in parts] == [1, 1]
+        run(23)
+        assert [_count(log, f"Requested to load {p}") for p in parts] == [2, 2]
+
+
+def test_partial_load_casts_layers_per_call_and_changes_no_number(base):
+    """ComfyUI's partial load of our castable transformer (a quarter of it "on the GPU", the rest
+    cast per call) gives the latents of today's path, in fp32 and with fp8 weight storage."""
+    script = Path(__file__).parent / "comfy_partial_load.py"
+    checkpoint = base / "models" / "consisid" / CHECKPOINT
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint)], cwd=COMFYUI_DIR, capture_output=True, text=True,
+        timeout=600, env=os.environ | {"PYTHONPATH": COMFYUI_DIR},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fp8 False: max |diff| 0.0" in result.stdout and "fp8 True: max |diff| 0.0" in result.stdout

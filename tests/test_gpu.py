@@ -1,11 +1,17 @@
 """On a CUDA GPU (skipped without one): models go to the GPU for a run and leave nothing there
-after it, after an error and after a Cancel; the memory modes and SageAttention run there.
+after it, after an error and after a Cancel; the memory modes and SageAttention run there; and,
+with a ComfyUI source folder in COMFYUI_DIR, ComfyUI's model management holding our models
+(resident between runs, evicted, partial load, accounting after Cancel and errors).
 
 Run on a lent GPU machine with `python -m pytest tests/test_gpu.py`.
 """
 
 import dataclasses
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +20,11 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import GenerationCancelled
 from consisid_core.performance import Performance
 from consisid_core.sampling import decode, sample
-from consisid_core.text import TextEmbeddings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SLACK = 2**20
 """Bytes of GPU memory a finished run may leave allocated (none expected; this allows an allocator block)."""
-
-
-@pytest.fixture
-def text(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    width = tiny_model.config.text_embed_dim
-    return TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
 
 
 def _allocated() -> int:
@@ -93,3 +91,17 @@ def test_sage_attention_stays_close_to_sdpa(tiny_dir, identity, text):
     assert not torch.equal(sage, plain)
     assert (sage - plain).abs().max() <= 0.1 * plain.abs().max()  # int8 attention: close, not equal
     assert _all_on_cpu(model.transformer, model.vae)
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")
+def test_comfyui_holds_our_models_on_the_gpu(tiny_dir):
+    """tests/comfy_gpu_memory.py in ComfyUI's own process set-up: resident, evicted, partial load
+    (fp8 too) equal to a full load with less memory, Cancel and errors leave the accounting right."""
+    comfyui = os.environ["COMFYUI_DIR"]
+    script = Path(__file__).parent / "comfy_gpu_memory.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_dir)], cwd=comfyui, capture_output=True, text=True, timeout=900,
+        env=os.environ | {"PYTHONPATH": comfyui},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "gpu memory: all ok" in result.stdout

@@ -114,3 +114,26 @@ def test_a_broken_onnxruntime_is_reported_with_the_reinstall_commands():
     assert found["error"] is not None and "incomplete" in found["error"], found["error"]
     assert "uninstall onnxruntime and onnxruntime-gpu" in found["error"]
     assert _names_the_install_commands(found["error"]), found["error"]
+
+
+def test_without_onnxruntime_the_cli_says_what_to_install_in_one_line(tiny_dir, tmp_path):
+    photo = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(photo)
+    out = tmp_path / "id.safetensors"
+    found = _without_onnxruntime(
+        f"""
+        import contextlib, io
+        from consisid_core.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["embed", "--model", {str(tiny_dir)!r}, "--face", {str(photo)!r}, "--out", {str(out)!r}])
+        json.dump({{"code": code, "err": err.getvalue()}}, sys.stdout)
+        """,
+        "None",
+    )
+    assert found["code"] == 2
+    assert found["err"].startswith("error: ") and found["err"].count("\n") == 1, found["err"]
+    assert _names_the_install_commands(found["err"]), found["err"]
+    assert not out.exists()

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from consisid_core.checkpoint import Checkpoint
-from consisid_core.performance import Performance
+from consisid_core.performance import Performance, StepCacheStats
 from consisid_core.sampling import Tiling, decode, sample
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
 from consisid_core.tiny import random_identity
@@ -341,6 +341,7 @@ class Ours:
         options = {}
         if mode.ours:
             options["performance"] = Performance(**mode.ours)
+        stats = StepCacheStats()
         device = None if self.device.type == "cpu" else self.device
         steps.begin()
         latents = sample(
@@ -355,8 +356,11 @@ class Ours:
             width=inputs.width,
             callback=lambda done, _total, latents: steps(done, latents),
             device=device,
+            step_cache_stats=stats,
             **options,
         )
+        if options.get("performance") is not None and options["performance"].step_cache > 0:
+            steps.result.cache_counts = (stats.computed, stats.skipped)
         if decode_too:
             # as the CLI: the transformer is released before the decode (the VAE is all it needs)
             self.vae, self.model = self.model.vae, None
@@ -537,27 +541,6 @@ def run_decode(path, mode: Mode, latents: torch.Tensor, inputs: Inputs, memory: 
     return result
 
 
-@contextlib.contextmanager
-def _step_cache_counts():
-    """(computed, skipped) from consisid_core.performance's end-of-run log line, when it writes one."""
-    counts: list[tuple[int, int]] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.msg.startswith("step cache:") and isinstance(record.args, tuple) and len(record.args) == 2:
-                counts.append((int(record.args[0]), int(record.args[1])))
-
-    source = logging.getLogger("consisid_core.performance")
-    handler, level = Catch(logging.INFO), source.level
-    source.addHandler(handler)
-    source.setLevel(logging.INFO)
-    try:
-        yield counts
-    finally:
-        source.removeHandler(handler)
-        source.setLevel(level)
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole bench
 
@@ -621,9 +604,7 @@ def run_bench(
                 # modes that change only the transformer are compared on latents on the CPU, where the
                 # real VAE's decode would add minutes and nothing else
                 decode_too = device.type == "cuda" or mode.name.startswith("offload")
-                with _step_cache_counts() as counts:
-                    result = run_once(paths[name], mode, inputs, memory, decode_too)
-                result.cache_counts = counts[-1] if counts else None
+                result = run_once(paths[name], mode, inputs, memory, decode_too)
                 mode_results.setdefault(mode.name, {})[name] = result
                 paths[name].release()
     finally:

@@ -37,6 +37,10 @@ Checked at every load, so that a diffusers upgrade can never silently change a f
 On any difference, or any exception from the rebuilt path, the stock modules are put back and
 one warning names the diffusers version and what differed: the frames are then diffusers' own.
 
+The VAE's tiling and slicing settings (`TILING_ATTRIBUTES`, `enable_tiling`'s parameters) that
+`vae_options` sets for one decode are checked where they are used: a VAE that keeps them
+otherwise gets one line refusing tiling and slicing, never a decode with other tiles.
+
 What `speed_up_decoder` costs at load, the check's two decodes (17 frames of 8×16 pixels)
 included, measured on the 2-core CPU here (best of several): the tiny VAE 0.08 s in fp32 and in
 bf16; the real VAE's architecture (random weights) 1.2 s in fp32 and 0.4 s in bf16 on that CPU,
@@ -56,6 +60,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from .errors import ConsisIDError
+from .memory import spatial_scale
 
 logger = logging.getLogger(__name__)
 
@@ -424,3 +431,57 @@ def speed_up_decoder(vae: torch.nn.Module) -> torch.nn.Module:
         _restore(swaps)
         _warn(problem)
     return vae
+
+
+TILING_ATTRIBUTES = (
+    "use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height",
+    "tile_latent_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
+)
+"""The VAE's tiling and slicing settings, which `vae_options` sets for one decode and restores."""
+_TILING_PARAMETERS = (
+    "tile_sample_min_height", "tile_sample_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
+)
+
+
+def tiling_problem(vae: torch.nn.Module) -> str | None:
+    """What differs from the tiling settings `vae_options` relies on, or None."""
+    missing = [n for n in TILING_ATTRIBUTES if not hasattr(vae, n)]
+    try:
+        parameters = inspect.signature(vae.enable_tiling).parameters
+    except (AttributeError, TypeError, ValueError):
+        parameters = {}
+    missing += [f"enable_tiling({n}=…)" for n in _TILING_PARAMETERS if n not in parameters]
+    return ", ".join(missing) or None
+
+
+@contextlib.contextmanager
+def vae_options(vae: torch.nn.Module, tiling, slicing: bool) -> Iterator[None]:
+    """Turn on tiling (a `sampling.Tiling`) and/or slicing for one decode and restore the VAE's
+    own settings after. Refused with one line if this diffusers' VAE keeps them otherwise."""
+    if tiling is None and not slicing:
+        yield
+        return
+    problem = tiling_problem(vae)
+    if problem:
+        import diffusers
+
+        raise ConsisIDError(
+            f"VAE tiling and slicing are built on the VAE's settings ({problem}), which this diffusers "
+            f"({diffusers.__version__}) does not have: decode without them, or install a diffusers version this "
+            "pack declares"
+        )
+    saved = {n: getattr(vae, n) for n in TILING_ATTRIBUTES}
+    try:
+        if tiling is not None:
+            factor_height, factor_width = tiling.factors(spatial_scale(vae.config))
+            vae.enable_tiling(
+                tile_sample_min_height=tiling.tile_height,
+                tile_sample_min_width=tiling.tile_width,
+                tile_overlap_factor_height=factor_height,
+                tile_overlap_factor_width=factor_width,
+            )
+        vae.use_slicing = slicing or saved["use_slicing"]
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(vae, n, v)

@@ -277,12 +277,14 @@ def _offloaded(model, mode: str, device: torch.device | None) -> Iterator[list[t
 
 
 @contextlib.contextmanager
-def applied(model, options: Performance, steps: int, device) -> Iterator[tuple[list[torch.nn.Module], StepCacheStats]]:
+def applied(
+    model, options: Performance, steps: int, device, stats: StepCacheStats | None = None
+) -> Iterator[list[torch.nn.Module]]:
     """Apply `options` (and the always-on identity-token cache) to `model` for one run.
 
-    Yields the modules to place on the device for the run, and the step cache's counts.
+    Yields the modules to place on the device for the run; the step cache counts into `stats`.
     """
-    stats = StepCacheStats()
+    stats = stats if stats is not None else StepCacheStats()
     transformer = model.transformer
     check_options(transformer, options)
     pairs = []
@@ -302,6 +304,6 @@ def applied(model, options: Performance, steps: int, device) -> Iterator[tuple[l
     with _offloaded(model, options.offload, device) as to_place, hooks.hooked(pairs), hooks.compiled(
         list(transformer.transformer_blocks), _COMPILED, options.compile
     ):
-        yield to_place, stats
+        yield to_place
     if options.step_cache > 0:
         logger.info("step cache: %d transformer forwards computed, %d skipped", stats.computed, stats.skipped)

@@ -23,6 +23,7 @@ from PIL import Image
 from .checkpoint import Checkpoint, ConsisIDModel
 from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors
 from .errors import ConsisIDError
+from .decoder import vae_options
 from .identity import Identity
 from .memory import (
     available_memory,
@@ -36,7 +37,7 @@ from .memory import (
     spatial_scale,
     text_encoder_memory,
 )
-from .performance import Performance, applied
+from .performance import Performance, StepCacheStats, applied
 from .text import TextEmbeddings, encode_with_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def sample(
     performance: Performance | None = None,
     allow_oversize: bool = False,
     move_models: bool = True,
+    step_cache_stats: StepCacheStats | None = None,
 ) -> torch.Tensor:
     """Denoise a video on `device`; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
@@ -192,7 +194,8 @@ def sample(
     `performance` (compile, offload, step cache) applies to this run only too. Sizes beyond
     `checks.bounded_size` need `allow_oversize`; a run that cannot fit the device is refused.
     The models are moved to `device` for the run and back after it, unless `move_models` is off
-    (ComfyUI's model management has placed them, perhaps partly).
+    (ComfyUI's model management has placed them, perhaps partly). What the step cache did
+    (transformer forwards computed and skipped) is counted into `step_cache_stats` if given.
     """
     frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
     if (frames, height, width) != native_size(model.config, model.vae.config):
@@ -213,7 +216,7 @@ def sample(
 
     dtype = model.dtype
     with (
-        applied(model, performance, steps, device) as (to_place, _),
+        applied(model, performance, steps, device, step_cache_stats) as to_place,
         placed(to_place, device if move_models else None),
         _face_scale(model.transformer, identity_strength),
     ):
@@ -327,30 +330,6 @@ def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
         if int(tile // scale * (1 - factor)) * scale == tile - int(tile * factor) == tile - overlap:
             return factor
     return None
-
-
-@contextlib.contextmanager
-def vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> Iterator[None]:
-    """Turn on tiling/slicing for one decode and restore the VAE's own settings after."""
-    names = (
-        "use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height",
-        "tile_latent_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
-    )
-    saved = {n: getattr(vae, n) for n in names}
-    try:
-        if tiling is not None:
-            factor_height, factor_width = tiling.factors(spatial_scale(vae.config))
-            vae.enable_tiling(
-                tile_sample_min_height=tiling.tile_height,
-                tile_sample_min_width=tiling.tile_width,
-                tile_overlap_factor_height=factor_height,
-                tile_overlap_factor_width=factor_width,
-            )
-        vae.use_slicing = slicing or saved["use_slicing"]
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(vae, n, v)
 
 
 @torch.no_grad()

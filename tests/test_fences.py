@@ -87,3 +87,15 @@ def test_renamed_group_offloading_hooks_refuse_sequential_offload(tiny_model, id
 def test_a_torch_without_compiled_call_impl_refuses_compile(tiny_model, identity, text, monkeypatch):
     monkeypatch.delattr(torch.nn.Module, "_compiled_call_impl")  # no module runs before the refusal
     _refused(tiny_model, identity, text, Performance(compile=True), r"torch.nn.Module._compiled_call_impl")
+
+
+def test_a_vae_without_the_tiling_settings_refuses_tiling_in_one_line(tiny_model, monkeypatch):
+    from consisid_core.sampling import Tiling, decode
+
+    latents = torch.randn(1, 3, 4, 8, 12)
+    plain = decode(tiny_model.vae, latents)
+    monkeypatch.delattr(type(tiny_model.vae), "enable_tiling")
+    with pytest.raises(Exception, match=r"VAE tiling and slicing are built on the VAE's settings \(enable_tiling") as refused:
+        decode(tiny_model.vae, latents, tiling=Tiling(32, 48, 8, 8))
+    assert "\n" not in str(refused.value)
+    assert torch.equal(decode(tiny_model.vae, latents), plain)  # without tiling nothing is touched

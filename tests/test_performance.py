@@ -8,7 +8,7 @@ import torch
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import ConsisIDError, GenerationCancelled
 from consisid_core.diffusers_hooks import hooked
-from consisid_core.performance import Performance, _attention_hooks
+from consisid_core.performance import Performance, StepCacheStats, _attention_hooks
 from consisid_core.sampling import sample
 from consisid_core.text import TextEmbeddings
 
@@ -70,12 +70,15 @@ def test_step_cache_off_changes_nothing_and_on_skips_steps(model, identity, text
     plain = sample(model, identity, text, steps=8)
     assert torch.equal(plain, sample(model, identity, text, steps=8, performance=Performance(step_cache=0.0)))
     computed = Calls(model.transformer.transformer_blocks[0].attn1)
+    stats = StepCacheStats()
     try:
         with caplog.at_level(logging.INFO, logger="consisid_core.performance"):
-            cached = sample(model, identity, text, steps=8, performance=Performance(step_cache=5.0))
+            cached = sample(model, identity, text, steps=8, performance=Performance(step_cache=5.0),
+                            step_cache_stats=stats)
     finally:
         computed.handle.remove()
     assert 2 <= computed.count < 8  # the first and the last step are always computed
+    assert (stats.computed, stats.skipped) == (computed.count, 8 - computed.count)
     assert f"{computed.count} transformer forwards computed, {8 - computed.count} skipped" in caplog.text
     assert torch.isfinite(cached).all()
     assert 0 < (cached - plain).abs().max() < 10 * plain.abs().max()

@@ -67,6 +67,17 @@ def placed(modules: list[torch.nn.Module], device: torch.device | str | None) ->
             m.to(home)
 
 
+@contextlib.contextmanager
+def kept_home(module: torch.nn.Module) -> Iterator[torch.device]:
+    """For the block, whatever moves `module`'s weights (diffusers' group offloading streams them
+    to the GPU and back), they are where they were after it. Yields that device."""
+    home = home_device(module)
+    try:
+        yield home
+    finally:
+        module.to(home)
+
+
 def spatial_scale(vae_config: Mapping) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 

@@ -36,7 +36,7 @@ import torch
 
 from . import diffusers_hooks as hooks
 from .errors import ConsisIDError
-from .memory import home_device
+from .memory import home_device, kept_home
 
 logger = logging.getLogger(__name__)
 
@@ -265,15 +265,16 @@ def _offloaded(model, mode: str, device: torch.device | None) -> Iterator[list[t
         return
     from diffusers.hooks import apply_group_offloading
 
-    device, home = torch.device(device), home_device(model.transformer)
-    try:
-        apply_group_offloading(
-            model.transformer, onload_device=device, offload_type="leaf_level", use_stream=device.type == "cuda"
-        )
-        yield [model.vae]
-    finally:
-        hooks.remove_group_offloading(model.transformer)
-        model.transformer.to(home)
+    device = torch.device(device)
+    with kept_home(model.transformer) as home:
+        try:
+            apply_group_offloading(
+                model.transformer, onload_device=device, offload_device=home, offload_type="leaf_level",
+                use_stream=device.type == "cuda",
+            )
+            yield [model.vae]
+        finally:
+            hooks.remove_group_offloading(model.transformer)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .files import shown
 
 logger = logging.getLogger(__name__)
@@ -137,13 +137,6 @@ def _effective_config(config: Mapping, component: str, where) -> dict:
     if component == "transformer":
         _check_transformer_config(config, where)
     effective = check_config(config, cls.__name__, str(where), class_defaults(cls))
-    if component == "vae":
-        counts = {len(effective[k]) for k in ("block_out_channels", "down_block_types", "up_block_types")}
-        if len(counts) != 1:
-            raise CheckpointError(
-                f"'{where}': block_out_channels, down_block_types and up_block_types must be lists of the same "
-                "length; use the checkpoint's original config.json"
-            )
     if component == "transformer":  # what diffusers would fail on when building or sampling
         for whole, part in (("LFE_depth", "LFE_num_scale"), ("num_layers", "cross_attn_interval")):
             if effective[whole] % effective[part]:
@@ -151,6 +144,13 @@ def _effective_config(config: Mapping, component: str, where) -> dict:
                     f"'{where}': {whole} {effective[whole]} is not a multiple of {part} {effective[part]}; "
                     "use the checkpoint's original config.json"
                 )
+    if component == "vae":
+        counts = {len(effective[k]) for k in ("block_out_channels", "down_block_types", "up_block_types")}
+        if len(counts) != 1:
+            raise CheckpointError(
+                f"'{where}': block_out_channels, down_block_types and up_block_types must be lists of the same "
+                "length; use the checkpoint's original config.json"
+            )
     return effective
 
 
@@ -395,7 +395,7 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
             folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
         )
     except _LOAD_ERRORS as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300)
         raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {first}") from None
     # diffusers and transformers fill a tensor missing from the files with random values (or leave
     # it on the meta device): refused. Tensors the config has no place for are dropped: that is
@@ -595,7 +595,7 @@ def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: 
         with torch.device("meta"):
             model = cls.from_config(dict(config))
     except _LOAD_ERRORS as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300)
         raise CheckpointError(
             f"the {what} config for '{path}' does not build: {first}; pass the checkpoint's config"
         ) from None

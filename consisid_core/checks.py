@@ -37,7 +37,7 @@ turns every frame black, so it is refused where it enters."""
 
 def check_number(
     name: str, value, low: float | None = None, high: float | None = None, fix: str = "", integer: bool = False
-) -> float:
+) -> int | float:
     """`value` as a finite number in [low, high] (an int if `integer`), else a ConsisIDError."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and integer and isinstance(value, float):
@@ -62,17 +62,16 @@ def _fmt(bound: float) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
-def _repr(value, limit: int = 80) -> str:
-    """`repr(value)` cut after `limit` characters: a value read from a file can be a long list."""
+def _repr(value) -> str:
+    """`repr(value)` as a message shows it (`files.shown`): a value read from a file can be a long list."""
     try:
-        text = repr(value)
+        return shown(repr(value), 80)
     except ValueError:  # an int of more digits than Python converts to text
-        text = "an int of thousands of digits"
-    return text if len(text) <= limit else text[:limit] + "…"
+        return "an int of thousands of digits"
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    return int(check_number(name, seed, 0, MAX_SEED, "seeds are 0 to 2^64 - 1", integer=True))
+    return check_number(name, seed, 0, MAX_SEED, "seeds are 0 to 2^64 - 1", integer=True)
 
 
 def check_prompt(text, name: str = "prompt") -> str:
@@ -95,11 +94,9 @@ def check_prompt(text, name: str = "prompt") -> str:
 
 
 def check_steps(steps, train_timesteps: int = 1000, name: str = "steps") -> int:
-    return int(
-        check_number(
-            name, steps, 1, train_timesteps,
-            f"the scheduler has {train_timesteps} training timesteps (the reference uses 50)", integer=True,
-        )
+    return check_number(
+        name, steps, 1, train_timesteps,
+        f"the scheduler has {train_timesteps} training timesteps (the reference uses 50)", integer=True,
     )
 
 

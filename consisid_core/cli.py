@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .checks import check_number, check_prompt, check_seed, check_steps
-from .errors import ConsisIDError
+from .errors import ConsisIDError, first_line
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 logger = logging.getLogger("consisid_core")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except ImportError as e:  # an optional dependency (ONNX Runtime, SageAttention): its message says what to install
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else e!r}\n")
+        sys.stderr.write(f"error: {first_line(e, 10_000)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("cancelled: nothing was written\n")

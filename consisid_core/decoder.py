@@ -61,7 +61,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .errors import ConsisIDError
+from .errors import ConsisIDError, first_line
 from .memory import spatial_scale
 
 logger = logging.getLogger(__name__)
@@ -378,8 +378,8 @@ def _difference(rebuilt: torch.Tensor, stock: torch.Tensor) -> str | None:
 
 def _said(e: Exception) -> str:
     """An exception in one line: its type and the first line of its message."""
-    lines = str(e).splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    text = first_line(e, 10_000)
+    return text if text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _warn(problem: str) -> None:

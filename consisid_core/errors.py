@@ -19,3 +19,10 @@ class GenerationCancelled(Exception):
 
 class FaceError(ConsisIDError):
     """A face photo or a face model file cannot be used (no face, missing file, unknown provider)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """What a dependency's exception says, for a one-line message: its first line (cut after
+    `limit` characters), or its type's name when it says nothing."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
-from .errors import ConsisIDError
+from .errors import ConsisIDError, first_line
 
 
 def inside(root: str | os.PathLike, name: str, folder: str, follow_links: bool = False) -> Path:
@@ -128,8 +128,8 @@ def load_torch_weights(path: str | os.PathLike, error=ConsisIDError) -> dict:
             ) from None
         raise error(f"{damaged} (unreadable pickle data); download it again") from None
     except Exception as e:  # noqa: BLE001 - damaged bytes fail in many ways there (IndexError, KeyError, …)
-        first = re.split(r"(?<=\.)\s", (str(e).strip().splitlines() or [type(e).__name__])[0])[0][:200]
-        raise error(f"{damaged} ({first or type(e).__name__}); download it again") from None
+        first = re.split(r"(?<=\.)\s", first_line(e))[0]  # its first sentence
+        raise error(f"{damaged} ({first}); download it again") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConsisIDError
+from .errors import ConsisIDError, first_line
 from .files import publish
 
 VIDEO_SUFFIXES = (".mp4",)
@@ -53,7 +53,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
             f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels: scale it down first"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ConsisIDError(f"'{path}' is not a readable image ({first})") from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checks import check_tensors
-from ..errors import FaceError
+from ..errors import FaceError, first_line
 from ..files import load_torch_weights, shown
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def load_eva_tower(path: str | os.PathLike, device="cpu", dtype=torch.float32) -
     except (ValueError, ZeroDivisionError, RuntimeError, TypeError, IndexError) as e:
         if isinstance(e, FaceError):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise FaceError(
             f"'{path}' has sizes no EVA02-CLIP tower has ({first}); use EVA02_CLIP_L_336_psz14_s6B.pt from the "
             "ConsisID checkpoint's face_encoder folder"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
-from ..errors import FaceError
+from ..errors import FaceError, first_line
 from .eva import EvaVisionTower, check_state_fits, load_eva_tower, load_face_weights
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def onnxruntime_providers() -> list[str]:
             raise ImportError(
                 f"ConsisID's face models run on ONNX Runtime, which is not installed: {_install_commands()}"
             ) from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ImportError(f"ONNX Runtime is installed but does not import ({first}): {_install_commands()}") from e
     providers = getattr(onnxruntime, "get_available_providers", None)
     if providers is None:  # what uninstalling one build leaves of another installed over it
@@ -187,7 +187,7 @@ def _load_insightface(path: Path, task: str, providers: list[str]):
     try:
         model = model_zoo.get_model(str(path), providers=providers)  # an existing file: never downloads
     except Exception as e:  # noqa: BLE001 - onnx and ONNX Runtime raise their own kinds for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise FaceError(
             f"'{path}' is not a readable ONNX model ({first}); download the antelopev2 files again"
         ) from None

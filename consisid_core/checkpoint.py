@@ -159,13 +159,15 @@ class ConsisIDModel:
     """What sampling needs: the transformer, the VAE and the scheduler config.
 
     `checkpoint` is the folder it came from, when there is one: its T5 text encoder and face
-    models load from there on demand.
+    models load from there on demand. `loras` are LoRAs with their strengths, merged into the
+    transformer's weights only while a run uses this model (`lora.with_loras`, `lora.merged`).
     """
 
     transformer: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: Mapping
     checkpoint: Checkpoint | None = None
+    loras: tuple = ()
 
     @property
     def config(self) -> Mapping:

@@ -1,4 +1,4 @@
-"""`python -m consisid_core`: make-tiny, embed, generate.
+"""`python -m consisid_core`: make-tiny, embed, generate, score.
 
 Bad arguments exit with status 2 and one line on stderr, before any work and with nothing written.
 Ctrl-C (SIGINT) and SIGTERM stop a run with one line and exit 130 / 143, leaving no temporary
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -22,6 +21,7 @@ import torch
 
 from .checks import check_number, check_prompt, check_seed, check_steps
 from .errors import ConsisIDError, first_line
+from .lora import lora_argument, read_loras, with_loras
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 logger = logging.getLogger("consisid_core")
@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     who = gen.add_mutually_exclusive_group()
     who.add_argument("--face", type=Path, help="a photo of the person")
     who.add_argument("--identity", type=Path, help="an identity file from `embed`")
-    gen.add_argument("--prompt", required=True, help="what happens in the video")
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="what happens in the video; give it once per segment for a prompt of each segment's own")
     gen.add_argument("--negative-prompt", default="", help="what to steer away from")
     gen.add_argument("--image", type=Path, help="first frame (default: the aligned face, as the reference)")
     gen.add_argument("--seed", type=int, default=42)
@@ -82,11 +83,35 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
                      help="sdpa: PyTorch's, as diffusers; sage: SageAttention (pip install sageattention; CUDA, bf16/fp16)")
     gen.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
+    gen.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="FILE[:STRENGTH]",
+                     help="a LoRA .safetensors (diffusers layout) at a strength (default 1, as fuse_lora's lora_scale); "
+                          "repeat to stack LoRAs")
     gen.add_argument("--allow-oversize", action="store_true",
                      help="allow more than 8x the checkpoint's frames or 4x its pixels per frame in one pass")
+    gen.add_argument("--parallel", metavar="SPLIT",
+                     help="under torchrun, one video over its processes: ulysses=N, ring=N, cfg=2, joined by commas "
+                          "(e.g. ulysses=2,cfg=2; the product is the process count); rank 0 writes --out")
+    gen.add_argument("--segments", type=int, default=1,
+                     help="a long video: this many segments of --frames each, each starting from the last frame of "
+                          "the one before; segment k uses seed + k - 1 (at most 32)")
+    gen.add_argument("--colour-match", action="store_true",
+                     help="give every later segment the colour (CIELAB mean and spread) of the first")
     gen.add_argument("--out", type=Path, required=True, help="a path ending in .mp4, or a folder for PNG frames")
     gen.add_argument("--overwrite", action="store_true",
                      help="replace an existing .mp4 at --out, or a folder of frames written by an earlier run")
+    gen.add_argument("--score", action="store_true",
+                     help="also print how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
+
+    score = sub.add_parser("score", help="video + identity -> FaceSim-Arc, how well the video keeps the face")
+    score.add_argument("--model", required=True, help="checkpoint folder (its face_encoder/ models are used)")
+    score.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+    ref = score.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--identity", type=Path, help="an identity file from `embed` (it holds the face embedding)")
+    ref.add_argument("--face", type=Path, help="a photo of the person (its largest face)")
+    score.add_argument("--video", type=Path, required=True, help="an .mp4 file, or a folder of PNG frames")
+    score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
+    score.add_argument("--json", type=Path, help="also write the scores to this .json file")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
     return parser
 
 
@@ -160,16 +185,23 @@ def _embed(args) -> None:
 
 def _generate(args) -> None:
     from .checkpoint import Checkpoint, dtype_from_name
-    from .identity import load_identity
-    from .media import check_output, read_image, write_frames
+    from .identity import Identity, load_identity
+    from .media import FrameWriter, check_output, read_image
+    from .parallel import Parallel, check as check_parallel, from_rank0, is_writer, rank_device, session
     from .performance import Performance, sage_kernel
-    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, decode, resolve_size, sample
-    from .text import encode_with_checkpoint
+    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, resolve_size
+    from .segments import check_segments, generate_segments, segment_prompts
+    from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_all_with_checkpoint
 
     device = _device(args.device)
+    spec = Parallel.parse(args.parallel) if args.parallel is not None else None
+    if spec is not None:  # refused outside torchrun, or with another process count, before anything else
+        device = rank_device(spec, device, ":" in args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     check_output(args.out, args.overwrite)
-    check_prompt(args.prompt)
+    for prompt in args.prompt:
+        check_prompt(prompt)
+    prompts = segment_prompts(args.prompt, args.segments)
     check_prompt(args.negative_prompt, "negative prompt")
     check_seed(args.seed, "--seed")
     check_number("--fps", args.fps, 1, MAX_FPS, integer=True)
@@ -181,16 +213,22 @@ def _generate(args) -> None:
     performance = Performance(
         compile=args.compile, offload=args.offload, step_cache=args.step_cache, attention=args.attention
     )
-    with _checkpoint_folder(args.model) as folder:
+    with _checkpoint_folder(args.model) as folder, session(spec, device):
         checkpoint = Checkpoint.open(folder)
         check_steps(args.steps, checkpoint.scheduler_config.get("num_train_timesteps", 1000), "--steps")
         size = resolve_size(
             checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width,
             args.allow_oversize,
         )
+        check_segments(args.segments, size[0])
+        scored = _score_keeper(args, checkpoint, size[0])
+        loras = read_loras(args.lora, checkpoint.transformer_config)
         check_run_fits(checkpoint, dtype_from_name(dtype), *size, device, args.offload == "sequential", args.fp8)
         if performance.attention == "sage":  # refused before any work, not at the first step
             sage_kernel(device, dtype_from_name(dtype), checkpoint.transformer_config["attention_head_dim"])
+        if spec is not None:
+            check_parallel(spec, checkpoint.transformer_config, checkpoint.vae_config, size, args.guidance, performance,
+                           device, dtype_from_name(dtype), MAX_SEQUENCE_LENGTH)
         if identity is None and args.face is None:
             if args.model != "tiny":
                 raise ConsisIDError("give the person as --face PHOTO or --identity FILE")
@@ -200,25 +238,146 @@ def _generate(args) -> None:
             identity = random_identity(checkpoint.transformer_config)
         if identity is not None:
             identity.check_compatible(checkpoint.transformer_config, f"'{args.identity or 'the identity'}'")
-        if identity is None:
-            identity = _embed_photo(checkpoint, args.face, args, device)
-        text = encode_with_checkpoint(checkpoint, dtype_from_name(dtype), args.prompt, args.negative_prompt, device)
-        model = checkpoint.load_model(dtype, fp8=args.fp8)
+        if identity is None:  # under --parallel, rank 0 alone loads the face models and the T5 (from_rank0)
+            values = from_rank0(spec, lambda: _identity_tensors(_embed_photo(checkpoint, args.face, args, device)))
+            identity = Identity(values[0], tuple(values[1:-2]), values[-2], values[-1])
+
+        def encode() -> list[torch.Tensor]:
+            texts = encode_all_with_checkpoint(checkpoint, dtype_from_name(dtype), prompts, args.negative_prompt, device)
+            return [t for text in texts for t in (text.positive, text.negative)]
+
+        values = from_rank0(spec, encode)
+        texts = [TextEmbeddings(positive, negative) for positive, negative in zip(values[::2], values[1::2])]
         frames, height, width = size
-        latents = sample(
-            model, identity, text, image,
-            seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
-            frames=frames, height=height, width=width, device=device, progress_bar=True, performance=performance,
-            allow_oversize=args.allow_oversize,
+        writes = is_writer()  # rank 0 under --parallel: the others write and show nothing
+        progress = _segment_progress(args.segments, args.steps) if writes else contextlib.nullcontext()
+        writer = FrameWriter(args.out, args.fps, args.overwrite) if writes else _Discarded()
+        with writer, progress as bar:
+            # the generator holds the only reference to the model: the transformer is released before the
+            # last segment's decode (diffusers' hook registries hold reference cycles: it collects them)
+            segments = generate_segments(
+                with_loras(checkpoint.load_model(dtype, fp8=args.fp8), loras), identity, texts, image,
+                seed=args.seed, colour_match=args.colour_match, tiling=Tiling() if args.vae_tiling else None,
+                steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
+                frames=frames, height=height, width=width, device=device, performance=performance,
+                allow_oversize=args.allow_oversize, callback=bar, parallel=spec,
+            )
+            for segment, video in enumerate(segments, 1):  # each segment's new frames, as soon as decoded
+                writer.write(video)
+                if scored is not None:
+                    scored.add(video)  # keeps only the frames the score samples
+            if scored is not None and writes:  # before the video is published: a failure leaves nothing
+                _log_scores(scored, checkpoint, identity, args.provider)
+    if writes:
+        logger.info("wrote %d frames to %s", writer.count, args.out)
+
+
+def _identity_tensors(identity) -> list[torch.Tensor]:
+    return [identity.id_cond, *identity.id_vit_hidden, identity.kps, identity.face_image]
+
+
+class _Discarded:
+    """The frame writer of a rank that writes nothing (every rank but 0 under --parallel)."""
+
+    count = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, video: torch.Tensor) -> None:
+        self.count += video.shape[0]
+
+
+@contextlib.contextmanager
+def _segment_progress(segments: int, steps: int) -> Iterator:
+    """A progress bar over all steps of all segments, naming the segment (a `SegmentCallback`)."""
+    from tqdm import tqdm
+
+    with tqdm(total=segments * steps, unit="step", dynamic_ncols=True) as bar:
+
+        def update(segment: int, done: int, total: int, latents) -> None:
+            if done == 0:
+                bar.set_description(f"segment {segment}/{segments}")
+            bar.update((segment - 1) * steps + done - bar.n)
+
+        yield update
+
+
+def _score_keeper(args, checkpoint, frames: int):
+    """For `generate --score`: what keeps the sampled frames, once the face models' folder and ONNX
+    Runtime are known to be there (before any work); None without --score."""
+    if not args.score:
+        return None
+    from .face import resolve_providers
+    from .score import SampledFrames
+
+    if not checkpoint.face_encoder_dir.is_dir():
+        raise ConsisIDError(
+            f"--score needs the checkpoint's face models, and '{checkpoint.face_encoder_dir}' does not exist; "
+            "add the face_encoder folder of the ConsisID checkpoint, or leave out --score"
         )
-        vae, model = model.vae, None  # the transformer is done: release it before the decode's peak
-        gc.collect()  # diffusers' hook registries hold reference cycles to their modules
-        video = decode(vae, latents, device, tiling=Tiling() if args.vae_tiling else None)
-    write_frames(video, args.out, args.fps, overwrite=args.overwrite)
-    logger.info("wrote %d frames to %s", video.shape[0], args.out)
+    resolve_providers(args.provider)
+    return SampledFrames(args.segments, frames)
 
 
-_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate}
+def _log_scores(scored, checkpoint, identity, provider: str) -> None:
+    """FaceSim-Arc of what `generate` made: each segment's (a long video), then the whole video's."""
+    from .face import load_face_models
+    from .score import identity_embedding
+
+    faces = load_face_models(checkpoint.face_encoder_dir, provider=provider)
+    parts, whole = scored.scores(faces, identity_embedding(identity, faces))
+    if len(parts) > 1:
+        for k, part in enumerate(parts, 1):
+            logger.info("segment %d: %s", k, part.summary())
+    logger.info("video: %s", whole.summary())
+
+
+def _score(args) -> None:
+    from .checkpoint import Checkpoint
+    from .face import load_face_models, to_rgb_uint8
+    from .identity import load_identity
+    from .media import check_output, read_image, read_video
+    from .score import check_frames_sampled, identity_embedding, photo_embedding, sample_indices, score_frames
+
+    frames_sampled = check_frames_sampled(args.frames_sampled, "--frames-sampled")
+    if args.json is not None:
+        check_output(args.json, args.overwrite, suffixes=(".json",))
+    identity = load_identity(args.identity) if args.identity else None
+    photo = to_rgb_uint8(read_image(args.face), args.face.name) if args.face else None
+    checkpoint = Checkpoint.open(args.model)
+    if identity is not None:
+        identity.check_compatible(checkpoint.transformer_config, f"'{args.identity}'")
+    video = read_video(args.video, lambda count: sample_indices(count, frames_sampled))
+    faces = load_face_models(checkpoint.face_encoder_dir, provider=args.provider)
+    if identity is not None:
+        reference = identity_embedding(identity, faces, f"'{args.identity}'")
+    else:
+        reference = photo_embedding(faces, photo, str(args.face))
+    result = score_frames(faces, reference, video.frames, video.indices, video.count)
+    logger.info("%s: %s", args.video, result.summary())
+    for line in result.per_frame().splitlines():
+        logger.info("  %s", line)
+    if args.json is not None:
+        report = {"video": str(args.video), "reference": str(args.identity or args.face)} | result.as_dict()
+        _write_json(report, args.json, args.overwrite)
+        logger.info("wrote %s", args.json)
+
+
+def _write_json(data: dict, out: Path, overwrite: bool) -> None:
+    """`data` as JSON at `out`, whole or not at all."""
+    import json
+
+    from .files import write_atomically
+
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
+
+
+_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score}
 
 
 class Terminated(BaseException):

@@ -13,7 +13,10 @@ public API, sits here and is checked where it is used (`check`):
   `transformer_blocks` (`forward(hidden_states, encoder_hidden_states, …)` returning both),
   `perceiver_cross_attention` (`forward(image_embeds, hidden_states)`), `norm_final`,
   `local_facial_extractor`, each block's `attn1`;
-- torch's `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets).
+- torch's `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets);
+- for `--parallel` (`parallel.py`): diffusers' context parallelism (`context_parallel_api`), the one
+  `scaled_dot_product_attention` call of ConsisID's self-attention (`sdpa_calls`) and torch's CPU
+  flash kernel with its log-sum-exp (`attention_with_lse`, `cpu_lse_problems`).
 
 If a diffusers release changes any of these, an option that needs it is refused with one line
 naming the diffusers version and the option to turn off (`HookApiError`), and the always-on
@@ -196,3 +199,133 @@ def compiled(blocks: list[torch.nn.Module], cache, enabled: bool) -> Iterator[No
     finally:
         for block in blocks:
             block._compiled_call_impl = None
+
+
+# --- context parallelism (`parallel.py`) -------------------------------------------------------
+
+PARALLEL_DIFFUSERS = (0, 38)
+"""The first diffusers release `--parallel`'s sequence modes pass their tests on (0.38 to 0.42
+were run; 0.35 has no context parallelism, and 0.37's ring attention takes the log-sum-exp in
+another layout)."""
+
+
+def _release(version: str) -> tuple[int, int]:
+    import re
+
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    return tuple(numbers + [0] * (2 - len(numbers)))
+
+
+def context_parallel_api(option: str):
+    """What `parallel` uses of diffusers' context parallelism, checked; `HookApiError` naming the
+    diffusers version needed where this one lacks any of it:
+
+    - `ContextParallelConfig(ring_degree, ulysses_degree)` with
+      `setup(rank, world_size, device, mesh)`, wrapped in `ParallelConfig(context_parallel_config=…)`;
+    - `ContextParallelInput(split_dim, expected_dims)` / `ContextParallelOutput(gather_dim, expected_dims)`
+      and `apply_context_parallel(module, config, plan)` / `remove_context_parallel(module, plan)`
+      (the hooks `ModelMixin.enable_parallelism` registers; called directly so that they come off
+      after the run, and because that method divides by the accelerator count, 0 on a CPU);
+    - `dispatch_attention_fn(…, backend=, parallel_config=)` and its backends `native` and
+      `_native_cudnn`, and `_templated_context_parallel_attention(…, forward_op=, backward_op=,
+      _parallel_config=)` (Ulysses / ring / both, given a local attention that returns its
+      log-sum-exp).
+    """
+    import types
+
+    needed = ".".join(map(str, PARALLEL_DIFFUSERS))
+    refusal = (
+        f"{option} needs diffusers >= {needed} (its context parallelism; this is {diffusers_version()}): "
+        f"pip install 'diffusers>={needed}', or run without it"
+    )
+    if _release(diffusers_version()) < PARALLEL_DIFFUSERS:
+        raise HookApiError(refusal)
+    try:
+        from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+        from diffusers.models import attention_dispatch
+        from diffusers.models._modeling_parallel import (
+            ContextParallelConfig,
+            ContextParallelInput,
+            ContextParallelOutput,
+            ParallelConfig,
+        )
+    except ImportError as e:
+        raise HookApiError(f"{refusal} ({e})") from e
+    found = []
+    fields = set(getattr(ContextParallelConfig, "__dataclass_fields__", {}))
+    missing = {"ring_degree", "ulysses_degree"} - fields
+    if missing:
+        found.append(f"ContextParallelConfig fields {', '.join(sorted(missing))}")
+    if not _leading(ContextParallelConfig.setup, ("self", "rank", "world_size", "device", "mesh")):
+        found.append("ContextParallelConfig.setup(rank, world_size, device, mesh)")
+    dispatch = getattr(attention_dispatch, "dispatch_attention_fn", None)
+    templated = getattr(attention_dispatch, "_templated_context_parallel_attention", None)
+    names = getattr(attention_dispatch, "AttentionBackendName", None)
+    if dispatch is None or "parallel_config" not in inspect.signature(dispatch).parameters:
+        found.append("dispatch_attention_fn(…, parallel_config=)")
+    if templated is None or not {"forward_op", "backward_op", "_parallel_config"} <= set(
+        inspect.signature(templated).parameters
+    ):
+        found.append("_templated_context_parallel_attention(…, forward_op, backward_op, _parallel_config)")
+    if names is None or not all(hasattr(names, n) for n in ("NATIVE", "_NATIVE_CUDNN")):
+        found.append("AttentionBackendName.NATIVE / _NATIVE_CUDNN")
+    if found:
+        raise HookApiError(f"{refusal}; this one differs in {'; '.join(found)}")
+    return types.SimpleNamespace(
+        ContextParallelConfig=ContextParallelConfig, ParallelConfig=ParallelConfig,
+        ContextParallelInput=ContextParallelInput, ContextParallelOutput=ContextParallelOutput,
+        apply=apply_context_parallel, remove=remove_context_parallel,
+        dispatch=dispatch, templated=templated, backends=names,
+    )
+
+
+def attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """A local attention for diffusers' templated ring attention on the CPU, where none of its own
+    backends returns the log-sum-exp: torch's CPU flash kernel (`aten::_scaled_dot_product_flash_
+    attention_for_cpu`, what SDPA runs there). [B, S, H, D] in, out [B, S, H, D] (+ lse [B, S, H])."""
+    if attn_mask is not None or enable_gqa or dropout_p:
+        raise HookApiError("the CPU ring attention takes no mask, dropout or grouped heads")
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *(x.transpose(1, 2) for x in (query, key, value)), 0.0, is_causal, scale=scale
+    )
+    out = out.transpose(1, 2)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def no_backward(ctx, grad_out, *args, **kwargs):
+    raise HookApiError("the parallel attention runs inference only")
+
+
+def cpu_lse_problems() -> list[str]:
+    """Whether torch's CPU flash kernel is there and gives SDPA's output and the log-sum-exp."""
+    query, key, value = torch.randn(3, 1, 5, 2, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        out, lse = attention_with_lse(None, query, key, value, return_lse=True)
+    except (AttributeError, RuntimeError, TypeError) as e:
+        return [f"torch's aten::_scaled_dot_product_flash_attention_for_cpu ({type(e).__name__})"]
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    want_lse = torch.logsumexp(q @ k.transpose(-1, -2) / 8**0.5, dim=-1).transpose(1, 2)
+    if not (torch.allclose(out, want, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)):
+        return ["torch's aten::_scaled_dot_product_flash_attention_for_cpu (other output or log-sum-exp)"]
+    return []
+
+
+def sdpa_calls(attention: torch.nn.Module, width: int, dtype: torch.dtype) -> int:
+    """How many times a ConsisID self-attention (`block.attn1`) calls torch's
+    `scaled_dot_product_attention` for one forward on a small random input: the parallel attention
+    replaces exactly that call, so anything but 1 means the processor changed."""
+    calls = []
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    device = next(attention.parameters()).device
+    hidden = torch.zeros(1, 2, width, device=device, dtype=dtype)
+    with torch.no_grad(), Count():
+        attention(hidden_states=hidden, encoder_hidden_states=hidden)
+    return len(calls)

@@ -6,7 +6,8 @@ another file unless asked.
   same whether or not anything exists at the named place, so it tells nothing about the disk.
 - `numbered_path`: the next `<prefix>_00001_<suffix>` name, one above the highest taken.
 - `publish`: move a finished temporary file or folder into place; without `overwrite` an
-  existing target is never replaced, even by a save racing this one.
+  existing target is never replaced, even by a save racing this one. `write_atomically`: a file
+  written under a hidden name beside its target, then published.
 - `load_torch_weights`: `torch.load(weights_only=True)` with one line for every way a file can
   be wrong (pickled objects are refused without suggesting to load them anyway).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -64,6 +67,20 @@ def numbered_path(folder: str | os.PathLike, prefix: str, suffix: str) -> Path:
     pattern = re.compile(re.escape(prefix) + r"_([0-9]+)_" + re.escape(suffix))
     taken = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))] if folder.is_dir() else []
     return folder / f"{prefix}_{max(taken, default=0) + 1:05}_{suffix}"
+
+
+def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """`write(path)` a file under a hidden name beside `target`, then `publish` it: `target` appears
+    whole or not at all, and the hidden file is gone either way."""
+    # the temporary name is kept short: the target's name may be as long as the file system allows
+    descriptor, name = tempfile.mkstemp(prefix=f".{target.name[:32]}.", suffix=".partial", dir=target.parent)
+    os.close(descriptor)
+    staged = Path(name)
+    try:
+        write(staged)
+        return publish(staged, target, overwrite)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def publish(staged: Path, target: Path, overwrite: bool = False) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 
 from .checks import check_tensors
 from .errors import ConsisIDError, IdentityError
-from .files import publish, shown
+from .files import shown, write_atomically
 
 FORMAT = "consisid-identity"
 VERSION = "1"
@@ -120,20 +119,12 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
     # copies: safetensors refuses tensors that share memory (one hidden state given for every scale)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {str(k): str(v) for k, v in identity.metadata.items()} | {"format": FORMAT, "version": VERSION}
-    tmp = None
-    try:  # the temporary name is kept short: the file name may be as long as the file system allows
-        descriptor, name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".partial", dir=path.parent)
-        os.close(descriptor)
-        tmp = Path(name)
-        save_file(tensors, tmp, metadata=metadata)
-        publish(tmp, path, overwrite)
+    try:
+        write_atomically(path, lambda staged: save_file(tensors, staged, metadata=metadata), overwrite)
     except ConsisIDError as e:
         raise IdentityError(str(e)) from None
     except (OSError, SafetensorError) as e:
         raise IdentityError(f"cannot write '{path}': {getattr(e, 'strerror', None) or e}") from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ from .checks import bounded_size, check_number, check_seed, check_steps, check_t
 from .errors import ConsisIDError
 from .decoder import vae_options
 from .identity import Identity
+from .lora import merged
 from .memory import (
     available_memory,
     check_fits,
@@ -37,6 +38,7 @@ from .memory import (
     spatial_scale,
     text_encoder_memory,
 )
+from .parallel import Parallel, applied as split_over_ranks, check as check_parallel
 from .performance import Performance, StepCacheStats, applied
 from .text import TextEmbeddings, encode_with_checkpoint
 
@@ -186,6 +188,8 @@ def sample(
     allow_oversize: bool = False,
     move_models: bool = True,
     step_cache_stats: StepCacheStats | None = None,
+    parallel: Parallel | None = None,
+    merge_loras: bool = True,
 ) -> torch.Tensor:
     """Denoise a video on `device`; returns latents [1, latent_frames, channels, h, w] on the CPU.
 
@@ -196,6 +200,10 @@ def sample(
     The models are moved to `device` for the run and back after it, unless `move_models` is off
     (ComfyUI's model management has placed them, perhaps partly). What the step cache did
     (transformer forwards computed and skipped) is counted into `step_cache_stats` if given.
+    `parallel` splits the run over the processes torchrun started (`consisid_core.parallel`; the
+    process group is joined if the caller has not); every rank returns the same latents. The model's LoRAs are merged into the transformer's
+    weights for the run and taken out after it, unless `merge_loras` is off (ComfyUI's
+    ModelPatcher has patched them in).
     """
     frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
     if (frames, height, width) != native_size(model.config, model.vae.config):
@@ -206,6 +214,9 @@ def sample(
     check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
     frame = first_frame(image, identity)
     performance = performance or Performance()
+    if parallel is not None:
+        check_parallel(parallel, model.config, model.vae.config, (frames, height, width), guidance_scale, performance,
+                       device, model.dtype, text.positive.shape[1])
     check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential", move_models)
     pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
 
@@ -216,9 +227,11 @@ def sample(
 
     dtype = model.dtype
     with (
+        merged(model.transformer, model.loras if merge_loras else (), device),
         applied(model, performance, steps, device, step_cache_stats) as to_place,
         placed(to_place, device if move_models else None),
         _face_scale(model.transformer, identity_strength),
+        split_over_ranks(model.transformer, parallel, device, dtype),
     ):
         target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
         latents = pipe(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,9 +93,21 @@ def encode_with_checkpoint(
     checkpoint: Checkpoint | None, dtype: torch.dtype, prompt: str, negative_prompt: str = "", device=None
 ) -> TextEmbeddings:
     """Encode with the checkpoint's own T5, loaded for this and released after."""
+    return encode_all_with_checkpoint(checkpoint, dtype, [prompt], negative_prompt, device)[0]
+
+
+def encode_all_with_checkpoint(
+    checkpoint: Checkpoint | None, dtype: torch.dtype, prompts: Sequence[str], negative_prompt: str = "", device=None
+) -> list[TextEmbeddings]:
+    """Each of `prompts` (one per segment of a long video), with the checkpoint's own T5 loaded once
+    for all and released after; a prompt given twice is encoded once."""
+    for prompt in prompts:
+        check_prompt(prompt)
+    check_prompt(negative_prompt, "negative prompt")
     encoder = own_text_encoder(checkpoint, dtype)
     try:
-        return encode_text(encoder, prompt, negative_prompt, device)
+        encoded = {prompt: encode_text(encoder, prompt, negative_prompt, device) for prompt in dict.fromkeys(prompts)}
     finally:
         del encoder
         gc.collect()
+    return [encoded[prompt] for prompt in prompts]

@@ -3,11 +3,11 @@
 `host` alone touches ComfyUI; everything here imports and runs outside ComfyUI too.
 """
 
-from . import faces, identity_files, models, sampling, text, vae
+from . import faces, identity_files, long_video, lora, models, sampling, score, text, vae
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (faces, identity_files, models, text, sampling, vae):
+for _module in (faces, identity_files, models, lora, text, sampling, vae, long_video, score):
     NODE_CLASS_MAPPINGS.update(_module.NODES)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NAMES)
 

@@ -31,9 +31,11 @@ from ..consisid_core.checkpoint import ANTELOPE_DIR, FACE_ENCODER, ConsisIDModel
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.face.models import FaceModels
 from ..consisid_core.files import inside, numbered_path, shown
+from ..consisid_core.lora import LoRA, with_loras
 from ..consisid_core.memory import home_device
 
 try:
+    import comfy.lora
     import comfy.model_management as model_management
     import comfy.model_patcher
     import comfy.ops
@@ -270,15 +272,49 @@ class WholeModelPatcher(comfy.model_patcher.ModelPatcher if model_management is 
 
 class Managed:
     """ComfyUI's handles on one loaded model's parts: a ModelPatcher each, made on first use; and
-    the checkpoint's T5, kept in RAM once Text Encode has loaded it (as ComfyUI keeps its CLIP)."""
+    the checkpoint's T5, kept in RAM once Text Encode has loaded it (as ComfyUI keeps its CLIP).
+    A LoRA's model (`with_patches`) has its base's handles but for a clone of one patcher."""
 
-    def __init__(self):
+    def __init__(self, base: Managed | None = None):
         self._patchers: dict[int, tuple] = {}
-        self.text_encoder = None
+        self._base = base
+        self._text_encoder = None
         self.parts = None
+
+    @property
+    def text_encoder(self):
+        """The checkpoint's T5: one for a loaded model and the LoRAs' models made from it."""
+        return self._base.text_encoder if self._base is not None else self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, encoder) -> None:
+        if self._base is not None:
+            self._base.text_encoder = encoder
+        else:
+            self._text_encoder = encoder
+
+    def held(self, module: torch.nn.Module):
+        """The patcher holding `module`, None if none was made."""
+        if id(module) in self._patchers:
+            return self._patchers[id(module)][0]
+        return self._base.held(module) if self._base is not None else None
+
+    def with_patches(self, module: torch.nn.Module, patches: dict, strength: float) -> Managed:
+        """These handles, but for `module` a clone of its patcher with ComfyUI weight `patches` added
+        at `strength` (as ComfyUI's LoraLoader): ComfyUI patches the weights when it loads the clone
+        and puts them back when it loads another patcher of the same module."""
+        clone = self.patcher("transformer", module).clone()
+        added = clone.add_patches(patches, strength)
+        if len(added) != len(patches):
+            raise ConsisIDError(f"this ComfyUI took {len(added)} of the LoRA's {len(patches)} weight patches")
+        derived = Managed(self)
+        derived._patchers[id(module)] = (clone, module)
+        return derived
 
     def patcher(self, part: str, module: torch.nn.Module, load_device: torch.device | None = None):
         key = id(module)
+        if key not in self._patchers and self._base is not None:
+            return self._base.patcher(part, module, load_device)
         if key not in self._patchers:
             holder, castable = _PARTS[part]
             if castable:
@@ -324,6 +360,23 @@ def managed(model: ConsisIDModel) -> ConsisIDModel:
     return ManagedModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(ConsisIDModel)})
 
 
+def with_lora(model: ConsisIDModel, lora: LoRA, strength: float) -> ConsisIDModel:
+    """`model` with `lora` stacked at `strength` (`lora.with_loras`: outside ComfyUI the sampler
+    merges it for its run). Inside ComfyUI it also becomes ComfyUI weight patches (read by its own
+    `comfy.lora.load_lora`) on a clone of the transformer's ModelPatcher, as its LoraLoader does."""
+    stacked = with_loras(model, [(lora, strength)])
+    handles = owner(model)
+    if not IN_COMFYUI or handles is None:
+        return stacked
+    weights, keys = {}, {}
+    for name, layer in lora.layers.items():
+        alpha = torch.tensor(layer.scale * layer.rank, dtype=torch.float64)  # ComfyUI scales by alpha / rank
+        weights |= {f"{name}.lora_A.weight": layer.down, f"{name}.lora_B.weight": layer.up, f"{name}.alpha": alpha}
+        keys[name] = f"module.{name}.weight"  # the patcher holds the transformer as `Held.module`
+    patches = comfy.lora.load_lora(weights, keys)
+    return dataclasses.replace(stacked, managed=handles.with_patches(model.transformer, patches, strength))
+
+
 def managed_faces(models: FaceModels, device: torch.device) -> FaceModels:
     """The Face Models Loader's output: inside ComfyUI the models (loaded in RAM) with ComfyUI's
     handle on their torch parts, to compute on `device`; outside, the models as loaded."""
@@ -357,14 +410,14 @@ def unload(owner: Managed | None, module: torch.nn.Module) -> None:
     streams it layer by layer itself. ComfyUI has no call to unload one model: this does what
     its `free_memory` does for each model it unloads, and where `current_loaded_models` is not
     there (another ComfyUI), unloads every model on that device instead."""
-    if not IN_COMFYUI or owner is None or id(module) not in owner._patchers:
+    patcher = owner.held(module) if IN_COMFYUI and owner is not None else None
+    if patcher is None:
         return
-    patcher = owner._patchers[id(module)][0]
     loaded_models = getattr(model_management, "current_loaded_models", None)
     if loaded_models is None:
         model_management.free_memory(1e30, patcher.load_device)
         return
-    for loaded in [m for m in loaded_models if m.model is patcher]:
+    for loaded in [m for m in loaded_models if patcher.is_clone(m.model)]:  # a LoRA's clone too
         loaded.model_unload()
         loaded_models.remove(loaded)
 

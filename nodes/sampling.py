@@ -111,6 +111,7 @@ class ConsisIDSampler:
                 performance=performance,
                 allow_oversize=allow_oversize,
                 move_models=move_models,
+                merge_loras=move_models or streamed,  # else ComfyUI patched them in when it loaded the transformer
             )
         finally:
             host.after_run()

@@ -48,6 +48,7 @@ class Server:
             "  consisid: models/consisid\n"
             "  diffusion_models: models/diffusion_models\n"
             "  vae: models/vae\n"
+            "  loras: models/loras\n"
             "  custom_nodes: custom_nodes\n"
         )
         self.log = open(base / "server.log", "w")

@@ -32,7 +32,9 @@ if chromium_path() is None:
     pytest.skip("no Chromium (apt-get install chromium, or set CHROMIUM to one)", allow_module_level=True)
 
 SHIPPED = sorted(p.name for p in WORKFLOWS.glob("*.json"))
-MISSING = {"consisid_upscale_interpolate.json": ["RIFE VFI"]}  # ComfyUI-Frame-Interpolation, not installed
+MISSING = {  # ComfyUI-Frame-Interpolation, not installed
+    "consisid_upscale_interpolate.json": ["RIFE VFI"], "consisid_long_video.json": ["RIFE VFI"],
+}
 EXTRA_WIDGETS = ("control_after_generate", "upload")  # frontend-only widgets after seed / image
 
 

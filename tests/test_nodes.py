@@ -15,6 +15,7 @@ from consisid_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS 
 EXPECTED = {
     "ConsisIDFaceModelsLoader", "ConsisIDFaceEmbed", "ConsisIDSaveIdentity", "ConsisIDLoadIdentity",
     "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDPerformance", "ConsisIDVAEDecode",
+    "ConsisIDIdentityScore", "ConsisIDExtend", "ConsisIDLoRA",
 }
 
 

@@ -26,6 +26,8 @@ PROMPT = (
     "face. Shop windows and softly blurred passers-by fill the background."
 )
 CHECKPOINT = "ConsisID-preview"
+LORAS = (("consisid_style_lora.safetensors", 1.0), ("consisid_subject_lora.safetensors", 0.8))
+"""The LoRA workflow's two stacked LoRAs (names to replace with your own files in models/loras)."""
 
 
 def import_pack():
@@ -185,12 +187,12 @@ def _tail(g: Graph, model: int, identity: tuple[int, int], text: int, fps: float
     g.add("SaveVideo", "consisid/ConsisID", "mp4", "h264", video=(video, 0))
 
 
-def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8.0) -> dict:
+def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8.0, loras=()) -> dict:
     g = Graph(specs)
     photo = g.add("LoadImage", "consisid_face.png", "image")
     faces = g.add("ConsisIDFaceModelsLoader", CHECKPOINT, "cpu", "cpu")
     embed = g.add("ConsisIDFaceEmbed", -1, image=(photo, 0), face_models=(faces, 0))
-    if extra is None:
+    if extra is None and not loras:
         g.add("ConsisIDSaveIdentity", "consisid/identity", identity=(embed, 0))
     model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16", False)
     if native_t5:
@@ -198,6 +200,8 @@ def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8
         text = g.add("ConsisIDTextEncode", PROMPT, "", clip=(clip, 0))
     else:
         text = g.add("ConsisIDTextEncode", PROMPT, "", model=(model, 0))
+    for name, strength in loras:  # stacked: each LoRA node takes the one before
+        model = g.add("ConsisIDLoRA", name, strength, model=(model, 0))
     _tail(g, model, (embed, 0), text, fps, extra)
     return g.to_json()
 
@@ -217,6 +221,31 @@ def _reuse_identity(specs: dict) -> dict:
     return g.to_json()
 
 
+def _long_video(specs: dict) -> dict:
+    """Three segments (Sampler, then two Extends with the seeds `generate --segments 3 --seed 42`
+    gives them), then RIFE VFI to 16 fps and Save Video."""
+    g = Graph(specs)
+    photo = g.add("LoadImage", "consisid_face.png", "image")
+    faces = g.add("ConsisIDFaceModelsLoader", CHECKPOINT, "cpu", "cpu")
+    identity = (g.add("ConsisIDFaceEmbed", -1, image=(photo, 0), face_models=(faces, 0)), 0)
+    model = (g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16", False), 0)
+    text = (g.add("ConsisIDTextEncode", PROMPT, "", model=model), 0)
+    sampler = g.add(
+        "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False,
+        model=model, identity=identity, text=text,
+    )
+    video = (g.add("ConsisIDVAEDecode", False, 240, 360, 48, False, model=model, latent=(sampler, 0)), 0)
+    for seed in (43, 44):
+        video = (g.add(
+            "ConsisIDExtend", seed, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False, False,
+            model=model, identity=identity, text=text, previous=video,
+        ), 1)
+    frames = g.add("RIFE VFI", "rife47.pth", 10, 2, True, True, 1.0, frames=video)
+    clip = g.add("CreateVideo", 16.0, images=(frames, 0))
+    g.add("SaveVideo", "consisid/ConsisID", "mp4", "h264", video=(clip, 0))
+    return g.to_json()
+
+
 def build(specs: dict | None = None) -> dict[str, dict]:
     """File name -> UI-format workflow, for every shipped workflow."""
     specs = specs or all_specs()
@@ -225,6 +254,8 @@ def build(specs: dict | None = None) -> dict[str, dict]:
         "consisid_native_t5.json": _face_graph(specs, native_t5=True),
         "consisid_upscale_interpolate.json": _face_graph(specs, extra=_upscale_and_interpolate, fps=16.0),
         "consisid_reuse_identity.json": _reuse_identity(specs),
+        "consisid_long_video.json": _long_video(specs),
+        "consisid_lora.json": _face_graph(specs, loras=LORAS),
     }
 
 
@@ -271,7 +302,7 @@ def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "Upsc
             if kind == "COMBO":
                 choices = _combo_options(spec, name)
                 is_model_list = node["type"] in dynamic or (node["type"].startswith("ConsisID") and name in (
-                    "face_encoder", "model", "vae", "identity_file"))
+                    "face_encoder", "model", "vae", "identity_file", "lora_name"))
                 if not is_model_list and value not in choices:
                     problems.append(f"{where}: {name}={value!r} is not one of {choices}")
             elif kind == "BOOLEAN" and not isinstance(value, bool):

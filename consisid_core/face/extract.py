@@ -175,7 +175,7 @@ def _area(box) -> float:
     return float((box[2] - box[0]) * (box[3] - box[1]))
 
 
-def _pick(boxes: list, face_index: int | None, name: str, kind: str) -> tuple[int, int]:
+def pick_face(boxes: list, face_index: int | None, name: str, kind: str) -> tuple[int, int]:
     """(index into boxes, index counted left to right) of the largest face or of `face_index`."""
     left_to_right = sorted(range(len(boxes)), key=lambda i: (boxes[i][0] + boxes[i][2]) / 2)
     if face_index is None:
@@ -202,7 +202,7 @@ def _extract(models: FaceModels, bgr: np.ndarray, face_index, name: str, scale: 
     retina_kps = [np.array([[r[i], r[i + 1]] for i in range(5, 15, 2)]) for r in retina]
 
     if ante_boxes:
-        chosen, position = _pick(ante_boxes, face_index, name, "antelopev2")
+        chosen, position = pick_face(ante_boxes, face_index, name, "antelopev2")
         count = len(ante_boxes)
         box = ante_boxes[chosen]
         face = Face(bbox=box, kps=kpss[chosen], det_score=det[chosen, 4])
@@ -213,7 +213,7 @@ def _extract(models: FaceModels, bgr: np.ndarray, face_index, name: str, scale: 
             logger.warning("%s: RetinaFace did not find the chosen face; aligning on antelopev2 keypoints", name)
             landmark = face_kps
     elif retina_boxes:
-        chosen, position = _pick(retina_boxes, face_index, name, "RetinaFace")
+        chosen, position = pick_face(retina_boxes, face_index, name, "RetinaFace")
         count = len(retina_boxes)
         box = retina_boxes[chosen]
         ante_embedding = None

@@ -1,0 +1,418 @@
+"""One video on several GPUs (or CPU processes): sequence and CFG parallelism over torch.distributed.
+
+Launched by `torchrun` (one process, a "rank", per GPU), `sample(..., parallel=Parallel.parse(
+"ulysses=2,cfg=2"))` splits each transformer forward over the ranks:
+
+- `ulysses=U`: each rank holds 1/U of the text tokens and of the video tokens from the first
+  transformer block to the last; in each self-attention an all-to-all trades the token split for a
+  head split and back (diffusers' Ulysses attention): four all-to-alls of the block's q, k, v and
+  output per block. U must divide the attention heads (48 in ConsisID-preview).
+- `ring=R`: each rank keeps its tokens and all heads; the keys and values of the other ranks are
+  all-gathered and attended to one chunk at a time, the partial results merged by their
+  log-sum-exp (diffusers' ring attention): one all-gather of k and v per block.
+- `cfg=2`: the unconditional and the conditional halves of the guided batch run on two groups of
+  ranks; one all-gather of the transformer's output per step joins them.
+
+They compose: the ranks form a (cfg, ring, ulysses) mesh, ulysses innermost, so the chattiest
+groups are neighbouring ranks (one machine's GPUs first). 4 ranks = `ulysses=2,cfg=2`.
+
+What stays whole on every rank: the Local Facial Extractor (its input is the identity, not the
+video) and the face cross-attention's keys (the identity tokens; its queries are the rank's video
+tokens); the scheduler, the noise and the guidance (every rank has the whole latents after each
+step, the same on every rank). The plan for diffusers' context-parallel hooks (`plan`) splits the
+text and video tokens at the first block, the rotary embeddings at every block, and gathers both
+after the last; the self-attention's one `scaled_dot_product_attention` call goes through
+diffusers' `dispatch_attention_fn` with the parallel config (the same per-block hook as
+`--attention sage`). The diffusers internals this stands on are checked in `diffusers_hooks`.
+
+The ranks that split the tokens must share them equally (diffusers' equal split; its "anything"
+variants for uneven shares need uneven all-gathers, which gloo lacks, so they are not tested here).
+ConsisID's 226 text tokens are 2 × 113: ulysses × ring is 1 or 2 for it, so 4 ranks at most with
+cfg=2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from . import diffusers_hooks as hooks
+from .errors import ConsisIDError
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ulysses", "ring", "cfg")
+MAX_DEGREE = 4096
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How many ranks split each part: the product is the number of processes."""
+
+    ulysses: int = 1
+    ring: int = 1
+    cfg: int = 1
+
+    def __post_init__(self) -> None:
+        for mode in MODES:
+            value = getattr(self, mode)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DEGREE:
+                raise ConsisIDError(f"parallel {mode}={value!r} must be a whole number from 1 to {MAX_DEGREE}")
+        if self.cfg > 2:
+            raise ConsisIDError(f"parallel cfg={self.cfg}: the guided batch has two halves, so cfg is 1 or 2")
+
+    @classmethod
+    def parse(cls, text: str) -> Parallel:
+        """`"ulysses=2,cfg=2"` (any of ulysses, ring, cfg; unnamed ones are 1)."""
+        degrees: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in MODES or name in degrees or not value.strip().isdigit():
+                raise ConsisIDError(
+                    f"--parallel '{text}' is not a split: give MODE=N for each of ulysses, ring, cfg that you use, "
+                    "joined by commas (e.g. ulysses=2,cfg=2)"
+                )
+            degrees[name] = int(value)
+        if not degrees:
+            raise ConsisIDError("--parallel is empty: give e.g. ulysses=2, ring=2, cfg=2 or ulysses=2,cfg=2")
+        return cls(**degrees)
+
+    @property
+    def sequence(self) -> int:
+        """Ranks that split the tokens (ulysses × ring)."""
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.sequence * self.cfg
+
+    def __str__(self) -> str:
+        return ",".join(f"{m}={getattr(self, m)}" for m in MODES if getattr(self, m) > 1) or "none"
+
+
+def launched() -> tuple[int, int, int]:
+    """(rank, world size, local rank) that torchrun gave this process; refused outside torchrun."""
+    try:
+        return tuple(int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except (KeyError, ValueError):
+        raise ConsisIDError(
+            "--parallel needs one process per rank, started by torchrun: torchrun --nproc-per-node N "
+            "-m consisid_core generate … --parallel … (N = the product of the degrees)"
+        ) from None
+
+
+def is_writer() -> bool:
+    """True on the process that writes results and logs progress: rank 0, or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> torch.device:
+    """This rank's device, `cuda:LOCAL_RANK` (or the CPU); refused outside torchrun or when torchrun
+    started another number of processes than `spec` splits into."""
+    _, _, local_rank = launched()
+    check_world_size(spec)
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConsisIDError(f"--parallel runs on CUDA GPUs or the CPU, not on {device.type}")
+    if explicit_index:
+        raise ConsisIDError(
+            f"--device {device} with --parallel: each rank runs on cuda:LOCAL_RANK; give --device cuda (or auto)"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise ConsisIDError(
+            f"local rank {local_rank} has no GPU of its own: torch sees {torch.cuda.device_count()}; start at most "
+            "that many processes per machine (--nproc-per-node)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def video_tokens(transformer_config: Mapping, vae_config: Mapping, frames: int, height: int, width: int) -> int:
+    """Tokens of one video in the transformer: latent frames × patches per frame."""
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
+    latent_frames = (frames - 1) // vae_config["temporal_compression_ratio"] + 1
+    return latent_frames * (height // scale) * (width // scale)
+
+
+def check_world_size(spec: Parallel) -> None:
+    _, world_size, _ = launched()
+    if spec.world_size != world_size:
+        raise ConsisIDError(
+            f"--parallel {spec} needs {spec.world_size} processes (the product of the degrees), torchrun started "
+            f"{world_size}: use --nproc-per-node {spec.world_size} (× --nnodes), or change the split"
+        )
+
+
+def check(
+    spec: Parallel,
+    transformer_config: Mapping,
+    vae_config: Mapping,
+    size: tuple[int, int, int],
+    guidance_scale: float,
+    performance,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    text_tokens: int,
+) -> None:
+    """Every reason to refuse `spec` for this run, before any work: the same answer on every rank
+    (it depends on the arguments, torchrun's environment and the configs only)."""
+    check_world_size(spec)
+    heads = transformer_config["num_attention_heads"]
+    if heads % spec.ulysses:
+        fits = [d for d in range(2, heads + 1) if heads % d == 0][:4]
+        raise ConsisIDError(
+            f"--parallel ulysses={spec.ulysses} does not divide this transformer's {heads} attention heads: choose "
+            f"ulysses from {', '.join(map(str, fits)) or '1'}, or ring"
+        )
+    if spec.cfg > 1 and guidance_scale <= 1:
+        raise ConsisIDError(
+            f"--parallel cfg={spec.cfg} splits the guided batch, but guidance {guidance_scale} (1 or less) turns "
+            "guidance off: drop cfg, or raise the guidance above 1"
+        )
+    for enabled, option in (
+        (performance.step_cache > 0, "the step cache"),
+        (performance.offload == "sequential", "sequential offload"),
+        (performance.attention != "sdpa", f"attention '{performance.attention}'"),
+        (performance.compile, "compile"),
+    ):
+        if enabled:
+            raise ConsisIDError(f"--parallel does not combine with {option} yet: turn {option} off")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConsisIDError(f"--parallel runs on CUDA GPUs or the CPU, not on {device.type}")
+    if spec.sequence == 1:
+        return
+    if spec.ring > 1 and device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+        raise ConsisIDError(
+            f"--parallel ring={spec.ring} on a GPU needs a bf16 or fp16 model (diffusers' ring attention needs "
+            "a kernel that returns the log-sum-exp; cuDNN's takes those): load it as bf16, or use ulysses"
+        )
+    tokens = video_tokens(transformer_config, vae_config, *size)
+    if text_tokens % spec.sequence or tokens % spec.sequence:
+        fits = [d for d in range(2, min(text_tokens, tokens) + 1) if not text_tokens % d and not tokens % d][:3]
+        raise ConsisIDError(
+            f"--parallel {spec}: the {spec.sequence} ranks that split the tokens (ulysses × ring) must share "
+            f"{text_tokens} text and {tokens} video tokens equally; ulysses × ring that does: "
+            f"{', '.join(map(str, fits)) or 'none (use cfg=2 alone)'}"
+        )
+    hooks.context_parallel_api("--parallel ulysses/ring")
+    if spec.ring > 1 and device.type == "cpu":
+        found = hooks.cpu_lse_problems()
+        if found:
+            raise hooks.HookApiError(
+                f"--parallel ring on the CPU is built on torch internals that this torch ({torch.__version__}) "
+                f"does not have as expected ({'; '.join(found)}): use ulysses"
+            )
+
+
+def plan(transformer: torch.nn.Module) -> dict:
+    """The context-parallel plan for `ConsisIDTransformer3DModel` (diffusers' `_cp_plan` format).
+
+    The text and video tokens are split at the first block and stay split through every block (the
+    attention, feed-forward and norms work token by token, or through the parallel attention); the
+    face cross-attention after a block takes the rank's video tokens as queries and the identity
+    tokens, whole, as keys. Each block gets the whole rotary embeddings and splits them as the video
+    tokens. After the last block both streams are gathered, as the final norm runs over
+    cat(text, video) and the output is unpatched from all the video tokens.
+    """
+    api = hooks.context_parallel_api("--parallel ulysses/ring")
+    split = api.ContextParallelInput(split_dim=1, expected_dims=3)
+    rotary = api.ContextParallelInput(split_dim=0, expected_dims=2)
+    gather = api.ContextParallelOutput(gather_dim=1, expected_dims=3)
+    last = len(transformer.transformer_blocks) - 1
+    return {
+        "transformer_blocks.0": {"hidden_states": split, "encoder_hidden_states": split},
+        "transformer_blocks.*": {"image_rotary_emb": [rotary, rotary]},
+        f"transformer_blocks.{last}": [gather, gather],
+    }
+
+
+def start(device: torch.device) -> bool:
+    """Join torchrun's process group, once per process: gloo on the CPU, NCCL for CUDA tensors.
+    False when it was joined already."""
+    import torch.distributed as dist
+
+    launched()
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="cpu:gloo")
+    return True
+
+
+def finish() -> None:
+    """Leave the process group (the command line does at its end)."""
+    import torch.distributed as dist
+
+    _MESHES.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(spec: Parallel | None, device: torch.device) -> Iterator[None]:
+    """The process group for the block (nothing without `spec`), left after it if the block joined
+    it; non-writing ranks log warnings only."""
+    if spec is None:
+        yield
+        return
+    joined = start(device)
+    quiet = not is_writer()
+    package = logging.getLogger("consisid_core")
+    level = package.level
+    if quiet:
+        package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+        if joined:
+            finish()
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int64)
+
+
+def from_rank0(spec: Parallel | None, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """`make()` on rank 0 alone, its tensors sent to every rank (the others load nothing for it:
+    the T5, the face models). If rank 0 fails, every rank stops: rank 0 with its own error, the
+    others with one line pointing to it."""
+    if spec is None:
+        return make()
+    import torch.distributed as dist
+
+    status = torch.zeros(2, dtype=torch.int64)
+    tensors: list[torch.Tensor] = []
+    header = torch.zeros(0, dtype=torch.int64)
+    if dist.get_rank() == 0:
+        try:
+            tensors = [t.detach().cpu().contiguous() for t in make()]
+        except BaseException:
+            status[0] = 1
+            dist.broadcast(status, 0)
+            raise
+        header = torch.tensor([v for t in tensors for v in (_DTYPES.index(t.dtype), t.ndim, *t.shape)], dtype=torch.int64)
+        status[1] = header.numel()
+    dist.broadcast(status, 0)
+    if status[0]:
+        raise ConsisIDError("rank 0 stopped before sampling (its message says why)")
+    header = header if dist.get_rank() == 0 else torch.empty(int(status[1]), dtype=torch.int64)
+    dist.broadcast(header, 0)
+    if dist.get_rank() != 0:
+        values, i = header.tolist(), 0
+        while i < len(values):
+            dtype, ndim = _DTYPES[values[i]], values[i + 1]
+            tensors.append(torch.empty(values[i + 2 : i + 2 + ndim], dtype=dtype))
+            i += 2 + ndim
+    for tensor in tensors:
+        dist.broadcast(tensor, 0)
+    return tensors
+
+
+_MESHES: dict = {}
+
+
+def _mesh(spec: Parallel, device: torch.device):
+    """The (cfg, ring, ulysses) device mesh, made once per process and split."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (spec.cfg, spec.ring, spec.ulysses, device.type)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, key[:3], mesh_dim_names=("cfg", "ring", "ulysses"))
+    return _MESHES[key]
+
+
+def _cfg_hook(group, index: int, size: int):
+    """On the transformer: this rank's half of the guided batch in, both halves out."""
+    import torch.distributed as dist
+
+    class GuidedBatchSplit(hooks.hook_base()):
+        def new_forward(self, module, *args, **kwargs):
+            call = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+            values = call.arguments
+            for name in ("hidden_states", "encoder_hidden_states", "timestep"):
+                value = values[name]
+                if value.shape[0] != size:
+                    raise ConsisIDError(f"cfg={size} needs a guided batch of {size}, the transformer got {value.shape[0]}")
+                values[name] = value.chunk(size)[index]
+            output = hooks.original_forward(self, *call.args[1:], **call.kwargs)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            parts = [torch.empty_like(sample) for _ in range(size)]
+            dist.all_gather(parts, sample.contiguous(), group=group)
+            whole = torch.cat(parts)
+            return (whole, *output[1:]) if isinstance(output, tuple) else type(output)(sample=whole)
+
+    return GuidedBatchSplit()
+
+
+def _attention(api, config, spec: Parallel, device: torch.device):
+    """The kernel the self-attention's SDPA call goes to ([B, H, S, D] in and out, as SDPA)."""
+    if spec.ring == 1:
+        backend = api.backends.NATIVE  # Ulysses: any local attention; SDPA picks its kernel
+    elif device.type == "cuda":
+        backend = api.backends._NATIVE_CUDNN  # ring: a kernel that returns the log-sum-exp
+    else:
+        backend = None  # ring on the CPU: diffusers has no backend for it, torch's CPU flash kernel does
+
+    def attention(query, key, value, tensor_layout="HND", is_causal=False, sm_scale=None):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        if backend is not None:
+            out = api.dispatch(q, k, v, scale=sm_scale, backend=backend, parallel_config=config)
+        else:
+            out = api.templated(
+                q, k, v, None, 0.0, False, sm_scale, False, False,
+                forward_op=hooks.attention_with_lse, backward_op=hooks.no_backward, _parallel_config=config,
+            )
+        return out.transpose(1, 2).to(query.dtype)
+
+    return attention
+
+
+@contextlib.contextmanager
+def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: torch.dtype) -> Iterator[None]:
+    """Split the transformer's forwards over the ranks as `spec` says, for the block; all undone
+    after, whatever happens (the model never keeps it). `dtype`: the model's compute dtype."""
+    if spec is None:
+        yield
+        return
+    from .performance import _attention_hooks
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    start(device)
+    import torch.distributed as dist
+
+    mesh = _mesh(spec, device)
+    logger.info("--parallel %s: %d ranks; this is rank %d on %s", spec, dist.get_world_size(), dist.get_rank(), device)
+    pairs = []
+    if spec.cfg > 1:
+        pairs.append((transformer, _cfg_hook(mesh["cfg"].get_group(), mesh["cfg"].get_local_rank(), spec.cfg)))
+    with contextlib.ExitStack() as stack:
+        if spec.sequence > 1:
+            api = hooks.context_parallel_api("--parallel ulysses/ring")
+            hooks.check(transformer, ("registry", "attention"), "--parallel ulysses/ring")
+            width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+            if hooks.sdpa_calls(transformer.transformer_blocks[0].attn1, width, dtype) != 1:
+                raise hooks.HookApiError(
+                    f"--parallel ulysses/ring replaces the one scaled_dot_product_attention call of ConsisID's "
+                    f"self-attention, which this diffusers ({hooks.diffusers_version()}) does not make as expected: "
+                    "use cfg alone, or install a diffusers version this pack declares"
+                )
+            cp = api.ContextParallelConfig(ring_degree=spec.ring, ulysses_degree=spec.ulysses)
+            config = api.ParallelConfig(context_parallel_config=cp)
+            config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh["ring", "ulysses"])
+            pairs += _attention_hooks(transformer, _attention(api, config, spec, device))
+            layout = plan(transformer)
+            api.apply(transformer, cp, layout)
+            stack.callback(api.remove, transformer, layout)
+        stack.enter_context(hooks.hooked(pairs))
+        yield

@@ -1,0 +1,181 @@
+"""Long videos: segments chained on their last frame.
+
+ConsisID is an image-to-video model conditioned on a first frame and the identity, so a video
+continues from its own last frame, with the identity applied afresh in every segment:
+
+- segment 1 is a plain run (its first frame the given image, or the identity's aligned face);
+- segment k + 1 starts from segment k's last frame as written (rounded to uint8, after colour
+  matching if on), with the same identity and the same text, or its own when one text per
+  segment is given;
+- segment k (counted from 1) uses the seed (seed + k − 1) mod 2⁶⁴, so segment 1 is exactly the
+  plain run with the run's seed (`segment_seed`);
+- the frame two segments share appears once: n segments of F frames give n·F − (n − 1) frames.
+
+Each segment is decoded as soon as it is sampled and handed to the caller (`generate_segments`
+yields it), so memory holds one segment's work and one segment's frames, whatever the count.
+Colour matching (off by default) gives every later segment the per-channel mean and standard
+deviation of segment 1 in CIELAB (`ColourReference`), against the slow colour drift of chained
+image-to-video.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import ConsisIDModel
+from .checks import MAX_SEED, check_number, check_seed
+from .errors import ConsisIDError
+from .identity import Identity
+from .media import to_uint8
+from .sampling import Tiling, decode, resolve_size, sample
+from .text import TextEmbeddings
+
+logger = logging.getLogger(__name__)
+
+MAX_SEGMENTS = 32
+"""Segments per run: at most 32 (1,537 frames, 3 min 12 s at 8 fps, for 49-frame segments).
+Memory does not grow with the count; time does, one whole pass per segment."""
+
+SegmentCallback = Callable[[int, int, int, "torch.Tensor | None"], None]
+"""Called with (segment, steps done, total steps, latents): with 0 steps done and no latents as
+each segment starts, then after each step; raise to stop the run."""
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """The seed of segment `segment` (counted from 1) of a run with `seed`: (seed + segment − 1) mod 2⁶⁴."""
+    return (seed + segment - 1) % (MAX_SEED + 1)
+
+
+def check_segments(count, frames: int | None = None) -> int:
+    """A segment count from 1 to `MAX_SEGMENTS`; more than one needs segments of more than one frame."""
+    count = check_number(
+        "segment count", count, 1, MAX_SEGMENTS, integer=True,
+        fix=f"memory stays that of one segment, but each segment is a whole run; {MAX_SEGMENTS} is the most",
+    )
+    if count > 1 and frames is not None and frames < 2:
+        raise ConsisIDError(
+            f"segments of {frames} frame add nothing to the one before (their one frame is its last): "
+            "give each segment 5 frames or more"
+        )
+    return count
+
+
+def segment_prompts(prompts: Sequence, count: int) -> list:
+    """One prompt (or text) for each of `count` segments: one given for all, or one per segment."""
+    count = check_segments(count)
+    prompts = list(prompts)
+    if len(prompts) == 1:
+        return prompts * count
+    if len(prompts) != count:
+        raise ConsisIDError(
+            f"{len(prompts)} prompts for {count} segments: give one prompt for the whole video, or exactly one "
+            "per segment"
+        )
+    return prompts
+
+
+@dataclass(frozen=True)
+class ColourReference:
+    """A video's colour: the per-channel mean and standard deviation of all its pixels in CIELAB
+    (OpenCV's float scale: L 0…100, a and b about −127…127)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def of(cls, frames: torch.Tensor) -> ColourReference:
+        """The colour of frames [F, H, W, 3] in 0..1 (for a long video: segment 1's)."""
+        return cls._of_lab(_lab(frames))
+
+    @classmethod
+    def _of_lab(cls, lab: np.ndarray) -> ColourReference:
+        pixels = lab.reshape(-1, 3)
+        return cls(pixels.mean(0, dtype=np.float64), pixels.std(0, dtype=np.float64))
+
+    def match(self, frames: torch.Tensor) -> torch.Tensor:
+        """`frames` [F, H, W, 3] with this colour: one affine map per channel for the whole segment
+        (so its own motion and light changes stay), mean and standard deviation moved to these.
+        A channel with no spread (a flat picture) is only shifted."""
+        lab = _lab(frames)
+        own = ColourReference._of_lab(lab)
+        flat = own.std < 1e-3
+        scale = np.where(flat, 1.0, self.std / np.where(flat, 1.0, own.std))
+        lab -= own.mean.astype(np.float32)  # in place: one float32 copy of the segment at a time
+        lab *= scale.astype(np.float32)
+        lab += self.mean.astype(np.float32)
+        rgb = _rgb(lab.reshape(-1, lab.shape[-2], 3)).reshape(lab.shape)
+        return torch.from_numpy(rgb).clamp_(0, 1)
+
+
+def _lab(frames: torch.Tensor) -> np.ndarray:
+    import cv2
+
+    pixels = frames.detach().float().clamp(0, 1).cpu().numpy()
+    return cv2.cvtColor(pixels.reshape(-1, pixels.shape[-2], 3), cv2.COLOR_RGB2LAB).reshape(pixels.shape)
+
+
+def _rgb(lab: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def generate_segments(
+    model: ConsisIDModel,
+    identity: Identity,
+    texts: Sequence[TextEmbeddings],
+    image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    *,
+    seed: int = 42,
+    colour_match: bool = False,
+    callback: SegmentCallback | None = None,
+    tiling: Tiling | None = None,
+    **options,
+) -> Iterator[torch.Tensor]:
+    """One segment per text in `texts` (`segment_prompts` makes the list), chained as the module
+    says; yields each segment's new frames [F', H, W, 3] float32 in 0..1 on the CPU as soon as it
+    is decoded: segment 1 whole, every later one without its first frame (the previous one's last).
+
+    `image` is segment 1's first frame (default: the identity's aligned face). `options` are
+    `sample`'s (steps, guidance_scale, frames, height, width, device, performance, …) and apply to
+    every segment; `tiling` is the decode's. Before the last segment's decode the generator lets go
+    of `model`, so that a caller holding no other reference to it (the command line) frees the
+    transformer before the decode's peak, as a one-pass run does. (No `torch.no_grad` decorator
+    here: its generator wrapper would keep the arguments, `model` included; `sample` and `decode`
+    run without gradients themselves.)
+    """
+    frames = resolve_size(
+        model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"),
+        options.get("allow_oversize", False),
+    )[0]
+    count = check_segments(len(texts), frames)
+    check_seed(seed)  # before segment_seed wraps it
+    device, move_models = options.get("device"), options.get("move_models", True)
+    reference = None
+    first = image
+    for segment, text in enumerate(texts, 1):
+        if callback is not None:
+            callback(segment, 0, options.get("steps", 50), None)  # a Cancel point between segments too
+        step = None if callback is None else (lambda done, total, latents, k=segment: callback(k, done, total, latents))
+        latents = sample(model, identity, text, first, seed=segment_seed(seed, segment), callback=step, **options)
+        vae = model.vae
+        if segment == count:
+            model = None  # the transformer is done: released (if the caller holds it no more) before the decode
+            gc.collect()
+        video = decode(vae, latents, device, tiling=tiling, move_models=move_models)
+        del latents
+        if colour_match:
+            if reference is None:
+                reference = ColourReference.of(video)
+            else:
+                video = reference.match(video)
+        first = to_uint8(video[-1])
+        yield video if segment == 1 else video[1:]
+        del video  # what the caller holds is all there is of this segment's frames now

@@ -1,0 +1,92 @@
+"""Identity score: how well frames keep the identity's face (FaceSim-Arc, ConsisID's own measure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.score import (
+    DEFAULT_FRAMES_SAMPLED,
+    MAX_FRAMES_SAMPLED,
+    identity_embedding,
+    plot,
+    score_video,
+    segment_starts,
+)
+from . import host
+
+MAX_FRAMES_PER_SEGMENT = 10_000
+
+
+class ConsisIDIdentityScore:
+    DESCRIPTION = (
+        "Scores how well a video keeps the identity's face: FaceSim-Arc, as ConsisID's own evaluation "
+        "(eval/get_facesim_fid.py) measures it. Evenly spaced frames, the antelopev2 embedding of the largest "
+        "face in each, cosine similarity with the identity's embedding clipped at 0; frames without a face are "
+        "skipped (0 when none has one). Around 0.5 and above the face is well kept; compare seeds and settings "
+        "on the same identity rather than reading one number alone."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("FLOAT", "STRING", "IMAGE")
+    RETURN_NAMES = ("facesim_arc", "per_frame", "plot")
+    OUTPUT_TOOLTIPS = (
+        "The mean score over the sampled frames with a face (0 to 1; 0 when no frame has a face).",
+        "One line per sampled frame ('frame 12: 0.4123' or 'frame 12: no face'), after a summary line.",
+        "A chart of the score per sampled frame (red crosses: no face; grey lines: segment starts; dashed: the mean).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("IMAGE", {"tooltip": "The video's frames, e.g. from ConsisID VAE Decode."}),
+                "face_models": ("CONSISID_FACE_MODELS", {"tooltip": "From ConsisID Face Models Loader (the same "
+                                                                    "checkpoint's as made the identity)."}),
+                "identity": (
+                    "CONSISID_IDENTITY", {"tooltip": "The identity to look for: its embedding is the reference."}
+                ),
+                "frames_sampled": (
+                    "INT",
+                    {"default": DEFAULT_FRAMES_SAMPLED, "min": 1, "max": MAX_FRAMES_SAMPLED,
+                     "tooltip": "Evenly spaced frames scored; the official protocol uses 16."},
+                ),
+            },
+            "optional": {
+                "frames_per_segment": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": MAX_FRAMES_PER_SEGMENT,
+                     "tooltip": "For a long video of chained segments (each starting on the previous one's last "
+                                "frame, shown once): the frames of one segment, e.g. 49, to mark where segments "
+                                "start on the plot and give each segment's mean of the sampled frames within it. "
+                                "0: one video."},
+                ),
+            },
+        }
+
+    def score(self, frames: torch.Tensor, face_models, identity, frames_sampled: int, frames_per_segment: int = 0):
+        if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+            found = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise ConsisIDError(f"the frames input holds no video frames ({found}); connect the frames of a video")
+        reference = identity_embedding(identity, face_models)
+        bar = host.Progress(frames_sampled)
+        result = score_video(face_models, reference, frames, frames_sampled, progress=bar.update)
+        starts = segment_starts(len(frames), frames_per_segment)
+        lines = [result.summary()]
+        if starts:
+            bounds = [0, *starts, len(frames)]
+            for k in range(len(bounds) - 1):
+                faced = [f.score for f in result.frames if bounds[k] <= f.index < bounds[k + 1] and f.score is not None]
+                mean = f"{np.mean(faced):.4f}" if faced else "no face"
+                lines.append(f"segment {k + 1} (frames {bounds[k]}-{min(bounds[k + 1], len(frames) - 1)}): "
+                             f"{mean} over {len(faced)} sampled frames with a face")
+        lines.append(result.per_frame())
+        picture = np.asarray(plot(result, starts), dtype=np.float32) / 255.0
+        text = "\n".join(lines)
+        return {"ui": {"text": [text]}, "result": (result.mean, text, torch.from_numpy(picture).unsqueeze(0))}
+
+
+NODES = {"ConsisIDIdentityScore": ConsisIDIdentityScore}
+NAMES = {"ConsisIDIdentityScore": "ConsisID Identity Score"}

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     gen.add_argument("--dynamic-cfg", action="store_true", help="the reference's cosine guidance schedule")
-    gen.add_argument("--frames", type=int, help="frame count, 4k+1 (default: the checkpoint's, 49)")
+    gen.add_argument("--frames", type=int, help="frame count, 4k+1; 8k+1 decode to exactly as many (default: the checkpoint's, 49)")
     gen.add_argument("--height", type=int, help="multiple of 16 (default: the checkpoint's, 480)")
     gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
     gen.add_argument("--fps", type=int, default=8, help="frames per second of an .mp4")

@@ -211,6 +211,13 @@ def sample(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
             frames, width, height, *native_size(model.config, model.vae.config),
         )
+    t = model.vae.config["temporal_compression_ratio"]
+    if ((frames - 1) // t + 1) % 2 == 0:
+        logger.warning(
+            "%d frames are %d latent frames, an even number: the CogVideoX VAE decodes them to more frames than "
+            "asked (as diffusers' pipeline does); %d·k + 1 frames (%d, %d, …) decode to exactly as many",
+            frames, (frames - 1) // t + 1, 2 * t, 2 * t + 1, 4 * t + 1,
+        )
     check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
     frame = first_frame(image, identity)
     performance = performance or Performance()

@@ -54,7 +54,8 @@ class ConsisIDSampler:
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
                 "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
                 "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
+                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49. 8·k + 1 (9, 17, …, 49) "
+                                              "decode to exactly as many; other counts to more, as in diffusers."}),
                 "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
                                   "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,

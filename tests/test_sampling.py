@@ -118,6 +118,15 @@ def test_other_sizes_run(tiny_model, identity, text):
     assert latents.shape == (1, 2, 4, 4, 6)
 
 
+@pytest.mark.parametrize("frames,decoded", [(5, 8), (9, 9), (13, 16), (17, 17)])
+def test_an_even_latent_count_decodes_to_more_frames_and_says_so(tiny_model, identity, text, caplog, frames, decoded):
+    with caplog.at_level(logging.WARNING, logger="consisid_core.sampling"):
+        latents = sample(tiny_model, identity, text, steps=1, frames=frames, height=32, width=48)
+    assert len(decode(tiny_model.vae, latents)) == decoded
+    warned = f"{frames} frames are {latents.shape[1]} latent frames, an even number" in caplog.text
+    assert warned == (decoded != frames)
+
+
 @pytest.mark.slow
 def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identity, text):
     from consisid_core.sampling import Tiling

@@ -385,7 +385,7 @@ def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: 
     if spec is None:
         yield
         return
-    from .performance import _attention_hooks
+    from .performance import attention_hooks
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     start(device)
@@ -410,7 +410,7 @@ def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: 
             cp = api.ContextParallelConfig(ring_degree=spec.ring, ulysses_degree=spec.ulysses)
             config = api.ParallelConfig(context_parallel_config=cp)
             config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh["ring", "ulysses"])
-            pairs += _attention_hooks(transformer, _attention(api, config, spec, device))
+            pairs += attention_hooks(transformer, _attention(api, config, spec, device))
             layout = plan(transformer)
             api.apply(transformer, cp, layout)
             stack.callback(api.remove, transformer, layout)

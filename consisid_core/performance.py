@@ -216,7 +216,7 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return locals()
 
 
-def _attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
+def attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
     """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
     class KernelAttention(hooks.hook_base()):
         def __init__(self):
@@ -301,7 +301,7 @@ def applied(
     if options.attention == "sage":
         target = torch.device(device) if device is not None else home_device(transformer)
         kernel = sage_kernel(target, model.dtype, transformer.config.attention_head_dim)
-        pairs += _attention_hooks(transformer, kernel)
+        pairs += attention_hooks(transformer, kernel)
     with _offloaded(model, options.offload, device) as to_place, hooks.hooked(pairs), hooks.compiled(
         list(transformer.transformer_blocks), _COMPILED, options.compile
     ):

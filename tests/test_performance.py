@@ -8,7 +8,7 @@ import torch
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import ConsisIDError, GenerationCancelled
 from consisid_core.diffusers_hooks import hooked
-from consisid_core.performance import Performance, StepCacheStats, _attention_hooks
+from consisid_core.performance import Performance, StepCacheStats, attention_hooks
 from consisid_core.sampling import sample
 from consisid_core.text import TextEmbeddings
 
@@ -116,7 +116,7 @@ def test_attention_kernel_route_takes_every_blocks_attention(model, identity, te
     plain = sample(model, identity, text, steps=2)
     kernel = SdpaKernel()
     blocks = len(model.transformer.transformer_blocks)
-    with hooked(_attention_hooks(model.transformer, kernel)):
+    with hooked(attention_hooks(model.transformer, kernel)):
         routed = sample(model, identity, text, steps=2)
     assert torch.equal(routed, plain)
     config = model.config

@@ -1,4 +1,4 @@
-"""The one module that touches ComfyUI: model folders, devices, memory, progress and Cancel.
+"""The one module that uses ComfyUI: model folders, devices, memory, progress and Cancel.
 
 Inside ComfyUI our models are ComfyUI's to hold: each part (transformer, VAE, T5, the face
 models' torch parts) is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded with
@@ -6,9 +6,12 @@ models' torch parts) is wrapped in a `comfy.model_patcher.ModelPatcher` and load
 `memory_required`. ComfyUI then keeps them resident between runs, evicts them when another model
 needs room, follows --highvram / --lowvram / --novram / --gpu-only / --cpu and "Unload Models",
 and loads the transformer and T5 partly when they do not fit: their Linear, Conv, norm and
-Embedding layers are made castable (`comfy.ops` classes, same forward), so the layers left in RAM
-are cast to the GPU per call. The VAE and the face models (small; the VAE decoder reads its
-convolutions' weights directly) always load whole.
+Embedding layers are rebuilt as ComfyUI builds its own (`comfy.ops` classes, same parameters and
+forward), so the layers left in RAM are cast to the GPU per call. The VAE and the face models
+(small; the VAE decoder reads its convolutions' weights directly) always load whole.
+
+ComfyUI's internals are reached through `fence`, which checks them once against the running
+ComfyUI; where one differs, the feature built on it falls back (see `fence`).
 
 Outside ComfyUI (tests, scripts) every function falls back to plain behaviour, so the nodes run
 end to end there too: the core moves models for each run, model folders are
@@ -33,29 +36,20 @@ from ..consisid_core.face.models import FaceModels
 from ..consisid_core.files import inside, numbered_path, shown
 from ..consisid_core.lora import LoRA, with_loras
 from ..consisid_core.memory import home_device
-
-try:
-    import comfy.lora
-    import comfy.model_management as model_management
-    import comfy.model_patcher
-    import comfy.ops
-    import comfy.patcher_extension
-    import comfy.utils
-    import folder_paths
-    from comfy.cli_args import LatentPreviewMethod
-    from comfy.cli_args import args as comfy_args
-except ImportError:
-    model_management = None
+from . import fence
+from .fence import IN_COMFYUI, comfy, folder_paths, model_management
 
 logger = logging.getLogger(__name__)
 
-IN_COMFYUI = model_management is not None
 CONSISID_FOLDER = "consisid"
 """Our model folder: `models/consisid/<checkpoint>/` (diffusers layout, face_encoder/ inside)."""
 
 
 def register_folders() -> None:
-    """Add `models/consisid` to ComfyUI's model folders (called once, by the pack's __init__)."""
+    """Check this ComfyUI's internals (`fence`: one log line each that differs) and add
+    `models/consisid` to its model folders (called once, by the pack's __init__)."""
+    if not fence.works("folders"):
+        return
     folder_paths.add_model_folder_path(CONSISID_FOLDER, os.path.join(folder_paths.models_dir, CONSISID_FOLDER))
 
 
@@ -66,6 +60,7 @@ def _home() -> Path:
 def folders(kind: str) -> list[Path]:
     """The folders of one model kind: consisid, diffusers, diffusion_models, vae."""
     if IN_COMFYUI:
+        fence.require("folders", "the model folders")
         try:
             return [Path(p) for p in folder_paths.get_folder_paths(kind)]
         except KeyError:
@@ -77,6 +72,7 @@ def files(kind: str, suffixes: Iterable[str] = (".safetensors",)) -> list[str]:
     """Weight files of a kind, as names relative to their folder (ComfyUI's list, if there)."""
     suffixes = tuple(suffixes)
     if IN_COMFYUI:
+        fence.require("folders", "the model folders")
         try:
             names = folder_paths.get_filename_list(kind)
         except KeyError:
@@ -132,11 +128,17 @@ def _names_consisid(index: Path) -> bool:
 
 
 def input_dir() -> Path:
-    return Path(folder_paths.get_input_directory()) if IN_COMFYUI else _home() / "input"
+    if IN_COMFYUI:
+        fence.require("folders", "the input folder")
+        return Path(folder_paths.get_input_directory())
+    return _home() / "input"
 
 
 def output_dir() -> Path:
-    return Path(folder_paths.get_output_directory()) if IN_COMFYUI else _home() / "output"
+    if IN_COMFYUI:
+        fence.require("folders", "the output folder")
+        return Path(folder_paths.get_output_directory())
+    return _home() / "output"
 
 
 def input_file(name: str) -> Path:
@@ -186,7 +188,7 @@ def save_path(prefix: str, extension: str) -> Path:
 
 
 def torch_device() -> torch.device:
-    if IN_COMFYUI:
+    if fence.works("model_management"):
         return model_management.get_torch_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -233,21 +235,26 @@ _PARTS = {
     "vae": (ConsisIDVAE, False),
     "face": (ConsisIDFaceModels, False),
 }
-_CASTABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "Embedding")
-"""torch layers that have a `comfy.ops.disable_weight_init` twin: same forward, but castable."""
 
 
 def make_castable(module: torch.nn.Module) -> int:
-    """Give each plain torch layer of `module` its `comfy.ops` twin's class, in place: the same
-    parameters and forward, plus the switch ComfyUI's partial loading uses to cast weights left in
-    RAM to the GPU per call. Subclasses with forwards of their own are left as they are."""
-    changed = 0
-    for layer in module.modules():
-        name = type(layer).__name__
-        if name in _CASTABLE and type(layer) is getattr(torch.nn, name):
-            layer.__class__ = getattr(comfy.ops.disable_weight_init, name)
-            changed += 1
-    return changed
+    """Rebuild each plain torch layer of `module` as ComfyUI builds its own (`fence.twin`), in place:
+    the same parameters and forward, plus the switch ComfyUI's partial loading uses to cast weights
+    left in RAM to the GPU per call. Layers whose weights are stored in fp8 get `manual_cast`'s
+    twin, which casts them per call as diffusers' layerwise casting did (its hooks go with the old
+    layer). A layer held twice (T5's tied embeddings) stays one layer. Subclasses with forwards of
+    their own are left as they are. Returns how many layers were rebuilt."""
+    built: dict[int, torch.nn.Module] = {}
+    for parent in list(module.modules()):
+        for name, layer in list(parent.named_children()):
+            if not fence.castable(layer):
+                continue
+            if id(layer) not in built:
+                stored_apart = layer.weight is not None and torch.finfo(layer.weight.dtype).bits == 8
+                operations = comfy.ops.manual_cast if stored_apart else comfy.ops.disable_weight_init
+                built[id(layer)] = fence.twin(layer, operations)
+            setattr(parent, name, built[id(layer)])
+    return len(built)
 
 
 def _move_direct_parameters(patcher, device_to, *_args) -> None:
@@ -262,7 +269,7 @@ def _move_direct_parameters(patcher, device_to, *_args) -> None:
                 parameter.data = parameter.data.to(device_to)
 
 
-class WholeModelPatcher(comfy.model_patcher.ModelPatcher if model_management is not None else object):
+class WholeModelPatcher(getattr(comfy.model_patcher, "ModelPatcher", object) if IN_COMFYUI else object):
     """A ModelPatcher that always loads its model whole (the VAE, the face models): ComfyUI's
     partial load would leave layers that cannot be cast per call in RAM."""
 
@@ -317,6 +324,7 @@ class Managed:
             return self._base.patcher(part, module, load_device)
         if key not in self._patchers:
             holder, castable = _PARTS[part]
+            castable = castable and fence.works("partial_load")
             if castable:
                 make_castable(module)
             load = load_device if load_device is not None else model_management.get_torch_device()
@@ -366,7 +374,7 @@ def with_lora(model: ConsisIDModel, lora: LoRA, strength: float) -> ConsisIDMode
     `comfy.lora.load_lora`) on a clone of the transformer's ModelPatcher, as its LoraLoader does."""
     stacked = with_loras(model, [(lora, strength)])
     handles = owner(model)
-    if not IN_COMFYUI or handles is None:
+    if handles is None or not fence.works("lora_patches"):
         return stacked
     weights, keys = {}, {}
     for name, layer in lora.layers.items():
@@ -392,8 +400,9 @@ def load(parts: list[tuple[str, torch.nn.Module]], owner: Managed | None, memory
          load_device: torch.device | None = None) -> tuple[torch.device, bool]:
     """Before a node's work: ask ComfyUI to load `parts` (evicting other models as needed, with
     `memory_required` bytes left for the work). Returns the device to compute on and whether the
-    core should move the models itself (outside ComfyUI, or for a part ComfyUI does not hold)."""
-    if not IN_COMFYUI or owner is None:
+    core should move the models itself (outside ComfyUI, for a part ComfyUI does not hold, or
+    where ComfyUI's model management is not as the pack expects)."""
+    if owner is None or not fence.works("model_management"):
         return (load_device or torch_device()), True
     patchers = [owner.patcher(part, module, load_device) for part, module in parts]
     model_management.load_models_gpu(patchers, memory_required=memory_required)
@@ -408,29 +417,35 @@ def owner(model) -> Managed | None:
 def unload(owner: Managed | None, module: torch.nn.Module) -> None:
     """Take `module` out of ComfyUI's loaded models (back to its offload device), before the core
     streams it layer by layer itself. ComfyUI has no call to unload one model: this does what
-    its `free_memory` does for each model it unloads, and where `current_loaded_models` is not
-    there (another ComfyUI), unloads every model on that device instead."""
-    patcher = owner.held(module) if IN_COMFYUI and owner is not None else None
+    its `free_memory` does for each model it unloads, and where that is not as expected (`fence`:
+    unload_one), unloads every model on that device instead."""
+    patcher = owner.held(module) if owner is not None and fence.works("model_management") else None
     if patcher is None:
         return
-    loaded_models = getattr(model_management, "current_loaded_models", None)
-    if loaded_models is None:
+    if not fence.works("unload_one"):
         model_management.free_memory(1e30, patcher.load_device)
         return
+    loaded_models = model_management.current_loaded_models
     for loaded in [m for m in loaded_models if patcher.is_clone(m.model)]:  # a LoRA's clone too
         loaded.model_unload()
         loaded_models.remove(loaded)
 
 
+def merges_loras_itself() -> bool:
+    """Whether ComfyUI patches our LoRAs into the transformer it loads (`with_lora`); if not, the
+    sampler merges them for its run."""
+    return fence.works("lora_patches")
+
+
 def after_run() -> None:
     """Give freed GPU memory back (after a run or an error)."""
-    if IN_COMFYUI:
+    if fence.works("model_management"):
         model_management.soft_empty_cache()
 
 
 def check_interrupted() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
-    if IN_COMFYUI:
+    if fence.works("cancel"):
         model_management.throw_exception_if_processing_interrupted()
 
 
@@ -439,14 +454,16 @@ class Progress:
     ComfyUI's `--preview-method` is not `none`, as its own samplers; nothing outside ComfyUI."""
 
     def __init__(self, total: int):
-        self._bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
-        self._previews = IN_COMFYUI and comfy_args.preview_method != LatentPreviewMethod.NoPreviews
+        self._bar = comfy.utils.ProgressBar(total) if fence.works("progress") else None
+        self._previews = fence.works("previews") and comfy.cli_args.args.preview_method != (
+            comfy.cli_args.LatentPreviewMethod.NoPreviews
+        )
         self.total = total
 
     def update(self, value: int, latents: torch.Tensor | None = None) -> None:
         check_interrupted()
         if self._bar is not None:
-            preview = _preview(latents, comfy_args.preview_size) if self._previews and latents is not None else None
+            preview = _preview(latents, comfy.cli_args.args.preview_size) if self._previews and latents is not None else None
             self._bar.update_absolute(value, self.total, preview)
 
 

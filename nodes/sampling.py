@@ -112,7 +112,8 @@ class ConsisIDSampler:
                 performance=performance,
                 allow_oversize=allow_oversize,
                 move_models=move_models,
-                merge_loras=move_models or streamed,  # else ComfyUI patched them in when it loaded the transformer
+                # else ComfyUI patched them in when it loaded the transformer
+                merge_loras=move_models or streamed or not host.merges_loras_itself(),
             )
         finally:
             host.after_run()

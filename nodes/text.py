@@ -14,7 +14,7 @@ from ..consisid_core.text import (
     encode_with_checkpoint,
     own_text_encoder,
 )
-from . import host
+from . import fence, host
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,12 @@ T5_END, T5_PAD = 1, 0
 def _tokens_226(clip, text: str) -> dict:
     """ComfyUI T5 tokens for `text`, truncated and padded to 226 exactly as diffusers' tokenizer call
     (`padding="max_length", max_length=226, truncation=True`) does; prompt weights are off."""
-    tokens = clip.tokenize(text, disable_weights=True, tokenizer_options={"t5xxl_min_length": MAX_SEQUENCE_LENGTH})
-    if "t5xxl" not in tokens:
+    tokens, pairs = fence.t5_pairs(clip, text, MAX_SEQUENCE_LENGTH)
+    if pairs is None:
         raise ConsisIDError(
             f"this CLIP has no T5-XXL (it has {', '.join(tokens) or 'nothing'}): load a t5xxl file with "
             "CLIPLoader, type sd3"
         )
-    pairs = [pair for batch in tokens["t5xxl"] for pair in batch]
     ids = [int(p[0]) for p in pairs]
     end = ids.index(T5_END) if T5_END in ids else len(ids)
     if end > MAX_SEQUENCE_LENGTH - 1:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from test_comfyui import running
-from workflow_tools import ROOT, SNAPSHOT, THIRD_PARTY, WORKFLOWS
+from workflow_tools import LORAS, ROOT, SNAPSHOT, THIRD_PARTY, WORKFLOWS
 
 log = logging.getLogger("frontend_tools")
 
@@ -65,9 +65,20 @@ def chromium_path() -> str | None:
     return None
 
 
+NAMED_FILES = {
+    "models/loras": [name for name, _ in LORAS],
+    "models/text_encoders": ["t5xxl_fp16.safetensors"],
+    "models/upscale_models": ["RealESRGAN_x2.pth"],
+    "input": ["identity.safetensors"],
+}
+"""The files the shipped workflows name, as empty stand-ins (the frontend only lists them), so that
+it finds each where the README says it goes."""
+
+
 def prepare_base(base: Path, face: bool = True) -> Path:
     """A ComfyUI base folder for test_comfyui.Server: the pack as custom node `consisid`, the
-    frontend settings above, and (face=True) the photo LoadImage names, for its preview."""
+    frontend settings above, the files the workflows name (`NAMED_FILES`), and (face=True) the
+    photo LoadImage names, for its preview."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "consisid"
     if not link.exists():
@@ -75,6 +86,10 @@ def prepare_base(base: Path, face: bool = True) -> Path:
     for folder in ("input", "output", "user/default"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS, indent=2))
+    for folder, names in NAMED_FILES.items():
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base / folder / name).touch()
     if face:
         try:
             from PIL import Image
@@ -111,7 +126,11 @@ class Loaded:
     name: str
     active_workflow: str | None  # the open tab's path: workflows/<name>
     reported_missing: list[str]  # the missing node types loadGraphData hands to extensions
-    dialog_missing: list[str]  # the node types the "Some Nodes Are Missing" dialog lists
+    # the missing node types the frontend shows the user: its "Some Nodes Are Missing" dialog
+    # (frontend 1.27), or the workflow's pending warnings its errors panel lists (1.49)
+    dialog_missing: list[str]
+    missing_models: list[str]  # model files the frontend warns are missing (1.49; none in 1.27)
+    warnings_panel: bool  # whether the frontend lists what is missing in its errors panel (1.49)
     graph_missing: list[str]  # graph nodes whose type the frontend has not registered
     dialogs: list[str]  # text of every dialog open after loading
     toasts: list[str]  # text of every toast (workflow validation and link fixes report there)
@@ -178,6 +197,9 @@ class Frontend:
         state = self.page.evaluate(
             """async () => {
                 const text = selector => [...document.querySelectorAll(selector)].map(e => e.innerText.trim());
+                const type = m => typeof m === "object" ? m.type : m;
+                const active = window.app.extensionManager.workflow.activeWorkflow;
+                const warnings = active && "pendingWarnings" in active ? (active.pendingWarnings ?? {}) : null;
                 const nodes = window.app.graph.nodes.map(node => ({
                     id: node.id, type: node.type, registered: node.type in LiteGraph.registered_node_types,
                     has_errors: !!node.has_errors,
@@ -187,8 +209,11 @@ class Frontend:
                 return {
                     reported_missing: window.consisidLoads.at(-1),
                     active_workflow: window.app.extensionManager.workflow.activeWorkflow?.path ?? null,
-                    dialog_missing: [...document.querySelectorAll('.comfy-missing-nodes .p-listbox-option')]
+                    dialog_missing: warnings ? (warnings.missingNodeTypes ?? []).map(type)
+                        : [...document.querySelectorAll('.comfy-missing-nodes .p-listbox-option')]
                         .map(e => e.querySelector('span')?.innerText.trim() ?? e.innerText.trim()),
+                    missing_models: (warnings?.missingModelCandidates ?? []).map(m => m.name ?? JSON.stringify(m)),
+                    warnings_panel: warnings !== null,
                     dialogs: text('.p-dialog'),
                     toasts: text('.p-toast-message'),
                     nodes,

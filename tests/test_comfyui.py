@@ -28,6 +28,8 @@ pytestmark = [
 ]
 
 OURS = set(our_specs())
+DEVICE_ARGS = (() if os.environ.get("COMFYUI_GPU") else ("--cpu",)) + tuple(os.environ.get("COMFYUI_ARGS", "").split())
+"""The server runs on the CPU; the GPU runbook (bench/README.md) sets COMFYUI_GPU=1 and COMFYUI_ARGS."""
 
 
 def _free_port() -> int:
@@ -49,12 +51,14 @@ class Server:
             "  diffusion_models: models/diffusion_models\n"
             "  vae: models/vae\n"
             "  loras: models/loras\n"
+            "  text_encoders: models/text_encoders\n"
+            "  upscale_models: models/upscale_models\n"
             "  custom_nodes: custom_nodes\n"
         )
         self.log = open(base / "server.log", "w")
         self.process = subprocess.Popen(
             [
-                sys.executable, str(Path(COMFYUI_DIR) / "main.py"), "--cpu", "--listen", "127.0.0.1",
+                sys.executable, str(Path(COMFYUI_DIR) / "main.py"), *DEVICE_ARGS, "--listen", "127.0.0.1",
                 "--port", str(self.port), "--extra-model-paths-config", str(config),
                 "--input-directory", str(base / "input"), "--output-directory", str(base / "output"),
                 "--user-directory", str(base / "user"), "--disable-all-custom-nodes",
@@ -192,6 +196,12 @@ def _frames(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].height, frames[0].width
 
 
+def test_the_fence_finds_this_comfyui_as_the_pack_expects(server):
+    """nodes/fence.py checked every ComfyUI internal the pack uses when it loaded: nothing differs."""
+    log = (server.base / "server.log").read_text()
+    assert "consisid" in log.lower() and "ConsisID: this ComfyUI" not in log
+
+
 def test_object_info_lists_every_node(server):
     info = server.get("/object_info")
     assert OURS <= set(info)
@@ -286,10 +296,13 @@ def _previews_while_running(server, prompt: dict) -> tuple[int, int, str]:
 
 
 def test_latent_previews_follow_comfyuis_preview_method(server, base):
-    """As ComfyUI's own samplers: none by default (`--preview-method none`), one per step when on."""
+    """As ComfyUI's own samplers: none by default (`--preview-method none`), one per step when on.
+    Without previews, ComfyUI v0.33 sends a step's progress at most every 100 ms, but always the
+    first and the last; an update with a preview always goes."""
     prompt = _tiny(_api(server, "consisid_reuse_identity.json"), steps=3)
     next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 11
-    assert _previews_while_running(server, prompt) == (0, 3, "success")
+    previews, progress, status = _previews_while_running(server, prompt)
+    assert (previews, status) == (0, "success") and 2 <= progress <= 3
     with running(base, ("--preview-method", "auto")) as previewing:
         prompt = _tiny(_api(previewing, "consisid_reuse_identity.json"), steps=3)
         next(n for n in prompt.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 12

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from workflow_tools import SNAPSHOT, WORKFLOWS, to_api, widget_slots
+from workflow_tools import SNAPSHOT, WORKFLOWS, to_api, widgets
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [
@@ -66,7 +66,8 @@ def test_opens_with_no_missing_node_but_the_third_party_one(opened, name):
     assert loaded.reported_missing == expected
     assert loaded.dialog_missing == expected
     assert loaded.graph_missing == expected
-    if expected:
+    assert loaded.missing_models == []  # every file the workflow names is in the model folders here
+    if expected and not loaded.warnings_panel:  # frontend 1.27: a dialog; 1.49: its errors panel
         assert len(loaded.dialogs) == 1 and "Some Nodes Are Missing" in loaded.dialogs[0]
     else:
         assert loaded.dialogs == []
@@ -75,13 +76,21 @@ def test_opens_with_no_missing_node_but_the_third_party_one(opened, name):
     assert [n["type"] for n in loaded.nodes] == [n["type"] for n in _workflow(name)["nodes"]]
 
 
+def _with_snapshot(specs: dict) -> dict:
+    return specs | {"RIFE VFI": json.loads(SNAPSHOT.read_text())["RIFE VFI"]}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_the_frontend_keeps_every_node_link_and_value(opened, name):
-    """Saving right after opening gives back the file's nodes, links and widget values."""
+def test_the_frontend_keeps_every_node_link_and_value(session, opened, name):
+    """Saving right after opening gives back the file's nodes, links and widget values, and the
+    defaults of widgets this ComfyUI added since the files were written (v0.33: Create Video's
+    bit_depth, Save Video's nested codec settings)."""
+    specs = _with_snapshot(session[1])
     workflow, saved = _workflow(name), opened[name].serialized
     assert saved["links"] == workflow["links"]
     assert [(n["id"], n["type"], n.get("widgets_values", [])) for n in saved["nodes"]] == [
-        (n["id"], n["type"], n["widgets_values"]) for n in workflow["nodes"]
+        (n["id"], n["type"], [value for _, _, value in widgets(specs[n["type"]], n["widgets_values"])])
+        for n in workflow["nodes"]
     ]
 
 
@@ -92,9 +101,10 @@ def test_each_value_lands_in_the_widget_it_is_meant_for(session, opened, name):
         if not shown["registered"]:
             continue
         saved = [(widget, value) for widget, value, is_saved in shown["widgets"] if is_saved]
-        meant = [slot for slot, extra in widget_slots(specs[node["type"]]) if not extra]
-        assert [widget for widget, _ in saved if widget not in EXTRA_WIDGETS] == meant, node["type"]
-        assert [value for _, value in saved] == node["widgets_values"], node["type"]
+        meant = widgets(specs[node["type"]], node["widgets_values"])
+        assert [widget for widget, _ in saved if widget not in EXTRA_WIDGETS] == [n for n, extra, _ in meant if not extra]
+        assert [value for _, value in saved] == [value for _, _, value in meant], node["type"]
+        assert [value for _, _, value in meant][: len(node["widgets_values"])] == node["widgets_values"]
     (sampler,) = (n for n in opened[name].nodes if n["type"] == "ConsisIDSampler")
     sampler = {widget: value for widget, value, _ in sampler["widgets"]}
     assert (sampler["seed"], sampler["control_after_generate"], sampler["steps"]) == (42, "fixed", 50)
@@ -106,8 +116,7 @@ def test_each_value_lands_in_the_widget_it_is_meant_for(session, opened, name):
 def test_the_frontend_queues_the_prompt_the_other_tests_send(session, opened, name):
     """app.graphToPrompt() against workflow_tools.to_api (what test_comfyui posts to /prompt),
     node for node; a missing node has no class to give, so it is left out of both."""
-    _, specs = session
-    specs = specs | {"RIFE VFI": json.loads(SNAPSHOT.read_text())["RIFE VFI"]}
+    specs = _with_snapshot(session[1])
     ours = to_api(_workflow(name), specs)
     theirs = opened[name].prompt
     known = {str(n["id"]) for n in opened[name].nodes if n["registered"]}
@@ -140,6 +149,5 @@ def test_rife_vfi_values_land_with_its_definition_registered(session, opened):
         ("ckpt_name", "rife47.pth"), ("clear_cache_after_n_frames", 10), ("multiplier", 2),
         ("fast_mode", True), ("ensemble", True), ("scale_factor", 1.0),
     ]
-    specs = specs | {"RIFE VFI": json.loads(SNAPSHOT.read_text())["RIFE VFI"]}
-    ours = to_api(_workflow("consisid_upscale_interpolate.json"), specs)
+    ours = to_api(_workflow("consisid_upscale_interpolate.json"), _with_snapshot(specs))
     assert {"class_type": loaded.prompt["10"]["class_type"], "inputs": loaded.prompt["10"]["inputs"]} == ours["10"]

@@ -137,3 +137,16 @@ def test_without_onnxruntime_the_cli_says_what_to_install_in_one_line(tiny_dir, 
     assert found["err"].startswith("error: ") and found["err"].count("\n") == 1, found["err"]
     assert _names_the_install_commands(found["err"]), found["err"]
     assert not out.exists()
+
+
+def test_the_declared_comfyui_range_starts_at_the_oldest_version_ci_runs():
+    """`requires-comfyui` (read by ComfyUI-Manager and the registry) is the oldest ComfyUI whose
+    real-ComfyUI and frontend tests .ci/run runs."""
+    import re
+
+    from packaging.version import Version
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        declared = tomllib.load(f)["tool"]["comfy"]["requires-comfyui"]
+    (versions,) = re.findall(r"^for version in ([\d. ]+); do$", (ROOT / ".ci" / "run").read_text(), re.MULTILINE)
+    assert declared == f">={min(versions.split(), key=Version)}"

@@ -16,7 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 SNAPSHOT = Path(__file__).parent / "data" / "comfyui_node_specs.json"
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+"""A combo whose chosen option brings inputs of its own (ComfyUI's V3 API; Save Video's format from v0.33)."""
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 THIRD_PARTY = {"RIFE VFI": "ComfyUI-Frame-Interpolation"}
 IMAGE_PREVIEW = 200  # room below an upload widget for the image preview (LoadImage)
 
@@ -66,13 +68,57 @@ def all_specs() -> dict:
 
 def _declared(spec: dict) -> list[tuple[str, str, dict]]:
     """(name, type, options) of every input, in the order the frontend makes widgets."""
+    return _inputs(spec["input"], spec.get("input_order", {}))
+
+
+def _inputs(groups: dict, order: dict) -> list[tuple[str, str, dict]]:
     result = []
     for group in ("required", "optional"):
-        declared = spec["input"].get(group, {})
-        for name in spec.get("input_order", {}).get(group, list(declared)):
+        declared = groups.get(group, {})
+        for name in order.get(group, list(declared)):
             kind, *rest = declared[name]
             options = rest[0] if rest else {}
             result.append((name, "COMBO" if isinstance(kind, list) else kind, options))
+    return result
+
+
+def _default(spec: dict, name: str, kind: str, options: dict):
+    """The value a new widget starts with in the frontend."""
+    if kind == DYNAMIC_COMBO:
+        return options["options"][0]["key"]
+    if kind == "COMBO" and "default" not in options:
+        return next(iter(_combo_options(spec, name)), None)
+    return options.get("default")
+
+
+def widgets(spec: dict, values: list) -> list[tuple[str, bool, object]]:
+    """(input name, is a frontend-only extra, value) of each widget the frontend makes for a node
+    of `spec` that holds `values` (a UI file's widgets_values), as the frontend fills them: the
+    values in order, then their defaults for widgets the values do not reach (widgets a newer
+    ComfyUI added since the file was written). A dynamic combo's chosen option brings its own
+    inputs, named `<combo>.<input>`, right after it."""
+    values = list(values)
+    result = []
+
+    def take(name: str, kind: str, options: dict, extra: bool = False):
+        value = values.pop(0) if values else (None if extra else _default(spec, name, kind, options))
+        result.append((name, extra, value))
+        return value
+
+    def walk(declared: list[tuple[str, str, dict]], prefix: str) -> None:
+        for name, kind, options in declared:
+            if kind not in WIDGET_TYPES or options.get("forceInput"):
+                continue
+            value = take(prefix + name, kind, options)
+            if kind == DYNAMIC_COMBO:
+                chosen = next(o for o in options["options"] if o["key"] == value)
+                walk(_inputs(chosen["inputs"], {}), f"{prefix}{name}.")
+            if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
+                take(prefix + name, kind, options, extra=True)  # the "control after generate" combo
+            if options.get("image_upload"):
+                take(prefix + name, kind, options, extra=True)  # the upload button
+
+    walk(_declared(spec), "")
     return result
 
 
@@ -85,17 +131,9 @@ def _combo_options(spec: dict, name: str) -> list:
 
 
 def widget_slots(spec: dict) -> list[tuple[str, bool]]:
-    """(input name, is an extra frontend-only value after it) for each widget value stored."""
-    slots = []
-    for name, kind, options in _declared(spec):
-        if kind not in WIDGET_TYPES or options.get("forceInput"):
-            continue
-        slots.append((name, False))
-        if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
-            slots.append((name, True))  # the "control after generate" combo
-        if options.get("image_upload"):
-            slots.append((name, True))  # the upload button
-    return slots
+    """(input name, is an extra frontend-only value after it) for each widget value a new node
+    stores (dynamic combos at their first option)."""
+    return [(name, extra) for name, extra, _ in widgets(spec, [])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +366,7 @@ def to_api(workflow: dict, specs: dict) -> dict:
             if socket["link"] is not None:
                 _, source, slot, *_ = links[socket["link"]]
                 inputs[socket["name"]] = [str(source), slot]
-        for (name, extra), value in zip(widget_slots(spec), node.get("widgets_values", [])):
+        for name, extra, value in widgets(spec, node.get("widgets_values", [])):
             if not extra and name not in inputs:
                 inputs[name] = value
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

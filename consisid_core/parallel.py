@@ -37,18 +37,25 @@ import contextlib
 import inspect
 import logging
 import os
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from . import diffusers_hooks as hooks
-from .errors import ConsisIDError
+from .checks import latent_frames
+from .errors import ConsisIDError, first_line
+from .files import shown
 
 logger = logging.getLogger(__name__)
 
 MODES = ("ulysses", "ring", "cfg")
 MAX_DEGREE = 4096
+RENDEZVOUS_SECONDS = 120
+"""How long a rank waits for the others to join (torchrun starts them together, within seconds)."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,14 @@ class Parallel:
         """`"ulysses=2,cfg=2"` (any of ulysses, ring, cfg; unnamed ones are 1)."""
         degrees: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in str(text).split(","))):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            if name not in MODES or name in degrees or not value.strip().isdigit():
+            name, _, value = (x.strip() for x in part.partition("="))
+            if name not in MODES or name in degrees or not re.fullmatch("[0-9]+", value):  # not '²', which isdigit
                 raise ConsisIDError(
-                    f"--parallel '{text}' is not a split: give MODE=N for each of ulysses, ring, cfg that you use, "
-                    "joined by commas (e.g. ulysses=2,cfg=2)"
+                    f"--parallel '{shown(text)}' is not a split: give MODE=N for each of ulysses, ring, cfg that you "
+                    "use, joined by commas (e.g. ulysses=2,cfg=2)"
                 )
+            if len(value) > len(str(MAX_DEGREE)):  # thousands of digits are more than int() converts
+                raise ConsisIDError(f"parallel {name}={shown(value, 20)} must be a whole number from 1 to {MAX_DEGREE}")
             degrees[name] = int(value)
         if not degrees:
             raise ConsisIDError("--parallel is empty: give e.g. ulysses=2, ring=2, cfg=2 or ulysses=2,cfg=2")
@@ -98,19 +106,27 @@ class Parallel:
 
 
 def launched() -> tuple[int, int, int]:
-    """(rank, world size, local rank) that torchrun gave this process; refused outside torchrun."""
+    """(rank, world size, local rank) that torchrun gave this process, with the address of rank 0
+    (MASTER_ADDR, MASTER_PORT) to meet at; refused outside torchrun."""
     try:
-        return tuple(int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        rank, world_size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        port = int(os.environ["MASTER_PORT"])
+        given = bool(os.environ["MASTER_ADDR"].strip()) and 1 <= port <= 65535
+        given = given and 0 <= rank < world_size and local_rank >= 0
     except (KeyError, ValueError):
+        given = False
+    if not given:
         raise ConsisIDError(
-            "--parallel needs one process per rank, started by torchrun: torchrun --nproc-per-node N "
-            "-m consisid_core generate … --parallel … (N = the product of the degrees)"
-        ) from None
+            "--parallel needs one process per rank, started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT): torchrun --nproc-per-node N -m consisid_core generate … --parallel … "
+            "(N = the product of the degrees)"
+        )
+    return rank, world_size, local_rank
 
 
 def is_writer() -> bool:
     """True on the process that writes results and logs progress: rank 0, or a plain run."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> torch.device:
@@ -137,8 +153,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
 def video_tokens(transformer_config: Mapping, vae_config: Mapping, frames: int, height: int, width: int) -> int:
     """Tokens of one video in the transformer: latent frames × patches per frame."""
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
-    latent_frames = (frames - 1) // vae_config["temporal_compression_ratio"] + 1
-    return latent_frames * (height // scale) * (width // scale)
+    return latent_frames(frames, vae_config["temporal_compression_ratio"]) * (height // scale) * (width // scale)
 
 
 def check_world_size(spec: Parallel) -> None:
@@ -239,14 +254,32 @@ def start(device: torch.device) -> bool:
     False when it was joined already."""
     import torch.distributed as dist
 
-    launched()
+    _, world_size, _ = launched()
     if dist.is_initialized():
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group(backend="cpu:gloo")
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+    # torch waits for the other ranks inside C++, where no signal handler runs: the wait has a thread
+    # of its own, and this one waits for that thread (a wait that SIGINT and SIGTERM interrupt)
+    failed: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=RENDEZVOUS_SECONDS))
+        except Exception as e:  # noqa: BLE001 - torch's store and backends fail in many ways; said in one line
+            failed.append(e)
+
+    waiting = threading.Thread(target=join, name="consisid-rendezvous", daemon=True)
+    waiting.start()
+    waiting.join(RENDEZVOUS_SECONDS + 5)
+    if waiting.is_alive() or failed:
+        said = f" ({first_line(failed[0])})" if failed else ""
+        raise ConsisIDError(
+            f"the {world_size} processes of --parallel did not all meet at {shown(os.environ['MASTER_ADDR'])}:"
+            f"{os.environ['MASTER_PORT']} within {RENDEZVOUS_SECONDS} s{said}: start them together with torchrun "
+            f"--nproc-per-node {world_size} (× --nnodes), each with the same arguments"
+        )
     return True
 
 

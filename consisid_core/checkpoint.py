@@ -269,7 +269,8 @@ class Checkpoint:
             try:
                 sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
             except (RuntimeError, OSError) as e:
-                raise CheckpointError(f"{refused}, and its spiece.model does not read as one ({first_line(e)}); {fix}") from None
+                said = first_line(e)
+                raise CheckpointError(f"{refused}, and its spiece.model does not read as one ({said}); {fix}") from None
         try:
             tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, ImportError) as e:

@@ -217,7 +217,7 @@ def _bounded(name: str, source: str, module: str, scale: float) -> float:
     """A layer's scale, refused beyond `MAX_SCALE` before any weight changes."""
     if not abs(scale) <= MAX_SCALE:
         raise _refuse(name, f"{source} gives '{shown(module)}' a scale of {scale:.3g} (alpha / rank), over the "
-                            f"{MAX_SCALE:g} no trained LoRA comes near", "save it again with the alpha it was trained with")
+                            f"{MAX_SCALE:g} no trained LoRA comes near", "save it again with its trained alpha")
     return scale
 
 

@@ -47,7 +47,7 @@ import torch
 
 from . import diffusers_hooks as hooks
 from .checks import latent_frames
-from .errors import ConsisIDError, first_line
+from .errors import ConsisIDError, RankError, first_line
 from .files import shown
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
             f"--device {device} with --parallel: each rank runs on cuda:LOCAL_RANK; give --device cuda (or auto)"
         )
     if local_rank >= torch.cuda.device_count():
-        raise ConsisIDError(
+        raise RankError(
             f"local rank {local_rank} has no GPU of its own: torch sees {torch.cuda.device_count()}; start at most "
             "that many processes per machine (--nproc-per-node)"
         )

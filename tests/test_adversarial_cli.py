@@ -463,3 +463,40 @@ def test_a_lora_alpha_that_would_overflow_the_run(tiny_dir, tiny_model, identity
              f"LoRA 'huge-{how}.safetensors': {source} gives 'transformer_blocks.0.attn1.to_q' a scale of {scale} "
              "(alpha / rank), over the 1000 no trained LoRA comes near")
     assert sorted(p.name for p in tmp_path.iterdir()) == [lora.name, "me.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["guidance", "no-face"])
+def test_a_refusal_under_torchrun_is_one_line_from_rank_0(tiny_dir, identity_file, tmp_path, case):
+    """Every rank refuses the same arguments (guidance 1 with cfg=2: before the ranks meet; a photo
+    without a face: rank 0 finds none, the others stop with it): one line, from rank 0. torchrun's
+    own report of a process that exited non-zero follows it, as for any failed worker (it cannot be
+    avoided from the worker: torchrun reports every non-zero exit); `--log-dir /dev/null` keeps its
+    log folder (torchelastic_* in TMPDIR, made on every run) from being left behind."""
+    from PIL import Image
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "v.mp4"
+    who = ["--identity", str(identity_file), "--guidance", "1"]
+    if case == "no-face":
+        dark = tmp_path / "dark.png"
+        Image.new("RGB", (200, 160), (10, 10, 10)).save(dark)
+        who = ["--face", str(dark)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--log-dir", os.devnull,
+         "-m", "consisid_core", "generate", "--model", str(tiny_dir), "--prompt", "hi", "--steps", "1", *who,
+         "--parallel", "cfg=2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    message = {"guidance": "error: --parallel cfg=2 splits the guided batch, but guidance 1.0 (1 or less) turns",
+               "no-face": "error: no face found in dark.png"}[case]
+    assert len(ours) == 1 and ours[0].startswith(message), done.stderr
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # ONNX Runtime's session id (.ses) and torch's compile cache are not ours, nor torchrun's
+    assert [p.name for p in temp.iterdir() if p.name != ".ses" and not p.name.startswith("torchinductor_")] == []

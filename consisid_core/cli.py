@@ -1,6 +1,10 @@
 """`python -m consisid_core`: make-tiny, embed, generate, score.
 
+A command's result goes to stdout, to be piped: the path written (embed, generate), the score
+(score; `--json -`: its JSON). Logs and progress go to stderr.
+
 Bad arguments exit with status 2 and one line on stderr, before any work and with nothing written.
+Under torchrun (`generate --parallel`), a refusal that every rank makes is said once, by rank 0.
 Ctrl-C (SIGINT) and SIGTERM stop a run with one line and exit 130 / 143, leaving no temporary
 file or folder behind and nothing at `--out`.
 """
@@ -57,20 +61,38 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed (0 to 2^32 - 1)")
     tiny.add_argument("--kps", action="store_true", help="a checkpoint with is_kps on (keypoint conditioning)")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' for a tiny one made on the fly")
-        p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
-        p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, …")
-        p.add_argument("--face-index", type=int, default=None, help="which face, left to right (default: largest)")
-
     embed = sub.add_parser("embed", help="photo -> identity .safetensors")
-    common(embed)
+    _common(embed)
     embed.add_argument("--face", type=Path, required=True, help="a photo of one person's face")
     embed.add_argument("--out", type=Path, required=True, help="identity file to write (.safetensors)")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
 
-    gen = sub.add_parser("generate", help="identity + prompt -> video")
-    common(gen)
+    _add_generate(sub.add_parser("generate", help="identity + prompt -> video"))
+
+    score = sub.add_parser("score", help="video + identity -> FaceSim-Arc, how well the video keeps the face")
+    score.add_argument("--model", required=True, help="checkpoint folder (its face_encoder/ models are used)")
+    score.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+    ref = score.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--identity", type=Path, help="an identity file from `embed` (it holds the face embedding)")
+    ref.add_argument("--face", type=Path, help="a photo of the person (its largest face)")
+    score.add_argument("--video", type=Path, required=True, help="an .mp4 file, or a folder of PNG frames")
+    score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
+    score.add_argument("--json", type=Path,
+                       help="also write the scores to this .json file; '-' writes them to stdout instead of the score")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    """The options of embed and generate: the checkpoint, the face models' and torch's devices."""
+    p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' for a tiny one made on the fly")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, …")
+    p.add_argument("--face-index", type=int, default=None, help="which face, left to right (default: largest)")
+
+
+def _add_generate(gen: argparse.ArgumentParser) -> None:
+    _common(gen)
     who = gen.add_mutually_exclusive_group()
     who.add_argument("--face", type=Path, help="a photo of the person")
     who.add_argument("--identity", type=Path, help="an identity file from `embed`")
@@ -113,20 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true",
                      help="replace an existing .mp4 at --out, or a folder of frames written by an earlier run")
     gen.add_argument("--score", action="store_true",
-                     help="also print how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
-
-    score = sub.add_parser("score", help="video + identity -> FaceSim-Arc, how well the video keeps the face")
-    score.add_argument("--model", required=True, help="checkpoint folder (its face_encoder/ models are used)")
-    score.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
-    ref = score.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--identity", type=Path, help="an identity file from `embed` (it holds the face embedding)")
-    ref.add_argument("--face", type=Path, help="a photo of the person (its largest face)")
-    score.add_argument("--video", type=Path, required=True, help="an .mp4 file, or a folder of PNG frames")
-    score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
-    score.add_argument("--json", type=Path,
-                       help="also write the scores to this .json file; '-' writes them to stdout instead of the score")
-    score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
-    return parser
+                     help="also log how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
 
 
 MAX_FPS = 240

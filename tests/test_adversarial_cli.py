@@ -18,6 +18,7 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.identity import save_identity
 from consisid_core.media import write_frames
 from consisid_core.tiny import random_identity
+from process_tools import signal_when
 
 
 @pytest.fixture
@@ -178,15 +179,6 @@ def test_a_run_out_of_memory_is_refused_before_loading(tiny_dir, identity_file, 
     assert "memory available: lower the frame count or the size" in err
 
 
-def _wait_for(predicate, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "cancelled")])
 def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path, sig, code, line):
@@ -200,14 +192,14 @@ def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path,
          "--steps", "1000", "--out", str(out_dir / "v.mp4")],
         env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True,
     )
-    try:
-        started = _wait_for(lambda: any((p / "checkpoint").is_dir() for p in temp.glob("consisid-tiny-*")), 240)
-        assert started, "the tiny checkpoint never appeared"
-        time.sleep(2)  # into the run
-        process.send_signal(sig)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
+
+    def into_the_run() -> bool:
+        if not any((p / "checkpoint").is_dir() for p in temp.glob("consisid-tiny-*")):
+            return False
+        time.sleep(2)  # the tiny checkpoint is there: into the run
+        return True
+
+    _, err = signal_when(process, into_the_run, sig, "the tiny checkpoint")
     assert process.returncode == code, err
     assert err.splitlines()[-1] == f"{line}: nothing was written"
     # ONNX Runtime writes a session id (.ses) at import and torch keeps a compile cache: not ours
@@ -419,12 +411,7 @@ def test_sigterm_while_waiting_for_the_other_ranks(tiny_dir, identity_file, tmp_
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", int(rank0_of_two["MASTER_PORT"]))) == 0
 
-    try:
-        assert _wait_for(listening, 240), "rank 0 never started waiting for the others"
-        process.send_signal(signal.SIGTERM)
-        stdout, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
+    stdout, err = signal_when(process, listening, signal.SIGTERM, "rank 0 waiting for the others")
     assert process.returncode == 143, err
     assert err.splitlines()[-1] == "terminated: nothing was written" and stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]

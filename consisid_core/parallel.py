@@ -41,7 +41,6 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 
@@ -105,23 +104,31 @@ class Parallel:
         return ",".join(f"{m}={getattr(self, m)}" for m in MODES if getattr(self, m) > 1) or "none"
 
 
+_OUTSIDE_TORCHRUN = (
+    "--parallel needs one process per rank, started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, "
+    "MASTER_ADDR and MASTER_PORT): torchrun --nproc-per-node N -m consisid_core generate … --parallel … "
+    "(N = the product of the degrees)"
+)
+
+
 def launched() -> tuple[int, int, int]:
-    """(rank, world size, local rank) that torchrun gave this process, with the address of rank 0
-    (MASTER_ADDR, MASTER_PORT) to meet at; refused outside torchrun."""
+    """(rank, world size, local rank) that torchrun gave this process; refused outside torchrun."""
     try:
         rank, world_size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        port = int(os.environ["MASTER_PORT"])
-        given = bool(os.environ["MASTER_ADDR"].strip()) and 1 <= port <= 65535
-        given = given and 0 <= rank < world_size and local_rank >= 0
     except (KeyError, ValueError):
-        given = False
-    if not given:
-        raise ConsisIDError(
-            "--parallel needs one process per rank, started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, "
-            "MASTER_ADDR and MASTER_PORT): torchrun --nproc-per-node N -m consisid_core generate … --parallel … "
-            "(N = the product of the degrees)"
-        )
+        raise ConsisIDError(_OUTSIDE_TORCHRUN) from None
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise ConsisIDError(_OUTSIDE_TORCHRUN)
     return rank, world_size, local_rank
+
+
+def meeting_point() -> str:
+    """Where the ranks meet, `MASTER_ADDR:MASTER_PORT` (rank 0's address, torchrun sets it); refused
+    when it is not given, before torch would fail on it."""
+    address, port = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
+    if not address or not re.fullmatch("[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ConsisIDError(_OUTSIDE_TORCHRUN)
+    return f"{shown(address)}:{port}"
 
 
 def is_writer() -> bool:
@@ -133,6 +140,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
     """This rank's device, `cuda:LOCAL_RANK` (or the CPU); refused outside torchrun or when torchrun
     started another number of processes than `spec` splits into."""
     _, _, local_rank = launched()
+    meeting_point()
     check_world_size(spec)
     if device.type == "cpu":
         return device
@@ -257,29 +265,32 @@ def start(device: torch.device) -> bool:
     _, world_size, _ = launched()
     if dist.is_initialized():
         return False
+    where = meeting_point()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
     # torch waits for the other ranks inside C++, where no signal handler runs: the wait has a thread
-    # of its own, and this one waits for that thread (a wait that SIGINT and SIGTERM interrupt)
+    # of its own (a daemon, left behind if they never come), and this one waits for that thread, a
+    # wait that SIGINT and SIGTERM interrupt. (torch's own timeout is the process group's, which
+    # bounds every later collective too, so it stays torch's default.)
     failed: list[BaseException] = []
 
     def join() -> None:
         try:
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=RENDEZVOUS_SECONDS))
+            dist.init_process_group(backend=backend)
         except Exception as e:  # noqa: BLE001 - torch's store and backends fail in many ways; said in one line
             failed.append(e)
 
     waiting = threading.Thread(target=join, name="consisid-rendezvous", daemon=True)
     waiting.start()
-    waiting.join(RENDEZVOUS_SECONDS + 5)
-    if waiting.is_alive() or failed:
-        said = f" ({first_line(failed[0])})" if failed else ""
+    waiting.join(RENDEZVOUS_SECONDS)
+    fix = f"start them together with torchrun --nproc-per-node {world_size} (× --nnodes), each with the same arguments"
+    if waiting.is_alive():
         raise ConsisIDError(
-            f"the {world_size} processes of --parallel did not all meet at {shown(os.environ['MASTER_ADDR'])}:"
-            f"{os.environ['MASTER_PORT']} within {RENDEZVOUS_SECONDS} s{said}: start them together with torchrun "
-            f"--nproc-per-node {world_size} (× --nnodes), each with the same arguments"
+            f"the {world_size} processes of --parallel did not all meet at {where} within {RENDEZVOUS_SECONDS} s: {fix}"
         )
+    if failed:
+        raise ConsisIDError(f"the processes of --parallel could not meet at {where} ({first_line(failed[0])}): {fix}")
     return True
 
 

@@ -232,6 +232,9 @@ class _Plan:
 
 
 def _generate(args) -> None:
+    """The arguments checked, the run sized against the checkpoint's configs (every refusal made
+    before any weights load and, under --parallel, before the ranks meet), then the identity, the
+    text and the video, written; the path written on stdout."""
     from .checkpoint import Checkpoint
     from .parallel import session
 

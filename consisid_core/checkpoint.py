@@ -260,10 +260,21 @@ class Checkpoint:
 
         from .text import TextEncoder
 
+        folder = self.root / "tokenizer"
+        refused = f"'{folder}' is not a valid T5 tokenizer: it needs T5's SentencePiece model, spiece.model"
+        fix = "download the checkpoint's tokenizer folder again"
+        if (folder / "spiece.model").is_file():  # transformers would try other formats on a damaged one, and say so
+            import sentencepiece
+
+            try:
+                sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+            except (RuntimeError, OSError) as e:
+                said = first_line(e)
+                raise CheckpointError(f"{refused}, and its spiece.model does not read as one ({said}); {fix}") from None
         try:
-            tokenizer = T5Tokenizer.from_pretrained(self.root / "tokenizer", local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"the tokenizer in '{self.root / 'tokenizer'}' does not load ({e})") from None
+            tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, ImportError) as e:
+            raise CheckpointError(f"{refused} (loading it said: {first_line(e)}); {fix}") from None
         model = _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
         return TextEncoder(tokenizer, model)
 
@@ -392,13 +403,14 @@ def _key_names(keys) -> list[str]:
 
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+    for path in sorted(folder.glob("*.safetensors")):
+        check_float_weights(path)
     try:
         model, info = cls.from_pretrained(
             folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
         )
     except _LOAD_ERRORS as e:
-        first = first_line(e, 300)
-        raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {first}") from None
+        raise CheckpointError(f"'{folder}' does not load as a {cls.__name__}: {_load_failure(e)}") from None
     # diffusers and transformers fill a tensor missing from the files with random values (or leave
     # it on the meta device): refused. Tensors the config has no place for are dropped: that is
     # said, not refused, so that a released folder carrying an extra tensor still loads.
@@ -421,6 +433,45 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
         )
     check_module_weights(model, f"'{folder}'")
     return model
+
+
+_MISMATCH = re.compile(r"because (\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\((\[[^\]]*\])\)")
+
+
+def _load_failure(error: Exception) -> str:
+    """What a failed load says, in one line. A weight of another shape than config.json builds is
+    named as such: diffusers' hint to load it anyway as random weights (`low_cpu_mem_usage=False`,
+    `ignore_mismatched_sizes=True`) would only make a broken model."""
+    said = first_line(error, 300)
+    mismatch = _MISMATCH.search(str(error))
+    if mismatch is None:
+        return said
+    key, expected, found = mismatch.groups()
+    return (
+        f"its weight '{shown(key)}' is {found} in the files, the folder's config.json makes it {expected}: the "
+        "weights and config.json come from different models; download the folder again"
+    )
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+"""safetensors' names of the dtypes model weights are stored in."""
+
+
+def check_float_weights(path: Path) -> None:
+    """Refuse a .safetensors file holding a tensor of integers or booleans, from its header alone:
+    loaded, it would be cast to floats and make a model of meaningless weights. (A file that does
+    not read is left to the loader, which says what is wrong with it.)"""
+    try:
+        with safe_open(path, framework="pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError):
+        return
+    odd = next(((k, d) for k, d in dtypes.items() if d not in FLOAT_DTYPES), None)
+    if odd is not None:
+        raise CheckpointError(
+            f"'{path}': '{shown(odd[0])}' holds {odd[1]} values, where a model's weights are floats: the file is "
+            "not the model's weights (quantized or converted by another tool); use the checkpoint's original file"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +644,7 @@ def _build_config(config: Mapping, component: str, where) -> dict:
 
 def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: torch.dtype, what: str):
     """Build `cls` from `config` without memory, check every key and shape, then load the weights."""
+    check_float_weights(path)
     try:
         with torch.device("meta"):
             model = cls.from_config(dict(config))

@@ -100,6 +100,20 @@ def check_steps(steps, train_timesteps: int = 1000, name: str = "steps") -> int:
     )
 
 
+def latent_frames(frames: int, temporal_compression: int) -> int:
+    """Latent frames of a video of `frames` frames (t·k + 1, t the VAE's temporal compression)."""
+    return (frames - 1) // temporal_compression + 1
+
+
+def decoded_frames(frames: int, temporal_compression: int) -> int:
+    """Frames the VAE decodes the latents of `frames` frames to: as many for an odd latent count;
+    t per latent frame for an even one (the CogVideoX VAE decodes two latent frames at a time, each
+    pair to 2·t frames; only an odd first batch of three keeps the first frame single), as in
+    diffusers' pipeline."""
+    latent = latent_frames(frames, temporal_compression)
+    return frames if latent % 2 else latent * temporal_compression
+
+
 def bounded_size(
     frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False
 ) -> None:

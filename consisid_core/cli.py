@@ -1,6 +1,10 @@
 """`python -m consisid_core`: make-tiny, embed, generate, score.
 
+A command's result goes to stdout, to be piped: the path written (embed, generate), the score
+(score; `--json -`: its JSON). Logs and progress go to stderr.
+
 Bad arguments exit with status 2 and one line on stderr, before any work and with nothing written.
+Under torchrun (`generate --parallel`), a refusal that every rank makes is said once, by rank 0.
 Ctrl-C (SIGINT) and SIGTERM stop a run with one line and exit 130 / 143, leaving no temporary
 file or folder behind and nothing at `--out`.
 """
@@ -15,14 +19,27 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_number, check_prompt, check_seed, check_steps
-from .errors import ConsisIDError, first_line
+from .checks import check_number, check_prompt, check_seed, check_steps, decoded_frames
+from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .checkpoint import Checkpoint
+    from .identity import Identity
+    from .lora import Stack
+    from .parallel import Parallel
+    from .performance import Performance
+    from .score import SampledFrames
+    from .text import TextEmbeddings
 
 logger = logging.getLogger("consisid_core")
 
@@ -44,20 +61,38 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed (0 to 2^32 - 1)")
     tiny.add_argument("--kps", action="store_true", help="a checkpoint with is_kps on (keypoint conditioning)")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' for a tiny one made on the fly")
-        p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
-        p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, …")
-        p.add_argument("--face-index", type=int, default=None, help="which face, left to right (default: largest)")
-
     embed = sub.add_parser("embed", help="photo -> identity .safetensors")
-    common(embed)
+    _common(embed)
     embed.add_argument("--face", type=Path, required=True, help="a photo of one person's face")
     embed.add_argument("--out", type=Path, required=True, help="identity file to write (.safetensors)")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
 
-    gen = sub.add_parser("generate", help="identity + prompt -> video")
-    common(gen)
+    _add_generate(sub.add_parser("generate", help="identity + prompt -> video"))
+
+    score = sub.add_parser("score", help="video + identity -> FaceSim-Arc, how well the video keeps the face")
+    score.add_argument("--model", required=True, help="checkpoint folder (its face_encoder/ models are used)")
+    score.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+    ref = score.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--identity", type=Path, help="an identity file from `embed` (it holds the face embedding)")
+    ref.add_argument("--face", type=Path, help="a photo of the person (its largest face)")
+    score.add_argument("--video", type=Path, required=True, help="an .mp4 file, or a folder of PNG frames")
+    score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
+    score.add_argument("--json", type=Path,
+                       help="also write the scores to this .json file; '-' writes them to stdout instead of the score")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    """The options of embed and generate: the checkpoint, the face models' and torch's devices."""
+    p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' for a tiny one made on the fly")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1, …")
+    p.add_argument("--face-index", type=int, default=None, help="which face, left to right (default: largest)")
+
+
+def _add_generate(gen: argparse.ArgumentParser) -> None:
+    _common(gen)
     who = gen.add_mutually_exclusive_group()
     who.add_argument("--face", type=Path, help="a photo of the person")
     who.add_argument("--identity", type=Path, help="an identity file from `embed`")
@@ -100,19 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true",
                      help="replace an existing .mp4 at --out, or a folder of frames written by an earlier run")
     gen.add_argument("--score", action="store_true",
-                     help="also print how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
-
-    score = sub.add_parser("score", help="video + identity -> FaceSim-Arc, how well the video keeps the face")
-    score.add_argument("--model", required=True, help="checkpoint folder (its face_encoder/ models are used)")
-    score.add_argument("--provider", default="cpu", help="ONNX Runtime provider for the face models: cpu, cuda, …")
-    ref = score.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--identity", type=Path, help="an identity file from `embed` (it holds the face embedding)")
-    ref.add_argument("--face", type=Path, help="a photo of the person (its largest face)")
-    score.add_argument("--video", type=Path, required=True, help="an .mp4 file, or a folder of PNG frames")
-    score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
-    score.add_argument("--json", type=Path, help="also write the scores to this .json file")
-    score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
-    return parser
+                     help="also log how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
 
 
 MAX_FPS = 240
@@ -181,23 +204,64 @@ def _embed(args) -> None:
         identity = _embed_photo(Checkpoint.open(folder), args.face, args, device)
     save_identity(identity, args.out, overwrite=args.overwrite)
     logger.info("wrote %s", args.out)
+    print(args.out)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `generate`'s arguments ask for, each checked before the checkpoint is opened."""
+
+    device: torch.device
+    spec: Parallel | None
+    dtype: torch.dtype
+    prompts: list[str]
+    identity: Identity | None
+    image: Image.Image | None
+    performance: Performance
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The run sized against the checkpoint's configs, every refusal they decide made: no weights
+    loaded yet, and under --parallel the same on every rank, before the ranks meet."""
+
+    checkpoint: Checkpoint
+    size: tuple[int, int, int]
+    loras: Stack
+    scored: SampledFrames | None
 
 
 def _generate(args) -> None:
-    from .checkpoint import Checkpoint, dtype_from_name
-    from .identity import Identity, load_identity
-    from .media import FrameWriter, check_output, read_image
-    from .parallel import Parallel, check as check_parallel, from_rank0, is_writer, rank_device, session
-    from .performance import Performance, sage_kernel
-    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, resolve_size
-    from .segments import check_segments, generate_segments, segment_prompts
-    from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_all_with_checkpoint
+    """The arguments checked, the run sized against the checkpoint's configs (every refusal made
+    before any weights load and, under --parallel, before the ranks meet), then the identity, the
+    text and the video, written; the path written on stdout."""
+    from .checkpoint import Checkpoint
+    from .parallel import session
+
+    request = _checked_request(args)
+    with _checkpoint_folder(args.model) as folder:
+        plan = _preflight(args, request, Checkpoint.open(folder))
+        with session(request.spec, request.device):
+            identity = _identity(args, request, plan)
+            written = _write(args, request, plan, identity, _texts(args, request, plan))
+    if written:
+        logger.info("wrote %d frames to %s", written, args.out)
+        print(args.out)
+
+
+def _checked_request(args) -> _Request:
+    from .checkpoint import dtype_from_name
+    from .identity import load_identity
+    from .media import check_output, read_image
+    from .parallel import Parallel, rank_device
+    from .performance import Performance
+    from .sampling import MAX_GUIDANCE
+    from .segments import segment_prompts
 
     device = _device(args.device)
     spec = Parallel.parse(args.parallel) if args.parallel is not None else None
     if spec is not None:  # refused outside torchrun, or with another process count, before anything else
         device = rank_device(spec, device, ":" in args.device)
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     check_output(args.out, args.overwrite)
     for prompt in args.prompt:
         check_prompt(prompt)
@@ -213,67 +277,102 @@ def _generate(args) -> None:
     performance = Performance(
         compile=args.compile, offload=args.offload, step_cache=args.step_cache, attention=args.attention
     )
-    with _checkpoint_folder(args.model) as folder, session(spec, device):
-        checkpoint = Checkpoint.open(folder)
-        check_steps(args.steps, checkpoint.scheduler_config.get("num_train_timesteps", 1000), "--steps")
-        size = resolve_size(
-            checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width,
-            args.allow_oversize,
+    dtype = dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    return _Request(device, spec, dtype, prompts, identity, image, performance)
+
+
+def _preflight(args, request: _Request, checkpoint: Checkpoint) -> _Plan:
+    from .parallel import check as check_parallel
+    from .performance import sage_kernel
+    from .sampling import check_run_fits, resolve_size
+    from .segments import check_segments
+    from .text import MAX_SEQUENCE_LENGTH
+
+    check_steps(args.steps, checkpoint.scheduler_config.get("num_train_timesteps", 1000), "--steps")
+    size = resolve_size(
+        checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width, args.allow_oversize
+    )
+    check_segments(args.segments, size[0])
+    # an even latent frame count decodes to more frames than asked: the frames the score will see
+    decoded = decoded_frames(size[0], checkpoint.vae_config["temporal_compression_ratio"])
+    scored = _score_keeper(args, checkpoint, decoded)
+    loras = read_loras(args.lora, checkpoint.transformer_config)
+    check_run_fits(checkpoint, request.dtype, *size, request.device, args.offload == "sequential", args.fp8)
+    if request.performance.attention == "sage":  # refused before any work, not at the first step
+        sage_kernel(request.device, request.dtype, checkpoint.transformer_config["attention_head_dim"])
+    if request.spec is not None:
+        check_parallel(request.spec, checkpoint.transformer_config, checkpoint.vae_config, size, args.guidance,
+                       request.performance, request.device, request.dtype, MAX_SEQUENCE_LENGTH)
+    if request.identity is not None:
+        request.identity.check_compatible(checkpoint.transformer_config, f"'{args.identity}'")
+    elif args.face is None and args.model != "tiny":
+        raise ConsisIDError("give the person as --face PHOTO or --identity FILE")
+    return _Plan(checkpoint, size, loras, scored)
+
+
+def _identity(args, request: _Request, plan: _Plan) -> Identity:
+    """The person: from the identity file, from the face photo (under --parallel, rank 0 alone
+    loads the face models and sends the identity to the others), or random for the tiny demo."""
+    from .identity import Identity
+    from .parallel import from_rank0
+
+    if request.identity is not None:
+        return request.identity
+    if args.face is None:
+        from .tiny import random_identity
+
+        logger.info("no --face or --identity: the tiny demo uses a random identity")
+        return random_identity(plan.checkpoint.transformer_config)
+    def embed() -> list[torch.Tensor]:
+        return _embed_photo(plan.checkpoint, args.face, args, request.device).tensors()
+
+    return Identity.from_tensors(from_rank0(request.spec, embed))
+
+
+def _texts(args, request: _Request, plan: _Plan) -> list[TextEmbeddings]:
+    """Each segment's prompt encoded by the checkpoint's T5 (under --parallel, on rank 0 alone)."""
+    from .parallel import from_rank0
+    from .text import TextEmbeddings, encode_all_with_checkpoint
+
+    def encode() -> list[torch.Tensor]:
+        texts = encode_all_with_checkpoint(
+            plan.checkpoint, request.dtype, request.prompts, args.negative_prompt, request.device
         )
-        check_segments(args.segments, size[0])
-        scored = _score_keeper(args, checkpoint, size[0])
-        loras = read_loras(args.lora, checkpoint.transformer_config)
-        check_run_fits(checkpoint, dtype_from_name(dtype), *size, device, args.offload == "sequential", args.fp8)
-        if performance.attention == "sage":  # refused before any work, not at the first step
-            sage_kernel(device, dtype_from_name(dtype), checkpoint.transformer_config["attention_head_dim"])
-        if spec is not None:
-            check_parallel(spec, checkpoint.transformer_config, checkpoint.vae_config, size, args.guidance, performance,
-                           device, dtype_from_name(dtype), MAX_SEQUENCE_LENGTH)
-        if identity is None and args.face is None:
-            if args.model != "tiny":
-                raise ConsisIDError("give the person as --face PHOTO or --identity FILE")
-            from .tiny import random_identity
+        return [t for text in texts for t in (text.positive, text.negative)]
 
-            logger.info("no --face or --identity: the tiny demo uses a random identity")
-            identity = random_identity(checkpoint.transformer_config)
-        if identity is not None:
-            identity.check_compatible(checkpoint.transformer_config, f"'{args.identity or 'the identity'}'")
-        if identity is None:  # under --parallel, rank 0 alone loads the face models and the T5 (from_rank0)
-            values = from_rank0(spec, lambda: _identity_tensors(_embed_photo(checkpoint, args.face, args, device)))
-            identity = Identity(values[0], tuple(values[1:-2]), values[-2], values[-1])
-
-        def encode() -> list[torch.Tensor]:
-            texts = encode_all_with_checkpoint(checkpoint, dtype_from_name(dtype), prompts, args.negative_prompt, device)
-            return [t for text in texts for t in (text.positive, text.negative)]
-
-        values = from_rank0(spec, encode)
-        texts = [TextEmbeddings(positive, negative) for positive, negative in zip(values[::2], values[1::2])]
-        frames, height, width = size
-        writes = is_writer()  # rank 0 under --parallel: the others write and show nothing
-        progress = _segment_progress(args.segments, args.steps) if writes else contextlib.nullcontext()
-        writer = FrameWriter(args.out, args.fps, args.overwrite) if writes else _Discarded()
-        with writer, progress as bar:
-            # the generator holds the only reference to the model: the transformer is released before the
-            # last segment's decode (diffusers' hook registries hold reference cycles: it collects them)
-            segments = generate_segments(
-                with_loras(checkpoint.load_model(dtype, fp8=args.fp8), loras), identity, texts, image,
-                seed=args.seed, colour_match=args.colour_match, tiling=Tiling() if args.vae_tiling else None,
-                steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
-                frames=frames, height=height, width=width, device=device, performance=performance,
-                allow_oversize=args.allow_oversize, callback=bar, parallel=spec,
-            )
-            for segment, video in enumerate(segments, 1):  # each segment's new frames, as soon as decoded
-                writer.write(video)
-                if scored is not None:
-                    scored.add(video)  # keeps only the frames the score samples
-            if scored is not None and writes:  # before the video is published: a failure leaves nothing
-                _log_scores(scored, checkpoint, identity, args.provider)
-    if writes:
-        logger.info("wrote %d frames to %s", writer.count, args.out)
+    values = from_rank0(request.spec, encode)
+    return [TextEmbeddings(positive, negative) for positive, negative in zip(values[::2], values[1::2])]
 
 
-def _identity_tensors(identity) -> list[torch.Tensor]:
-    return [identity.id_cond, *identity.id_vit_hidden, identity.kps, identity.face_image]
+def _write(args, request: _Request, plan: _Plan, identity: Identity, texts: list[TextEmbeddings]) -> int:
+    """Sample, decode and write the video, segment after segment; the frames written (0 on the
+    ranks of --parallel that write nothing: all but rank 0)."""
+    from .media import FrameWriter
+    from .parallel import is_writer
+    from .sampling import Tiling
+    from .segments import generate_segments
+
+    frames, height, width = plan.size
+    writes = is_writer()
+    progress = _segment_progress(args.segments, args.steps) if writes else contextlib.nullcontext()
+    writer = FrameWriter(args.out, args.fps, args.overwrite) if writes else _Discarded()
+    with writer, progress as bar:
+        # the generator holds the only reference to the model: the transformer is released before the
+        # last segment's decode (diffusers' hook registries hold reference cycles: it collects them)
+        segments = generate_segments(
+            with_loras(plan.checkpoint.load_model(request.dtype, fp8=args.fp8), plan.loras), identity, texts,
+            request.image, seed=args.seed, colour_match=args.colour_match,
+            tiling=Tiling() if args.vae_tiling else None, steps=args.steps, guidance_scale=args.guidance,
+            dynamic_cfg=args.dynamic_cfg, frames=frames, height=height, width=width, device=request.device,
+            performance=request.performance, allow_oversize=args.allow_oversize, callback=bar, parallel=request.spec,
+        )
+        for video in segments:  # each segment's new frames, as soon as decoded
+            writer.write(video)
+            if plan.scored is not None:
+                plan.scored.add(video)  # keeps only the frames the score samples
+        if plan.scored is not None and writes:  # before the video is published: a failure leaves nothing
+            _log_scores(plan.scored, plan.checkpoint, identity, args.provider)
+    return writer.count if writes else 0
 
 
 class _Discarded:
@@ -307,8 +406,9 @@ def _segment_progress(segments: int, steps: int) -> Iterator:
 
 
 def _score_keeper(args, checkpoint, frames: int):
-    """For `generate --score`: what keeps the sampled frames, once the face models' folder and ONNX
-    Runtime are known to be there (before any work); None without --score."""
+    """For `generate --score` of segments that decode to `frames` frames each: what keeps the
+    sampled frames, once the face models' folder and ONNX Runtime are known to be there (before any
+    work); None without --score."""
     if not args.score:
         return None
     from .face import resolve_providers
@@ -344,7 +444,8 @@ def _score(args) -> None:
     from .score import check_frames_sampled, identity_embedding, photo_embedding, sample_indices, score_frames
 
     frames_sampled = check_frames_sampled(args.frames_sampled, "--frames-sampled")
-    if args.json is not None:
+    to_stdout = args.json is not None and str(args.json) == "-"
+    if args.json is not None and not to_stdout:
         check_output(args.json, args.overwrite, suffixes=(".json",))
     identity = load_identity(args.identity) if args.identity else None
     photo = to_rgb_uint8(read_image(args.face), args.face.name) if args.face else None
@@ -361,19 +462,27 @@ def _score(args) -> None:
     logger.info("%s: %s", args.video, result.summary())
     for line in result.per_frame().splitlines():
         logger.info("  %s", line)
+    report = {"video": str(args.video), "reference": str(args.identity or args.face)} | result.as_dict()
+    if to_stdout:  # the JSON is the result: nothing else on stdout
+        print(_json(report), end="")
+        return
     if args.json is not None:
-        report = {"video": str(args.video), "reference": str(args.identity or args.face)} | result.as_dict()
         _write_json(report, args.json, args.overwrite)
         logger.info("wrote %s", args.json)
+    print(f"{result.mean:.4f}")
+
+
+def _json(data: dict) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _write_json(data: dict, out: Path, overwrite: bool) -> None:
     """`data` as JSON at `out`, whole or not at all."""
-    import json
-
     from .files import write_atomically
 
-    text = json.dumps(data, indent=2) + "\n"
+    text = _json(data)
     write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
 
 
@@ -401,6 +510,16 @@ def _terminating_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _say(args, line: str, this_rank_only: bool = False) -> None:
+    """One line on stderr. Under --parallel every rank stops for the same reason (the arguments,
+    the files and torchrun's environment are the same; a failure on rank 0 stops the others), so
+    rank 0 alone says it; a refusal only this rank makes (`RankError`) is said by the rank."""
+    from .parallel import is_writer
+
+    if getattr(args, "parallel", None) is None or is_writer() or this_rank_only:
+        sys.stderr.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -412,16 +531,16 @@ def main(argv: list[str] | None = None) -> int:
         with _terminating_cleanly():
             _COMMANDS[args.command](args)
     except ConsisIDError as e:
-        sys.stderr.write(f"error: {e}\n")
+        _say(args, f"error: {e}", isinstance(e, RankError))
         return 2
     except ImportError as e:  # an optional dependency (ONNX Runtime, SageAttention): its message says what to install
-        sys.stderr.write(f"error: {first_line(e, 10_000)}\n")
+        _say(args, f"error: {first_line(e, 10_000)}")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("cancelled: nothing was written\n")
+        _say(args, "cancelled: nothing was written")
         return 130
     except Terminated:
-        sys.stderr.write("terminated: nothing was written\n")
+        _say(args, "terminated: nothing was written")
         return 143
     except OSError as e:  # the disk filled up, a folder vanished mid-run: written files are cleaned up
         sys.stderr.write(f"error: {e.strerror or e} ({e.filename or 'while writing'}); nothing was written\n")

@@ -13,6 +13,11 @@ class IdentityError(ConsisIDError):
     """An identity (or its file) does not have the keys or shapes a checkpoint needs."""
 
 
+class RankError(ConsisIDError):
+    """A refusal that one process of a `--parallel` run makes and the others do not (its own GPU):
+    each process that makes it says it, where a refusal of every rank is said by rank 0 alone."""
+
+
 class GenerationCancelled(Exception):
     """Raised by a step callback to stop a run; models are put back and nothing is written."""
 

@@ -55,6 +55,16 @@ class Identity:
     def num_scales(self) -> int:
         return len(self.id_vit_hidden)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The identity as a flat list of tensors, to send to other processes (`--parallel`
+        broadcasts the one rank 0 made); `from_tensors` makes it again."""
+        return [self.id_cond, *self.id_vit_hidden, self.kps, self.face_image]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor]) -> Identity:
+        """The identity `tensors()` made the list of (its metadata stays behind)."""
+        return cls(tensors[0], tuple(tensors[1:-2]), tensors[-2], tensors[-1])
+
     def face_image_pil(self) -> Image.Image:
         return Image.fromarray(self.face_image.cpu().numpy())
 

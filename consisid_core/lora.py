@@ -46,6 +46,9 @@ MAX_TENSORS = 20_000
 """The released transformer has about 600 linear layers; a LoRA holds two or three tensors each."""
 MAX_METADATA_CHARACTERS = 2**20
 MAX_STRENGTH = 100.0
+MAX_SCALE = 1000.0
+"""A layer's scale (alpha / rank, alpha / √rank for rsLoRA): trained LoRAs have 0.1 to 16 or so; a
+larger one makes the run's numbers overflow, which would be found only after sampling."""
 PEFT_DEFAULT_RANK = 8
 """`peft.LoraConfig`'s `r` and `lora_alpha` when its metadata leaves them out."""
 _FIX = "use a LoRA trained for ConsisID or CogVideoX-5B-I2V, in diffusers layout"
@@ -113,7 +116,7 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     for module, (down, up, alpha, scale) in plan.items():
         if alpha is not None:
             value = check_number(f"LoRA '{shown(name)}': '{shown(alpha)}'", tensors[alpha].flatten()[0].item())
-            scale = value / shapes[down][0]
+            scale = _bounded(name, f"'{shown(alpha)}'", module, value / shapes[down][0])
         layers[module] = LoRALayer(down, tensors[down], tensors[up], scale)
     return LoRA(name, layers)
 
@@ -203,10 +206,19 @@ def _plan(name: str, shapes: Mapping[str, tuple[int, ...]], config: Mapping | No
                 raise _refuse(name, f"its metadata gives '{shown(module)}' rank {r}, its tensors have rank {rank}",
                               "save the LoRA again")
             scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            scale = _bounded(name, "its metadata's lora_alpha", module, scale)
         if ALPHA in found and math.prod(shapes[found[ALPHA]]) != 1:
             raise _refuse(name, f"'{shown(found[ALPHA])}' is not one number", "download it again")
         plan[module] = (down, up, found.get(ALPHA), scale)
     return plan
+
+
+def _bounded(name: str, source: str, module: str, scale: float) -> float:
+    """A layer's scale, refused beyond `MAX_SCALE` before any weight changes."""
+    if not abs(scale) <= MAX_SCALE:
+        raise _refuse(name, f"{source} gives '{shown(module)}' a scale of {scale:.3g} (alpha / rank), over the "
+                            f"{MAX_SCALE:g} no trained LoRA comes near", "save it again with its trained alpha")
+    return scale
 
 
 def check_fits(lora: LoRA, transformer: torch.nn.Module) -> None:

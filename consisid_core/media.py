@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConsisIDError, first_line
-from .files import publish
+from .files import publish, shown
 
 VIDEO_SUFFIXES = (".mp4",)
 MAX_IMAGE_PIXELS = 64_000_000
@@ -68,10 +68,19 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def check_output(out: str | os.PathLike, overwrite: bool = False, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Fail before any work if `out` cannot be written: a missing or read-only folder, a link, an
-    existing file (unless `overwrite`), a non-empty folder (unless `overwrite` and it holds only
-    frames written here). `suffixes` limits a file's kind (None: an .mp4 or a frames folder)."""
+    """Fail before any work if `out` cannot be written: a missing or read-only folder, a link, a
+    name the file system refuses, an existing file (unless `overwrite`), a non-empty folder (unless
+    `overwrite` and it holds only frames written here: plain files named as this module names
+    them), the current folder or one holding it. `suffixes` limits a file's kind (None: an .mp4 or
+    a frames folder)."""
     out = Path(out)
+    try:
+        return _check_output(out, overwrite, suffixes)
+    except OSError as e:  # a name longer than the file system takes, a folder that cannot be listed, …
+        raise ConsisIDError(f"cannot write '{shown(out)}' ({e.strerror or e}); choose another name") from None
+
+
+def _check_output(out: Path, overwrite: bool, suffixes: tuple[str, ...] | None) -> Path:
     if out.is_symlink():
         raise ConsisIDError(f"'{out}' is a symbolic link; give the path of a new file or folder instead")
     if not out.parent.is_dir():
@@ -84,21 +93,36 @@ def check_output(out: str | os.PathLike, overwrite: bool = False, suffixes: tupl
             raise ConsisIDError(f"cannot write '{out}': a folder of that name exists")
         if out.exists() and not overwrite:
             raise ConsisIDError(f"'{out}' already exists; give a new name, or pass --overwrite to replace it")
-    elif out.exists():
-        if not out.is_dir():
-            raise ConsisIDError(f"'{out}' already exists and is not a folder; give a new folder for PNG frames")
-        names = [p.name for p in out.iterdir()]
-        if names and not (overwrite and all(FRAME_NAME.fullmatch(n) for n in names)):
+    else:
+        # the frames folder is staged beside it and replaced whole: '.', '..' and 'x/..' cannot be
+        if out.name in ("", "..") or Path.cwd().is_relative_to(os.path.abspath(out)):
             raise ConsisIDError(
-                f"'{out}' already exists and is not empty; give a new or empty folder for PNG frames"
-                + ("" if overwrite else " (--overwrite replaces a folder of frames written here)")
+                f"'{out}' is the current folder, holds it or ends in '..'; frames are written to a folder of their "
+                "own: give a new folder's name, e.g. frames"
             )
+        if out.exists():
+            if not out.is_dir():
+                raise ConsisIDError(f"'{out}' already exists and is not a folder; give a new folder for PNG frames")
+            if not (overwrite and _holds_only_frames(out)) and any(out.iterdir()):
+                raise ConsisIDError(
+                    f"'{out}' already exists and is not empty; give a new or empty folder for PNG frames"
+                    + (" (it holds more than frames written here)" if overwrite
+                       else " (--overwrite replaces a folder of frames written here)")
+                )
     try:  # the folder's permissions, read-only mounts and pseudo file systems all answer here
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".check", dir=out.parent)
+        probe = tempfile.mkdtemp(prefix=f".{out.name[:32]}.", suffix=".check", dir=out.parent)
     except OSError as e:
         raise ConsisIDError(f"cannot write in '{out.parent}' ({e.strerror or e}); choose another folder") from None
     os.rmdir(probe)
     return out
+
+
+def _holds_only_frames(folder: Path) -> bool:
+    """True when every entry of `folder` is a plain file (no folder, no link) named as `FrameWriter`
+    names its frames: what --overwrite may delete."""
+    return all(
+        FRAME_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) for entry in os.scandir(folder)
+    )
 
 
 def write_frames(frames: torch.Tensor, out: str | os.PathLike, fps: int = 8, overwrite: bool = False) -> Path:
@@ -131,7 +155,7 @@ class FrameWriter:
         self._container = self._stream = None
 
     def __enter__(self) -> FrameWriter:
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name[:32]}.", dir=self.out.parent))
         return self
 
     def write(self, frames: torch.Tensor | np.ndarray) -> None:
@@ -179,7 +203,8 @@ class FrameWriter:
                     self._container.close()
                     self._container = None
                     publish(self._staging / self.out.name, self.out, self.overwrite)
-                else:
+                else:  # checked again: during a long run, something else may have been put there
+                    check_output(self.out, self.overwrite)
                     publish(self._staging, self.out, self.overwrite)
         finally:
             if self._container is not None:  # an error mid-video: the half-written file goes with its folder

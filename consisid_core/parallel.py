@@ -37,18 +37,24 @@ import contextlib
 import inspect
 import logging
 import os
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from . import diffusers_hooks as hooks
-from .errors import ConsisIDError
+from .checks import latent_frames
+from .errors import ConsisIDError, RankError, first_line
+from .files import shown
 
 logger = logging.getLogger(__name__)
 
 MODES = ("ulysses", "ring", "cfg")
 MAX_DEGREE = 4096
+RENDEZVOUS_SECONDS = 120
+"""How long a rank waits for the others to join (torchrun starts them together, within seconds)."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +78,14 @@ class Parallel:
         """`"ulysses=2,cfg=2"` (any of ulysses, ring, cfg; unnamed ones are 1)."""
         degrees: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in str(text).split(","))):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            if name not in MODES or name in degrees or not value.strip().isdigit():
+            name, _, value = (x.strip() for x in part.partition("="))
+            if name not in MODES or name in degrees or not re.fullmatch("[0-9]+", value):  # not '²', which isdigit
                 raise ConsisIDError(
-                    f"--parallel '{text}' is not a split: give MODE=N for each of ulysses, ring, cfg that you use, "
-                    "joined by commas (e.g. ulysses=2,cfg=2)"
+                    f"--parallel '{shown(text)}' is not a split: give MODE=N for each of ulysses, ring, cfg that you "
+                    "use, joined by commas (e.g. ulysses=2,cfg=2)"
                 )
+            if len(value) > len(str(MAX_DEGREE)):  # thousands of digits are more than int() converts
+                raise ConsisIDError(f"parallel {name}={shown(value, 20)} must be a whole number from 1 to {MAX_DEGREE}")
             degrees[name] = int(value)
         if not degrees:
             raise ConsisIDError("--parallel is empty: give e.g. ulysses=2, ring=2, cfg=2 or ulysses=2,cfg=2")
@@ -97,26 +104,43 @@ class Parallel:
         return ",".join(f"{m}={getattr(self, m)}" for m in MODES if getattr(self, m) > 1) or "none"
 
 
+_OUTSIDE_TORCHRUN = (
+    "--parallel needs one process per rank, started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, "
+    "MASTER_ADDR and MASTER_PORT): torchrun --nproc-per-node N -m consisid_core generate … --parallel … "
+    "(N = the product of the degrees)"
+)
+
+
 def launched() -> tuple[int, int, int]:
     """(rank, world size, local rank) that torchrun gave this process; refused outside torchrun."""
     try:
-        return tuple(int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        rank, world_size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except (KeyError, ValueError):
-        raise ConsisIDError(
-            "--parallel needs one process per rank, started by torchrun: torchrun --nproc-per-node N "
-            "-m consisid_core generate … --parallel … (N = the product of the degrees)"
-        ) from None
+        raise ConsisIDError(_OUTSIDE_TORCHRUN) from None
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise ConsisIDError(_OUTSIDE_TORCHRUN)
+    return rank, world_size, local_rank
+
+
+def meeting_point() -> str:
+    """Where the ranks meet, `MASTER_ADDR:MASTER_PORT` (rank 0's address, torchrun sets it); refused
+    when it is not given, before torch would fail on it."""
+    address, port = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
+    if not address or not re.fullmatch("[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ConsisIDError(_OUTSIDE_TORCHRUN)
+    return f"{shown(address)}:{port}"
 
 
 def is_writer() -> bool:
     """True on the process that writes results and logs progress: rank 0, or a plain run."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> torch.device:
     """This rank's device, `cuda:LOCAL_RANK` (or the CPU); refused outside torchrun or when torchrun
     started another number of processes than `spec` splits into."""
     _, _, local_rank = launched()
+    meeting_point()
     check_world_size(spec)
     if device.type == "cpu":
         return device
@@ -127,7 +151,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
             f"--device {device} with --parallel: each rank runs on cuda:LOCAL_RANK; give --device cuda (or auto)"
         )
     if local_rank >= torch.cuda.device_count():
-        raise ConsisIDError(
+        raise RankError(
             f"local rank {local_rank} has no GPU of its own: torch sees {torch.cuda.device_count()}; start at most "
             "that many processes per machine (--nproc-per-node)"
         )
@@ -137,8 +161,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
 def video_tokens(transformer_config: Mapping, vae_config: Mapping, frames: int, height: int, width: int) -> int:
     """Tokens of one video in the transformer: latent frames × patches per frame."""
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
-    latent_frames = (frames - 1) // vae_config["temporal_compression_ratio"] + 1
-    return latent_frames * (height // scale) * (width // scale)
+    return latent_frames(frames, vae_config["temporal_compression_ratio"]) * (height // scale) * (width // scale)
 
 
 def check_world_size(spec: Parallel) -> None:
@@ -239,14 +262,35 @@ def start(device: torch.device) -> bool:
     False when it was joined already."""
     import torch.distributed as dist
 
-    launched()
+    _, world_size, _ = launched()
     if dist.is_initialized():
         return False
+    where = meeting_point()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group(backend="cpu:gloo")
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+    # torch waits for the other ranks inside C++, where no signal handler runs: the wait has a thread
+    # of its own (a daemon, left behind if they never come), and this one waits for that thread, a
+    # wait that SIGINT and SIGTERM interrupt. (torch's own timeout is the process group's, which
+    # bounds every later collective too, so it stays torch's default.)
+    failed: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend)
+        except Exception as e:  # noqa: BLE001 - torch's store and backends fail in many ways; said in one line
+            failed.append(e)
+
+    waiting = threading.Thread(target=join, name="consisid-rendezvous", daemon=True)
+    waiting.start()
+    waiting.join(RENDEZVOUS_SECONDS)
+    fix = f"start them together with torchrun --nproc-per-node {world_size} (× --nnodes), each with the same arguments"
+    if waiting.is_alive():
+        raise ConsisIDError(
+            f"the {world_size} processes of --parallel did not all meet at {where} within {RENDEZVOUS_SECONDS} s: {fix}"
+        )
+    if failed:
+        raise ConsisIDError(f"the processes of --parallel could not meet at {where} ({first_line(failed[0])}): {fix}")
     return True
 
 

@@ -759,3 +759,72 @@ def test_damaged_onnx_models(faces, fname, damage):
 def test_onnx_models_swapped(faces, fname, other, task, found):
     (faces / fname).write_bytes((faces / other).read_bytes())
     _face_refused(faces, rf"should be the antelopev2 {task} model, insightface reads it as {found}")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20: weights that diffusers would load into a broken model, said as what they are
+
+
+@pytest.mark.parametrize("dtype,named", [(torch.int32, "I32"), (torch.int8, "I8"), (torch.bool, "BOOL")])
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder"])
+def test_integer_weights_are_refused_at_load(ckpt, component, dtype, named):
+    """diffusers and transformers cast them to the model's floats: a model of meaningless weights,
+    which overflowed after sampling and was blamed on fp16."""
+    path = ckpt / component / WEIGHT_FILES[component]
+    state = load_file(path)
+    key = sorted(k for k, v in state.items() if v.ndim >= 2)[0]
+    state[key] = state[key].round().to(dtype)
+    _save(state, path)
+    checkpoint = Checkpoint.open(ckpt)
+    refused(CheckpointError, rf"'{_re(path)}': '{_re(key)}' holds {named} values, where a model's weights are floats: "
+            r"the file is not the model's weights .*; use the checkpoint's original file",
+            lambda: _load_component(checkpoint, component), ckpt)
+
+
+@pytest.mark.parametrize("load", [load_transformer_file, load_vae_file], ids=["transformer", "vae"])
+def test_integer_weights_in_a_single_file(ckpt, load):
+    component = "transformer" if load is load_transformer_file else "vae"
+    path = ckpt / component / WEIGHTS
+    state = load_file(path)
+    key = sorted(state)[0]
+    state[key] = state[key].to(torch.int32)
+    _save(state, path)
+    refused(CheckpointError, rf"'{_re(key)}' holds I32 values", lambda: load(path, "fp32"), ckpt)
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae"])
+def test_a_weight_of_another_shape_than_the_config_names_it(ckpt, component):
+    """diffusers' own message suggests `low_cpu_mem_usage=False` and `ignore_mismatched_sizes=True`,
+    which would load random weights in its place and cannot be passed here anyway."""
+    path = ckpt / component / WEIGHTS
+    state = load_file(path)
+    key = sorted(k for k, v in state.items() if v.ndim >= 2)[0]
+    expected = list(state[key].shape)
+    found = [expected[0] + 1, *expected[1:]]
+    state[key] = torch.zeros(found)
+    _save(state, path)
+    checkpoint = Checkpoint.open(ckpt)
+    message = refused(
+        CheckpointError,
+        rf"'{_re(ckpt / component)}' does not load as a \w+: its weight '{_re(key)}' is {_re(found)} in the files, the "
+        rf"folder's config.json makes it {_re(expected)}: the weights and config.json come from different models; "
+        "download the folder again",
+        lambda: _load_component(checkpoint, component), ckpt,
+    )
+    assert "ignore_mismatched_sizes" not in message
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"", random.Random(3).randbytes(2048)],
+                         ids=["text", "empty", "random"])
+def test_a_damaged_tokenizer_is_not_a_missing_tiktoken(ckpt, content, capfd):
+    """transformers falls back to other formats on a damaged spiece.model and ends with
+    "pip install tiktoken", which would not help."""
+    (ckpt / "tokenizer" / "spiece.model").write_bytes(content)
+    checkpoint = Checkpoint.open(ckpt)
+    message = refused(
+        CheckpointError,
+        rf"'{_re(ckpt / 'tokenizer')}' is not a valid T5 tokenizer: it needs T5's SentencePiece model, spiece.model, "
+        r"and its spiece.model does not read as one \(.*\); download the checkpoint's tokenizer folder again",
+        lambda: checkpoint.load_text_encoder("fp32"), ckpt,
+    )
+    assert "tiktoken" not in message and "tiktoken" not in capfd.readouterr().err

@@ -3,6 +3,7 @@ one line naming the value and the fix, before any weights load, writing nothing;
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.identity import save_identity
 from consisid_core.media import write_frames
 from consisid_core.tiny import random_identity
+from process_tools import signal_when
 
 
 @pytest.fixture
@@ -177,15 +179,6 @@ def test_a_run_out_of_memory_is_refused_before_loading(tiny_dir, identity_file, 
     assert "memory available: lower the frame count or the size" in err
 
 
-def _wait_for(predicate, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "cancelled")])
 def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path, sig, code, line):
@@ -199,14 +192,14 @@ def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path,
          "--steps", "1000", "--out", str(out_dir / "v.mp4")],
         env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True,
     )
-    try:
-        started = _wait_for(lambda: any((p / "checkpoint").is_dir() for p in temp.glob("consisid-tiny-*")), 240)
-        assert started, "the tiny checkpoint never appeared"
-        time.sleep(2)  # into the run
-        process.send_signal(sig)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
+
+    def into_the_run() -> bool:
+        if not any((p / "checkpoint").is_dir() for p in temp.glob("consisid-tiny-*")):
+            return False
+        time.sleep(2)  # the tiny checkpoint is there: into the run
+        return True
+
+    _, err = signal_when(process, into_the_run, sig, "the tiny checkpoint")
     assert process.returncode == code, err
     assert err.splitlines()[-1] == f"{line}: nothing was written"
     # ONNX Runtime writes a session id (.ses) at import and torch keeps a compile cache: not ours
@@ -268,3 +261,237 @@ def test_malformed_command_lines_get_one_line_too(capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "--help" in err
+
+
+# --- the last rough edges found by attack (issue 20) ---------------------------------------------
+
+
+def _generate_args(tiny_dir, identity_file, *extra) -> list[str]:
+    return ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "hi", "--steps", "1",
+            "--frames", "5", *extra]
+
+
+def test_overwrite_deletes_only_plain_frame_files(tiny_dir, identity_file, tmp_path, capsys, no_weights_load, sentinels):
+    """A folder or a link named like a frame is not a frame written here: --overwrite refuses the
+    folder before any work, and what it holds stays, unread."""
+    hidden = tmp_path / "ow" / "hidden"
+    (hidden / "frame_00009.png").mkdir(parents=True)
+    (hidden / "frame_00009.png" / "precious.txt").write_text("mine")
+    (hidden / "frame_00000.png").write_bytes(b"an old frame")
+    args = _generate_args(tiny_dir, identity_file, "--out", str(hidden), "--overwrite")
+    _refused(capsys, args, "already exists and is not empty; give a new or empty folder for PNG frames (it holds more")
+    assert (hidden / "frame_00009.png" / "precious.txt").read_text() == "mine"
+    shutil.rmtree(hidden / "frame_00009.png")
+    (hidden / "frame_00001.png").symlink_to(sentinels.make("someone-elses.png"))
+    _refused(capsys, args, "it holds more than frames written here")
+    assert sorted(p.name for p in hidden.iterdir()) == ["frame_00000.png", "frame_00001.png"]
+    assert sorted(p.name for p in (tmp_path / "ow").iterdir()) == ["hidden"]
+
+
+@pytest.mark.parametrize("frames_in_folder", [False, True], ids=["empty", "frames"])
+def test_out_the_current_folder_is_refused_up_front(
+    tiny_dir, identity_file, tmp_path, capsys, monkeypatch, no_weights_load, frames_in_folder
+):
+    """`--out .` would stage the frames inside the folder it replaces; `--out . --overwrite` in a
+    folder of frames failed after the whole run with a traceback."""
+    here = tmp_path / "here"
+    (here / "sub").mkdir(parents=True)
+    if frames_in_folder:
+        for i in range(3):
+            (here / f"frame_{i:05d}.png").write_bytes(b"frame")
+    monkeypatch.chdir(here)
+    before = sorted(p.name for p in here.iterdir())
+    for out in (".", "..", "sub/.."):
+        _refused(capsys, _generate_args(tiny_dir, identity_file, "--out", out, "--overwrite"), "is the current folder")
+    _refused(capsys, _generate_args(tiny_dir, identity_file, "--out", "."), "is the current folder")
+    assert sorted(p.name for p in here.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "me.safetensors"]
+
+
+def test_a_name_longer_than_the_file_system_takes(tiny_dir, identity_file, tmp_path, capsys, no_weights_load):
+    long = tmp_path / ("n" * 300 + ".json")
+    args = ["score", "--model", str(tiny_dir), "--identity", str(identity_file), "--video", str(tmp_path / "v.mp4"),
+            "--json", str(long)]
+    err = _refused(capsys, args, "File name too long); choose another name")
+    assert len(err) < 400
+    _refused(capsys, _generate_args(tiny_dir, identity_file, "--out", str(tmp_path / ("v" * 300 + ".mp4"))),
+             "File name too long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,frames", [(["--frames", "5"], 8), (["--frames", "13"], 16),
+                                         (["--frames", "5", "--segments", "2"], 15)])
+def test_score_of_frame_counts_that_decode_to_more_frames(tiny_dir, identity_file, tmp_path, capsys, extra, frames):
+    """An even latent frame count (5, 13 frames) decodes to more frames than asked, as in diffusers:
+    --score scores the video as written, and the video is kept."""
+    import av
+
+    out = tmp_path / "x.mp4"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "hi", "--steps", "1",
+            "--score", "--out", str(out), *extra]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{out}\n"
+    assert f"sampled frames of {frames}" in captured.err, captured.err
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == frames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors", "x.mp4"]
+
+
+@pytest.mark.parametrize(
+    "split,message",
+    [
+        ("ulysses=" + "9" * 5000, "parallel ulysses=99999999999999999999… must be a whole number from 1 to 4096"),
+        ("ulysses=²", "--parallel 'ulysses=²' is not a split"),
+        ("ulysses=2\x1b[31m", "--parallel 'ulysses=2\\x1b[31m' is not a split"),
+        ("cfg=2\x07", "--parallel 'cfg=2\\x07' is not a split"),
+    ],
+    ids=["5000-digits", "superscript", "escape-sequence", "bell"],
+)
+def test_parallel_splits_of_odd_characters(tiny_dir, identity_file, tmp_path, capsys, no_weights_load, split, message):
+    out = tmp_path / "v.mp4"
+    err = _refused(capsys, _generate_args(tiny_dir, identity_file, "--parallel", split, "--out", str(out)), message)
+    assert "\x1b" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+@pytest.fixture
+def rank0_of_two(monkeypatch):
+    """torchrun's environment for rank 0 of 2, on a port nothing listens on (no other rank comes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
+def test_parallel_without_the_address_of_rank_0(tiny_dir, identity_file, tmp_path, capsys, monkeypatch, rank0_of_two,
+                                                no_weights_load, missing):
+    monkeypatch.delenv(missing)
+    out = tmp_path / "v.mp4"
+    err = _refused(capsys, _generate_args(tiny_dir, identity_file, "--parallel", "cfg=2", "--out", str(out)),
+                   "--parallel needs one process per rank, started by torchrun")
+    assert "MASTER_ADDR" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+@pytest.mark.slow
+def test_parallel_ranks_that_never_meet_time_out(tiny_dir, identity_file, tmp_path, rank0_of_two):
+    """Rank 0 waited for a second rank forever; now for `RENDEZVOUS_SECONDS` (2 here, in a process
+    of its own: torch's wait stays behind in a thread until the process ends)."""
+    out = tmp_path / "v.mp4"
+    args = _generate_args(tiny_dir, identity_file, "--parallel", "cfg=2", "--out", str(out))
+    code = f"from consisid_core import cli, parallel; parallel.RENDEZVOUS_SECONDS = 2; raise SystemExit(cli.main({args!r}))"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **rank0_of_two})
+    assert time.monotonic() - started < 120
+    assert done.returncode == 2 and done.stdout == ""
+    port = rank0_of_two["MASTER_PORT"]
+    assert done.stderr.splitlines()[-1] == (
+        f"error: the 2 processes of --parallel did not all meet at 127.0.0.1:{port} within 2 s: start them together "
+        "with torchrun --nproc-per-node 2 (× --nnodes), each with the same arguments"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_the_other_ranks(tiny_dir, identity_file, tmp_path, rank0_of_two):
+    """torch waits for the other ranks inside C++, where Python's signal handlers never ran: SIGTERM
+    was ignored until SIGKILL. Now it stops the wait at once, with one line."""
+    import socket
+
+    out = tmp_path / "v.mp4"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consisid_core", *_generate_args(tiny_dir, identity_file, "--parallel", "cfg=2",
+                                                                "--out", str(out))],
+        env={**os.environ, **rank0_of_two}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def listening() -> bool:  # rank 0 serves the rendezvous on MASTER_PORT once it waits there
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", int(rank0_of_two["MASTER_PORT"]))) == 0
+
+    stdout, err = signal_when(process, listening, signal.SIGTERM, "rank 0 waiting for the others")
+    assert process.returncode == 143, err
+    assert err.splitlines()[-1] == "terminated: nothing was written" and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+def _lora(tmp_path, tiny_model, how: str) -> Path:
+    """A LoRA of one layer with an absurd alpha: 1e300 in its adapter metadata (diffusers' trainers),
+    or 1e7 (below the bound on any tensor's values) as a kohya-style `.alpha` tensor."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_features, in_features = tiny_model.transformer.transformer_blocks[0].attn1.to_q.weight.shape
+    key = "transformer.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{key}.lora_A.weight": torch.randn(4, in_features), f"{key}.lora_B.weight": torch.randn(out_features, 4)}
+    metadata = None
+    if how == "metadata":
+        config = {"transformer.r": 4, "transformer.lora_alpha": 1e300, "transformer.target_modules": ["to_q"]}
+        metadata = {"lora_adapter_metadata": json.dumps(config)}
+    else:
+        tensors[f"{key}.alpha"] = torch.tensor(1e7)
+    path = tmp_path / f"huge-{how}.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("how,source,scale", [("metadata", "its metadata's lora_alpha", "2.5e+299"),
+                                              ("tensor", "'transformer.transformer_blocks.0.attn1.to_q.alpha'", "2.5e+06")])
+def test_a_lora_alpha_that_would_overflow_the_run(tiny_dir, tiny_model, identity_file, tmp_path, capsys, how, source,
+                                                  scale):
+    """Blamed on fp16 after sampling, even in fp32; now refused when the LoRA is read, before any
+    weights load (against a transformer built on the meta device), naming the LoRA."""
+    lora = _lora(tmp_path, tiny_model, how)
+    out = tmp_path / "v.mp4"
+    _refused(capsys, _generate_args(tiny_dir, identity_file, "--lora", str(lora), "--out", str(out)),
+             f"LoRA 'huge-{how}.safetensors': {source} gives 'transformer_blocks.0.attn1.to_q' a scale of {scale} "
+             "(alpha / rank), over the 1000 no trained LoRA comes near")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lora.name, "me.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["guidance", "no-face"])
+def test_a_refusal_under_torchrun_is_one_line_from_rank_0(tiny_dir, identity_file, tmp_path, case):
+    """Every rank refuses the same arguments (guidance 1 with cfg=2: before the ranks meet; a photo
+    without a face: rank 0 finds none, the others stop with it): one line, from rank 0. torchrun's
+    own report of a process that exited non-zero follows it, as for any failed worker (it cannot be
+    avoided from the worker: torchrun reports every non-zero exit); `--log-dir /dev/null` keeps its
+    log folder (torchelastic_* in TMPDIR, made on every run) from being left behind."""
+    from PIL import Image
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "v.mp4"
+    who = ["--identity", str(identity_file), "--guidance", "1"]
+    if case == "no-face":
+        dark = tmp_path / "dark.png"
+        Image.new("RGB", (200, 160), (10, 10, 10)).save(dark)
+        who = ["--face", str(dark)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--log-dir", os.devnull,
+         "-m", "consisid_core", "generate", "--model", str(tiny_dir), "--prompt", "hi", "--steps", "1", *who,
+         "--parallel", "cfg=2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    message = {"guidance": "error: --parallel cfg=2 splits the guided batch, but guidance 1.0 (1 or less) turns",
+               "no-face": "error: no face found in dark.png"}[case]
+    assert len(ours) == 1 and ours[0].startswith(message), done.stderr
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # ONNX Runtime's session id (.ses) and torch's compile cache are not ours, nor torchrun's
+    assert [p.name for p in temp.iterdir() if p.name != ".ses" and not p.name.startswith("torchinductor_")] == []

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -56,14 +57,56 @@ def test_generate_mp4(tiny_dir, identity_file, tmp_path):
 
 @pytest.mark.slow
 def test_readme_demo_runs_as_a_module(tmp_path):
+    """The README's demo command, run as a module in a process of its own (fewer steps): an H.264
+    .mp4 of the tiny checkpoint's native 9 frames at 96×64, moving, with its path on stdout."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    demo = '-m consisid_core generate --model tiny --prompt "a woman smiling in a sunny park" --steps 20 --out demo.mp4'
+    assert demo in readme
     out = tmp_path / "demo.mp4"
     result = subprocess.run(
-        [sys.executable, "-m", "consisid_core", "generate", "--model", "tiny", "--prompt", "a woman smiling",
-         "--steps", "2", "--out", str(out)],
+        [sys.executable, "-m", "consisid_core", "generate", "--model", "tiny", "--prompt",
+         "a woman smiling in a sunny park", "--steps", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert out.stat().st_size > 0
+    assert result.stdout == f"{out}\n"
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+    assert frames.shape == (9, 64, 96, 3)
+    assert np.abs(np.diff(frames.astype(int), axis=0)).mean() > 1  # frames that differ: a video, not a still
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.mp4"]
+
+
+@pytest.mark.slow
+def test_results_go_to_stdout_and_logs_to_stderr(tiny_dir, photo, tmp_path):
+    """Each command's result on stdout, so that it can be piped (embed and generate: the path
+    written; score: the figure, or with `--json -` the JSON alone); logs and progress on stderr."""
+    import json
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "consisid_core", *args], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    identity = tmp_path / "me.safetensors"
+    embedded = run("embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(identity))
+    assert embedded.stdout == f"{identity}\n" and f"wrote {identity}" in embedded.stderr
+    video = tmp_path / "v.mp4"
+    made = run("generate", "--model", str(tiny_dir), "--identity", str(identity), "--prompt", "x", "--steps", "1",
+               "--out", str(video))
+    assert made.stdout == f"{video}\n" and f"wrote 9 frames to {video}" in made.stderr and "step" in made.stderr
+    common = ["score", "--model", str(tiny_dir), "--identity", str(identity), "--video", str(video)]
+    scored = run(*common)
+    figure = scored.stdout.strip()
+    assert scored.stdout == f"{figure}\n" and f"FaceSim-Arc {figure} (mean of" in scored.stderr
+    as_json = run(*common, "--json", "-")
+    report = json.loads(as_json.stdout)
+    assert f"{report['facesim_arc']:.4f}" == figure and report["video_frames"] == 9
+    assert len(report["frames"]) == 16 and "FaceSim-Arc" in as_json.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["astronaut.png", "me.safetensors", "v.mp4"]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,17 @@ def real_sized():
     return random_identity(CONFIG, seed=3, face_size=512)
 
 
+def test_tensors_round_trip_for_other_processes(real_sized):
+    """What --parallel broadcasts from rank 0: a flat list of tensors, the same identity again."""
+    tensors = real_sized.tensors()
+    assert len(tensors) == 1 + 5 + 2 and all(isinstance(t, torch.Tensor) for t in tensors)
+    back = Identity.from_tensors([t.clone() for t in tensors])
+    assert torch.equal(back.id_cond, real_sized.id_cond) and torch.equal(back.kps, real_sized.kps)
+    assert back.num_scales == 5
+    assert all(torch.equal(a, b) for a, b in zip(back.id_vit_hidden, real_sized.id_vit_hidden))
+    assert torch.equal(back.face_image, real_sized.face_image)
+
+
 def test_round_trip_keeps_every_tensor_and_the_metadata(real_sized, tmp_path):
     path = save_identity(real_sized, tmp_path / "me.safetensors")
     keys = set(load_file(path))

@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -20,6 +19,7 @@ from consisid_core.segments import (
     MAX_SEGMENTS, ColourReference, check_segments, generate_segments, segment_prompts, segment_seed,
 )
 from consisid_core.tiny import random_identity
+from process_tools import signal_when
 
 F = 9  # the tiny checkpoint's native frame count
 
@@ -144,15 +144,6 @@ def test_cancel_in_segment_2_leaves_nothing_at_out(tiny_model, identity, text, t
     assert list(tmp_path.iterdir()) == []  # nothing at out, no staging folder
 
 
-def _wait_for(condition, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.slow
 def test_sigint_in_a_later_segment_leaves_nothing_at_out(tiny_dir, identity_file, tmp_path):
     out = tmp_path / "out"
@@ -163,15 +154,11 @@ def test_sigint_in_a_later_segment_leaves_nothing_at_out(tiny_dir, identity_file
          "--out", str(out / "frames")],
         stderr=subprocess.PIPE, text=True,
     )
-    try:
-        def first_segment_written() -> bool:  # its frames are in the staging folder beside --out
-            return any(len(list(p.glob("frame_*.png"))) >= F for p in out.glob(".frames.*"))
 
-        assert _wait_for(first_segment_written, 240), "segment 1 was never written"
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
+    def first_segment_written() -> bool:  # its frames are in the staging folder beside --out
+        return any(len(list(p.glob("frame_*.png"))) >= F for p in out.glob(".frames.*"))
+
+    _, err = signal_when(process, first_segment_written, signal.SIGINT, "segment 1 written")
     assert process.returncode == 130, err
     assert err.splitlines()[-1] == "cancelled: nothing was written"
     assert list(out.iterdir()) == []

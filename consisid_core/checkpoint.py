@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
+from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
 from .files import shown
 
@@ -234,8 +235,6 @@ class Checkpoint:
     def load_vae(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
         from diffusers import AutoencoderKLCogVideoX
 
-        from .decoder import speed_up_decoder
-
         return speed_up_decoder(_from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype)))
 
     @property
@@ -254,18 +253,20 @@ class Checkpoint:
             for shape in read_safetensors_shapes(path).values()
         )
 
-    def load_text_encoder(self, dtype: str | torch.dtype = "bf16"):
-        """The checkpoint's own T5 and tokenizer, as a `text.TextEncoder`."""
-        from transformers import T5EncoderModel, T5Tokenizer
-
-        from .text import TextEncoder
+    def load_tokenizer(self):
+        """The checkpoint's T5 tokenizer."""
+        from transformers import T5Tokenizer
 
         try:
-            tokenizer = T5Tokenizer.from_pretrained(self.root / "tokenizer", local_files_only=True)
+            return T5Tokenizer.from_pretrained(self.root / "tokenizer", local_files_only=True)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"the tokenizer in '{self.root / 'tokenizer'}' does not load ({e})") from None
-        model = _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
-        return TextEncoder(tokenizer, model)
+
+    def load_text_model(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
+        """The checkpoint's T5 encoder (`text.load_text_encoder` pairs it with its tokenizer)."""
+        from transformers import T5EncoderModel
+
+        return _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
 
     def load_model(
         self,
@@ -685,8 +686,6 @@ def load_vae_file(
     `config` as for `load_transformer_file`; None infers it from the weights' shapes.
     """
     from diffusers import AutoencoderKLCogVideoX
-
-    from .decoder import speed_up_decoder
 
     path = Path(path)
     shapes = read_safetensors_shapes(path)

@@ -187,9 +187,10 @@ def _generate(args) -> None:
     from .checkpoint import Checkpoint, dtype_from_name
     from .identity import Identity, load_identity
     from .media import FrameWriter, check_output, read_image
-    from .parallel import Parallel, check as check_parallel, from_rank0, is_writer, rank_device, session
+    from .parallel import Parallel, check_parallel, from_rank0, is_writer, rank_device, session
     from .performance import Performance, sage_kernel
-    from .sampling import MAX_GUIDANCE, Tiling, check_run_fits, resolve_size
+    from .decoder import Tiling
+    from .sampling import MAX_GUIDANCE, check_run_fits, resolve_size
     from .segments import check_segments, generate_segments, segment_prompts
     from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_all_with_checkpoint
 

@@ -171,6 +171,48 @@ def hooked(pairs: list[tuple[torch.nn.Module, object]]) -> Iterator[None]:
             module._diffusers_hook.remove_hook(NAME, recurse=False)
 
 
+class _AttentionKernel(torch.overrides.TorchFunctionMode):
+    """Inside an attention module's forward, sends its unmasked `scaled_dot_product_attention`
+    ([batch, heads, tokens, head size]) to `kernel`; any other call runs as it was."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            call = _sdpa_arguments(*args, **kwargs)
+            if (
+                call["attn_mask"] is None
+                and call["dropout_p"] == 0
+                and not call["is_causal"]
+                and not call["enable_gqa"]
+            ):
+                return self.kernel(
+                    call["query"], call["key"], call["value"], tensor_layout="HND", is_causal=False, sm_scale=call["scale"]
+                )
+        return func(*args, **kwargs)
+
+
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return locals()
+
+
+def attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
+    """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
+    class KernelAttention(hook_base()):
+        def __init__(self):
+            super().__init__()
+            self.mode = _AttentionKernel(kernel)
+
+        def new_forward(self, module, *args, **kwargs):
+            with self.mode:
+                return original_forward(self, *args, **kwargs)
+
+    return [(block.attn1, KernelAttention()) for block in transformer.transformer_blocks]
+
+
 def remove_group_offloading(module: torch.nn.Module) -> None:
     """Take off what `diffusers.hooks.apply_group_offloading` put on `module` and its children."""
     from diffusers.hooks import group_offloading

@@ -22,17 +22,14 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import ConsisIDModel
 from .checks import check_number, check_tensors
 from .errors import ConsisIDError, first_line
 from .files import shown
-
-if TYPE_CHECKING:
-    from .checkpoint import ConsisIDModel
 
 PREFIXES = ("transformer.", "diffusion_model.")
 """diffusers' key prefix for the transformer's layers, and ComfyUI's."""
@@ -209,7 +206,7 @@ def _plan(name: str, shapes: Mapping[str, tuple[int, ...]], config: Mapping | No
     return plan
 
 
-def check_fits(lora: LoRA, transformer: torch.nn.Module) -> None:
+def check_lora_fits(lora: LoRA, transformer: torch.nn.Module) -> None:
     """Refuse a LoRA with a layer this transformer does not have (as a linear layer of that shape)."""
     fitting = 0
     problem = None
@@ -245,7 +242,7 @@ def with_loras(model: ConsisIDModel, loras: Iterable[tuple[LoRA, float]]) -> Con
     sharing the same modules, whose weights change only while a run merges them (`merged`)."""
     added = tuple((lora, check_strength(strength)) for lora, strength in loras)
     for lora, _ in added:
-        check_fits(lora, model.transformer)
+        check_lora_fits(lora, model.transformer)
     return dataclasses.replace(model, loras=(*model.loras, *added))
 
 
@@ -271,7 +268,7 @@ def read_loras(arguments: Sequence[tuple[Path, float]], transformer_config: Mapp
         skeleton = ConsisIDTransformer3DModel.from_config(dict(transformer_config))
     loras = tuple((read_lora(path), check_strength(strength)) for path, strength in arguments)
     for lora, _ in loras:
-        check_fits(lora, skeleton)
+        check_lora_fits(lora, skeleton)
     return loras
 
 
@@ -281,7 +278,7 @@ def merged(transformer: torch.nn.Module, loras: Stack, device: torch.device | st
     in float32 on `device`, stored where and as W is: fp8 storage too); after it, whatever happens,
     the original tensors are back. Every LoRA is checked before any weight changes."""
     for lora, _ in loras:
-        check_fits(lora, transformer)
+        check_lora_fits(lora, transformer)
     updates: dict[str, list[tuple[LoRALayer, float]]] = {}
     for lora, strength in loras:
         for module, layer in lora.layers.items():

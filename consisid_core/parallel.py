@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from . import diffusers_hooks as hooks
+from .checks import latent_frames
+from .decoder import spatial_scale
 from .errors import ConsisIDError
 
 logger = logging.getLogger(__name__)
@@ -136,9 +138,8 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
 
 def video_tokens(transformer_config: Mapping, vae_config: Mapping, frames: int, height: int, width: int) -> int:
     """Tokens of one video in the transformer: latent frames × patches per frame."""
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
-    latent_frames = (frames - 1) // vae_config["temporal_compression_ratio"] + 1
-    return latent_frames * (height // scale) * (width // scale)
+    scale = spatial_scale(vae_config) * transformer_config["patch_size"]
+    return latent_frames(frames, vae_config["temporal_compression_ratio"]) * (height // scale) * (width // scale)
 
 
 def check_world_size(spec: Parallel) -> None:
@@ -150,7 +151,7 @@ def check_world_size(spec: Parallel) -> None:
         )
 
 
-def check(
+def check_parallel(
     spec: Parallel,
     transformer_config: Mapping,
     vae_config: Mapping,
@@ -379,14 +380,12 @@ def _attention(api, config, spec: Parallel, device: torch.device):
 
 
 @contextlib.contextmanager
-def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: torch.dtype) -> Iterator[None]:
+def split_over_ranks(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: torch.dtype) -> Iterator[None]:
     """Split the transformer's forwards over the ranks as `spec` says, for the block; all undone
     after, whatever happens (the model never keeps it). `dtype`: the model's compute dtype."""
     if spec is None:
         yield
         return
-    from .performance import attention_hooks
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     start(device)
     import torch.distributed as dist
@@ -410,7 +409,7 @@ def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: 
             cp = api.ContextParallelConfig(ring_degree=spec.ring, ulysses_degree=spec.ulysses)
             config = api.ParallelConfig(context_parallel_config=cp)
             config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh["ring", "ulysses"])
-            pairs += attention_hooks(transformer, _attention(api, config, spec, device))
+            pairs += hooks.attention_hooks(transformer, _attention(api, config, spec, device))
             layout = plan(transformer)
             api.apply(transformer, cp, layout)
             stack.callback(api.remove, transformer, layout)

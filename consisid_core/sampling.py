@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -21,9 +20,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import Checkpoint, ConsisIDModel
-from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors
+from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors, latent_frames
+from .decoder import Tiling, spatial_scale, vae_options
 from .errors import ConsisIDError
-from .decoder import vae_options
 from .identity import Identity
 from .lora import merged
 from .memory import (
@@ -35,10 +34,9 @@ from .memory import (
     module_bytes,
     placed,
     sampling_memory,
-    spatial_scale,
     text_encoder_memory,
 )
-from .parallel import Parallel, applied as split_over_ranks, check as check_parallel
+from .parallel import Parallel, check_parallel, split_over_ranks
 from .performance import Performance, StepCacheStats, applied
 from .text import TextEmbeddings, encode_with_checkpoint
 
@@ -69,7 +67,7 @@ def resolve_size(
     height = native_height if height is None else check_number("height", height, integer=True)
     width = native_width if width is None else check_number("width", width, integer=True)
     frames, height, width = int(frames), int(height), int(width)
-    multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
+    multiple = spatial_scale(vae_config) * transformer_config["patch_size"]
     for name, value, native in (("height", height, native_height), ("width", width, native_width)):
         if value <= 0 or value % multiple:
             raise ConsisIDError(
@@ -90,7 +88,7 @@ def resolve_size(
 
 def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
     """(frames, height, width) the checkpoint was made for: (49, 480, 720) for the real one."""
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale = spatial_scale(vae_config)
     c = transformer_config
     return c["sample_frames"], c["sample_height"] * scale, c["sample_width"] * scale
 
@@ -212,11 +210,11 @@ def sample(
             frames, width, height, *native_size(model.config, model.vae.config),
         )
     t = model.vae.config["temporal_compression_ratio"]
-    if ((frames - 1) // t + 1) % 2 == 0:
+    if latent_frames(frames, t) % 2 == 0:
         logger.warning(
             "%d frames are %d latent frames, an even number: the CogVideoX VAE decodes them to more frames than "
             "asked (as diffusers' pipeline does); %d·k + 1 frames (%d, %d, …) decode to exactly as many",
-            frames, (frames - 1) // t + 1, 2 * t, 2 * t + 1, 4 * t + 1,
+            frames, latent_frames(frames, t), 2 * t, 2 * t + 1, 4 * t + 1,
         )
     check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
     frame = first_frame(image, identity)
@@ -285,73 +283,6 @@ def check_sampling_fits(
     )
 
 
-@dataclass(frozen=True)
-class Tiling:
-    """Decode in overlapping spatial tiles (pixels): less memory at large sizes, seams blended.
-
-    The defaults are diffusers' for CogVideoX at 480x720: 240x360 tiles overlapping 40 and 72 px.
-    """
-
-    tile_height: int = 240
-    tile_width: int = 360
-    overlap_height: int = 40
-    overlap_width: int = 72
-
-    @classmethod
-    def halves(cls, height: int, width: int, scale: int = 8) -> Tiling:
-        """Tiles a little over half the frame each way (2×2 tiles for a frame of height × width px),
-        overlapping by the nearest amount that diffusers' tiled decode steps exactly."""
-
-        def tile(size: int) -> tuple[int, int]:
-            wanted = scale if size <= 16 * scale else 2 * scale * (size // 240 + 1)
-            length = ((size + wanted) // 2 + scale - 1) // scale * scale
-            fits = [o for o in range(0, length, scale) if _grid_factor(length, o, scale) is not None]
-            return length, min(fits, key=lambda o: abs(o - wanted))
-
-        (tile_height, overlap_height), (tile_width, overlap_width) = tile(height), tile(width)
-        return cls(tile_height, tile_width, overlap_height, overlap_width)
-
-    def factors(self, scale: int) -> tuple[float, float]:
-        """Overlap factors for diffusers, checked to land on the VAE's latent grid."""
-        result = []
-        for name, tile, overlap in (
-            ("height", self.tile_height, self.overlap_height),
-            ("width", self.tile_width, self.overlap_width),
-        ):
-            check_number(f"tile {name}", tile, 1, MAX_TILE, integer=True)
-            check_number(f"tile overlap ({name})", overlap, 0, MAX_TILE, integer=True)
-            if tile < 2 * scale or tile % scale or overlap < 0 or overlap >= tile or (tile - overlap) % scale:
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap does not fit the VAE's {scale}-px latent "
-                    f"grid: the tile must be a multiple of {scale}, the overlap smaller than the tile, and "
-                    f"tile - overlap a multiple of {scale} (e.g. tile 240, overlap 40)"
-                )
-            factor = _grid_factor(tile, overlap, scale)
-            if factor is None:
-                fits = [o for o in range(0, tile, scale) if _grid_factor(tile, o, scale) is not None]
-                nearest = sorted(fits, key=lambda o: abs(o - overlap))[:3]
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap cannot be decoded exactly by diffusers' "
-                    f"tiling (rounding); overlaps that work with this tile: {', '.join(map(str, sorted(nearest)))}"
-                )
-            result.append(factor)
-        return result[0], result[1]
-
-
-MAX_TILE = 4096
-
-
-def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
-    """The overlap factor for which diffusers' tiled decode (latent stride int(tile/scale * (1 - f)),
-    crop tile - int(tile * f)) steps exactly tile - overlap pixels, or None where floating point
-    rounding leaves no such factor."""
-    exact = overlap / tile
-    for factor in sorted({exact, *(math.nextafter(exact, d) for d in (0.0, 1.0))}):
-        if int(tile // scale * (1 - factor)) * scale == tile - int(tile * factor) == tile - overlap:
-            return factor
-    return None
-
-
 @torch.no_grad()
 def decode(
     vae: torch.nn.Module,
@@ -408,11 +339,11 @@ def check_run_fits(
     device = torch.device(device)
     transformer_config, vae_config = checkpoint.transformer_config, checkpoint.vae_config
     size = dtype_bytes(dtype)
-    t5 = text_encoder_memory(checkpoint, dtype)
+    t5 = text_encoder_memory(checkpoint.parameter_count("text_encoder"), dtype)
     transformer = checkpoint.parameter_count("transformer") * (1 if fp8 else size)
     vae = checkpoint.parameter_count("vae") * size
     scale = spatial_scale(vae_config)
-    latent_shape = (1, (frames - 1) // vae_config["temporal_compression_ratio"] + 1, 1, height // scale, width // scale)
+    latent_shape = (1, latent_frames(frames, vae_config["temporal_compression_ratio"]), 1, height // scale, width // scale)
     decoding = decode_memory(vae_config, dtype, latent_shape, Tiling.halves(height, width, scale))
     sampling = sampling_memory(transformer_config, vae_config, dtype, frames, height, width)
     on_device = vae + (0 if streamed and device.type != "cpu" else transformer)

@@ -6,7 +6,8 @@ import torch
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.memory import decode_memory
-from ..consisid_core.sampling import Tiling, check_latents, decode
+from ..consisid_core.decoder import Tiling
+from ..consisid_core.sampling import check_latents, decode
 from . import host
 
 

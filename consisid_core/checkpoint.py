@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import diffusers_hooks as hooks
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
 from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
@@ -667,12 +668,10 @@ FACE_MODULES = ("local_facial_extractor", "perceiver_cross_attention")
 def enable_fp8_storage(transformer: torch.nn.Module) -> None:
     """Store the transformer's linear layers in float8 (e4m3), computing in its dtype: about half
     the memory of bf16 weights. The face modules, embeddings and norms keep their precision."""
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
     transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=transformer.dtype,
-        skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + FACE_MODULES,
+        skip_modules_pattern=hooks.fp8_skip_patterns("fp8 storage") + FACE_MODULES,
     )
 
 

@@ -359,9 +359,9 @@ def _cfg_hook(group, index: int, size: int):
 def _attention(api, config, spec: Parallel, device: torch.device):
     """The kernel the self-attention's SDPA call goes to ([B, H, S, D] in and out, as SDPA)."""
     if spec.ring == 1:
-        backend = api.backends.NATIVE  # Ulysses: any local attention; SDPA picks its kernel
+        backend = api.native  # Ulysses: any local attention; SDPA picks its kernel
     elif device.type == "cuda":
-        backend = api.backends._NATIVE_CUDNN  # ring: a kernel that returns the log-sum-exp
+        backend = api.cudnn  # ring: a kernel that returns the log-sum-exp
     else:
         backend = None  # ring on the CPU: diffusers has no backend for it, torch's CPU flash kernel does
 
@@ -370,10 +370,7 @@ def _attention(api, config, spec: Parallel, device: torch.device):
         if backend is not None:
             out = api.dispatch(q, k, v, scale=sm_scale, backend=backend, parallel_config=config)
         else:
-            out = api.templated(
-                q, k, v, None, 0.0, False, sm_scale, False, False,
-                forward_op=hooks.attention_with_lse, backward_op=hooks.no_backward, _parallel_config=config,
-            )
+            out = api.cpu_ring(q, k, v, sm_scale, config)
         return out.transpose(1, 2).to(query.dtype)
 
     return attention

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import diffusers_hooks as hooks
 from .checkpoint import Checkpoint, ConsisIDModel
 from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors, latent_frames
 from .decoder import Tiling, spatial_scale, vae_options
@@ -141,20 +142,6 @@ def make_scheduler(model: ConsisIDModel, name: str):
     return classes[name].from_config(dict(model.scheduler_config))
 
 
-@contextlib.contextmanager
-def _face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[None]:
-    """Override the transformer's `local_face_scale` (identity strength) for one run."""
-    if scale is None:
-        yield
-        return
-    saved = transformer.local_face_scale
-    transformer.local_face_scale = scale
-    try:
-        yield
-    finally:
-        transformer.local_face_scale = saved
-
-
 def _pipeline(vae: torch.nn.Module, transformer: torch.nn.Module | None = None, scheduler=None, progress_bar=False):
     from diffusers import ConsisIDPipeline
 
@@ -235,7 +222,7 @@ def sample(
         merged(model.transformer, model.loras if merge_loras else (), device),
         applied(model, performance, steps, device, step_cache_stats) as to_place,
         placed(to_place, device if move_models else None),
-        _face_scale(model.transformer, identity_strength),
+        hooks.face_scale(model.transformer, identity_strength),
         split_over_ranks(model.transformer, parallel, device, dtype),
     ):
         target = torch.device(device) if device is not None else next(model.transformer.parameters()).device

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .memory import (
     text_encoder_memory,
 )
 from .parallel import Parallel, check_parallel, split_over_ranks
-from .performance import Performance, StepCacheStats, applied
+from .performance import Performance, StepCacheStats, applied as performance_applied
 from .text import TextEmbeddings, encode_with_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -150,51 +150,93 @@ def _pipeline(vae: torch.nn.Module, transformer: torch.nn.Module | None = None, 
     return pipe
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run goes, besides its model, identity, text and first frame: the one options object
+    of `sample`, `generate` and `segments.generate_segments` (which also take its fields as keywords).
+
+    Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
+    `frames`, `height`, `width` default to the checkpoint's; sizes beyond `checks.bounded_size` need
+    `allow_oversize`. `identity_strength` overrides the transformer's `local_face_scale` and
+    `performance` (compile, offload, step cache; None: the defaults) applies, both for the run only.
+    The models are moved to `device` for the run and back after it, unless `move_models` is off
+    (ComfyUI's model management has placed them, perhaps partly). `parallel` splits the run over the
+    processes torchrun started (`consisid_core.parallel`; the process group is joined if the caller
+    has not); every rank returns the same latents. The model's LoRAs are merged into the
+    transformer's weights for the run and taken out after it, unless `merge_loras` is off
+    (ComfyUI's ModelPatcher has patched them in). `tiling` and `slicing` are the decode's.
+    """
+
+    seed: int = 42
+    steps: int = 50
+    guidance_scale: float = 6.0
+    dynamic_cfg: bool = False
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "dpm"
+    identity_strength: float | None = None
+    device: torch.device | str | None = None
+    progress_bar: bool = False
+    performance: Performance | None = None
+    allow_oversize: bool = False
+    move_models: bool = True
+    parallel: Parallel | None = None
+    merge_loras: bool = True
+    tiling: Tiling | None = None
+    slicing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.performance is None:
+            object.__setattr__(self, "performance", Performance())
+
+    @classmethod
+    def of(cls, options: RunOptions | None, changes: Mapping) -> RunOptions:
+        """`options` (default: the defaults) with the fields in `changes` replaced."""
+        return replace(options or cls(), **changes)
+
+
 @torch.no_grad()
 def sample(
     model: ConsisIDModel,
     identity: Identity,
     text: TextEmbeddings,
     image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    options: RunOptions | None = None,
     *,
-    seed: int = 42,
-    steps: int = 50,
-    guidance_scale: float = 6.0,
-    dynamic_cfg: bool = False,
-    frames: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    scheduler: str = "dpm",
-    identity_strength: float | None = None,
     callback: StepCallback | None = None,
-    device: torch.device | str | None = None,
-    progress_bar: bool = False,
-    performance: Performance | None = None,
-    allow_oversize: bool = False,
-    move_models: bool = True,
     step_cache_stats: StepCacheStats | None = None,
-    parallel: Parallel | None = None,
-    merge_loras: bool = True,
+    **changes,
 ) -> torch.Tensor:
-    """Denoise a video on `device`; returns latents [1, latent_frames, channels, h, w] on the CPU.
-
-    Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
-    `identity_strength` overrides the transformer's `local_face_scale` for this run only;
-    `performance` (compile, offload, step cache) applies to this run only too. Sizes beyond
-    `checks.bounded_size` need `allow_oversize`; a run that cannot fit the device is refused.
-    The models are moved to `device` for the run and back after it, unless `move_models` is off
-    (ComfyUI's model management has placed them, perhaps partly). What the step cache did
-    (transformer forwards computed and skipped) is counted into `step_cache_stats` if given.
-    `parallel` splits the run over the processes torchrun started (`consisid_core.parallel`; the
-    process group is joined if the caller has not); every rank returns the same latents. The model's LoRAs are merged into the transformer's
-    weights for the run and taken out after it, unless `merge_loras` is off (ComfyUI's
-    ModelPatcher has patched them in).
+    """Denoise a video as `options` say (`RunOptions`; its fields may also be given as keywords);
+    returns latents [1, latent_frames, channels, h, w] on the CPU. Everything is checked before any
+    work, and a run that cannot fit the device is refused. What the step cache did (transformer
+    forwards computed and skipped) is counted into `step_cache_stats` if given.
     """
-    frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
-    if (frames, height, width) != native_size(model.config, model.vae.config):
+    options = RunOptions.of(options, changes)
+    size = _checked_size(model, options)
+    check_inputs(model, identity, text, options.steps, options.seed, options.guidance_scale, options.identity_strength)
+    frame = first_frame(image, identity)
+    _check_resources(model, text, size, options)
+    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, options.scheduler), options.progress_bar)
+    with _applied(model, options, step_cache_stats):
+        latents = _denoise(pipe, model, identity, text, frame, size, options, callback)
+    check_tensors(
+        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
+    )
+    return latents.cpu()
+
+
+def _checked_size(model: ConsisIDModel, options: RunOptions) -> tuple[int, int, int]:
+    """The run's (frames, height, width), checked, with a warning for what is not the checkpoint's."""
+    frames, height, width = resolve_size(
+        model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize
+    )
+    native = native_size(model.config, model.vae.config)
+    if (frames, height, width) != native:
         logger.warning(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
-            frames, width, height, *native_size(model.config, model.vae.config),
+            frames, width, height, *native,
         )
     t = model.vae.config["temporal_compression_ratio"]
     if latent_frames(frames, t) % 2 == 0:
@@ -203,51 +245,67 @@ def sample(
             "asked (as diffusers' pipeline does); %d·k + 1 frames (%d, %d, …) decode to exactly as many",
             frames, latent_frames(frames, t), 2 * t, 2 * t + 1, 4 * t + 1,
         )
-    check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
-    frame = first_frame(image, identity)
-    performance = performance or Performance()
-    if parallel is not None:
-        check_parallel(parallel, model.config, model.vae.config, (frames, height, width), guidance_scale, performance,
-                       device, model.dtype, text.positive.shape[1])
-    check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential", move_models)
-    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
+    return frames, height, width
+
+
+def _check_resources(model: ConsisIDModel, text: TextEmbeddings, size: tuple[int, int, int], options: RunOptions):
+    """Refuse a split over ranks that cannot work, or a run that cannot fit the device."""
+    performance = options.performance
+    if options.parallel is not None:
+        check_parallel(
+            options.parallel, model.config, model.vae.config, size, options.guidance_scale, performance,
+            options.device, model.dtype, text.positive.shape[1],
+        )
+    check_sampling_fits(model, *size, options.device, performance.offload == "sequential", options.move_models)
+
+
+@contextlib.contextmanager
+def _applied(model: ConsisIDModel, options: RunOptions, stats: StepCacheStats | None) -> Iterator[None]:
+    """What the run changes on the model, for the run only and undone after it whatever happens: the
+    identity strength, the LoRAs merged, the performance options, the models on the device, the
+    split over ranks."""
+    device = options.device
+    with (
+        hooks.face_scale(model.transformer, options.identity_strength),
+        merged(model.transformer, model.loras if options.merge_loras else (), device),
+        performance_applied(model, options.performance, options.steps, device, stats) as to_place,
+        placed(to_place, device if options.move_models else None),
+        split_over_ranks(model.transformer, options.parallel, device, model.dtype),
+    ):
+        yield
+
+
+def _denoise(pipe, model: ConsisIDModel, identity: Identity, text: TextEmbeddings, frame: Image.Image,
+             size: tuple[int, int, int], options: RunOptions, callback: StepCallback | None) -> torch.Tensor:
+    """diffusers' pipeline over our components, latents out."""
+    frames, height, width = size
+    steps, dtype = options.steps, model.dtype
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
         if callback is not None:
             callback(i + 1, steps, tensors["latents"])
         return {}
 
-    dtype = model.dtype
-    with (
-        merged(model.transformer, model.loras if merge_loras else (), device),
-        applied(model, performance, steps, device, step_cache_stats) as to_place,
-        placed(to_place, device if move_models else None),
-        hooks.face_scale(model.transformer, identity_strength),
-        split_over_ranks(model.transformer, parallel, device, dtype),
-    ):
-        target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
-        latents = pipe(
-            image=frame,
-            prompt_embeds=text.positive.to(target, dtype),
-            negative_prompt_embeds=text.negative.to(target, dtype),
-            height=height,
-            width=width,
-            num_frames=frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            use_dynamic_cfg=dynamic_cfg,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=on_step_end,
-            id_cond=identity.id_cond,
-            id_vit_hidden=list(identity.id_vit_hidden),
-            kps_cond=identity.kps.numpy(),
-        )[0]
-    check_tensors(
-        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
-    )
-    return latents.cpu()
+    device = options.device
+    target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
+    return pipe(
+        image=frame,
+        prompt_embeds=text.positive.to(target, dtype),
+        negative_prompt_embeds=text.negative.to(target, dtype),
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=options.guidance_scale,
+        use_dynamic_cfg=options.dynamic_cfg,
+        generator=torch.Generator("cpu").manual_seed(options.seed),
+        output_type="latent",
+        return_dict=False,
+        callback_on_step_end=on_step_end,
+        id_cond=identity.id_cond,
+        id_vit_hidden=list(identity.id_vit_hidden),
+        kps_cond=identity.kps.numpy(),
+    )[0]
 
 
 def check_sampling_fits(
@@ -387,20 +445,21 @@ def generate(
     prompt: str | TextEmbeddings,
     negative_prompt: str = "",
     image: Image.Image | np.ndarray | torch.Tensor | None = None,
-    **options,
+    options: RunOptions | None = None,
+    *,
+    callback: StepCallback | None = None,
+    step_cache_stats: StepCacheStats | None = None,
+    **changes,
 ) -> torch.Tensor:
-    """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. Options as for `sample`."""
-    resolve_size(
-        model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"),
-        options.get("allow_oversize", False),
-    )
-    check_inputs(
-        model, identity, None, options.get("steps", 50), options.get("seed", 42), options.get("guidance_scale", 6.0),
-        options.get("identity_strength"),
-    )
+    """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. `options` as for `sample`; the
+    decode takes its device, tiling, slicing and move_models. A prompt given as text is encoded
+    with the checkpoint's own T5, loaded for it and released after."""
+    options = RunOptions.of(options, changes)
+    resolve_size(model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize)
+    check_inputs(model, identity, None, options.steps, options.seed, options.guidance_scale, options.identity_strength)
     if isinstance(prompt, str):
-        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.get("device"))
+        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.device)
     else:
         text = prompt
-    latents = sample(model, identity, text, image, **options)
-    return decode(model.vae, latents, options.get("device"))
+    latents = sample(model, identity, text, image, options, callback=callback, step_cache_stats=step_cache_stats)
+    return decode(model.vae, latents, options.device, options.tiling, options.slicing, options.move_models)

@@ -213,16 +213,27 @@ class Checkpoint:
         checkpoint.transformer_config, checkpoint.vae_config, checkpoint.scheduler_config  # noqa: B018 - checked now
         return checkpoint
 
+    @functools.cached_property
+    def _configs(self) -> dict[str, dict]:
+        """The transformer's, the VAE's and the scheduler's configs, read and checked once."""
+        configs = {}
+        for component, name in (("transformer", "config.json"), ("vae", "config.json"),
+                                 ("scheduler", "scheduler_config.json")):
+            path = self.root / component / name
+            config = _read_json(path)
+            effective = _effective_config(config, component, path)
+            configs[component] = config if component == "scheduler" else effective
+        return configs
+
     @property
     def transformer_config(self) -> dict:
         """The transformer's config.json with diffusers' defaults for what it leaves out, checked."""
-        path = self.root / "transformer" / "config.json"
-        return _effective_config(_read_json(path), "transformer", path)
+        return dict(self._configs["transformer"])
 
     @property
     def vae_config(self) -> dict:
-        path = self.root / "vae" / "config.json"
-        return _effective_config(_read_json(path), "vae", path)
+        """The VAE's config.json with diffusers' defaults for what it leaves out, checked."""
+        return dict(self._configs["vae"])
 
     @property
     def face_encoder_dir(self) -> Path:
@@ -240,10 +251,8 @@ class Checkpoint:
 
     @property
     def scheduler_config(self) -> dict:
-        path = self.root / "scheduler" / "scheduler_config.json"
-        config = _read_json(path)
-        _effective_config(config, "scheduler", path)
-        return config
+        """The scheduler's config as written (checked with diffusers' defaults)."""
+        return dict(self._configs["scheduler"])
 
     def parameter_count(self, component: str) -> int:
         """Parameters of a component (`text_encoder`, `transformer`, `vae`), from its .safetensors

@@ -192,7 +192,6 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Each block's compiled call, kept for later runs so that they do not trace again."""
 
 
-@contextlib.contextmanager
 def check_options(transformer: torch.nn.Module, options: Performance) -> None:
     """Refuse, before any work, an option whose diffusers or torch internals differ here."""
     for enabled, needs, option in (
@@ -242,10 +241,11 @@ def applied(
     """Apply `options` (and the always-on identity-token cache) to `model` for one run.
 
     Yields the modules to place on the device for the run; the step cache counts into `stats`.
+    `check_options` has refused what this diffusers cannot do (`sampling.sample` calls it before
+    any work).
     """
     stats = stats if stats is not None else StepCacheStats()
     transformer = model.transformer
-    check_options(transformer, options)
     pairs = []
     if getattr(transformer, "local_facial_extractor", None) is not None:
         found = hooks.problems(transformer, ("registry", "face"))

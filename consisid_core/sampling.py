@@ -38,7 +38,7 @@ from .memory import (
     text_encoder_memory,
 )
 from .parallel import Parallel, check_parallel, split_over_ranks
-from .performance import Performance, StepCacheStats, applied as performance_applied
+from .performance import Performance, StepCacheStats, applied as performance_applied, check_options
 from .text import TextEmbeddings, encode_with_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,10 @@ def _checked_size(model: ConsisIDModel, options: RunOptions) -> tuple[int, int, 
 
 
 def _check_resources(model: ConsisIDModel, text: TextEmbeddings, size: tuple[int, int, int], options: RunOptions):
-    """Refuse a split over ranks that cannot work, or a run that cannot fit the device."""
+    """Refuse options this diffusers cannot apply, a split over ranks that cannot work, or a run
+    that cannot fit the device."""
     performance = options.performance
+    check_options(model.transformer, performance)
     if options.parallel is not None:
         check_parallel(
             options.parallel, model.config, model.vae.config, size, options.guidance_scale, performance,

@@ -393,7 +393,7 @@ def test_lora_nodes_stack_and_leave_the_loaders_model_alone(home, tiny_dir, file
     core = generate(with_loras(_fresh(tiny_dir), stack), identity, text, steps=2, seed=4)
     from consisid_pack.nodes.vae import ConsisIDVAEDecode
 
-    (frames,) = ConsisIDVAEDecode().decode(styled, ours, False, 240, 360, 48, False)
+    (frames,) = ConsisIDVAEDecode().decode(styled, ours, False, 240, 360, 40, 72, False)
     assert torch.equal(frames, core)
     # the loader's model, used after the LoRAs' run, samples as a freshly loaded one
     (after,) = sampler.sample(model, identity, text, **settings)

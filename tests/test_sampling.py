@@ -177,7 +177,7 @@ def test_accepted_tilings_land_exactly_on_the_latent_grid():
             assert int(tile // 8 * (1 - factor)) * 8 == tile - int(tile * factor) == tile - overlap
     assert accepted > 1000
     Tiling().factors(8)
-    Tiling(240, 360, 48, 48).factors(8)  # the node's defaults
+    Tiling(240, 360, 48, 48).factors(8)  # one overlap both ways
 
 
 def test_half_frame_tiles_fit_every_size():

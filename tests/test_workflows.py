@@ -39,7 +39,7 @@ def test_the_checker_finds_what_is_wrong(specs):
     problems = check(broken, specs)
     assert any("scheduler='euler' is not one of ['dpm', 'ddim']" in p for p in problems)
     assert any("steps=0 is outside 1..1000" in p for p in problems)
-    assert any("(ConsisIDVAEDecode): 4 widget values, expected 5" in p for p in problems)
+    assert any("(ConsisIDVAEDecode): 5 widget values, expected 6" in p for p in problems)
     assert any("(ConsisIDSampler2): no such node" in p for p in problems)
 
 

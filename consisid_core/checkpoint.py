@@ -35,7 +35,7 @@ from . import diffusers_hooks as hooks
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
 from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
-from .files import shown
+from .files import safetensors_header, shown
 
 logger = logging.getLogger(__name__)
 
@@ -464,8 +464,7 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
     if path.suffix != ".safetensors":
         raise CheckpointError(f"'{path}' is not a .safetensors file; the transformer loads only from .safetensors")
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return safetensors_header(path)[0]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
 
@@ -547,6 +546,43 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str =
         "LFE_num_scale": num_scale,
     }
 
+
+RELEASED_TRANSFORMER_CONFIG = {
+    "num_attention_heads": 48,
+    "attention_head_dim": 64,
+    "in_channels": 32,
+    "out_channels": 16,
+    "time_embed_dim": 512,
+    "text_embed_dim": 4096,
+    "num_layers": 42,
+    "sample_width": 90,
+    "sample_height": 60,
+    "sample_frames": 49,
+    "patch_size": 2,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 226,
+    "use_rotary_positional_embeddings": True,
+    "use_learned_positional_embeddings": False,
+    "is_train_face": True,
+    "is_kps": False,
+    "cross_attn_interval": 2,
+    "cross_attn_dim_head": 128,
+    "cross_attn_num_heads": 16,
+    "LFE_id_dim": 1280,
+    "LFE_vit_dim": 1024,
+    "LFE_depth": 10,
+    "LFE_dim_head": 64,
+    "LFE_num_heads": 16,
+    "LFE_num_id_token": 5,
+    "LFE_num_querie": 32,
+    "LFE_output_dim": 2048,
+    "LFE_ff_mult": 4,
+    "LFE_num_scale": 5,
+    "local_face_scale": 1.0,
+}
+"""The released checkpoint's transformer (ConsisID-preview: CogVideoX-5B-I2V's and the face
+modules): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
+shapes cannot tell (`infer_transformer_config`) is taken from here."""
 
 RELEASED_VAE_CONFIG = {"scaling_factor": 0.7}
 """The released checkpoint's VAE (CogVideoX-5B-I2V's): AutoencoderKLCogVideoX's defaults but this."""

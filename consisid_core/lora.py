@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .checkpoint import ConsisIDModel
 from .checks import check_number, check_tensors
 from .errors import ConsisIDError, first_line
-from .files import shown
+from .files import safetensors_header, shown
 
 PREFIXES = ("transformer.", "diffusion_model.")
 """diffusers' key prefix for the transformer's layers, and ComfyUI's."""
@@ -91,15 +92,13 @@ def read_lora(path: str | os.PathLike) -> LoRA:
         raise _refuse(name, f"the file is {size / 2**30:.1f} GB, over the {MAX_FILE_BYTES // 2**30} GB a LoRA of the "
                             "released transformer can need: it is not a LoRA")
     try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-            if not keys:
-                raise _refuse(name, "the file holds no tensors")
-            if len(keys) > MAX_TENSORS:
-                raise _refuse(name, f"it holds {len(keys)} tensors, over the {MAX_TENSORS} a LoRA of ConsisID can have")
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            plan = _plan(name, shapes, _metadata(name, f.metadata() or {}))
-            tensors = {k: f.get_tensor(k) for k in keys}
+        shapes, header = safetensors_header(path)
+        if not shapes:
+            raise _refuse(name, "the file holds no tensors")
+        if len(shapes) > MAX_TENSORS:
+            raise _refuse(name, f"it holds {len(shapes)} tensors, over the {MAX_TENSORS} a LoRA of ConsisID can have")
+        plan = _plan(name, shapes, _metadata(name, header))
+        tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise _refuse(name, _not_safetensors(path, e), "use its .safetensors file") from None
     odd = next((k for k, t in tensors.items() if not t.is_floating_point()), None)

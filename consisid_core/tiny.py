@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG
 from .errors import ConsisIDError
+from .face.tiny import write_tiny_face_encoder
 from .identity import Identity
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,6 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) ->
 
     Written beside the target and moved into place at the end: a failure leaves nothing behind.
     """
-    from .face.tiny import write_tiny_face_encoder
-
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConsisIDError(f"'{target}' already exists and is not an empty folder; give make-tiny a new folder")

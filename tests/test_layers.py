@@ -58,3 +58,16 @@ def test_one_bad_import_breaks_a_contract(case, tmp_path):
     assert result.returncode == 1
     for line in expected:
         assert line in result.stdout
+
+
+def test_no_two_core_modules_define_a_public_function_of_one_name():
+    """One home per name: `check_fits`, `applied` and `check` were each defined in two modules."""
+    import ast
+    from collections import defaultdict
+
+    homes = defaultdict(list)
+    for path in sorted((ROOT / "consisid_core").rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                homes[node.name].append(path.relative_to(ROOT).as_posix())
+    assert {name: paths for name, paths in homes.items() if len(paths) > 1} == {}

@@ -4,9 +4,11 @@ ComfyUI, wherever it is written (inside a function or under TYPE_CHECKING too)."
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,6 @@ def test_one_bad_import_breaks_a_contract(case, tmp_path):
 
 def test_no_two_core_modules_define_a_public_function_of_one_name():
     """One home per name: `check_fits`, `applied` and `check` were each defined in two modules."""
-    import ast
-    from collections import defaultdict
-
     homes = defaultdict(list)
     for path in sorted((ROOT / "consisid_core").rglob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:

@@ -41,9 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from consisid_core.checkpoint import DTYPES
-from consisid_core.decoder import speed_up_decoder
-from consisid_core.decoder import vae_options
-from consisid_core.sampling import Tiling
+from consisid_core.decoder import Tiling, speed_up_decoder, vae_options
 from consisid_core.text import MAX_SEQUENCE_LENGTH
 
 from .harness import write_section

@@ -39,7 +39,8 @@ import torch
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.performance import Performance, StepCacheStats
-from consisid_core.sampling import Tiling, decode, sample
+from consisid_core.decoder import Tiling
+from consisid_core.sampling import decode, sample
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
 from consisid_core.tiny import random_identity
 

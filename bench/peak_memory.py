@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -66,10 +67,13 @@ def _worker(path: str, folder: str, frames: int, height: int, width: int) -> Non
             id_vit_hidden=list(identity.id_vit_hidden), kps_cond=identity.kps.numpy(),
             generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt",
         ).frames[0].permute(0, 2, 3, 1).shape
-    sys.stdout.write(json.dumps({"peak_mb": _status("VmHWM") - start, "frames": list(frames_out)}) + "\n")
+    result = {"peak_mb": _status("VmHWM") - start, "frames": list(frames_out), "pid": os.getpid()}
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
-def _run(path: str, folder: Path, size) -> dict:
+def measure(path: str, folder: Path, size) -> dict:
+    """One whole generation by `path` ("ours" or "diffusers") in a fresh process: its peak RSS above
+    the start (`peak_mb`), the frames it made (`frames`: [F, H, W, 3]) and its process id (`pid`)."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.peak_memory", "--worker", path, str(folder),
          str(size.frames), str(size.height), str(size.width)],
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks: dict[str, list[int]] = {"ours": [], "diffusers": []}
         for repeat in range(args.repeats):
             for path in (("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours")):
-                peaks[path].append(_run(path, folder, size)["peak_mb"])
+                peaks[path].append(measure(path, folder, size)["peak_mb"])
     ours, theirs = statistics.median(peaks["ours"]), statistics.median(peaks["diffusers"])
     sys.stdout.write(
         f"### {args.size}, text {args.text}: whole-run peak RSS, each run in a fresh process "

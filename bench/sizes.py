@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from consisid_core.checkpoint import RELEASED_VAE_CONFIG
+from consisid_core.checkpoint import RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
 from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, random_components, save_components, tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,45 +47,14 @@ class Size:
         )
 
 
-_LFE_RELEASED = dict(  # ConsisIDTransformer3DModel's LFE defaults = the released checkpoint's
-    LFE_id_dim=1280,
-    LFE_vit_dim=1024,
-    LFE_depth=10,
-    LFE_dim_head=64,
-    LFE_num_heads=16,
-    LFE_num_id_token=5,
-    LFE_num_querie=32,
-    LFE_ff_mult=4,
-    LFE_num_scale=5,
-)
-
-
-def _transformer(heads: int, layers: int, **extra) -> dict:
-    inner = heads * 64
+def _transformer(heads: int, layers: int) -> dict:
+    """The released transformer with `heads` heads of 64 and `layers` blocks, its face
+    cross-attention two thirds as wide (as ConsisID's)."""
+    inner = heads * RELEASED_TRANSFORMER_CONFIG["attention_head_dim"]
+    face = int(inner * 2 / 3)  # the cross-attention's key/value width
     return dict(
-        num_attention_heads=heads,
-        attention_head_dim=64,
-        in_channels=32,
-        out_channels=16,
-        time_embed_dim=512,
-        text_embed_dim=4096,
-        num_layers=layers,
-        sample_width=90,
-        sample_height=60,
-        sample_frames=49,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=226,
-        use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=False,
-        is_train_face=True,
-        is_kps=False,
-        cross_attn_interval=2,
-        cross_attn_dim_head=128,
-        cross_attn_num_heads=int(inner * 2 / 3) // 128,
-        LFE_output_dim=int(inner * 2 / 3),  # the cross-attention's key/value width
-        **_LFE_RELEASED,
-        **extra,
+        RELEASED_TRANSFORMER_CONFIG, num_attention_heads=heads, num_layers=layers,
+        cross_attn_num_heads=face // RELEASED_TRANSFORMER_CONFIG["cross_attn_dim_head"], LFE_output_dim=face,
     )
 
 

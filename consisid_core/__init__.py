@@ -7,7 +7,7 @@ Loading (`checkpoint`), identities (`identity`, `face`), text (`text`), sampling
 from .checkpoint import Checkpoint, ConsisIDModel, load_transformer_file
 from .errors import CheckpointError, ConsisIDError, GenerationCancelled, IdentityError
 from .identity import Identity, load_identity, save_identity
-from .sampling import decode, generate, sample
+from .sampling import RunOptions, decode, generate, sample
 from .segments import generate_segments
 from .text import TextEmbeddings, TextEncoder, encode_text
 
@@ -19,6 +19,7 @@ __all__ = [
     "GenerationCancelled",
     "Identity",
     "IdentityError",
+    "RunOptions",
     "TextEmbeddings",
     "TextEncoder",
     "decode",

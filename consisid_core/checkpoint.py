@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import diffusers_hooks as hooks
 from .checks import check_config, check_module_weights, check_tensors, class_defaults
+from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
-from .files import shown
+from .files import safetensors_header, shown
 
 logger = logging.getLogger(__name__)
 
@@ -211,16 +213,27 @@ class Checkpoint:
         checkpoint.transformer_config, checkpoint.vae_config, checkpoint.scheduler_config  # noqa: B018 - checked now
         return checkpoint
 
+    @functools.cached_property
+    def _configs(self) -> dict[str, dict]:
+        """The transformer's, the VAE's and the scheduler's configs, read and checked once."""
+        configs = {}
+        for component, name in (("transformer", "config.json"), ("vae", "config.json"),
+                                 ("scheduler", "scheduler_config.json")):
+            path = self.root / component / name
+            config = _read_json(path)
+            effective = _effective_config(config, component, path)
+            configs[component] = config if component == "scheduler" else effective
+        return configs
+
     @property
     def transformer_config(self) -> dict:
         """The transformer's config.json with diffusers' defaults for what it leaves out, checked."""
-        path = self.root / "transformer" / "config.json"
-        return _effective_config(_read_json(path), "transformer", path)
+        return dict(self._configs["transformer"])
 
     @property
     def vae_config(self) -> dict:
-        path = self.root / "vae" / "config.json"
-        return _effective_config(_read_json(path), "vae", path)
+        """The VAE's config.json with diffusers' defaults for what it leaves out, checked."""
+        return dict(self._configs["vae"])
 
     @property
     def face_encoder_dir(self) -> Path:
@@ -234,16 +247,12 @@ class Checkpoint:
     def load_vae(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
         from diffusers import AutoencoderKLCogVideoX
 
-        from .decoder import speed_up_decoder
-
         return speed_up_decoder(_from_pretrained(AutoencoderKLCogVideoX, self.root / "vae", dtype_from_name(dtype)))
 
     @property
     def scheduler_config(self) -> dict:
-        path = self.root / "scheduler" / "scheduler_config.json"
-        config = _read_json(path)
-        _effective_config(config, "scheduler", path)
-        return config
+        """The scheduler's config as written (checked with diffusers' defaults)."""
+        return dict(self._configs["scheduler"])
 
     def parameter_count(self, component: str) -> int:
         """Parameters of a component (`text_encoder`, `transformer`, `vae`), from its .safetensors
@@ -254,11 +263,9 @@ class Checkpoint:
             for shape in read_safetensors_shapes(path).values()
         )
 
-    def load_text_encoder(self, dtype: str | torch.dtype = "bf16"):
-        """The checkpoint's own T5 and tokenizer, as a `text.TextEncoder`."""
-        from transformers import T5EncoderModel, T5Tokenizer
-
-        from .text import TextEncoder
+    def load_tokenizer(self):
+        """The checkpoint's T5 tokenizer."""
+        from transformers import T5Tokenizer
 
         folder = self.root / "tokenizer"
         refused = f"'{folder}' is not a valid T5 tokenizer: it needs T5's SentencePiece model, spiece.model"
@@ -272,11 +279,15 @@ class Checkpoint:
                 said = first_line(e)
                 raise CheckpointError(f"{refused}, and its spiece.model does not read as one ({said}); {fix}") from None
         try:
-            tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True)
+            return T5Tokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, ImportError) as e:
             raise CheckpointError(f"{refused} (loading it said: {first_line(e)}); {fix}") from None
-        model = _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
-        return TextEncoder(tokenizer, model)
+
+    def load_text_model(self, dtype: str | torch.dtype = "bf16") -> torch.nn.Module:
+        """The checkpoint's T5 encoder (`text.load_text_encoder` pairs it with its tokenizer)."""
+        from transformers import T5EncoderModel
+
+        return _from_pretrained(T5EncoderModel, self.root / "text_encoder", dtype_from_name(dtype))
 
     def load_model(
         self,
@@ -504,8 +515,7 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
     if path.suffix != ".safetensors":
         raise CheckpointError(f"'{path}' is not a .safetensors file; the transformer loads only from .safetensors")
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return safetensors_header(path)[0]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
 
@@ -587,6 +597,43 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str =
         "LFE_num_scale": num_scale,
     }
 
+
+RELEASED_TRANSFORMER_CONFIG = {
+    "num_attention_heads": 48,
+    "attention_head_dim": 64,
+    "in_channels": 32,
+    "out_channels": 16,
+    "time_embed_dim": 512,
+    "text_embed_dim": 4096,
+    "num_layers": 42,
+    "sample_width": 90,
+    "sample_height": 60,
+    "sample_frames": 49,
+    "patch_size": 2,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 226,
+    "use_rotary_positional_embeddings": True,
+    "use_learned_positional_embeddings": False,
+    "is_train_face": True,
+    "is_kps": False,
+    "cross_attn_interval": 2,
+    "cross_attn_dim_head": 128,
+    "cross_attn_num_heads": 16,
+    "LFE_id_dim": 1280,
+    "LFE_vit_dim": 1024,
+    "LFE_depth": 10,
+    "LFE_dim_head": 64,
+    "LFE_num_heads": 16,
+    "LFE_num_id_token": 5,
+    "LFE_num_querie": 32,
+    "LFE_output_dim": 2048,
+    "LFE_ff_mult": 4,
+    "LFE_num_scale": 5,
+    "local_face_scale": 1.0,
+}
+"""The released checkpoint's transformer (ConsisID-preview: CogVideoX-5B-I2V's and the face
+modules): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
+shapes cannot tell (`infer_transformer_config`) is taken from here."""
 
 RELEASED_VAE_CONFIG = {"scaling_factor": 0.7}
 """The released checkpoint's VAE (CogVideoX-5B-I2V's): AutoencoderKLCogVideoX's defaults but this."""
@@ -718,12 +765,10 @@ FACE_MODULES = ("local_facial_extractor", "perceiver_cross_attention")
 def enable_fp8_storage(transformer: torch.nn.Module) -> None:
     """Store the transformer's linear layers in float8 (e4m3), computing in its dtype: about half
     the memory of bf16 weights. The face modules, embeddings and norms keep their precision."""
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
     transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=transformer.dtype,
-        skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + FACE_MODULES,
+        skip_modules_pattern=hooks.fp8_skip_patterns("fp8 storage") + FACE_MODULES,
     )
 
 
@@ -737,8 +782,6 @@ def load_vae_file(
     `config` as for `load_transformer_file`; None infers it from the weights' shapes.
     """
     from diffusers import AutoencoderKLCogVideoX
-
-    from .decoder import speed_up_decoder
 
     path = Path(path)
     shapes = read_safetensors_shapes(path)

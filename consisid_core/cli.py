@@ -282,7 +282,7 @@ def _checked_request(args) -> _Request:
 
 
 def _preflight(args, request: _Request, checkpoint: Checkpoint) -> _Plan:
-    from .parallel import check as check_parallel
+    from .parallel import check_parallel
     from .performance import sage_kernel
     from .sampling import check_run_fits, resolve_size
     from .segments import check_segments
@@ -349,7 +349,7 @@ def _write(args, request: _Request, plan: _Plan, identity: Identity, texts: list
     ranks of --parallel that write nothing: all but rank 0)."""
     from .media import FrameWriter
     from .parallel import is_writer
-    from .sampling import Tiling
+    from .decoder import Tiling
     from .segments import generate_segments
 
     frames, height, width = plan.size

@@ -1,4 +1,6 @@
-"""The one module for the diffusers (and torch) internals the per-run options stand on.
+"""The one module for the diffusers (and torch) internals the per-run options stand on: no other
+module imports a private diffusers name or writes an undocumented attribute of a diffusers model
+(`decoder.py`'s self-checked rebuild of the VAE decoder aside; tests/test_private_names.py checks).
 
 `performance` applies each option as hooks for one run. What it relies on, beyond diffusers'
 public API, sits here and is checked where it is used (`check`):
@@ -14,6 +16,8 @@ public API, sits here and is checked where it is used (`check`):
   `perceiver_cross_attention` (`forward(image_embeds, hidden_states)`), `norm_final`,
   `local_facial_extractor`, each block's `attn1`;
 - torch's `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets);
+- the transformer's `local_face_scale` attribute, set for one run as the identity strength
+  (`face_scale`), and the modules fp8 storage keeps in their dtype (`fp8_skip_patterns`);
 - for `--parallel` (`parallel.py`): diffusers' context parallelism (`context_parallel_api`), the one
   `scaled_dot_product_attention` call of ConsisID's self-attention (`sdpa_calls`) and torch's CPU
   flash kernel with its log-sum-exp (`attention_with_lse`, `cpu_lse_problems`).
@@ -171,6 +175,48 @@ def hooked(pairs: list[tuple[torch.nn.Module, object]]) -> Iterator[None]:
             module._diffusers_hook.remove_hook(NAME, recurse=False)
 
 
+class _AttentionKernel(torch.overrides.TorchFunctionMode):
+    """Inside an attention module's forward, sends its unmasked `scaled_dot_product_attention`
+    ([batch, heads, tokens, head size]) to `kernel`; any other call runs as it was."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            call = _sdpa_arguments(*args, **kwargs)
+            if (
+                call["attn_mask"] is None
+                and call["dropout_p"] == 0
+                and not call["is_causal"]
+                and not call["enable_gqa"]
+            ):
+                return self.kernel(
+                    call["query"], call["key"], call["value"], tensor_layout="HND", is_causal=False, sm_scale=call["scale"]
+                )
+        return func(*args, **kwargs)
+
+
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return locals()
+
+
+def attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
+    """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
+    class KernelAttention(hook_base()):
+        def __init__(self):
+            super().__init__()
+            self.mode = _AttentionKernel(kernel)
+
+        def new_forward(self, module, *args, **kwargs):
+            with self.mode:
+                return original_forward(self, *args, **kwargs)
+
+    return [(block.attn1, KernelAttention()) for block in transformer.transformer_blocks]
+
+
 def remove_group_offloading(module: torch.nn.Module) -> None:
     """Take off what `diffusers.hooks.apply_group_offloading` put on `module` and its children."""
     from diffusers.hooks import group_offloading
@@ -201,6 +247,45 @@ def compiled(blocks: list[torch.nn.Module], cache, enabled: bool) -> Iterator[No
             block._compiled_call_impl = None
 
 
+def fp8_skip_patterns(option: str) -> tuple[str, ...]:
+    """diffusers' own patterns of the modules its layerwise casting keeps in their dtype
+    (`DEFAULT_SKIP_MODULES_PATTERN` in `diffusers.hooks.layerwise_casting`: embeddings, norms, the
+    first and last projections), checked to be a tuple of names."""
+    try:
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN as patterns
+    except ImportError:
+        patterns = None
+    if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
+        raise HookApiError(
+            f"{option} is built on diffusers.hooks.layerwise_casting.DEFAULT_SKIP_MODULES_PATTERN, which this "
+            f"diffusers ({diffusers_version()}) does not have as expected: load without {option}, or install a "
+            "diffusers version this pack declares"
+        )
+    return patterns
+
+
+@contextlib.contextmanager
+def face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[None]:
+    """The transformer's identity strength set to `scale` for the block and put back after: the
+    `local_face_scale` attribute that diffusers' ConsisID transformer reads in its forward (set
+    from its config; nothing documents changing it). None changes nothing."""
+    if scale is None:
+        yield
+        return
+    saved = getattr(transformer, "local_face_scale", None)
+    if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+        raise HookApiError(
+            f"identity strength is built on the transformer's local_face_scale, which this diffusers "
+            f"({diffusers_version()}) does not have as expected: leave identity strength unset, or install a "
+            "diffusers version this pack declares"
+        )
+    transformer.local_face_scale = scale
+    try:
+        yield
+    finally:
+        transformer.local_face_scale = saved
+
+
 # --- context parallelism (`parallel.py`) -------------------------------------------------------
 
 PARALLEL_DIFFUSERS = (0, 38)
@@ -227,9 +312,9 @@ def context_parallel_api(option: str):
       (the hooks `ModelMixin.enable_parallelism` registers; called directly so that they come off
       after the run, and because that method divides by the accelerator count, 0 on a CPU);
     - `dispatch_attention_fn(…, backend=, parallel_config=)` and its backends `native` and
-      `_native_cudnn`, and `_templated_context_parallel_attention(…, forward_op=, backward_op=,
-      _parallel_config=)` (Ulysses / ring / both, given a local attention that returns its
-      log-sum-exp).
+      `_native_cudnn` (`native`, `cudnn`), and `_templated_context_parallel_attention(…,
+      forward_op=, backward_op=, _parallel_config=)` (Ulysses / ring / both, given a local
+      attention that returns its log-sum-exp: `cpu_ring` runs it with torch's CPU flash kernel).
     """
     import types
 
@@ -242,21 +327,41 @@ def context_parallel_api(option: str):
         raise HookApiError(refusal)
     try:
         from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
-        from diffusers.models import attention_dispatch
-        from diffusers.models._modeling_parallel import (
-            ContextParallelConfig,
-            ContextParallelInput,
-            ContextParallelOutput,
-            ParallelConfig,
-        )
+        from diffusers.models import _modeling_parallel as modeling, attention_dispatch
     except ImportError as e:
         raise HookApiError(f"{refusal} ({e})") from e
+    found = _context_parallel_problems(modeling, attention_dispatch)
+    if found:
+        raise HookApiError(f"{refusal}; this one differs in {'; '.join(found)}")
+    templated = attention_dispatch._templated_context_parallel_attention
+
+    def cpu_ring(query, key, value, scale, config):
+        return templated(
+            query, key, value, None, 0.0, False, scale, False, False,
+            forward_op=attention_with_lse, backward_op=no_backward, _parallel_config=config,
+        )
+
+    names = attention_dispatch.AttentionBackendName
+    return types.SimpleNamespace(
+        ContextParallelConfig=modeling.ContextParallelConfig, ParallelConfig=modeling.ParallelConfig,
+        ContextParallelInput=modeling.ContextParallelInput, ContextParallelOutput=modeling.ContextParallelOutput,
+        apply=apply_context_parallel, remove=remove_context_parallel, dispatch=attention_dispatch.dispatch_attention_fn,
+        native=names.NATIVE, cudnn=names._NATIVE_CUDNN, cpu_ring=cpu_ring,
+    )
+
+
+def _context_parallel_problems(modeling, attention_dispatch) -> list[str]:
+    """What differs in diffusers' context parallelism from what `context_parallel_api` lists."""
     found = []
-    fields = set(getattr(ContextParallelConfig, "__dataclass_fields__", {}))
-    missing = {"ring_degree", "ulysses_degree"} - fields
+    missing = [n for n in ("ContextParallelConfig", "ParallelConfig", "ContextParallelInput", "ContextParallelOutput")
+               if not isinstance(getattr(modeling, n, None), type)]
     if missing:
-        found.append(f"ContextParallelConfig fields {', '.join(sorted(missing))}")
-    if not _leading(ContextParallelConfig.setup, ("self", "rank", "world_size", "device", "mesh")):
+        return [f"diffusers.models._modeling_parallel.{', '.join(missing)}"]
+    config = modeling.ContextParallelConfig
+    missing_fields = {"ring_degree", "ulysses_degree"} - set(getattr(config, "__dataclass_fields__", {}))
+    if missing_fields:
+        found.append(f"ContextParallelConfig fields {', '.join(sorted(missing_fields))}")
+    if not _leading(getattr(config, "setup", None), ("self", "rank", "world_size", "device", "mesh")):
         found.append("ContextParallelConfig.setup(rank, world_size, device, mesh)")
     dispatch = getattr(attention_dispatch, "dispatch_attention_fn", None)
     templated = getattr(attention_dispatch, "_templated_context_parallel_attention", None)
@@ -269,14 +374,7 @@ def context_parallel_api(option: str):
         found.append("_templated_context_parallel_attention(…, forward_op, backward_op, _parallel_config)")
     if names is None or not all(hasattr(names, n) for n in ("NATIVE", "_NATIVE_CUDNN")):
         found.append("AttentionBackendName.NATIVE / _NATIVE_CUDNN")
-    if found:
-        raise HookApiError(f"{refusal}; this one differs in {'; '.join(found)}")
-    return types.SimpleNamespace(
-        ContextParallelConfig=ContextParallelConfig, ParallelConfig=ParallelConfig,
-        ContextParallelInput=ContextParallelInput, ContextParallelOutput=ContextParallelOutput,
-        apply=apply_context_parallel, remove=remove_context_parallel,
-        dispatch=dispatch, templated=templated, backends=names,
-    )
+    return found
 
 
 def attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

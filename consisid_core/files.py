@@ -8,6 +8,7 @@ another file unless asked.
 - `publish`: move a finished temporary file or folder into place; without `overwrite` an
   existing target is never replaced, even by a save racing this one. `write_atomically`: a file
   written under a hidden name beside its target, then published.
+- `safetensors_header`: a .safetensors file's shapes and metadata, no tensor read.
 - `load_torch_weights`: `torch.load(weights_only=True)` with one line for every way a file can
   be wrong (pickled objects are refused without suggesting to load them anyway).
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
+from safetensors import safe_open
 
 from .errors import ConsisIDError, first_line
 
@@ -154,3 +156,10 @@ def load_torch_weights(path: str | os.PathLike, error=ConsisIDError) -> dict:
         raise error(f"'{path}' does not hold a state dict (found {type(state).__name__})")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Key -> shape and the metadata of a .safetensors file, from its header alone (no tensor is
+    read). safetensors' `SafetensorError` and `OSError` reach the caller, which names the file."""
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}

@@ -22,17 +22,15 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from .checkpoint import ConsisIDModel
 from .checks import check_number, check_tensors
 from .errors import ConsisIDError, first_line
-from .files import shown
-
-if TYPE_CHECKING:
-    from .checkpoint import ConsisIDModel
+from .files import safetensors_header, shown
 
 PREFIXES = ("transformer.", "diffusion_model.")
 """diffusers' key prefix for the transformer's layers, and ComfyUI's."""
@@ -97,15 +95,13 @@ def read_lora(path: str | os.PathLike) -> LoRA:
         raise _refuse(name, f"the file is {size / 2**30:.1f} GB, over the {MAX_FILE_BYTES // 2**30} GB a LoRA of the "
                             "released transformer can need: it is not a LoRA")
     try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-            if not keys:
-                raise _refuse(name, "the file holds no tensors")
-            if len(keys) > MAX_TENSORS:
-                raise _refuse(name, f"it holds {len(keys)} tensors, over the {MAX_TENSORS} a LoRA of ConsisID can have")
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            plan = _plan(name, shapes, _metadata(name, f.metadata() or {}))
-            tensors = {k: f.get_tensor(k) for k in keys}
+        shapes, header = safetensors_header(path)
+        if not shapes:
+            raise _refuse(name, "the file holds no tensors")
+        if len(shapes) > MAX_TENSORS:
+            raise _refuse(name, f"it holds {len(shapes)} tensors, over the {MAX_TENSORS} a LoRA of ConsisID can have")
+        plan = _plan(name, shapes, _metadata(name, header))
+        tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise _refuse(name, _not_safetensors(path, e), "use its .safetensors file") from None
     odd = next((k for k, t in tensors.items() if not t.is_floating_point()), None)
@@ -221,7 +217,7 @@ def _bounded(name: str, source: str, module: str, scale: float) -> float:
     return scale
 
 
-def check_fits(lora: LoRA, transformer: torch.nn.Module) -> None:
+def check_lora_fits(lora: LoRA, transformer: torch.nn.Module) -> None:
     """Refuse a LoRA with a layer this transformer does not have (as a linear layer of that shape)."""
     fitting = 0
     problem = None
@@ -257,7 +253,7 @@ def with_loras(model: ConsisIDModel, loras: Iterable[tuple[LoRA, float]]) -> Con
     sharing the same modules, whose weights change only while a run merges them (`merged`)."""
     added = tuple((lora, check_strength(strength)) for lora, strength in loras)
     for lora, _ in added:
-        check_fits(lora, model.transformer)
+        check_lora_fits(lora, model.transformer)
     return dataclasses.replace(model, loras=(*model.loras, *added))
 
 
@@ -283,7 +279,7 @@ def read_loras(arguments: Sequence[tuple[Path, float]], transformer_config: Mapp
         skeleton = ConsisIDTransformer3DModel.from_config(dict(transformer_config))
     loras = tuple((read_lora(path), check_strength(strength)) for path, strength in arguments)
     for lora, _ in loras:
-        check_fits(lora, skeleton)
+        check_lora_fits(lora, skeleton)
     return loras
 
 
@@ -293,7 +289,7 @@ def merged(transformer: torch.nn.Module, loras: Stack, device: torch.device | st
     in float32 on `device`, stored where and as W is: fp8 storage too); after it, whatever happens,
     the original tensors are back. Every LoRA is checked before any weight changes."""
     for lora, _ in loras:
-        check_fits(lora, transformer)
+        check_lora_fits(lora, transformer)
     updates: dict[str, list[tuple[LoRALayer, float]]] = {}
     for lora, strength in loras:
         for module, layer in lora.layers.items():

@@ -11,15 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import latent_frames
+from .decoder import Tiling, spatial_scale
 from .errors import ConsisIDError
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .sampling import Tiling
 
 DECODE_BYTES_PER_LATENT = 307_000 * 4
 """Peak working memory of a whole-frame decode, per latent voxel of the VAE's first frame batch,
@@ -78,10 +75,6 @@ def kept_home(module: torch.nn.Module) -> Iterator[torch.device]:
         module.to(home)
 
 
-def spatial_scale(vae_config: Mapping) -> int:
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -92,9 +85,9 @@ def sampling_memory(
     """Estimated working memory (bytes) of sampling at this size beyond the weights: the larger of
     one transformer forward of the guided batch of 2 and the first frame's VAE encode."""
     scale, patch = spatial_scale(vae_config), transformer_config["patch_size"]
-    temporal = vae_config["temporal_compression_ratio"]
     patches = (height // scale // patch) * (width // scale // patch)
-    tokens = 2 * (transformer_config["max_text_seq_length"] + ((frames - 1) // temporal + 1) * patches)
+    video = latent_frames(frames, vae_config["temporal_compression_ratio"]) * patches
+    tokens = 2 * (transformer_config["max_text_seq_length"] + video)
     inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     forward = SAMPLING_ACTIVATIONS_PER_TOKEN * tokens * inner
     encode = ENCODE_ACTIVATIONS_PER_PIXEL * height * width
@@ -114,9 +107,9 @@ def decode_memory(
     return DECODE_BYTES_PER_LATENT * frames * height * width * dtype_bytes(dtype) // 4
 
 
-def text_encoder_memory(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
-    """A checkpoint's T5 in `dtype` (its parameters, from the safetensors headers) and its work."""
-    return checkpoint.parameter_count("text_encoder") * dtype_bytes(dtype) + TEXT_ENCODER_WORK
+def text_encoder_memory(parameters: int, dtype: torch.dtype) -> int:
+    """A T5 of `parameters` parameters in `dtype` and its work."""
+    return parameters * dtype_bytes(dtype) + TEXT_ENCODER_WORK
 
 
 def module_bytes(module: torch.nn.Module) -> int:

@@ -46,6 +46,7 @@ import torch
 
 from . import diffusers_hooks as hooks
 from .checks import latent_frames
+from .decoder import spatial_scale
 from .errors import ConsisIDError, RankError, first_line
 from .files import shown
 
@@ -160,7 +161,7 @@ def rank_device(spec: Parallel, device: torch.device, explicit_index: bool) -> t
 
 def video_tokens(transformer_config: Mapping, vae_config: Mapping, frames: int, height: int, width: int) -> int:
     """Tokens of one video in the transformer: latent frames × patches per frame."""
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
+    scale = spatial_scale(vae_config) * transformer_config["patch_size"]
     return latent_frames(frames, vae_config["temporal_compression_ratio"]) * (height // scale) * (width // scale)
 
 
@@ -173,7 +174,7 @@ def check_world_size(spec: Parallel) -> None:
         )
 
 
-def check(
+def check_parallel(
     spec: Parallel,
     transformer_config: Mapping,
     vae_config: Mapping,
@@ -402,9 +403,9 @@ def _cfg_hook(group, index: int, size: int):
 def _attention(api, config, spec: Parallel, device: torch.device):
     """The kernel the self-attention's SDPA call goes to ([B, H, S, D] in and out, as SDPA)."""
     if spec.ring == 1:
-        backend = api.backends.NATIVE  # Ulysses: any local attention; SDPA picks its kernel
+        backend = api.native  # Ulysses: any local attention; SDPA picks its kernel
     elif device.type == "cuda":
-        backend = api.backends._NATIVE_CUDNN  # ring: a kernel that returns the log-sum-exp
+        backend = api.cudnn  # ring: a kernel that returns the log-sum-exp
     else:
         backend = None  # ring on the CPU: diffusers has no backend for it, torch's CPU flash kernel does
 
@@ -413,24 +414,19 @@ def _attention(api, config, spec: Parallel, device: torch.device):
         if backend is not None:
             out = api.dispatch(q, k, v, scale=sm_scale, backend=backend, parallel_config=config)
         else:
-            out = api.templated(
-                q, k, v, None, 0.0, False, sm_scale, False, False,
-                forward_op=hooks.attention_with_lse, backward_op=hooks.no_backward, _parallel_config=config,
-            )
+            out = api.cpu_ring(q, k, v, sm_scale, config)
         return out.transpose(1, 2).to(query.dtype)
 
     return attention
 
 
 @contextlib.contextmanager
-def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: torch.dtype) -> Iterator[None]:
+def split_over_ranks(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: torch.dtype) -> Iterator[None]:
     """Split the transformer's forwards over the ranks as `spec` says, for the block; all undone
     after, whatever happens (the model never keeps it). `dtype`: the model's compute dtype."""
     if spec is None:
         yield
         return
-    from .performance import attention_hooks
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     start(device)
     import torch.distributed as dist
@@ -454,7 +450,7 @@ def applied(transformer: torch.nn.Module, spec: Parallel | None, device, dtype: 
             cp = api.ContextParallelConfig(ring_degree=spec.ring, ulysses_degree=spec.ulysses)
             config = api.ParallelConfig(context_parallel_config=cp)
             config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh["ring", "ulysses"])
-            pairs += attention_hooks(transformer, _attention(api, config, spec, device))
+            pairs += hooks.attention_hooks(transformer, _attention(api, config, spec, device))
             layout = plan(transformer)
             api.apply(transformer, cp, layout)
             stack.callback(api.remove, transformer, layout)

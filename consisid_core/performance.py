@@ -188,53 +188,10 @@ def sage_kernel(device: torch.device, dtype: torch.dtype, head_dim: int):
     return sageattn
 
 
-class _AttentionKernel(torch.overrides.TorchFunctionMode):
-    """Inside an attention module's forward, sends its unmasked `scaled_dot_product_attention`
-    ([batch, heads, tokens, head size]) to `kernel`; any other call runs as it was."""
-
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            call = _sdpa_arguments(*args, **kwargs)
-            if (
-                call["attn_mask"] is None
-                and call["dropout_p"] == 0
-                and not call["is_causal"]
-                and not call["enable_gqa"]
-            ):
-                return self.kernel(
-                    call["query"], call["key"], call["value"], tensor_layout="HND", is_causal=False, sm_scale=call["scale"]
-                )
-        return func(*args, **kwargs)
-
-
-def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return locals()
-
-
-def attention_hooks(transformer: torch.nn.Module, kernel) -> list[tuple[torch.nn.Module, object]]:
-    """Hooks that run each transformer block's self-attention with `kernel` (see `_AttentionKernel`)."""
-    class KernelAttention(hooks.hook_base()):
-        def __init__(self):
-            super().__init__()
-            self.mode = _AttentionKernel(kernel)
-
-        def new_forward(self, module, *args, **kwargs):
-            with self.mode:
-                return hooks.original_forward(self, *args, **kwargs)
-
-    return [(block.attn1, KernelAttention()) for block in transformer.transformer_blocks]
-
-
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Each block's compiled call, kept for later runs so that they do not trace again."""
 
 
-@contextlib.contextmanager
 def check_options(transformer: torch.nn.Module, options: Performance) -> None:
     """Refuse, before any work, an option whose diffusers or torch internals differ here."""
     for enabled, needs, option in (
@@ -284,10 +241,11 @@ def applied(
     """Apply `options` (and the always-on identity-token cache) to `model` for one run.
 
     Yields the modules to place on the device for the run; the step cache counts into `stats`.
+    `check_options` has refused what this diffusers cannot do (`sampling.sample` calls it before
+    any work).
     """
     stats = stats if stats is not None else StepCacheStats()
     transformer = model.transformer
-    check_options(transformer, options)
     pairs = []
     if getattr(transformer, "local_facial_extractor", None) is not None:
         found = hooks.problems(transformer, ("registry", "face"))
@@ -301,7 +259,7 @@ def applied(
     if options.attention == "sage":
         target = torch.device(device) if device is not None else home_device(transformer)
         kernel = sage_kernel(target, model.dtype, transformer.config.attention_head_dim)
-        pairs += attention_hooks(transformer, kernel)
+        pairs += hooks.attention_hooks(transformer, kernel)
     with _offloaded(model, options.offload, device) as to_place, hooks.hooked(pairs), hooks.compiled(
         list(transformer.transformer_blocks), _COMPILED, options.compile
     ):

@@ -12,18 +12,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import diffusers_hooks as hooks
 from .checkpoint import Checkpoint, ConsisIDModel
-from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors
+from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors, latent_frames
+from .decoder import Tiling, spatial_scale, vae_options
 from .errors import ConsisIDError
-from .decoder import vae_options
 from .identity import Identity
 from .lora import merged
 from .memory import (
@@ -35,11 +35,10 @@ from .memory import (
     module_bytes,
     placed,
     sampling_memory,
-    spatial_scale,
     text_encoder_memory,
 )
-from .parallel import Parallel, applied as split_over_ranks, check as check_parallel
-from .performance import Performance, StepCacheStats, applied
+from .parallel import Parallel, check_parallel, split_over_ranks
+from .performance import Performance, StepCacheStats, applied as performance_applied, check_options
 from .text import TextEmbeddings, encode_with_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def resolve_size(
     height = native_height if height is None else check_number("height", height, integer=True)
     width = native_width if width is None else check_number("width", width, integer=True)
     frames, height, width = int(frames), int(height), int(width)
-    multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * transformer_config["patch_size"]
+    multiple = spatial_scale(vae_config) * transformer_config["patch_size"]
     for name, value, native in (("height", height, native_height), ("width", width, native_width)):
         if value <= 0 or value % multiple:
             raise ConsisIDError(
@@ -90,7 +89,7 @@ def resolve_size(
 
 def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
     """(frames, height, width) the checkpoint was made for: (49, 480, 720) for the real one."""
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale = spatial_scale(vae_config)
     c = transformer_config
     return c["sample_frames"], c["sample_height"] * scale, c["sample_width"] * scale
 
@@ -143,20 +142,6 @@ def make_scheduler(model: ConsisIDModel, name: str):
     return classes[name].from_config(dict(model.scheduler_config))
 
 
-@contextlib.contextmanager
-def _face_scale(transformer: torch.nn.Module, scale: float | None) -> Iterator[None]:
-    """Override the transformer's `local_face_scale` (identity strength) for one run."""
-    if scale is None:
-        yield
-        return
-    saved = transformer.local_face_scale
-    transformer.local_face_scale = scale
-    try:
-        yield
-    finally:
-        transformer.local_face_scale = saved
-
-
 def _pipeline(vae: torch.nn.Module, transformer: torch.nn.Module | None = None, scheduler=None, progress_bar=False):
     from diffusers import ConsisIDPipeline
 
@@ -165,104 +150,164 @@ def _pipeline(vae: torch.nn.Module, transformer: torch.nn.Module | None = None, 
     return pipe
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run goes, besides its model, identity, text and first frame: the one options object
+    of `sample`, `generate` and `segments.generate_segments` (which also take its fields as keywords).
+
+    Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
+    `frames`, `height`, `width` default to the checkpoint's; sizes beyond `checks.bounded_size` need
+    `allow_oversize`. `identity_strength` overrides the transformer's `local_face_scale` and
+    `performance` (compile, offload, step cache; None: the defaults) applies, both for the run only.
+    The models are moved to `device` for the run and back after it, unless `move_models` is off
+    (ComfyUI's model management has placed them, perhaps partly). `parallel` splits the run over the
+    processes torchrun started (`consisid_core.parallel`; the process group is joined if the caller
+    has not); every rank returns the same latents. The model's LoRAs are merged into the
+    transformer's weights for the run and taken out after it, unless `merge_loras` is off
+    (ComfyUI's ModelPatcher has patched them in). `tiling` and `slicing` are the decode's.
+    """
+
+    seed: int = 42
+    steps: int = 50
+    guidance_scale: float = 6.0
+    dynamic_cfg: bool = False
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "dpm"
+    identity_strength: float | None = None
+    device: torch.device | str | None = None
+    progress_bar: bool = False
+    performance: Performance | None = None
+    allow_oversize: bool = False
+    move_models: bool = True
+    parallel: Parallel | None = None
+    merge_loras: bool = True
+    tiling: Tiling | None = None
+    slicing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.performance is None:
+            object.__setattr__(self, "performance", Performance())
+
+    @classmethod
+    def of(cls, options: RunOptions | None, changes: Mapping) -> RunOptions:
+        """`options` (default: the defaults) with the fields in `changes` replaced."""
+        return replace(options or cls(), **changes)
+
+
 @torch.no_grad()
 def sample(
     model: ConsisIDModel,
     identity: Identity,
     text: TextEmbeddings,
     image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    options: RunOptions | None = None,
     *,
-    seed: int = 42,
-    steps: int = 50,
-    guidance_scale: float = 6.0,
-    dynamic_cfg: bool = False,
-    frames: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    scheduler: str = "dpm",
-    identity_strength: float | None = None,
     callback: StepCallback | None = None,
-    device: torch.device | str | None = None,
-    progress_bar: bool = False,
-    performance: Performance | None = None,
-    allow_oversize: bool = False,
-    move_models: bool = True,
     step_cache_stats: StepCacheStats | None = None,
-    parallel: Parallel | None = None,
-    merge_loras: bool = True,
+    **changes,
 ) -> torch.Tensor:
-    """Denoise a video on `device`; returns latents [1, latent_frames, channels, h, w] on the CPU.
-
-    Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
-    `identity_strength` overrides the transformer's `local_face_scale` for this run only;
-    `performance` (compile, offload, step cache) applies to this run only too. Sizes beyond
-    `checks.bounded_size` need `allow_oversize`; a run that cannot fit the device is refused.
-    The models are moved to `device` for the run and back after it, unless `move_models` is off
-    (ComfyUI's model management has placed them, perhaps partly). What the step cache did
-    (transformer forwards computed and skipped) is counted into `step_cache_stats` if given.
-    `parallel` splits the run over the processes torchrun started (`consisid_core.parallel`; the
-    process group is joined if the caller has not); every rank returns the same latents. The model's LoRAs are merged into the transformer's
-    weights for the run and taken out after it, unless `merge_loras` is off (ComfyUI's
-    ModelPatcher has patched them in).
+    """Denoise a video as `options` say (`RunOptions`; its fields may also be given as keywords);
+    returns latents [1, latent_frames, channels, h, w] on the CPU. Everything is checked before any
+    work, and a run that cannot fit the device is refused. What the step cache did (transformer
+    forwards computed and skipped) is counted into `step_cache_stats` if given.
     """
-    frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
-    if (frames, height, width) != native_size(model.config, model.vae.config):
+    options = RunOptions.of(options, changes)
+    size = _checked_size(model, options)
+    check_inputs(model, identity, text, options.steps, options.seed, options.guidance_scale, options.identity_strength)
+    frame = first_frame(image, identity)
+    _check_resources(model, text, size, options)
+    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, options.scheduler), options.progress_bar)
+    with _applied(model, options, step_cache_stats):
+        latents = _denoise(pipe, model, identity, text, frame, size, options, callback)
+    check_tensors(
+        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
+    )
+    return latents.cpu()
+
+
+def _checked_size(model: ConsisIDModel, options: RunOptions) -> tuple[int, int, int]:
+    """The run's (frames, height, width), checked, with a warning for what is not the checkpoint's."""
+    frames, height, width = resolve_size(
+        model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize
+    )
+    native = native_size(model.config, model.vae.config)
+    if (frames, height, width) != native:
         logger.warning(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
-            frames, width, height, *native_size(model.config, model.vae.config),
+            frames, width, height, *native,
         )
     t = model.vae.config["temporal_compression_ratio"]
-    if ((frames - 1) // t + 1) % 2 == 0:
+    if latent_frames(frames, t) % 2 == 0:
         logger.warning(
             "%d frames are %d latent frames, an even number: the CogVideoX VAE decodes them to more frames than "
             "asked (as diffusers' pipeline does); %d·k + 1 frames (%d, %d, …) decode to exactly as many",
-            frames, (frames - 1) // t + 1, 2 * t, 2 * t + 1, 4 * t + 1,
+            frames, latent_frames(frames, t), 2 * t, 2 * t + 1, 4 * t + 1,
         )
-    check_inputs(model, identity, text, steps, seed, guidance_scale, identity_strength)
-    frame = first_frame(image, identity)
-    performance = performance or Performance()
-    if parallel is not None:
-        check_parallel(parallel, model.config, model.vae.config, (frames, height, width), guidance_scale, performance,
-                       device, model.dtype, text.positive.shape[1])
-    check_sampling_fits(model, frames, height, width, device, performance.offload == "sequential", move_models)
-    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, scheduler), progress_bar)
+    return frames, height, width
+
+
+def _check_resources(model: ConsisIDModel, text: TextEmbeddings, size: tuple[int, int, int], options: RunOptions):
+    """Refuse options this diffusers cannot apply, a split over ranks that cannot work, or a run
+    that cannot fit the device."""
+    performance = options.performance
+    check_options(model.transformer, performance)
+    if options.parallel is not None:
+        check_parallel(
+            options.parallel, model.config, model.vae.config, size, options.guidance_scale, performance,
+            options.device, model.dtype, text.positive.shape[1],
+        )
+    check_sampling_fits(model, *size, options.device, performance.offload == "sequential", options.move_models)
+
+
+@contextlib.contextmanager
+def _applied(model: ConsisIDModel, options: RunOptions, stats: StepCacheStats | None) -> Iterator[None]:
+    """What the run changes on the model, for the run only and undone after it whatever happens: the
+    identity strength, the LoRAs merged, the performance options, the models on the device, the
+    split over ranks."""
+    device = options.device
+    with (
+        hooks.face_scale(model.transformer, options.identity_strength),
+        merged(model.transformer, model.loras if options.merge_loras else (), device),
+        performance_applied(model, options.performance, options.steps, device, stats) as to_place,
+        placed(to_place, device if options.move_models else None),
+        split_over_ranks(model.transformer, options.parallel, device, model.dtype),
+    ):
+        yield
+
+
+def _denoise(pipe, model: ConsisIDModel, identity: Identity, text: TextEmbeddings, frame: Image.Image,
+             size: tuple[int, int, int], options: RunOptions, callback: StepCallback | None) -> torch.Tensor:
+    """diffusers' pipeline over our components, latents out."""
+    frames, height, width = size
+    steps, dtype = options.steps, model.dtype
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
         if callback is not None:
             callback(i + 1, steps, tensors["latents"])
         return {}
 
-    dtype = model.dtype
-    with (
-        merged(model.transformer, model.loras if merge_loras else (), device),
-        applied(model, performance, steps, device, step_cache_stats) as to_place,
-        placed(to_place, device if move_models else None),
-        _face_scale(model.transformer, identity_strength),
-        split_over_ranks(model.transformer, parallel, device, dtype),
-    ):
-        target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
-        latents = pipe(
-            image=frame,
-            prompt_embeds=text.positive.to(target, dtype),
-            negative_prompt_embeds=text.negative.to(target, dtype),
-            height=height,
-            width=width,
-            num_frames=frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            use_dynamic_cfg=dynamic_cfg,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=on_step_end,
-            id_cond=identity.id_cond,
-            id_vit_hidden=list(identity.id_vit_hidden),
-            kps_cond=identity.kps.numpy(),
-        )[0]
-    check_tensors(
-        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
-    )
-    return latents.cpu()
+    device = options.device
+    target = torch.device(device) if device is not None else next(model.transformer.parameters()).device
+    return pipe(
+        image=frame,
+        prompt_embeds=text.positive.to(target, dtype),
+        negative_prompt_embeds=text.negative.to(target, dtype),
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=options.guidance_scale,
+        use_dynamic_cfg=options.dynamic_cfg,
+        generator=torch.Generator("cpu").manual_seed(options.seed),
+        output_type="latent",
+        return_dict=False,
+        callback_on_step_end=on_step_end,
+        id_cond=identity.id_cond,
+        id_vit_hidden=list(identity.id_vit_hidden),
+        kps_cond=identity.kps.numpy(),
+    )[0]
 
 
 def check_sampling_fits(
@@ -283,73 +328,6 @@ def check_sampling_fits(
         "lower the frame count or the size" + ("" if streamed or device.type == "cpu" else ", or stream the transformer "
                                                "(sequential offload)"),
     )
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Decode in overlapping spatial tiles (pixels): less memory at large sizes, seams blended.
-
-    The defaults are diffusers' for CogVideoX at 480x720: 240x360 tiles overlapping 40 and 72 px.
-    """
-
-    tile_height: int = 240
-    tile_width: int = 360
-    overlap_height: int = 40
-    overlap_width: int = 72
-
-    @classmethod
-    def halves(cls, height: int, width: int, scale: int = 8) -> Tiling:
-        """Tiles a little over half the frame each way (2×2 tiles for a frame of height × width px),
-        overlapping by the nearest amount that diffusers' tiled decode steps exactly."""
-
-        def tile(size: int) -> tuple[int, int]:
-            wanted = scale if size <= 16 * scale else 2 * scale * (size // 240 + 1)
-            length = ((size + wanted) // 2 + scale - 1) // scale * scale
-            fits = [o for o in range(0, length, scale) if _grid_factor(length, o, scale) is not None]
-            return length, min(fits, key=lambda o: abs(o - wanted))
-
-        (tile_height, overlap_height), (tile_width, overlap_width) = tile(height), tile(width)
-        return cls(tile_height, tile_width, overlap_height, overlap_width)
-
-    def factors(self, scale: int) -> tuple[float, float]:
-        """Overlap factors for diffusers, checked to land on the VAE's latent grid."""
-        result = []
-        for name, tile, overlap in (
-            ("height", self.tile_height, self.overlap_height),
-            ("width", self.tile_width, self.overlap_width),
-        ):
-            check_number(f"tile {name}", tile, 1, MAX_TILE, integer=True)
-            check_number(f"tile overlap ({name})", overlap, 0, MAX_TILE, integer=True)
-            if tile < 2 * scale or tile % scale or overlap < 0 or overlap >= tile or (tile - overlap) % scale:
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap does not fit the VAE's {scale}-px latent "
-                    f"grid: the tile must be a multiple of {scale}, the overlap smaller than the tile, and "
-                    f"tile - overlap a multiple of {scale} (e.g. tile 240, overlap 40)"
-                )
-            factor = _grid_factor(tile, overlap, scale)
-            if factor is None:
-                fits = [o for o in range(0, tile, scale) if _grid_factor(tile, o, scale) is not None]
-                nearest = sorted(fits, key=lambda o: abs(o - overlap))[:3]
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap cannot be decoded exactly by diffusers' "
-                    f"tiling (rounding); overlaps that work with this tile: {', '.join(map(str, sorted(nearest)))}"
-                )
-            result.append(factor)
-        return result[0], result[1]
-
-
-MAX_TILE = 4096
-
-
-def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
-    """The overlap factor for which diffusers' tiled decode (latent stride int(tile/scale * (1 - f)),
-    crop tile - int(tile * f)) steps exactly tile - overlap pixels, or None where floating point
-    rounding leaves no such factor."""
-    exact = overlap / tile
-    for factor in sorted({exact, *(math.nextafter(exact, d) for d in (0.0, 1.0))}):
-        if int(tile // scale * (1 - factor)) * scale == tile - int(tile * factor) == tile - overlap:
-            return factor
-    return None
 
 
 @torch.no_grad()
@@ -408,11 +386,11 @@ def check_run_fits(
     device = torch.device(device)
     transformer_config, vae_config = checkpoint.transformer_config, checkpoint.vae_config
     size = dtype_bytes(dtype)
-    t5 = text_encoder_memory(checkpoint, dtype)
+    t5 = text_encoder_memory(checkpoint.parameter_count("text_encoder"), dtype)
     transformer = checkpoint.parameter_count("transformer") * (1 if fp8 else size)
     vae = checkpoint.parameter_count("vae") * size
     scale = spatial_scale(vae_config)
-    latent_shape = (1, (frames - 1) // vae_config["temporal_compression_ratio"] + 1, 1, height // scale, width // scale)
+    latent_shape = (1, latent_frames(frames, vae_config["temporal_compression_ratio"]), 1, height // scale, width // scale)
     decoding = decode_memory(vae_config, dtype, latent_shape, Tiling.halves(height, width, scale))
     sampling = sampling_memory(transformer_config, vae_config, dtype, frames, height, width)
     on_device = vae + (0 if streamed and device.type != "cpu" else transformer)
@@ -469,20 +447,21 @@ def generate(
     prompt: str | TextEmbeddings,
     negative_prompt: str = "",
     image: Image.Image | np.ndarray | torch.Tensor | None = None,
-    **options,
+    options: RunOptions | None = None,
+    *,
+    callback: StepCallback | None = None,
+    step_cache_stats: StepCacheStats | None = None,
+    **changes,
 ) -> torch.Tensor:
-    """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. Options as for `sample`."""
-    resolve_size(
-        model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"),
-        options.get("allow_oversize", False),
-    )
-    check_inputs(
-        model, identity, None, options.get("steps", 50), options.get("seed", 42), options.get("guidance_scale", 6.0),
-        options.get("identity_strength"),
-    )
+    """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. `options` as for `sample`; the
+    decode takes its device, tiling, slicing and move_models. A prompt given as text is encoded
+    with the checkpoint's own T5, loaded for it and released after."""
+    options = RunOptions.of(options, changes)
+    resolve_size(model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize)
+    check_inputs(model, identity, None, options.steps, options.seed, options.guidance_scale, options.identity_strength)
     if isinstance(prompt, str):
-        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.get("device"))
+        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.device)
     else:
         text = prompt
-    latents = sample(model, identity, text, image, **options)
-    return decode(model.vae, latents, options.get("device"))
+    latents = sample(model, identity, text, image, options, callback=callback, step_cache_stats=step_cache_stats)
+    return decode(model.vae, latents, options.device, options.tiling, options.slicing, options.move_models)

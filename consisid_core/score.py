@@ -28,7 +28,9 @@ import torch
 
 from .checks import check_number
 from .errors import ConsisIDError, FaceError, IdentityError
+from .face.extract import pick_face
 from .identity import Identity
+from .media import to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,6 @@ def sample_indices(count: int, frames_sampled: int = DEFAULT_FRAMES_SAMPLED) -> 
 
 def _largest_face_embedding(face_models, bgr: np.ndarray) -> np.ndarray | None:
     from insightface.app.common import Face
-
-    from .face.extract import pick_face
 
     boxes, kps = face_models.detector.detect(bgr, input_size=DETECTION_SIZE, max_num=0, metric="default")
     if boxes.shape[0] == 0:
@@ -191,8 +191,6 @@ def score_video(
 ) -> IdentityScore:
     """FaceSim-Arc of frames in memory ([F, H, W, 3], float 0..1 or uint8), sampled as the protocol
     samples a video file."""
-    from .media import to_uint8
-
     check_frames_sampled(frames_sampled)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ConsisIDError(f"expected frames [F, H, W, 3], found shape {list(frames.shape)}")
@@ -225,8 +223,6 @@ class SampledFrames:
 
     def add(self, frames: torch.Tensor) -> None:
         """The video's next frames, [F, H, W, 3] float 0..1 (as they are written)."""
-        from .media import to_uint8
-
         for j in range(len(frames)):
             if self._seen + j in self._wanted:
                 self._kept[self._seen + j] = to_uint8(frames[j : j + 1])[0]

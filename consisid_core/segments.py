@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from .checks import MAX_SEED, check_number, check_seed
 from .errors import ConsisIDError
 from .identity import Identity
 from .media import to_uint8
-from .sampling import Tiling, decode, resolve_size, sample
+from .sampling import RunOptions, decode, resolve_size, sample
 from .text import TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -132,44 +132,43 @@ def generate_segments(
     identity: Identity,
     texts: Sequence[TextEmbeddings],
     image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    options: RunOptions | None = None,
     *,
-    seed: int = 42,
     colour_match: bool = False,
     callback: SegmentCallback | None = None,
-    tiling: Tiling | None = None,
-    **options,
+    **changes,
 ) -> Iterator[torch.Tensor]:
     """One segment per text in `texts` (`segment_prompts` makes the list), chained as the module
     says; yields each segment's new frames [F', H, W, 3] float32 in 0..1 on the CPU as soon as it
     is decoded: segment 1 whole, every later one without its first frame (the previous one's last).
 
     `image` is segment 1's first frame (default: the identity's aligned face). `options` are
-    `sample`'s (steps, guidance_scale, frames, height, width, device, performance, …) and apply to
-    every segment; `tiling` is the decode's. Before the last segment's decode the generator lets go
-    of `model`, so that a caller holding no other reference to it (the command line) frees the
-    transformer before the decode's peak, as a one-pass run does. (No `torch.no_grad` decorator
-    here: its generator wrapper would keep the arguments, `model` included; `sample` and `decode`
-    run without gradients themselves.)
+    `sample`'s (`sampling.RunOptions`, or its fields as keywords: steps, guidance_scale, frames,
+    device, performance, tiling, …) and apply to every segment, its seed to segment 1. Before the
+    last segment's decode the generator lets go of `model`, so that a caller holding no other
+    reference to it (the command line) frees the transformer before the decode's peak, as a
+    one-pass run does. (No `torch.no_grad` decorator here: its generator wrapper would keep the
+    arguments, `model` included; `sample` and `decode` run without gradients themselves.)
     """
+    options = RunOptions.of(options, changes)
     frames = resolve_size(
-        model.config, model.vae.config, options.get("frames"), options.get("height"), options.get("width"),
-        options.get("allow_oversize", False),
+        model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize
     )[0]
     count = check_segments(len(texts), frames)
-    check_seed(seed)  # before segment_seed wraps it
-    device, move_models = options.get("device"), options.get("move_models", True)
+    check_seed(options.seed)  # before segment_seed wraps it
     reference = None
     first = image
     for segment, text in enumerate(texts, 1):
         if callback is not None:
-            callback(segment, 0, options.get("steps", 50), None)  # a Cancel point between segments too
+            callback(segment, 0, options.steps, None)  # a Cancel point between segments too
         step = None if callback is None else (lambda done, total, latents, k=segment: callback(k, done, total, latents))
-        latents = sample(model, identity, text, first, seed=segment_seed(seed, segment), callback=step, **options)
+        run = replace(options, seed=segment_seed(options.seed, segment))
+        latents = sample(model, identity, text, first, run, callback=step)
         vae = model.vae
         if segment == count:
             model = None  # the transformer is done: released (if the caller holds it no more) before the decode
             gc.collect()
-        video = decode(vae, latents, device, tiling=tiling, move_models=move_models)
+        video = decode(vae, latents, options.device, options.tiling, options.slicing, options.move_models)
         del latents
         if colour_match:
             if reference is None:

@@ -6,16 +6,13 @@ import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import Checkpoint
 from .checks import check_prompt, check_tensors
 from .errors import ConsisIDError
 from .memory import home_device, placed
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +76,11 @@ def encode_text(
     return TextEmbeddings(positive, negative)
 
 
+def load_text_encoder(checkpoint: Checkpoint, dtype: str | torch.dtype = "bf16") -> TextEncoder:
+    """A checkpoint folder's own T5 and tokenizer."""
+    return TextEncoder(checkpoint.load_tokenizer(), checkpoint.load_text_model(dtype))
+
+
 def own_text_encoder(checkpoint: Checkpoint | None, dtype: torch.dtype) -> TextEncoder:
     """A model's own T5: its checkpoint folder's (None for a model from single files: refused)."""
     if checkpoint is None:
@@ -86,7 +88,7 @@ def own_text_encoder(checkpoint: Checkpoint | None, dtype: torch.dtype) -> TextE
             "this model was loaded from single files, so it has no T5 text encoder of its own: encode the "
             "prompt with another T5-XXL (in ComfyUI: CLIPLoader with the t5xxl file, type sd3)"
         )
-    return checkpoint.load_text_encoder(dtype)
+    return load_text_encoder(checkpoint, dtype)
 
 
 def encode_with_checkpoint(

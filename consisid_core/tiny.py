@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG
+from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG
 from .errors import ConsisIDError
+from .face.tiny import write_tiny_face_encoder
 from .identity import Identity
 
 logger = logging.getLogger(__name__)
 
 TINY_TRANSFORMER = dict(
+    RELEASED_TRANSFORMER_CONFIG,
     num_attention_heads=2,
     attention_head_dim=32,
     in_channels=8,
@@ -34,25 +36,16 @@ TINY_TRANSFORMER = dict(
     sample_width=12,
     sample_height=8,
     sample_frames=9,
-    patch_size=2,
-    temporal_compression_ratio=4,
-    max_text_seq_length=226,
-    use_rotary_positional_embeddings=True,
-    use_learned_positional_embeddings=False,
-    is_train_face=True,
     cross_attn_interval=1,
-    cross_attn_dim_head=128,
     cross_attn_num_heads=1,
     LFE_id_dim=512 + 32,  # antelopev2's 512-d embedding + the tiny EVA's 32-d one
     LFE_vit_dim=32,  # the tiny EVA's width
     LFE_depth=5,
-    LFE_dim_head=64,
     LFE_num_heads=1,
     LFE_num_id_token=2,
     LFE_num_querie=4,
     LFE_output_dim=42,  # = int(2/3 of the transformer width), as ConsisID's cross-attention needs
     LFE_ff_mult=1,
-    LFE_num_scale=5,
 )
 """Heads split as the released checkpoint's (64-d LFE heads, 128-d cross-attention heads), so
 `checkpoint.infer_transformer_config` recovers this config from the weights alone."""
@@ -173,8 +166,6 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) ->
 
     Written beside the target and moved into place at the end: a failure leaves nothing behind.
     """
-    from .face.tiny import write_tiny_face_encoder
-
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConsisIDError(f"'{target}' already exists and is not an empty folder; give make-tiny a new folder")

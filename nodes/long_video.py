@@ -82,9 +82,7 @@ class ConsisIDExtend:
             model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
             identity_strength, image=previous[-1:], performance=performance, allow_oversize=allow_oversize,
         )
-        (video,) = ConsisIDVAEDecode().decode(
-            model, latent, tiling=False, tile_height=240, tile_width=360, overlap=48, slicing=False
-        )
+        (video,) = ConsisIDVAEDecode().decode(model, latent, tiling=False)
         if colour_match:
             video = ColourReference.of(previous[:frames]).match(video)
         new = video[1:].to(previous.device, previous.dtype)

@@ -10,7 +10,15 @@ from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.media import to_uint8
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
-from ..consisid_core.sampling import SCHEDULERS, check_inputs, check_sampling_fits, resolve_size, sample
+from ..consisid_core.sampling import (
+    MAX_GUIDANCE,
+    MAX_IDENTITY_STRENGTH,
+    SCHEDULERS,
+    check_inputs,
+    check_sampling_fits,
+    resolve_size,
+    sample,
+)
 from . import host
 from .declared import declared_error
 
@@ -49,7 +57,7 @@ class ConsisIDSampler:
                 "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 50)."}),
-                "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
                                        "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
                 "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
@@ -60,7 +68,7 @@ class ConsisIDSampler:
                                   "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
                                    "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
-                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_IDENTITY_STRENGTH, "step": 0.05,
                                                 "tooltip": "Scale of the face features (the transformer's local_face_scale)."}),
             },
             "optional": {

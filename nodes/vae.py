@@ -6,8 +6,12 @@ import torch
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.memory import decode_memory
-from ..consisid_core.sampling import Tiling, check_latents, decode
+from ..consisid_core.decoder import MAX_TILE, Tiling
+from ..consisid_core.sampling import check_latents, decode
 from . import host
+
+TILES = Tiling()
+"""The core's default tiles and overlaps (diffusers' for CogVideoX at 480x720)."""
 
 
 class ConsisIDVAEDecode:
@@ -29,18 +33,26 @@ class ConsisIDVAEDecode:
                 "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader (its VAE is used)."}),
                 "latent": ("LATENT", {"tooltip": "From ConsisID Sampler."}),
                 "tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in overlapping tiles: less memory, same size."}),
-                "tile_height": ("INT", {"default": 240, "min": 16, "max": 4096, "step": 8,
+                "tile_height": ("INT", {"default": TILES.tile_height, "min": 16, "max": MAX_TILE, "step": 8,
                                         "tooltip": "Tile height in pixels (multiple of 8)."}),
-                "tile_width": ("INT", {"default": 360, "min": 16, "max": 4096, "step": 8,
+                "tile_width": ("INT", {"default": TILES.tile_width, "min": 16, "max": MAX_TILE, "step": 8,
                                        "tooltip": "Tile width in pixels (multiple of 8)."}),
-                "overlap": ("INT", {"default": 48, "min": 0, "max": 1024, "step": 8,
-                                    "tooltip": "Pixels each tile overlaps its neighbours, blended (multiple of 8)."}),
+                "overlap_height": ("INT", {"default": TILES.overlap_height, "min": 0, "max": 1024, "step": 8,
+                                           "tooltip": "Pixels each tile overlaps the tiles above and below it, "
+                                                      "blended (multiple of 8)."}),
                 "slicing": ("BOOLEAN", {"default": False,
                                         "tooltip": "Decode the videos of a batch one at a time (less memory for batches)."}),
-            }
+            },
+            # last, so that workflows saved with one overlap (where overlap_height now is) still load
+            "optional": {
+                "overlap_width": ("INT", {"default": TILES.overlap_width, "min": 0, "max": 1024, "step": 8,
+                                          "tooltip": "Pixels each tile overlaps the tiles beside it, blended "
+                                                     "(multiple of 8)."}),
+            },
         }
 
-    def decode(self, model, latent, tiling, tile_height, tile_width, overlap, slicing):
+    def decode(self, model, latent, tiling, tile_height=TILES.tile_height, tile_width=TILES.tile_width,
+               overlap_height=TILES.overlap_height, slicing=False, overlap_width=TILES.overlap_width):
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
             found = list(samples.shape) if isinstance(samples, torch.Tensor) else "no samples tensor"
@@ -49,7 +61,7 @@ class ConsisIDVAEDecode:
             )
         latents = samples.permute(0, 2, 1, 3, 4)
         check_latents(model.vae, latents)
-        tiles = Tiling(tile_height, tile_width, overlap, overlap) if tiling else None
+        tiles = Tiling(tile_height, tile_width, overlap_height, overlap_width) if tiling else None
         work = decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles)
         device, move_models = host.load([("vae", model.vae)], host.owner(model), memory_required=work)
         try:

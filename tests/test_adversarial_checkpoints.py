@@ -34,6 +34,7 @@ from consisid_core.checkpoint import (
 from consisid_core.checks import class_defaults
 from consisid_core.errors import CheckpointError, FaceError
 from consisid_core.face import load_face_models
+from consisid_core.text import load_text_encoder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHT_FILES = {"transformer": WEIGHTS, "vae": WEIGHTS, "text_encoder": "model.safetensors"}
@@ -288,7 +289,7 @@ def test_sharded_weights_load_the_same_tensors(ckpt, tiny_dir, component):
     loaded = {
         "transformer": lambda: checkpoint.load_transformer("fp32"),
         "vae": lambda: checkpoint.load_vae("fp32"),
-        "text_encoder": lambda: checkpoint.load_text_encoder("fp32").model,
+        "text_encoder": lambda: load_text_encoder(checkpoint, "fp32").model,
     }[component]()
     reference = _reference_state(tiny_dir, component)
     ours = loaded.state_dict()
@@ -378,7 +379,7 @@ def _load_component(checkpoint: Checkpoint, component: str, dtype: str = "fp32")
     return {
         "transformer": checkpoint.load_transformer,
         "vae": checkpoint.load_vae,
-        "text_encoder": checkpoint.load_text_encoder,
+        "text_encoder": lambda dtype: load_text_encoder(checkpoint, dtype),
     }[component](dtype)
 
 
@@ -825,6 +826,6 @@ def test_a_damaged_tokenizer_is_not_a_missing_tiktoken(ckpt, content, capfd):
         CheckpointError,
         rf"'{_re(ckpt / 'tokenizer')}' is not a valid T5 tokenizer: it needs T5's SentencePiece model, spiece.model, "
         r"and its spiece.model does not read as one \(.*\); download the checkpoint's tokenizer folder again",
-        lambda: checkpoint.load_text_encoder("fp32"), ckpt,
+        lambda: load_text_encoder(checkpoint, "fp32"), ckpt,
     )
     assert "tiktoken" not in message and "tiktoken" not in capfd.readouterr().err

@@ -420,11 +420,11 @@ def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
     ],
 )
 def test_vae_decode_refuses_what_is_not_a_consisid_latent(model, calls, latent, says):
-    message = refusal(ConsisIDError, DECODE().decode, model, latent, False, 240, 360, 48, False)
+    message = refusal(ConsisIDError, DECODE().decode, model, latent, False, 240, 360, 40, 72, False)
     assert message.startswith(says)
     assert calls == []
 
 
 def test_vae_decode_of_a_good_latent_runs_the_decoder(model, calls):
-    (frames,) = DECODE().decode(model, {"samples": torch.zeros(1, 4, 1, 8, 12)}, False, 240, 360, 48, False)
+    (frames,) = DECODE().decode(model, {"samples": torch.zeros(1, 4, 1, 8, 12)}, False, 240, 360, 40, 72, False)
     assert frames.shape == (1, 64, 96, 3) and set(calls) == {"vae decoder"}

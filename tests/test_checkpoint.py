@@ -16,6 +16,7 @@ from consisid_core.checkpoint import (
     read_safetensors_shapes,
 )
 from consisid_core.errors import CheckpointError, ConsisIDError
+from consisid_core.text import load_text_encoder
 from consisid_core.tiny import make_tiny
 
 
@@ -79,7 +80,7 @@ def test_loads_in_the_dtype_asked_for(tiny_dir, name, dtype):
 
 
 def test_text_encoder_loads_with_its_tokenizer(tiny_dir):
-    encoder = Checkpoint.open(tiny_dir).load_text_encoder("fp32")
+    encoder = load_text_encoder(Checkpoint.open(tiny_dir), "fp32")
     ids = encoder.tokenizer("a person smiling").input_ids
     assert encoder.tokenizer.unk_token_id not in ids
     assert ids[-1] == encoder.tokenizer.eos_token_id

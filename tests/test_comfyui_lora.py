@@ -93,7 +93,7 @@ def _branches(seed: int) -> dict:
             "identity_strength": 1.0}}
         prompt[f"{branch}_decode"] = {"class_type": "ConsisIDVAEDecode", "inputs": {
             "model": branch_model, "latent": [f"{branch}_sampler", 0], "tiling": False, "tile_height": 240,
-            "tile_width": 360, "overlap": 48, "slicing": False}}
+            "tile_width": 360, "overlap_height": 40, "overlap_width": 72, "slicing": False}}
         prompt[f"{branch}_save"] = {"class_type": "SaveImage", "inputs": {
             "images": [f"{branch}_decode", 0], "filename_prefix": f"lora_test/{branch}_{seed}"}}
     return prompt

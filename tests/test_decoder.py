@@ -20,7 +20,8 @@ import torch
 
 from consisid_core.checkpoint import load_vae_file
 from consisid_core.decoder import CausalConv3d, SpatialNorm3D, Upsample3D, speed_up_decoder
-from consisid_core.sampling import Tiling, decode
+from consisid_core.decoder import Tiling
+from consisid_core.sampling import decode
 from consisid_core.tiny import TINY_VAE
 
 TOLERANCE = 1e-4

@@ -18,7 +18,7 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main
 from consisid_core.errors import ConsisIDError
 from consisid_core.identity import save_identity
-from consisid_core.lora import MAX_TENSORS, check_fits, lora_argument, merged, read_lora, with_loras
+from consisid_core.lora import MAX_TENSORS, check_lora_fits, lora_argument, merged, read_lora, with_loras
 from consisid_core.media import to_uint8
 from consisid_core.sampling import generate, sample
 from consisid_core.tiny import random_identity
@@ -351,14 +351,14 @@ def test_strengths_are_checked(files, model):
     assert lora_argument("C:/x/b.safetensors") == (lora_argument("C:/x/b.safetensors")[0], 1.0)
 
 
-def test_check_fits_names_a_missing_layer(files, model, tmp_path):
+def test_check_lora_fits_names_a_missing_layer(files, model, tmp_path):
     tensors = load_file(files["plain"]) | {
         "transformer.transformer_blocks.7.attn1.to_q.lora_A.weight": torch.ones(4, 64),
         "transformer.transformer_blocks.7.attn1.to_q.lora_B.weight": torch.ones(64, 4),
     }
     save_file(tensors, tmp_path / "deeper.safetensors")
     with pytest.raises(ConsisIDError, match=r"'transformer.transformer_blocks.7.attn1.to_q.lora_A.weight' names no"):
-        check_fits(read_lora(tmp_path / "deeper.safetensors"), model.transformer)
+        check_lora_fits(read_lora(tmp_path / "deeper.safetensors"), model.transformer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_lora_nodes_stack_and_leave_the_loaders_model_alone(home, tiny_dir, file
     core = generate(with_loras(_fresh(tiny_dir), stack), identity, text, steps=2, seed=4)
     from consisid_pack.nodes.vae import ConsisIDVAEDecode
 
-    (frames,) = ConsisIDVAEDecode().decode(styled, ours, False, 240, 360, 48, False)
+    (frames,) = ConsisIDVAEDecode().decode(styled, ours, False, 240, 360, 40, False, 72)
     assert torch.equal(frames, core)
     # the loader's model, used after the LoRAs' run, samples as a freshly loaded one
     (after,) = sampler.sample(model, identity, text, **settings)

@@ -92,7 +92,7 @@ def test_a_whole_graph_equals_the_core(home, tiny_dir):
         model, identities[0], text, 42, 3, 6.0, False, "dpm", 9, 96, 64, 1.0
     )
     assert latent["samples"].shape == (1, 4, 3, 8, 12)
-    (frames,) = n["ConsisIDVAEDecode"]().decode(model, latent, False, 240, 360, 48, False)
+    (frames,) = n["ConsisIDVAEDecode"]().decode(model, latent, False, 240, 360, 40, False, 72)
     assert frames.shape == (9, 64, 96, 3)
 
     core_model = Checkpoint.open(tiny_dir).load_model("fp32")
@@ -159,8 +159,8 @@ def test_tiled_decode_node(home):
     n = NODE_CLASS_MAPPINGS
     (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     latent = {"samples": torch.randn(1, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))}
-    plain = n["ConsisIDVAEDecode"]().decode(model, latent, False, 32, 48, 16, False)[0]
-    tiled = n["ConsisIDVAEDecode"]().decode(model, latent, True, 32, 48, 16, True)[0]
+    plain = n["ConsisIDVAEDecode"]().decode(model, latent, False, 32, 48, 16, False, 16)[0]
+    tiled = n["ConsisIDVAEDecode"]().decode(model, latent, True, 32, 48, 16, True, 16)[0]
     assert plain.shape == tiled.shape == (9, 64, 96, 3)
 
 

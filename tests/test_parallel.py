@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from consisid_core import cli, diffusers_hooks
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import ConsisIDError
-from consisid_core.parallel import Parallel, check, plan, video_tokens
+from consisid_core.parallel import Parallel, check_parallel, plan, video_tokens
 from consisid_core.performance import Performance
 from consisid_core.sampling import decode, sample
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
@@ -102,7 +102,7 @@ def test_refused_splits(tiny_model, two_ranks, split, options, message):
     args = {"size": (9, 64, 96), "guidance": 6.0, "performance": Performance(), "device": "cpu",
             "dtype": torch.float32, **options}
     with pytest.raises(ConsisIDError) as e:
-        check(Parallel.parse(split), tiny_model.config, tiny_model.vae.config, args["size"], args["guidance"],
+        check_parallel(Parallel.parse(split), tiny_model.config, tiny_model.vae.config, args["size"], args["guidance"],
               args["performance"], args["device"], args["dtype"], MAX_SEQUENCE_LENGTH)
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -112,7 +112,7 @@ def test_ulysses_must_divide_the_heads(tiny_model, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ConsisIDError, match="ulysses=4 does not divide this transformer's 2 attention heads"):
-        check(Parallel(ulysses=4), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
+        check_parallel(Parallel(ulysses=4), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
               torch.float32, MAX_SEQUENCE_LENGTH)
 
 
@@ -121,12 +121,12 @@ def test_older_diffusers_refused_with_the_version_needed(tiny_model, two_ranks, 
 
     monkeypatch.setattr(diffusers, "__version__", "0.35.2")
     with pytest.raises(diffusers_hooks.HookApiError) as e:
-        check(Parallel(ulysses=2), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
+        check_parallel(Parallel(ulysses=2), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
               torch.float32, MAX_SEQUENCE_LENGTH)
     needed = ".".join(map(str, diffusers_hooks.PARALLEL_DIFFUSERS))
     assert f"needs diffusers >= {needed} (its context parallelism; this is 0.35.2)" in str(e.value)
     # cfg alone is torch.distributed only: no diffusers internals, no version needed
-    check(Parallel(cfg=2), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
+    check_parallel(Parallel(cfg=2), tiny_model.config, tiny_model.vae.config, (9, 64, 96), 6.0, Performance(), "cpu",
           torch.float32, MAX_SEQUENCE_LENGTH)
 
 

@@ -10,7 +10,7 @@ from diffusers import ConsisIDPipeline
 
 from consisid_core.checkpoint import Checkpoint, load_transformer_file
 from consisid_core.sampling import generate
-from consisid_core.text import encode_text
+from consisid_core.text import encode_text, load_text_encoder
 from consisid_core.tiny import random_identity
 
 TOLERANCE = 1e-4
@@ -75,7 +75,7 @@ def test_single_file_transformer_equals_the_reference(tiny_dir):
 def test_own_first_frame_and_precomputed_text_equal_the_reference(tiny_dir, tiny_model):
     identity = random_identity(tiny_model.config, seed=13)
     frame = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
-    text = encode_text(Checkpoint.open(tiny_dir).load_text_encoder("fp32"), PROMPT, NEGATIVE)
+    text = encode_text(load_text_encoder(Checkpoint.open(tiny_dir), "fp32"), PROMPT, NEGATIVE)
     assert text.positive.shape == (1, 226, 32)
     ours = generate(tiny_model, identity, text, image=frame, steps=3, seed=9, guidance_scale=4.5)
     from PIL import Image

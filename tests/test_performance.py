@@ -7,8 +7,8 @@ import torch
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import ConsisIDError, GenerationCancelled
-from consisid_core.diffusers_hooks import hooked
-from consisid_core.performance import Performance, StepCacheStats, attention_hooks
+from consisid_core.diffusers_hooks import attention_hooks, hooked
+from consisid_core.performance import Performance, StepCacheStats
 from consisid_core.sampling import sample
 from consisid_core.text import TextEmbeddings
 

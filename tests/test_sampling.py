@@ -7,7 +7,7 @@ import torch
 
 from consisid_core.errors import ConsisIDError, GenerationCancelled, IdentityError
 from consisid_core.sampling import decode, sample
-from consisid_core.text import TextEmbeddings
+from consisid_core.text import TextEmbeddings, load_text_encoder
 from consisid_core.tiny import random_identity
 
 
@@ -129,7 +129,7 @@ def test_an_even_latent_count_decodes_to_more_frames_and_says_so(tiny_model, ide
 
 @pytest.mark.slow
 def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identity, text):
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     latents = sample(tiny_model, identity, text, steps=2, seed=3)
     plain = decode(tiny_model.vae, latents)
@@ -152,7 +152,7 @@ def test_decode_a_batch_of_videos(tiny_model, identity, text):
 
 @pytest.mark.parametrize("tiling", [(30, 48, 8, 16), (32, 48, 12, 16), (32, 48, 32, 16)])
 def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     latents = torch.zeros(1, 3, 4, 8, 12)
     with pytest.raises(ConsisIDError, match="px overlap does not fit the VAE's 8-px latent grid"):
@@ -163,7 +163,7 @@ def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
 def test_accepted_tilings_land_exactly_on_the_latent_grid():
     """What diffusers' tiled decode does with the factors: stride and crop agree, for every tile
     and overlap accepted; the rest are refused with overlaps that work."""
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     accepted = 0
     for tile in range(16, 513, 8):
@@ -177,13 +177,13 @@ def test_accepted_tilings_land_exactly_on_the_latent_grid():
             assert int(tile // 8 * (1 - factor)) * 8 == tile - int(tile * factor) == tile - overlap
     assert accepted > 1000
     Tiling().factors(8)
-    Tiling(240, 360, 48, 48).factors(8)  # the node's defaults
+    Tiling(240, 360, 48, 48).factors(8)  # one overlap both ways
 
 
 def test_half_frame_tiles_fit_every_size():
     """`Tiling.halves` (the out-of-memory retry's and the bench's tiles) cuts each side in two,
     with overlaps diffusers' tiled decode steps exactly, at every size the sampler accepts."""
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     for size in range(32, 2049, 16):  # 16 px is a single 2×2 latent: nothing to cut
         tiling = Tiling.halves(size, size)
@@ -208,7 +208,7 @@ class OutOfMemoryUntiled:
 
 @pytest.mark.slow
 def test_out_of_memory_decodes_again_in_tiles(tiny_model, identity, text, caplog):
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     latents = sample(tiny_model, identity, text, steps=1, seed=3)
     tiled = decode(tiny_model.vae, latents, tiling=Tiling.halves(64, 96))
@@ -230,7 +230,7 @@ def test_decode_memory_follows_frame_batches_tiles_and_dtype(tiny_model):
     """The room the VAE Decode node asks ComfyUI for: diffusers decodes 3 latent frames at a time,
     and one tile at a time with tiling."""
     from consisid_core.memory import decode_memory
-    from consisid_core.sampling import Tiling
+    from consisid_core.decoder import Tiling
 
     vae = tiny_model.vae.config, torch.float32
     whole = decode_memory(*vae, (1, 13, 4, 60, 90))
@@ -250,5 +250,5 @@ def test_sampling_memory_scales_with_tokens_and_the_first_frame(tiny_model, tiny
     small, frames, wide = (sampling_memory(*configs, f, h, w) for f, h, w in ((9, 64, 96), (17, 64, 96), (9, 64, 192)))
     assert 0 < small <= frames and small < wide
     # the T5's room: its parameters, read from the file headers
-    t5 = Checkpoint.open(tiny_dir).load_text_encoder("fp32").model
+    t5 = load_text_encoder(Checkpoint.open(tiny_dir), "fp32").model
     assert Checkpoint.open(tiny_dir).parameter_count("text_encoder") == sum(p.numel() for p in t5.parameters())

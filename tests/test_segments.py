@@ -209,7 +209,7 @@ def test_chained_extend_nodes_give_the_command_lines_frames(home, tiny_dir, iden
     (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     (text,) = n["ConsisIDTextEncode"]().encode("a man walking", "blurry", model=model)
     (latent,) = n["ConsisIDSampler"]().sample(model, identity, text, 42, 2, 6.0, False, "dpm", F, 96, 64, 1.0)
-    (video,) = n["ConsisIDVAEDecode"]().decode(model, latent, False, 240, 360, 48, False)
+    (video,) = n["ConsisIDVAEDecode"]().decode(model, latent, False, 240, 360, 40, False, 72)
     extend = n["ConsisIDExtend"]()
     for seed in (43, 44):
         new, longer = extend.extend(model, identity, text, video, seed, 2, 6.0, False, "dpm", F, 96, 64, 1.0, True)

@@ -39,7 +39,7 @@ def test_the_checker_finds_what_is_wrong(specs):
     problems = check(broken, specs)
     assert any("scheduler='euler' is not one of ['dpm', 'ddim']" in p for p in problems)
     assert any("steps=0 is outside 1..1000" in p for p in problems)
-    assert any("(ConsisIDVAEDecode): 4 widget values, expected 5" in p for p in problems)
+    assert any("(ConsisIDVAEDecode): 5 widget values, expected 6" in p for p in problems)
     assert any("(ConsisIDSampler2): no such node" in p for p in problems)
 
 
@@ -65,3 +65,13 @@ def test_each_workflow_is_the_graph_the_readme_describes(specs):
     clip = to_api(json.loads((WORKFLOWS / "consisid_native_t5.json").read_text()), specs)
     clip_loader = next(n["inputs"] for n in clip.values() if n["class_type"] == "CLIPLoader")
     assert clip_loader["type"] == "sd3"
+
+
+def test_a_vae_decode_saved_with_one_overlap_still_loads(specs):
+    """Workflows saved before VAE Decode had two overlaps hold five values: the old overlap lands
+    in overlap_height (where it stood) and overlap_width, added last, takes its default."""
+    old = {"nodes": [{"id": 1, "type": "ConsisIDVAEDecode", "inputs": [], "widgets_values": [True, 240, 360, 48, False]}],
+           "links": []}
+    (node,) = to_api(old, specs).values()
+    assert node["inputs"] == {"tiling": True, "tile_height": 240, "tile_width": 360, "overlap_height": 48,
+                              "slicing": False, "overlap_width": 72}

@@ -218,7 +218,7 @@ def _tail(g: Graph, model: int, identity: tuple[int, int], text: int, fps: float
         "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False,
         model=(model, 0), identity=identity, text=(text, 0),
     )
-    frames = (g.add("ConsisIDVAEDecode", False, 240, 360, 48, False, model=(model, 0), latent=(sampler, 0)), 0)
+    frames = (g.add("ConsisIDVAEDecode", False, 240, 360, 40, False, 72, model=(model, 0), latent=(sampler, 0)), 0)
     if extra is not None:
         frames = extra(g, frames)
     video = g.add("CreateVideo", fps, images=frames)
@@ -272,7 +272,7 @@ def _long_video(specs: dict) -> dict:
         "ConsisIDSampler", 42, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False,
         model=model, identity=identity, text=text,
     )
-    video = (g.add("ConsisIDVAEDecode", False, 240, 360, 48, False, model=model, latent=(sampler, 0)), 0)
+    video = (g.add("ConsisIDVAEDecode", False, 240, 360, 40, False, 72, model=model, latent=(sampler, 0)), 0)
     for seed in (43, 44):
         video = (g.add(
             "ConsisIDExtend", seed, "fixed", 50, 6.0, False, "dpm", 49, 720, 480, 1.0, False, False,

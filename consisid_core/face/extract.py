@@ -190,95 +190,125 @@ def pick_face(boxes: list, face_index: int | None, name: str, kind: str) -> tupl
     return chosen, left_to_right.index(chosen)
 
 
+@dataclass(frozen=True)
+class _Chosen:
+    """The face chosen in the (resized) photo, as the detectors saw it."""
+
+    box: np.ndarray
+    landmark: np.ndarray
+    """The five points the face is aligned on."""
+    kps: np.ndarray
+    """The five points kept in the identity."""
+    embedding: np.ndarray | None
+    """antelopev2's embedding, None when only RetinaFace found faces."""
+    position: int
+    count: int
+
+
 def _extract(models: FaceModels, bgr: np.ndarray, face_index, name: str, scale: tuple[float, float]) -> FaceResult:
-    import cv2
+    face = _choose_face(models, bgr, face_index, name)
+    aligned = _align(bgr, face.landmark, name)
+    embedding = face.embedding
+    if embedding is None:
+        logger.warning("%s: antelopev2 found no face; embedding the aligned RetinaFace crop instead", name)
+        embedding = models.recognizer.get_feat(aligned)
+    ante = torch.from_numpy(np.asarray(embedding)).to(models.device, models.dtype)
+    if ante.ndim == 1:
+        ante = ante.unsqueeze(0)
+    pixels, background = _parse(models, aligned)
+    id_cond, hidden = _eva_condition(models, pixels, background, ante)
+    face_pixels = torch.where(background, torch.ones_like(pixels), pixels)
+    face_image = (face_pixels[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+    identity = Identity(
+        id_cond=id_cond.cpu(),
+        id_vit_hidden=tuple(x.cpu() for x in hidden),
+        kps=torch.as_tensor(np.asarray(face.kps), dtype=torch.float32).reshape(5, 2).clone(),
+        face_image=torch.from_numpy(face_image),
+        metadata={
+            "source_image": name,
+            "face_models": str(models.source),
+            "face_index": str(face.position),
+            "face_count": str(face.count),
+        },
+    )
+    sx, sy = scale
+    box = face.box
+    box_in = (float(box[0] * sx), float(box[1] * sy), float(box[2] * sx), float(box[3] * sy))
+    aligned_rgb = torch.from_numpy(np.ascontiguousarray(aligned[:, :, ::-1]))
+    return FaceResult(identity, box_in, (~background)[0, 0].cpu(), aligned_rgb, face.position, face.count)
+
+
+def _choose_face(models: FaceModels, bgr: np.ndarray, face_index, name: str) -> _Chosen:
+    """Detect the faces (antelopev2, else RetinaFace), choose one, and embed it with antelopev2."""
     from insightface.app.common import Face
 
-    h, w = bgr.shape[:2]
     det, kpss = models.detector.detect(bgr, max_num=0, metric="default")
     ante_boxes = [det[i, :4] for i in range(det.shape[0])]
     retina = models.retinaface.detect_faces(bgr, RETINAFACE_THRESH)
     retina_boxes = [r[:4] for r in retina]
     retina_kps = [np.array([[r[i], r[i + 1]] for i in range(5, 15, 2)]) for r in retina]
-
     if ante_boxes:
         chosen, position = pick_face(ante_boxes, face_index, name, "antelopev2")
-        count = len(ante_boxes)
         box = ante_boxes[chosen]
-        face = Face(bbox=box, kps=kpss[chosen], det_score=det[chosen, 4])
-        ante_embedding = models.recognizer.get(bgr, face)
-        face_kps = kpss[chosen]
+        embedding = models.recognizer.get(bgr, Face(bbox=box, kps=kpss[chosen], det_score=det[chosen, 4]))
         landmark = _matching_landmarks(box, retina_boxes, retina_kps)
         if landmark is None:
             logger.warning("%s: RetinaFace did not find the chosen face; aligning on antelopev2 keypoints", name)
-            landmark = face_kps
+            landmark = kpss[chosen]
+        face = _Chosen(box, landmark, kpss[chosen], embedding, position, len(ante_boxes))
     elif retina_boxes:
         chosen, position = pick_face(retina_boxes, face_index, name, "RetinaFace")
-        count = len(retina_boxes)
-        box = retina_boxes[chosen]
-        ante_embedding = None
-        landmark = face_kps = retina_kps[chosen]
+        kps = retina_kps[chosen]
+        face = _Chosen(retina_boxes[chosen], kps, kps, None, position, len(retina_boxes))
     else:
+        h, w = bgr.shape[:2]
         raise FaceError(
             f"no face found in {name} ({w}×{h} after resizing): use a clearer, larger, well-lit, frontal "
             "photo with one face"
         )
-    if count > 1:
+    if face.count > 1:
         logger.info(
-            "%s: %d faces found; using face %d counted left to right (%s), box %s",
-            name, count, position, "the largest" if face_index is None else "face_index", np.round(box).tolist(),
+            "%s: %d faces found; using face %d counted left to right (%s), box %s", name, face.count, face.position,
+            "the largest" if face_index is None else "face_index", np.round(face.box).tolist(),
         )
+    return face
+
+
+def _align(bgr: np.ndarray, landmark: np.ndarray, name: str) -> np.ndarray:
+    """The 512×512 crop with the five points on the FFHQ template (BGR)."""
+    import cv2
 
     affine = cv2.estimateAffinePartial2D(landmark, FFHQ_TEMPLATE, method=cv2.LMEDS)[0]
     if affine is None:
         raise FaceError(f"{name}: the face's landmarks are degenerate; use a clearer, frontal photo")
-    aligned = cv2.warpAffine(
+    return cv2.warpAffine(
         bgr, affine, (ALIGN_SIZE, ALIGN_SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUE
     )
-    if ante_embedding is None:
-        logger.warning("%s: antelopev2 found no face; embedding the aligned RetinaFace crop instead", name)
-        ante_embedding = models.recognizer.get_feat(aligned)
 
-    device, dtype = models.device, models.dtype
-    ante = torch.from_numpy(np.asarray(ante_embedding)).to(device, dtype)
-    if ante.ndim == 1:
-        ante = ante.unsqueeze(0)
+
+def _parse(models: FaceModels, aligned: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The aligned crop as RGB pixels [1, 3, H, W] in 0..1 on the models' device, and BiSeNet's
+    background mask [1, 1, H, W] (the classes `PARSING_BACKGROUND`)."""
+    import cv2
 
     rgb = torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(aligned, cv2.COLOR_BGR2RGB)).transpose(2, 0, 1))
-    pixels = (rgb.float().unsqueeze(0) / 255.0).to(device)
+    pixels = (rgb.float().unsqueeze(0) / 255.0).to(models.device)
     parsing = models.parser(_normalize(pixels, PARSING_MEAN, PARSING_STD))[0].argmax(dim=1, keepdim=True)
-    background = sum(parsing == i for i in PARSING_BACKGROUND).bool()
-    white = torch.ones_like(pixels)
-    gray = (0.299 * pixels[:, 0:1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3]).repeat(1, 3, 1, 1)
-    eva_input = torch.where(background, white, gray)
-    face_pixels = torch.where(background, white, pixels)
+    return pixels, sum(parsing == i for i in PARSING_BACKGROUND).bool()
 
+
+def _eva_condition(models: FaceModels, pixels: torch.Tensor, background: torch.Tensor, ante: torch.Tensor):
+    """(`id_cond`, EVA hidden states) of the parsed face: EVA sees it grey on white."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import resize
 
-    eva_input = resize(eva_input, models.eva.image_size, InterpolationMode.BICUBIC)
+    white = torch.ones_like(pixels)
+    gray = (0.299 * pixels[:, 0:1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3]).repeat(1, 3, 1, 1)
+    eva_input = resize(torch.where(background, white, gray), models.eva.image_size, InterpolationMode.BICUBIC)
     eva_input = _normalize(eva_input, models.eva.image_mean, models.eva.image_std)
-    eva_embedding, hidden = models.eva(eva_input.to(dtype))
+    eva_embedding, hidden = models.eva(eva_input.to(models.dtype))
     eva_embedding = eva_embedding / torch.norm(eva_embedding, 2, 1, True)
-    id_cond = torch.cat([ante, eva_embedding], dim=-1)
-
-    face_image = (face_pixels[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-    sx, sy = scale
-    box_in = (float(box[0] * sx), float(box[1] * sy), float(box[2] * sx), float(box[3] * sy))
-    identity = Identity(
-        id_cond=id_cond.cpu(),
-        id_vit_hidden=tuple(x.cpu() for x in hidden),
-        kps=torch.as_tensor(np.asarray(face_kps), dtype=torch.float32).reshape(5, 2).clone(),
-        face_image=torch.from_numpy(face_image),
-        metadata={
-            "source_image": name,
-            "face_models": str(models.source),
-            "face_index": str(position),
-            "face_count": str(count),
-        },
-    )
-    aligned_rgb = torch.from_numpy(np.ascontiguousarray(aligned[:, :, ::-1]))
-    return FaceResult(identity, box_in, (~background)[0, 0].cpu(), aligned_rgb, position, count)
+    return torch.cat([ante, eva_embedding], dim=-1), hidden
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -133,12 +133,19 @@ def _require(path: Path, folder: Path, what: str) -> Path:
     return path
 
 
-def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
-    """facexlib RetinaFace from our file; the backbone (resnet50 or mobile0.25) is read from the keys."""
+def facexlib_models() -> tuple[type, type]:
+    """facexlib's RetinaFace and BiSeNet classes; without facexlib, an ImportError naming the install."""
     try:
         from facexlib.detection.retinaface import RetinaFace
+        from facexlib.parsing.bisenet import BiSeNet
     except ImportError as e:
         raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
+    return RetinaFace, BiSeNet
+
+
+def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
+    """facexlib RetinaFace from our file; the backbone (resnet50 or mobile0.25) is read from the keys."""
+    RetinaFace, _ = facexlib_models()
     path = Path(path)
     state = load_face_weights(path)
     if "body.conv1.weight" in state:
@@ -158,10 +165,7 @@ def load_retinaface(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
 
 def load_bisenet(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
     """facexlib BiSeNet (19 classes) from our file."""
-    try:
-        from facexlib.parsing.bisenet import BiSeNet
-    except ImportError as e:
-        raise ImportError("the ConsisID face pipeline needs facexlib: pip install facexlib") from e
+    _, BiSeNet = facexlib_models()
     path = Path(path)
     state = load_face_weights(path)
     classes = state.get("conv_out.conv_out.weight")

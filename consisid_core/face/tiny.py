@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import ANTELOPE_DIR, BISENET_FILE, DETECTION_FILE, EVA_FILE, RECOGNITION_FILE, RETINAFACE_FILE
+from .models import facexlib_models
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def tiny_retinaface_state_dict() -> dict[str, torch.Tensor]:
     convolution uses only its centre tap, except the last stride-2 one which takes the tap at +1, so
     the stride-32 cell (r, c) sees pixel (32r + 16, 32c + 16), the centre of its priors.
     """
-    from facexlib.detection.retinaface import RetinaFace
-
+    RetinaFace, _ = facexlib_models()
     model = RetinaFace(network_name="mobile0.25", half=False, device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -200,8 +200,7 @@ def tiny_retinaface_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _tiny_bisenet_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    from facexlib.parsing.bisenet import BiSeNet
-
+    _, BiSeNet = facexlib_models()
     torch.manual_seed(seed + 2)  # BiSeNet's own init draws from the global generator
     state = BiSeNet(num_class=19).state_dict()
     return {k: (v.half() if v.is_floating_point() else v).clone() for k, v in state.items()}

@@ -22,6 +22,7 @@ import torch
 from .checks import check_number, check_prompt, check_seed, check_steps
 from .errors import ConsisIDError, first_line
 from .lora import lora_argument, read_loras, with_loras
+from .native import add_export_parser, run_export
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 logger = logging.getLogger("consisid_core")
@@ -112,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--frames-sampled", type=int, default=16, help="evenly spaced frames scored (the protocol's 16)")
     score.add_argument("--json", type=Path, help="also write the scores to this .json file")
     score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
+    add_export_parser(sub)
     return parser
 
 
@@ -377,7 +379,7 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
     write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
 
 
-_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score}
+_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": run_export}
 
 
 class Terminated(BaseException):

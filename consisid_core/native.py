@@ -290,3 +290,50 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, name: str = "c
     metadata = face_file_metadata(config, channels, scaling, scheduler)
     write_atomically(face_path, lambda staged: save_file(contiguous(face), staged, metadata=metadata), overwrite)
     return transformer_path, face_path
+
+
+def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping) -> FaceModules:
+    """The face modules of `config` holding `weights` (diffusers key names), checked key by key."""
+    with torch.device("meta"):
+        modules = FaceModules(face_config(config))
+    expected = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        wrong = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise CheckpointError(f"the face-module weights do not match their config (first differences: {wrong})")
+    modules.load_state_dict(dict(weights), assign=True, strict=True)
+    return modules.eval()
+
+
+def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
+    """The first frame as ConsisIDPipeline prepares it (diffusers' VideoProcessor: resized to
+    width × height), as a ComfyUI IMAGE [1, H, W, 3] in 0..1 for a VAE Encode."""
+    from diffusers.video_processor import VideoProcessor
+
+    pixels = VideoProcessor(vae_scale_factor=8).preprocess(frame, height=height, width=width)
+    return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m consisid_core export`
+
+_EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_export_parser(sub) -> None:
+    """The `export` subcommand's arguments (cli.py adds it to its subparsers)."""
+    export_parser = sub.add_parser(
+        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
+    export_parser.add_argument("--model", required=True, type=Path,
+                               help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
+    export_parser.add_argument("--out", required=True, type=Path,
+                               help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
+                                    "(e.g. ComfyUI/models/diffusion_models)")
+    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
+    export_parser.add_argument("--dtype", choices=tuple(_EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def run_export(args) -> None:
+    for path in export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype]):
+        print(path)

@@ -99,7 +99,7 @@ class VPredictionFlow(comfy.model_sampling.CONST if AVAILABLE else object):
         return (1 - sigma) * scale * scale * model_input - sigma * scale * model_output
 
 
-class ModelSamplingConsisID(comfy.model_sampling.ModelSamplingDiscrete if AVAILABLE else object, VPredictionFlow):
+class ModelSamplingConsisID(*((comfy.model_sampling.ModelSamplingDiscrete,) if AVAILABLE else ()), VPredictionFlow):
     """ConsisID's schedule (the checkpoint's scheduler config, as diffusers computes ᾱ) as ComfyUI
     model sampling: 1000 discrete timesteps, σ_999 = 1."""
 

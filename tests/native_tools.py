@@ -1,0 +1,35 @@
+"""Shared by the native-path tests: a tiny ConsisID checkpoint whose transformer core ComfyUI's
+CogVideoX detection reads right (64-wide heads, 32 input and 16 output channels, as the released
+one; the default tiny has 32-wide heads and 4 channels, which detection cannot know), and
+ComfyUI imported in-process on the CPU."""
+
+import os
+import sys
+from pathlib import Path
+
+from consisid_core.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE, random_components, save_components
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+NATIVE_TRANSFORMER = {**TINY_TRANSFORMER, "num_attention_heads": 1, "attention_head_dim": 64, "in_channels": 32,
+                      "out_channels": 16}
+NATIVE_VAE = {**TINY_VAE, "latent_channels": 16}
+
+
+def make_native_tiny(directory: Path, seed: int = 0) -> Path:
+    """A tiny ConsisID checkpoint folder (no face_encoder/: identities here are random ones)."""
+    return save_components(random_components(NATIVE_TRANSFORMER, NATIVE_VAE, TINY_T5, seed), directory)
+
+
+def import_comfyui():
+    """ComfyUI from COMFYUI_DIR in this process, on the CPU, then the pack (which then sees it)."""
+    if COMFYUI_DIR not in sys.path:
+        sys.path.insert(0, COMFYUI_DIR)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.samplers  # noqa: F401
+
+    from workflow_tools import import_pack
+
+    return import_pack()

@@ -337,3 +337,28 @@ def add_export_parser(sub) -> None:
 def run_export(args) -> None:
     for path in export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype]):
         print(path)
+
+
+class ReferenceStepNoise:
+    """The fresh noise ConsisIDPipeline's `dpm` scheduler (CogVideoXDPMScheduler, a DPM-Solver++(2M)
+    SDE) adds at each step for a seed, as [1, channels, latent frames, h, w].
+
+    The generator has drawn the first frame's posterior and the initial noise (`reference_noise`);
+    the scheduler then draws one noise at its first step and two at each later one, using the
+    second (the first belongs to a first-order step it discards)."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+        batch, channels, frames, height, width = shape
+        self._shape = (batch, frames, channels, height, width)
+        self._dtype = dtype
+        self._generator = torch.Generator("cpu").manual_seed(seed)
+        torch.randn((1, channels, 1, height, width), generator=self._generator, dtype=dtype)
+        torch.randn(self._shape, generator=self._generator, dtype=dtype)
+        self._steps = 0
+
+    def __call__(self) -> torch.Tensor:
+        draws = 1 if self._steps == 0 else 2
+        self._steps += 1
+        for _ in range(draws):
+            noise = torch.randn(self._shape, generator=self._generator, dtype=self._dtype)
+        return noise.permute(0, 2, 1, 3, 4)

@@ -54,6 +54,7 @@ def _first_latent(setup):
 
 
 def _native(setup, steps, sampler="ddim", model=None, strength=1.0, start=0.0, end=1.0, noise=None, cfg=GUIDANCE):
+    """`sampler`: a core sampler's name, or a SAMPLER object."""
     """SamplerCustomAdvanced's work: CFGGuider + KSamplerSelect + BasicScheduler(simple) + a NOISE."""
     import comfy.samplers
     from consisid_pack.nodes.native.comfy_parts import ReferenceNoise
@@ -70,7 +71,8 @@ def _native(setup, steps, sampler="ddim", model=None, strength=1.0, start=0.0, e
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
-    out = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object(sampler), sigmas, seed=SEED,
+    sampler = comfy.samplers.sampler_object(sampler) if isinstance(sampler, str) else sampler
+    out = guider.sample(noise, latent["samples"], sampler, sigmas, seed=SEED,
                         disable_pbar=True)
     return (out * setup["wrapper"].vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # our Sampler's layout and scale
 
@@ -89,6 +91,17 @@ def test_ddim_simple_gives_our_samplers_ddim_latents(setup, steps):
     native = _native(setup, steps)
     diff = (native - reference).abs().max().item()
     print(f"ddim, {steps} steps: max |native - ours| {diff:.2e} (latents up to {reference.abs().max():.2f})")
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+def test_dpm_sampler_node_gives_our_samplers_dpm_latents(setup, steps):
+    from consisid_pack.nodes.native.nodes import ConsisIDDPMSampler
+
+    (sampler,) = ConsisIDDPMSampler().get_sampler(SEED)
+    reference = _reference(setup, steps, scheduler="dpm")
+    diff = (_native(setup, steps, sampler=sampler) - reference).abs().max().item()
+    print(f"dpm, {steps} steps: max |native - ours| {diff:.2e}")
     assert diff <= TOLERANCE
 
 

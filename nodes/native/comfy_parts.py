@@ -31,6 +31,7 @@ import torch
 
 from ...consisid_core.native import (
     FaceModules,
+    ReferenceStepNoise,
     dynamic_guidance,
     flow_input_scale,
     flow_sigmas,
@@ -40,10 +41,12 @@ from ...consisid_core.native import (
 
 try:
     import comfy.conds
+    import comfy.k_diffusion.sampling
     import comfy.latent_formats
     import comfy.model_management
     import comfy.model_sampling
     import comfy.patcher_extension
+    import comfy.samplers
     import comfy.sd
     import node_helpers
     from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
@@ -68,6 +71,7 @@ COMFY_INTERNALS = (
     "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
     ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
     "comfy.model_management.module_size",
+    "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
     "node_helpers.conditioning_set_values",
     "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas']",
 )
@@ -256,6 +260,35 @@ class ReferenceNoise:
         samples = input_latent["samples"]
         _, channels, frames, height, width = samples.shape
         return reference_noise(self.seed, channels, frames, height, width)
+
+
+def _reference_dpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_seed=0):
+    extra_args = {} if extra_args is None else extra_args
+    step_noise = ReferenceStepNoise(noise_seed, tuple(x.shape), x.dtype)
+    if len(sigmas) > 2 and sigmas[0] >= 1:
+        # at zero SNR the (2M) SDE step is: x0 predicted, noised afresh to the next sigma. Core's
+        # sampler would move sigma_max off 1 first (its log-SNR is -inf), which is not the reference.
+        denoised = model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": 0, "sigma": sigmas[0], "sigma_hat": sigmas[0], "denoised": denoised})
+        x = (1 - sigmas[1]) * denoised + sigmas[1] * step_noise().to(x.device)
+        sigmas = sigmas[1:]
+        if callback is not None:
+            callback = functools.partial(_shifted, callback)
+    return comfy.k_diffusion.sampling.sample_dpmpp_2m_sde(
+        model, x, sigmas, extra_args, callback, disable, eta=1.0, s_noise=1.0,
+        noise_sampler=lambda _sigma, _sigma_next: step_noise().to(x.device), solver_type="midpoint",
+    )
+
+
+def _shifted(callback, step: dict):
+    return callback({**step, "i": step["i"] + 1})
+
+
+def reference_dpm_sampler(noise_seed: int):
+    """The reference's `dpm` as a SAMPLER: core's DPM-Solver++(2M) SDE (midpoint, eta 1), which is
+    CogVideoXDPMScheduler's update, given the noise that scheduler draws for the seed at each step."""
+    return comfy.samplers.KSAMPLER(_reference_dpm, extra_options={"noise_seed": noise_seed})
 
 
 def with_dynamic_cfg(model):

@@ -210,6 +210,32 @@ class ConsisIDNoise:
         return (comfy_parts.ReferenceNoise(noise_seed),)
 
 
+class ConsisIDDPMSampler:
+    DESCRIPTION = (
+        "The reference's default sampler (ConsisID Sampler's dpm: CogVideoXDPMScheduler) as a SAMPLER for "
+        "SamplerCustomAdvanced: core's DPM-Solver++(2M) SDE given the noise the reference adds at each step for the "
+        "seed. With ConsisID Noise at the same seed and the simple scheduler, it gives the reference's video."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "get_sampler"
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's sampler input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                       "tooltip": "The seed of ConsisID Noise: the step noise continues its generator."}),
+            }
+        }
+
+    def get_sampler(self, noise_seed: int):
+        comfy_parts.require()
+        return (comfy_parts.reference_dpm_sampler(noise_seed),)
+
+
 class ConsisIDDynamicCFG:
     DESCRIPTION = (
         "The reference's dynamic CFG as a model patch: the guidance scale follows CogVideoX's cosine schedule over "
@@ -235,6 +261,7 @@ NODES = {
     "ConsisIDFaceModules": ConsisIDFaceModules,
     "ConsisIDIdentityConditioning": ConsisIDIdentityConditioning,
     "ConsisIDNoise": ConsisIDNoise,
+    "ConsisIDDPMSampler": ConsisIDDPMSampler,
     "ConsisIDDynamicCFG": ConsisIDDynamicCFG,
 }
 NAMES = {
@@ -242,5 +269,6 @@ NAMES = {
     "ConsisIDFaceModules": "ConsisID Face Modules",
     "ConsisIDIdentityConditioning": "ConsisID Identity Conditioning",
     "ConsisIDNoise": "ConsisID Noise",
+    "ConsisIDDPMSampler": "ConsisID DPM Sampler",
     "ConsisIDDynamicCFG": "ConsisID Dynamic CFG",
 }

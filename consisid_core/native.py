@@ -9,6 +9,7 @@ the rotary embedding and the scheduler's alphas are diffusers' own classes and f
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, ConsisIDError
 from .files import write_atomically
+
+logger = logging.getLogger(__name__)
 
 FACE_CONFIG_KEYS = (
     "num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "sample_width", "sample_height",
@@ -314,6 +317,35 @@ def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
     return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
 
 
+def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) in ComfyUI's CogVideoX
+    layout (`diffusion_model.blocks.N.q.lora_A.weight`, …, with `.alpha`), which core's LoRA
+    loaders map onto the native MODEL (they map no diffusers names for CogVideoX).
+
+    Layers of the face modules are left out, with a warning: on the native MODEL the face modules
+    are ModelPatcher object patches, which core's LoRA loaders do not reach."""
+    from .lora import read_lora
+
+    lora = read_lora(source)
+    tensors, left_out = {}, []
+    for name, layer in lora.layers.items():
+        if is_face_key(name):
+            left_out.append(name)
+            continue
+        key = "diffusion_model." + comfy_key(name + ".weight").removesuffix(".weight")
+        tensors[f"{key}.lora_A.weight"] = layer.down.contiguous()
+        tensors[f"{key}.lora_B.weight"] = layer.up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
+    if not tensors:
+        raise ConsisIDError(f"'{source}' changes only the face modules; the native path cannot take it (use ConsisID LoRA)")
+    if left_out:
+        logger.warning("%d face-module layers of '%s' are left out (first: %s): the native path's LoRA loaders "
+                       "do not reach the face modules", len(left_out), Path(source).name, left_out[0])
+    target = Path(target)
+    write_atomically(target, lambda staged: save_file(tensors, staged), overwrite)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # `python -m consisid_core export`
 
@@ -324,8 +356,11 @@ def add_export_parser(sub) -> None:
     """The `export` subcommand's arguments (cli.py adds it to its subparsers)."""
     export_parser = sub.add_parser(
         "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
-    export_parser.add_argument("--model", required=True, type=Path,
+    export_parser.add_argument("--model", type=Path,
                                help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
+    export_parser.add_argument("--lora", type=Path, action="append", default=[],
+                               help="also a ConsisID LoRA (diffusers layout) -> <its name>_comfy.safetensors in --out, "
+                                    "for core's LoRA loaders (repeat for several)")
     export_parser.add_argument("--out", required=True, type=Path,
                                help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
                                     "(e.g. ComfyUI/models/diffusion_models)")
@@ -335,7 +370,16 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args) -> None:
-    for path in export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype]):
+    if args.model is None and not args.lora:
+        raise ConsisIDError("export needs --model, --lora or both")
+    if not args.out.is_dir():
+        raise ConsisIDError(f"output folder '{args.out}' does not exist")
+    written = []
+    if args.model is not None:
+        written += export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype])
+    for lora in args.lora:
+        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
+    for path in written:
         print(path)
 
 

@@ -164,3 +164,83 @@ def test_cores_own_cogvideox_model_sampling_is_not_the_reference_under_k_sampler
     diff = (native - reference).abs().max().item()
     print(f"core V_PREDICTION_DDPM under ddim: sigma_max {sigmas[0]:.1f}, max |diff| {diff:.2f}")
     assert diff > 0.5 or not torch.isfinite(native).all()
+
+
+@pytest.fixture(scope="module")
+def exported(setup, tmp_path_factory):
+    from consisid_core.native import export
+
+    return export(setup["folder"], tmp_path_factory.mktemp("exported"), "tiny")
+
+
+def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_is_the_same_model(setup, exported):
+    """What core UNETLoader does with the exported file (comfy.sd.load_diffusion_model), then
+    ConsisID Face Modules: the same latents as ConsisID Native Model Loader's MODEL."""
+    import comfy.model_base
+    import comfy.sd
+    import comfy.supported_models
+    from consisid_core.native import face_modules, read_face_file
+    from consisid_pack.nodes.native.comfy_parts import with_face_modules
+
+    transformer, face = exported
+    core = comfy.sd.load_diffusion_model(str(transformer), model_options={"dtype": torch.float32})
+    assert isinstance(core.model, comfy.model_base.CogVideoX)
+    assert isinstance(core.model.model_config, comfy.supported_models.CogVideoX_I2V)  # in_channels 32
+    weights, info = read_face_file(face)
+    model = with_face_modules(core, face_modules(weights, info["config"]), info["latent_channels"],
+                              info["scaling_factor"], info["scheduler"])
+    assert torch.equal(_native(setup, 5, model=model), _native(setup, 5))
+
+
+def test_face_modules_refuse_a_model_of_another_width(setup, exported):
+    import comfy.sd
+    from consisid_core.native import FaceModules
+    from consisid_pack.nodes.native.comfy_parts import with_face_modules
+
+    core = comfy.sd.load_diffusion_model(str(exported[0]), model_options={"dtype": torch.float32})
+    from consisid_core.native import face_config
+
+    wider = face_config({**setup["wrapper"].config, "num_attention_heads": 2})
+    with torch.device("meta"):
+        modules = FaceModules(wider)
+    with pytest.raises(ValueError, match="use the face file exported with this transformer"):
+        with_face_modules(core, modules, 16, 0.7)
+
+
+def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does(setup, tmp_path):
+    """Core LoraLoaderModelOnly's call (comfy.sd.load_lora_for_models) with a diffusers-layout ConsisID
+    LoRA exported to ComfyUI's layout: the latents of our Sampler with the same LoRA (ConsisID LoRA)."""
+    import comfy.sd
+    import comfy.utils
+    from consisid_core.lora import read_lora, with_loras
+    from consisid_core.native import export_lora
+
+    transformer = setup["wrapper"].transformer
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.ff.net.2"):
+        out_features, in_features = transformer.get_submodule(name).weight.shape
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * 0.3
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "style.safetensors")
+    converted = export_lora(tmp_path / "style.safetensors", tmp_path / "style_comfy.safetensors")
+    lora_model, _ = comfy.sd.load_lora_for_models(setup["model"], None, comfy.utils.load_torch_file(str(converted)), 0.8, 0)
+    assert len(lora_model.patches) == 3
+    ours = with_loras(setup["wrapper"], [(read_lora(tmp_path / "style.safetensors"), 0.8)])
+    from consisid_core.sampling import sample
+
+    reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, guidance_scale=GUIDANCE,
+                       scheduler="ddim", frames=FRAMES, height=HEIGHT, width=WIDTH, device="cpu")
+    native = _native(setup, 5, model=lora_model)
+    assert (native - _native(setup, 5)).abs().max() > 1e-2  # the LoRA changed the video
+    assert (native - reference).abs().max().item() <= TOLERANCE
+    # and the loaded MODEL itself is left as it was
+    assert torch.equal(_native(setup, 5), _native(setup, 5))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc", "dpmpp_2m", "euler_ancestral"])
+def test_core_samplers_the_wrapper_lacks_run(setup, sampler):
+    out = _native(setup, 5, sampler=sampler)
+    assert torch.isfinite(out).all() and out.abs().max() < 50

@@ -33,3 +33,17 @@ def import_comfyui():
     from workflow_tools import import_pack
 
     return import_pack()
+
+
+def write_cogvideox_vae(path: Path, seed: int = 0) -> Path:
+    """A CogVideoX VAE of the released architecture (core's VAE Loader builds only that one) with
+    random weights, diffusers key names, fp16 (about 430 MB), scaling factor 0.7 as ConsisID's."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(scaling_factor=0.7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, path)
+    return path

@@ -244,3 +244,36 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
 def test_core_samplers_the_wrapper_lacks_run(setup, sampler):
     out = _native(setup, 5, sampler=sampler)
     assert torch.isfinite(out).all() and out.abs().max() < 50
+
+
+def test_core_vae_decodes_the_native_latent_as_our_vae_decode(setup, tmp_path):
+    """Core VAE Loader's VAE (comfy.sd.VAE over diffusers key names) on the native LATENT, and our
+    VAE Decode (diffusers' AutoencoderKLCogVideoX) on the same latent in our Sampler's scale.
+
+    Core's CogVideoX VAE decodes in a rolling way (temporal part whole, spatial part in chunks of
+    frames) where diffusers decodes two latent frames at a time: their group norms see different
+    frames, so the frames differ (measured and printed here; large on random weights). Core's
+    module decoding as diffusers does (its `_decode_batched`) gives our frames within 1e-4, which
+    checks the LATENT's layout and scale."""
+    import comfy.sd
+    import comfy.utils
+    from consisid_core.checkpoint import load_vae_file
+    from consisid_core.sampling import decode
+    from native_tools import write_cogvideox_vae
+
+    path = write_cogvideox_vae(tmp_path / "cogvideox_vae.safetensors")
+    native = _native(setup, 5)  # [1, F, C, h, w], our scale
+    latent = native.permute(0, 2, 1, 3, 4) / 0.7  # the LATENT KSampler returns
+    core_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    ours = decode(load_vae_file(path, "fp32"), native, "cpu")
+    with torch.no_grad():
+        batched = core_vae.first_stage_model.float()._decode_batched(latent)
+    batched = ((batched + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+    assert batched.shape == ours.shape
+    diff = (batched - ours).abs().max().item()
+    rolling = core_vae.decode(latent)
+    rolling = rolling.reshape(-1, *rolling.shape[-3:])
+    print(f"VAE decode: max |core batched - ours| {diff:.2e}; core VAE Decode (rolling) "
+          f"{(rolling - ours).abs().max().item():.2e}")
+    assert diff <= TOLERANCE
+    assert rolling.shape == ours.shape and torch.isfinite(rolling).all()

@@ -113,6 +113,25 @@ class ConsisIDFaceModules:
         return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
+class ConsisIDTextConditioning:
+    DESCRIPTION = (
+        "ConsisID Text Encode's embeddings as ComfyUI CONDITIONING (positive, negative) for the native path, e.g. "
+        "with the checkpoint's own T5. Core CLIPTextEncode over CLIPLoader (type cogvideox) gives the same kind."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "convert"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The prompt's 226 T5 tokens.", "The negative prompt's 226 T5 tokens.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."})}}
+
+    def convert(self, text):
+        return ([[text.positive, {}]], [[text.negative, {}]])
+
+
 class ConsisIDIdentityConditioning:
     DESCRIPTION = (
         "Puts a ConsisID identity and the first frame (by default the identity's aligned face, as the reference) "
@@ -259,6 +278,7 @@ class ConsisIDDynamicCFG:
 NODES = {
     "ConsisIDNativeModelLoader": ConsisIDNativeModelLoader,
     "ConsisIDFaceModules": ConsisIDFaceModules,
+    "ConsisIDTextConditioning": ConsisIDTextConditioning,
     "ConsisIDIdentityConditioning": ConsisIDIdentityConditioning,
     "ConsisIDNoise": ConsisIDNoise,
     "ConsisIDDPMSampler": ConsisIDDPMSampler,
@@ -267,6 +287,7 @@ NODES = {
 NAMES = {
     "ConsisIDNativeModelLoader": "ConsisID Native Model Loader",
     "ConsisIDFaceModules": "ConsisID Face Modules",
+    "ConsisIDTextConditioning": "ConsisID Text Conditioning",
     "ConsisIDIdentityConditioning": "ConsisID Identity Conditioning",
     "ConsisIDNoise": "ConsisID Noise",
     "ConsisIDDPMSampler": "ConsisID DPM Sampler",

@@ -47,3 +47,27 @@ def write_cogvideox_vae(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, path)
     return path
+
+
+def write_q8_gguf(source: Path, target: Path, arch: str) -> Path:
+    """A GGUF of a safetensors transformer as ComfyUI-GGUF's tools/convert.py (plus llama.cpp's
+    quantizer) writes one: 2-D weights whose rows are whole 32-value blocks in Q8_0, the rest F32,
+    `general.architecture` set to `arch`."""
+    import gguf
+    from safetensors.torch import load_file
+
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for name, tensor in load_file(str(source)).items():
+        data = tensor.float().numpy()
+        if data.ndim == 2 and data.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file(path=str(target))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -8,18 +8,24 @@ a full-size T5-XXL, so the prompts' CONDITIONING comes from a test-only node in 
 custom_nodes folder that reads two saved embeddings (ConsisID Text Encode with the checkpoint's T5
 fails inside ComfyUI v0.33 before this work: its castable Embedding has no `bias`)."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from native_tools import COMFYUI_DIR, make_native_tiny, write_cogvideox_vae
+from native_tools import COMFYUI_DIR, make_native_tiny, write_cogvideox_vae, write_q8_gguf
 from test_comfyui import running
 from workflow_tools import ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")]
 
 CHECKPOINT = "tiny_native"
+GGUF_PACK = os.environ.get("COMFYUI_GGUF_DIR")
+"""A ComfyUI-GGUF checkout (city96/ComfyUI-GGUF), installed only into the test's custom_nodes; its tests are
+skipped without it or without the gguf package."""
 SIZE = dict(width=96, height=64, length=9)
 
 
@@ -47,6 +53,11 @@ def base(tmp_path_factory):
     export_lora(base / "style.safetensors", base / "models" / "loras" / "style_comfy.safetensors")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
+    if GGUF_PACK:
+        shutil.copytree(GGUF_PACK, base / "custom_nodes" / "ComfyUI-GGUF")
+        exported = base / "models" / "diffusion_models" / "tiny_transformer.safetensors"
+        write_q8_gguf(exported, base / "models" / "diffusion_models" / "tiny_q8_cogvideox.gguf", "cogvideox")
+        write_q8_gguf(exported, base / "models" / "diffusion_models" / "tiny_q8_as_wan.gguf", "wan")
     (base / "custom_nodes" / "consisid_test_text").mkdir()
     (base / "custom_nodes" / "consisid_test_text" / "__init__.py").write_text(TEXT_NODE)
     for folder in ("input", "user", "output"):
@@ -85,7 +96,8 @@ NODE_CLASS_MAPPINGS = {"TestTextConditioning": TestTextConditioning}
 
 @pytest.fixture(scope="module")
 def server(base):
-    with running(base, ("--whitelist-custom-nodes", "consisid", "consisid_test_text")) as server:
+    packs = ("consisid", "consisid_test_text") + (("ComfyUI-GGUF",) if GGUF_PACK else ())
+    with running(base, ("--whitelist-custom-nodes", *packs)) as server:
         yield server
 
 
@@ -192,3 +204,39 @@ def test_a_face_modules_file_that_is_not_one_fails_in_one_line(server):
     assert result["status"]["status_str"] == "error"
     message = next(m for kind, m in result["status"]["messages"] if kind == "execution_error")["exception_message"]
     assert "not a ConsisID face-modules file" in message and "\n" not in message.strip()
+
+
+@pytest.mark.skipif(not GGUF_PACK, reason="COMFYUI_GGUF_DIR is not set")
+def test_gguf_q8_of_the_exported_transformer_through_unet_loader_gguf(server):
+    """Where ComfyUI-GGUF stands: a Q8_0 GGUF of the exported transformer, named for what it is
+    (general.architecture 'cogvideox'), is refused by UnetLoaderGGUF: its loader accepts only the
+    architectures in its IMG_ARCH_LIST, which has no CogVideoX. Recorded here so that a ComfyUI-GGUF
+    that adds it shows up as this test failing."""
+    prompt = {
+        "unet": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_q8_cogvideox.gguf"}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": "tiny_face.safetensors"}},
+    } | _head({}) | _custom_advanced("native/gguf")
+    status, answer = server.post("/prompt", {"prompt": prompt})
+    assert status == 200, answer
+    result = server.wait(answer["prompt_id"])
+    errors = [m for kind, m in result["status"]["messages"] if kind == "execution_error"]
+    assert errors and errors[0]["node_type"] == "UnetLoaderGGUF", result["status"]
+    assert "Unexpected architecture type in GGUF file: 'cogvideox'" in errors[0]["exception_message"]
+
+
+@pytest.mark.skipif(not GGUF_PACK, reason="COMFYUI_GGUF_DIR is not set")
+def test_past_that_gate_the_gguf_model_samples_with_identity(server):
+    """The same Q8_0 file with its architecture field set to one ComfyUI-GGUF lists ('wan'): its
+    loader hands the weights to core's model detection, which finds CogVideoX by the keys; ConsisID
+    Face Modules, the identity and sampling then work on ComfyUI-GGUF's quantized layers, close to the
+    full-precision model (Q8_0 rounding: 7 % relative on this tiny random model at CFG 6). So the architecture list is the one thing in the way."""
+    prompt = {
+        "unet": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_q8_as_wan.gguf"}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": "tiny_face.safetensors"}},
+    } | _head({}) | _custom_advanced("native/gguf_wan")
+    _ok(server.run(prompt))
+    _ok(server.run(_head(NATIVE_LOADER) | _custom_advanced("native/full")))
+    quantized, full = _latent(server, "native/gguf_wan"), _latent(server, "native/full")
+    relative = ((quantized - full).norm() / full.norm()).item()
+    print(f"Q8_0 GGUF vs full precision: relative L2 {relative:.3e}")
+    assert 0 < relative < 0.15  # measured 7.1e-2 on the tiny random model at CFG 6

@@ -73,10 +73,14 @@ class ConsisIDNativeModelLoader:
         return declared_error(cls, model=model, weight_dtype=weight_dtype) or True
 
     def load(self, model: str, weight_dtype: str):
+        comfy_parts.require()
         if model.startswith(SINGLE_FILE):
             source = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
         else:
-            source = host.pipeline_folders()[model]
+            folders = host.pipeline_folders()
+            if model not in folders:
+                raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
+            source = folders[model]
         return (native_model(source, WEIGHT_DTYPES[weight_dtype]),)
 
 

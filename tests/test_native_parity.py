@@ -277,3 +277,11 @@ def test_core_vae_decodes_the_native_latent_as_our_vae_decode(setup, tmp_path):
           f"{(rolling - ours).abs().max().item():.2e}")
     assert diff <= TOLERANCE
     assert rolling.shape == ours.shape and torch.isfinite(rolling).all()
+
+
+def test_an_identity_of_another_checkpoint_is_refused_by_name(setup):
+    from consisid_core.tiny import TINY_TRANSFORMER, random_identity
+
+    other = random_identity({**TINY_TRANSFORMER, "LFE_id_dim": 100}, seed=1)
+    with pytest.raises(ValueError, match="the identity does not fit this model: id_cond of width 100"):
+        _native({**setup, "identity": other}, 5)

@@ -154,6 +154,14 @@ def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=
     face: FaceModules = model.consisid_face
     if id_cond is None or not strength or not _active(model, transformer_options, start, end):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    config = face.config
+    found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
+    if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
+        raise ValueError(
+            f"the identity does not fit this model: id_cond of width {found[0]} and {found[1]} hidden states of "
+            f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
+            f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
+        )
     tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
 
     def add(which, _block, _args, output):

@@ -20,13 +20,15 @@ def make_native_tiny(directory: Path, seed: int = 0) -> Path:
     return save_components(random_components(NATIVE_TRANSFORMER, NATIVE_VAE, TINY_T5, seed), directory)
 
 
-def import_comfyui():
-    """ComfyUI from COMFYUI_DIR in this process, on the CPU, then the pack (which then sees it)."""
+def import_comfyui(pytorch_attention: bool = False):
+    """ComfyUI from COMFYUI_DIR in this process, on the CPU (with `pytorch_attention`, as
+    --use-pytorch-cross-attention), then the pack (which then sees it)."""
     if COMFYUI_DIR not in sys.path:
         sys.path.insert(0, COMFYUI_DIR)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
     import comfy.model_management  # noqa: F401
     import comfy.samplers  # noqa: F401
 

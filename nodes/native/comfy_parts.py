@@ -64,16 +64,20 @@ COMFY_INTERNALS = (
     "comfy.sd.load_diffusion_model_state_dict",
     "comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel (._get_rotary_emb, .blocks, ._forward's kwargs)",
     "comfy.model_base.CogVideoX (.extra_conds, .concat_cond with concat_latent_image, .latent_format)",
-    "comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.CONST",
+    "comfy.model_sampling.ModelSamplingDiscrete (.set_sigmas, .timestep, .percent_to_sigma), comfy.model_sampling.CONST, "
+    "comfy.model_sampling.reshape_sigma",
     "comfy.latent_formats.CogVideoX",
     "comfy.conds.CONDRegular, comfy.conds.CONDConstant",
-    "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL",
+    "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL (the executor's .class_obj)",
     "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
     ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
-    "comfy.model_management.module_size",
+    "comfy.model_management.module_size, comfy.model_management.intermediate_device",
+    "comfy.sd.VAE (.encode of [N, H, W, 3], .latent_channels)",
     "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
     "node_helpers.conditioning_set_values",
-    "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas']",
+    "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas'], "
+    "sampler_cfg_function's args (cond, uncond, cond_scale, sigma, model, model_options)",
+    "ModelPatcher object patches may add attributes the model lacks (comfy.utils.set_attr with ATTR_UNSET)",
 )
 """What the native path relies on, for the pack's ComfyUI fence."""
 

@@ -6,15 +6,15 @@ line when used, and the wrapper nodes work as before.
 
 from __future__ import annotations
 
-import torch
-
-from ...consisid_core.errors import ConsisIDError
-from ...consisid_core.identity import Identity
-from ...consisid_core.media import to_uint8
 from pathlib import Path
+
+import torch
 
 from ...consisid_core import native
 from ...consisid_core.checkpoint import Checkpoint
+from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.identity import Identity
+from ...consisid_core.media import to_uint8
 from ...consisid_core.sampling import first_frame
 from .. import host
 from ..declared import declared_error

@@ -107,3 +107,24 @@ def test_face_modules_are_diffusers_own(folder):
         assert torch.equal(modules.cross_attention(0, tokens, hidden),
                            transformer.perceiver_cross_attention[0](expected, hidden))
     assert [modules.after_block(i) for i in range(2)] == [0, 1]
+
+
+def test_the_native_workflows_are_the_graphs_docs_native_md_describes():
+    import json
+
+    from workflow_tools import WORKFLOWS, all_specs, to_api
+
+    def types(name):
+        return [n["type"] for n in json.loads((WORKFLOWS / name).read_text())["nodes"]]
+
+    basic = types("consisid_native.json")
+    assert basic[:3] == ["CLIPLoader", "CLIPTextEncode", "CLIPTextEncode"]
+    assert basic[-5:] == ["ConsisIDIdentityConditioning", "KSampler", "VAEDecode", "CreateVideo", "SaveVideo"]
+    api = to_api(json.loads((WORKFLOWS / "consisid_native.json").read_text()), all_specs())
+    by_type = {node["class_type"]: node["inputs"] for node in api.values()}
+    assert by_type["CLIPLoader"]["type"] == "cogvideox"
+    assert (by_type["KSampler"]["sampler_name"], by_type["KSampler"]["scheduler"], by_type["KSampler"]["steps"]) == (
+        "ddim", "simple", 50)
+    lora = types("consisid_native_lora.json")
+    assert lora.index("UNETLoader") < lora.index("ConsisIDFaceModules") < lora.index("LoraLoaderModelOnly")
+    assert {"SamplerCustomAdvanced", "ConsisIDNoise", "ConsisIDDPMSampler", "CFGGuider"} <= set(lora)

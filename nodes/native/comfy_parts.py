@@ -166,6 +166,9 @@ def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=
             f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
             f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
         )
+    if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
+        # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
+        id_cond, hidden = id_cond[:1], hidden[:1]
     tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
 
     def add(which, _block, _args, output):

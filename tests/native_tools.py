@@ -34,6 +34,10 @@ def import_comfyui(pytorch_attention: bool = False):
 
     from workflow_tools import import_pack
 
+    parts = sys.modules.get("consisid_pack.nodes.native.comfy_parts")
+    if parts is not None and not parts.AVAILABLE:  # imported by an earlier test without ComfyUI: again, with it
+        for name in [m for m in sys.modules if m == "consisid_pack" or m.startswith("consisid_pack.")]:
+            del sys.modules[name]
     return import_pack()
 
 

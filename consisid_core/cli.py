@@ -28,6 +28,7 @@ import torch
 from .checks import check_number, check_prompt, check_seed, check_steps, decoded_frames
 from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
+from .native import add_export_parser, run_export
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", type=Path,
                        help="also write the scores to this .json file; '-' writes them to stdout instead of the score")
     score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
+    add_export_parser(sub)
     return parser
 
 
@@ -486,7 +488,7 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
     write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
 
 
-_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score}
+_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": run_export}
 
 
 class Terminated(BaseException):

@@ -31,6 +31,7 @@ with one warning: an upgrade can never silently change a frame.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 from collections.abc import Iterator
@@ -427,3 +428,27 @@ def sdpa_calls(attention: torch.nn.Module, width: int, dtype: torch.dtype) -> in
     with torch.no_grad(), Count():
         attention(hidden_states=hidden, encoder_hidden_states=hidden)
     return len(calls)
+
+
+_PARTS = {
+    "LocalFacialExtractor": "diffusers.models.transformers.consisid_transformer_3d",
+    "PerceiverCrossAttention": "diffusers.models.transformers.consisid_transformer_3d",
+    "get_3d_rotary_pos_embed": "diffusers.models.embeddings",
+    "get_resize_crop_region_for_grid": "diffusers.pipelines.consisid.pipeline_consisid",
+    "VideoProcessor": "diffusers.video_processor",
+}
+"""diffusers' inner pieces the native path (`native.py`) reuses, which diffusers' top level does not
+export: the face modules' classes, the reference's rotary embedding and its crop, the frame
+preprocessing."""
+
+
+def part(name: str):
+    """One of `_PARTS`, from its module; refused in one line when this diffusers has moved it."""
+    module = _PARTS[name]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise HookApiError(
+            f"the native path uses diffusers' {module}.{name}, which this diffusers ({diffusers_version()}) does not "
+            "have: install a diffusers version this pack declares"
+        ) from None

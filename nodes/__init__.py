@@ -1,13 +1,14 @@
 """ComfyUI nodes: thin adapters over `consisid_core`, one file per concern.
 
-`host` alone touches ComfyUI; everything here imports and runs outside ComfyUI too.
+`host` and `native/comfy_parts` alone touch ComfyUI; everything here imports and runs outside ComfyUI too.
 """
 
 from . import faces, identity_files, long_video, lora, models, sampling, score, text, vae
+from .native import nodes as native
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (faces, identity_files, models, lora, text, sampling, vae, long_video, score):
+for _module in (faces, identity_files, models, lora, text, sampling, vae, long_video, score, native):
     NODE_CLASS_MAPPINGS.update(_module.NODES)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NAMES)
 

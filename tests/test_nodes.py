@@ -16,6 +16,8 @@ EXPECTED = {
     "ConsisIDFaceModelsLoader", "ConsisIDFaceEmbed", "ConsisIDSaveIdentity", "ConsisIDLoadIdentity",
     "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDPerformance", "ConsisIDVAEDecode",
     "ConsisIDIdentityScore", "ConsisIDExtend", "ConsisIDLoRA",
+    "ConsisIDNativeModelLoader", "ConsisIDFaceModules", "ConsisIDTextConditioning", "ConsisIDIdentityConditioning",
+    "ConsisIDNoise", "ConsisIDDPMSampler", "ConsisIDDynamicCFG",
 }
 
 

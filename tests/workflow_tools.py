@@ -3,7 +3,8 @@
 `python tests/workflow_tools.py` writes workflows/*.json (UI format, the files a person drags into
 ComfyUI). Node specs are ComfyUI's /object_info entries: ours are made from the node classes, the
 core and third-party ones are a snapshot in tests/data/comfyui_node_specs.json (ComfyUI a125cd8,
-ComfyUI-Frame-Interpolation's RIFE VFI).
+ComfyUI-Frame-Interpolation's RIFE VFI; the native workflows' core nodes and CLIPLoader from ComfyUI
+v0.33.0's /object_info, model lists empty).
 """
 
 from __future__ import annotations
@@ -284,6 +285,68 @@ def _long_video(specs: dict) -> dict:
     return g.to_json()
 
 
+NATIVE_VAE = "consisid_vae.safetensors"
+"""The checkpoint's vae/diffusion_pytorch_model.safetensors, put in models/vae under this name."""
+NATIVE_FILES = ("consisid_transformer.safetensors", "consisid_face.safetensors")
+"""What `python -m consisid_core export --model ConsisID-preview --out models/diffusion_models` writes."""
+NATIVE_LORA = "consisid_style_lora_comfy.safetensors"
+"""A ConsisID LoRA after `export --lora`, in models/loras."""
+
+
+def _native_head(g: Graph) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """T5 through core CLIPLoader (type cogvideox) and CLIPTextEncode, the identity from a photo, core
+    VAE Loader: (positive, negative, identity, vae)."""
+    clip = g.add("CLIPLoader", "t5xxl_fp16.safetensors", "cogvideox", "default")
+    positive = g.add("CLIPTextEncode", PROMPT, clip=(clip, 0))
+    negative = g.add("CLIPTextEncode", "", clip=(clip, 0))
+    photo = g.add("LoadImage", "consisid_face.png", "image")
+    faces = g.add("ConsisIDFaceModelsLoader", CHECKPOINT, "cpu", "cpu")
+    identity = g.add("ConsisIDFaceEmbed", -1, image=(photo, 0), face_models=(faces, 0))
+    vae = g.add("VAELoader", NATIVE_VAE)
+    return (positive, 0), (negative, 0), (identity, 0), (vae, 0)
+
+
+def _native_tail(g: Graph, latent: tuple[int, int], vae: tuple[int, int]) -> None:
+    frames = g.add("VAEDecode", samples=latent, vae=vae)
+    video = g.add("CreateVideo", 8.0, images=(frames, 0))
+    g.add("SaveVideo", "consisid/ConsisID_native", "mp4", "h264", video=(video, 0))
+
+
+def _native(specs: dict) -> dict:
+    """ConsisID as a native MODEL in core KSampler (ddim + simple: the reference's ddim)."""
+    g = Graph(specs)
+    positive, negative, identity, vae = _native_head(g)
+    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0,
+                        positive=positive, negative=negative, identity=identity, vae=vae)
+    latent = g.add("KSampler", 42, "fixed", 50, 6.0, "ddim", "simple", 1.0, model=(model, 0),
+                   positive=(conditioned, 0), negative=(conditioned, 1), latent_image=(conditioned, 2))
+    _native_tail(g, (latent, 0), vae)
+    return g.to_json()
+
+
+def _native_lora(specs: dict) -> dict:
+    """The exported transformer through core Load Diffusion Model, its face modules, a LoRA through
+    core LoraLoaderModelOnly, and SamplerCustomAdvanced with the reference's noise and dpm sampler
+    for the seed (the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA)."""
+    g = Graph(specs)
+    positive, negative, identity, vae = _native_head(g)
+    transformer, face = NATIVE_FILES
+    model = g.add("UNETLoader", transformer, "default")
+    model = g.add("ConsisIDFaceModules", face, model=(model, 0))
+    model = g.add("LoraLoaderModelOnly", NATIVE_LORA, 1.0, model=(model, 0))
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0,
+                        positive=positive, negative=negative, identity=identity, vae=vae)
+    guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))
+    noise = g.add("ConsisIDNoise", 42, "fixed")
+    sampler = g.add("ConsisIDDPMSampler", 42, "fixed")
+    sigmas = g.add("BasicScheduler", "simple", 50, 1.0, model=(model, 0))
+    latent = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
+                   sigmas=(sigmas, 0), latent_image=(conditioned, 2))
+    _native_tail(g, (latent, 0), vae)
+    return g.to_json()
+
+
 def build(specs: dict | None = None) -> dict[str, dict]:
     """File name -> UI-format workflow, for every shipped workflow."""
     specs = specs or all_specs()
@@ -294,6 +357,8 @@ def build(specs: dict | None = None) -> dict[str, dict]:
         "consisid_reuse_identity.json": _reuse_identity(specs),
         "consisid_long_video.json": _long_video(specs),
         "consisid_lora.json": _face_graph(specs, loras=LORAS),
+        "consisid_native.json": _native(specs),
+        "consisid_native_lora.json": _native_lora(specs),
     }
 
 
@@ -305,7 +370,8 @@ def dumps(workflow: dict) -> str:
 # checking and converting
 
 
-def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "UpscaleModelLoader")) -> list[str]:
+def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "UpscaleModelLoader", "VAELoader", "UNETLoader",
+                                                "LoraLoaderModelOnly")) -> list[str]:
     """Problems with a UI-format workflow against node specs: unknown nodes, inputs, links of the
     wrong type, wrong widget counts, values outside their range or choices. Empty if none."""
     problems = []
@@ -340,7 +406,7 @@ def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "Upsc
             if kind == "COMBO":
                 choices = _combo_options(spec, name)
                 is_model_list = node["type"] in dynamic or (node["type"].startswith("ConsisID") and name in (
-                    "face_encoder", "model", "vae", "identity_file", "lora_name"))
+                    "face_encoder", "model", "vae", "identity_file", "lora_name", "face_modules"))
                 if not is_model_list and value not in choices:
                     problems.append(f"{where}: {name}={value!r} is not one of {choices}")
             elif kind == "BOOLEAN" and not isinstance(value, bool):

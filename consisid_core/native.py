@@ -1,0 +1,405 @@
+"""The plain math of ConsisID's native ComfyUI path, shared with the wrapper path where it is
+the same thing: the key map to ComfyUI's CogVideoX layout, the face modules, the reference's
+rotary embedding, noise and dynamic-CFG formula, and the schedule in flow coordinates.
+
+No ComfyUI here (`nodes/native/` adapts these to ComfyUI's model classes); the face modules,
+the rotary embedding and the scheduler's alphas are diffusers' own classes and functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import (
+    FACE_MODULES,
+    RELEASED_SCHEDULER_CONFIG,
+    Checkpoint,
+    infer_transformer_config,
+    read_safetensors_shapes,
+)
+from .diffusers_hooks import part
+from .errors import CheckpointError, ConsisIDError
+from .files import write_atomically
+from .lora import read_lora
+
+logger = logging.getLogger(__name__)
+
+FACE_CONFIG_KEYS = (
+    "num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "sample_width", "sample_height",
+    "cross_attn_interval", "cross_attn_dim_head", "cross_attn_num_heads", "LFE_id_dim", "LFE_vit_dim", "LFE_depth",
+    "LFE_dim_head", "LFE_num_heads", "LFE_num_id_token", "LFE_num_querie", "LFE_output_dim", "LFE_ff_mult",
+    "LFE_num_scale", "local_face_scale", "is_kps",
+)
+"""What the face modules, the rotary embedding and the identity checks need of the transformer config."""
+FACE_FORMAT = "consisid-face-modules"
+
+_BLOCK_KEYS = {
+    "norm1.linear": "norm1.linear", "norm1.norm": "norm1.norm", "norm2.linear": "norm2.linear",
+    "norm2.norm": "norm2.norm", "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v",
+    "attn1.norm_q": "norm_q", "attn1.norm_k": "norm_k", "attn1.to_out.0": "attn_out",
+    "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out",
+}
+_TOP_KEYS = {"time_embedding.linear_1": "time_embedding_linear_1", "time_embedding.linear_2": "time_embedding_linear_2"}
+_BLOCK = re.compile(r"transformer_blocks\.([0-9]+)\.(.+)\.(weight|bias)")
+
+
+def comfy_key(key: str) -> str:
+    """A diffusers ConsisID transformer key (not a face module's) in ComfyUI's CogVideoX layout
+    (`comfy.ldm.cogvideo.model`): transformer_blocks.N.attn1.to_q.weight -> blocks.N.q.weight, …"""
+    found = _BLOCK.fullmatch(key)
+    if found:
+        index, module, kind = found.groups()
+        if module not in _BLOCK_KEYS:
+            raise CheckpointError(f"transformer key '{key}' has no place in ComfyUI's CogVideoX layout")
+        return f"blocks.{index}.{_BLOCK_KEYS[module]}.{kind}"
+    module, _, kind = key.rpartition(".")
+    return f"{_TOP_KEYS.get(module, module)}.{kind}"
+
+
+def diffusers_key(key: str) -> str:
+    """The inverse of `comfy_key`."""
+    found = re.fullmatch(r"blocks\.([0-9]+)\.(.+)\.(weight|bias)", key)
+    if found:
+        index, module, kind = found.groups()
+        inverse = {v: k for k, v in _BLOCK_KEYS.items()}
+        return f"transformer_blocks.{index}.{inverse[module]}.{kind}"
+    module, _, kind = key.rpartition(".")
+    inverse = {v: k for k, v in _TOP_KEYS.items()}
+    return f"{inverse.get(module, module)}.{kind}"
+
+
+def is_face_key(key: str) -> bool:
+    return key.split(".", 1)[0] in FACE_MODULES
+
+
+def face_config(transformer_config: Mapping) -> dict:
+    """The fields of a transformer config that the face modules and the rotary embedding use."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    defaults = {k: v.default for k, v in _init_parameters(ConsisIDTransformer3DModel).items()}
+    return {k: transformer_config.get(k, defaults.get(k)) for k in FACE_CONFIG_KEYS}
+
+
+def _init_parameters(cls) -> Mapping:
+    import inspect
+
+    return inspect.signature(cls.__init__).parameters
+
+
+class FaceModules(torch.nn.Module):
+    """ConsisID's face modules as diffusers builds them (same key names): the Local Facial Extractor
+    and one perceiver cross-attention after every `cross_attn_interval` transformer blocks."""
+
+    def __init__(self, config: Mapping):
+        super().__init__()
+        LocalFacialExtractor, PerceiverCrossAttention = part("LocalFacialExtractor"), part("PerceiverCrossAttention")
+        c = dict(config)
+        inner = c["num_attention_heads"] * c["attention_head_dim"]
+        self.config = c
+        self.local_facial_extractor = LocalFacialExtractor(
+            id_dim=c["LFE_id_dim"], vit_dim=c["LFE_vit_dim"], depth=c["LFE_depth"], dim_head=c["LFE_dim_head"],
+            heads=c["LFE_num_heads"], num_id_token=c["LFE_num_id_token"], num_queries=c["LFE_num_querie"],
+            output_dim=c["LFE_output_dim"], ff_mult=c["LFE_ff_mult"], num_scale=c["LFE_num_scale"],
+        )
+        self.perceiver_cross_attention = torch.nn.ModuleList(
+            PerceiverCrossAttention(dim=inner, dim_head=c["cross_attn_dim_head"], heads=c["cross_attn_num_heads"],
+                                    kv_dim=int(inner / 3 * 2))
+            for _ in range(c["num_layers"] // c["cross_attn_interval"])
+        )
+
+    def face_tokens(self, id_cond: torch.Tensor, id_vit_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The Local Facial Extractor's output, in the face modules' dtype."""
+        dtype = self.local_facial_extractor.latents.dtype
+        return self.local_facial_extractor(id_cond.to(dtype), [h.to(dtype) for h in id_vit_hidden])
+
+    def after_block(self, index: int) -> int | None:
+        """Which cross-attention follows transformer block `index` (None: none does)."""
+        interval = self.config["cross_attn_interval"]
+        if index % interval or index // interval >= len(self.perceiver_cross_attention):
+            return None
+        return index // interval
+
+    def cross_attention(self, which: int, face: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What cross-attention `which` adds to the hidden states (before the identity strength)."""
+        layer = self.perceiver_cross_attention[which]
+        dtype = layer.to_q.weight.dtype
+        return layer(face.to(dtype), hidden_states.to(dtype)).to(hidden_states.dtype)
+
+
+def rotary_embedding(config: Mapping, grid_height: int, grid_width: int, frames: int, device) -> tuple:
+    """The reference pipeline's 3D rotary embedding (cos, sin) for a latent grid of patches,
+    cropped to the checkpoint's native aspect as ConsisIDPipeline does."""
+    get_3d_rotary_pos_embed = part("get_3d_rotary_pos_embed")
+    get_resize_crop_region_for_grid = part("get_resize_crop_region_for_grid")
+    base_width = config["sample_width"] // config["patch_size"]
+    base_height = config["sample_height"] // config["patch_size"]
+    crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+    return get_3d_rotary_pos_embed(
+        embed_dim=config["attention_head_dim"], crops_coords=crops, grid_size=(grid_height, grid_width),
+        temporal_size=frames, device=device,
+    )
+
+
+def alphas_cumprod(scheduler_config: Mapping | None = None) -> torch.Tensor:
+    """ᾱ_t of the reference's CogVideoX schedulers (float64; zero-terminal-SNR: ᾱ_999 = 0)."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    config = {k: v for k, v in dict(scheduler_config or RELEASED_SCHEDULER_CONFIG).items() if not k.startswith("_")}
+    return CogVideoXDDIMScheduler.from_config(config).alphas_cumprod.double()
+
+
+def flow_sigmas(scheduler_config: Mapping | None = None) -> torch.Tensor:
+    """The schedule in flow coordinates, σ_t = √(1-ᾱ_t) / (√ᾱ_t + √(1-ᾱ_t)) (float64, rising to
+    exactly 1 at the zero-SNR end).
+
+    A DDPM latent x_t = √ᾱ·x0 + √(1-ᾱ)·ε divided by √ᾱ + √(1-ᾱ) is (1-σ)·x0 + σ·ε: the
+    rectified-flow interpolation, finite everywhere. Euler on it is DDIM step for step, and the
+    first step at ᾱ = 0 needs no infinite sigma (k-diffusion's σ = √((1-ᾱ)/ᾱ) would be)."""
+    a = alphas_cumprod(scheduler_config)
+    signal, noise = a.sqrt(), (1 - a).sqrt()
+    return noise / (signal + noise)
+
+
+def flow_input_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """√ᾱ + √(1-ᾱ) at flow sigma σ: the flow latent times this is the DDPM latent the model takes."""
+    return 1 / ((1 - sigma) ** 2 + sigma**2).sqrt()
+
+
+def reference_noise(seed: int, channels: int, frames: int, height: int, width: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The initial noise ConsisIDPipeline draws for `torch.Generator('cpu').manual_seed(seed)`,
+    as [1, channels, latent frames, h, w] (ComfyUI's layout).
+
+    The pipeline first samples the first frame's VAE posterior from the same generator
+    (one [1, channels, 1, h, w] draw), then the noise as [1, frames, channels, h, w]."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    torch.randn((1, channels, 1, height, width), generator=generator, dtype=dtype)
+    return torch.randn((1, frames, channels, height, width), generator=generator, dtype=dtype).permute(0, 2, 1, 3, 4)
+
+
+def dynamic_guidance(scale: float, timestep: float, steps: int) -> float:
+    """The reference's dynamic CFG (CogVideoX's cosine schedule), as its pipeline computes it:
+    from the timestep t (999 … 0) and the step count."""
+    return 1 + scale * ((1 - math.cos(math.pi * ((steps - timestep) / steps) ** 5.0)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: the transformer in ComfyUI's layout, the face modules on their own
+
+
+def source_weights(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ConsisID transformer's weights (diffusers key names) and config, from a ConsisID folder
+    or a single .safetensors file (config inferred from the weights' shapes)."""
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = Checkpoint.open(path)
+        config = checkpoint.transformer_config
+        files = sorted((path / "transformer").glob("*.safetensors"))
+    else:
+        if not path.is_file():
+            raise CheckpointError(f"'{path}' is neither a ConsisID checkpoint folder nor a .safetensors file")
+        config = infer_transformer_config(read_safetensors_shapes(path), f"the weights in '{path}'")
+        files = [path]
+    weights = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            weights |= {k: f.get_tensor(k) for k in f.keys()}
+    return weights, dict(config)
+
+
+def split_weights(weights: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(transformer weights in ComfyUI's CogVideoX layout, face-module weights)."""
+    core = {comfy_key(k): v for k, v in weights.items() if not is_face_key(k)}
+    face = {k: v for k, v in weights.items() if is_face_key(k)}
+    if not face:
+        raise CheckpointError("these transformer weights have no face modules: not a ConsisID transformer")
+    return core, face
+
+
+def face_file_metadata(config: Mapping, latent_channels: int, scaling_factor: float,
+                       scheduler_config: Mapping | None = None) -> dict:
+    return {
+        "format": FACE_FORMAT,
+        "config": json.dumps(face_config(config)),
+        "latent_channels": str(latent_channels),
+        "scaling_factor": repr(float(scaling_factor)),
+        "scheduler": json.dumps({k: v for k, v in dict(scheduler_config or RELEASED_SCHEDULER_CONFIG).items()}),
+    }
+
+
+def read_face_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The face modules' weights and their metadata (config, latent channels, scaling factor,
+    scheduler) from a file `export` wrote."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            if metadata.get("format") != FACE_FORMAT:
+                raise CheckpointError(
+                    f"'{path}' is not a ConsisID face-modules file (write one with `python -m consisid_core export`)"
+                )
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
+    info = {
+        "config": json.loads(metadata["config"]),
+        "latent_channels": int(metadata["latent_channels"]),
+        "scaling_factor": float(metadata["scaling_factor"]),
+        "scheduler": json.loads(metadata["scheduler"]),
+    }
+    return weights, info
+
+
+def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
+    """(latent channels, scaling factor) of the folder's VAE; the released ones for a single file."""
+    path = Path(source)
+    if path.is_dir():
+        vae = Checkpoint.open(path).vae_config
+        return vae["latent_channels"], vae["scaling_factor"]
+    return 16, 0.7
+
+
+def export(source: str | os.PathLike, out_dir: str | os.PathLike, name: str = "consisid", overwrite: bool = False,
+           dtype: torch.dtype | None = None) -> tuple[Path, Path]:
+    """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
+    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) to `out_dir`."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ConsisIDError(f"output folder '{out}' does not exist")
+    weights, config = source_weights(source)
+    if config.get("is_kps"):
+        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
+    core, face = split_weights(weights)
+    if dtype is not None:
+        core = {k: v.to(dtype) if v.is_floating_point() else v for k, v in core.items()}
+        face = {k: v.to(dtype) if v.is_floating_point() else v for k, v in face.items()}
+    channels, scaling = vae_settings(source)
+    scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
+    transformer_path, face_path = out / f"{name}_transformer.safetensors", out / f"{name}_face.safetensors"
+    contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
+    write_atomically(transformer_path, lambda staged: save_file(contiguous(core), staged), overwrite)
+    metadata = face_file_metadata(config, channels, scaling, scheduler)
+    write_atomically(face_path, lambda staged: save_file(contiguous(face), staged, metadata=metadata), overwrite)
+    return transformer_path, face_path
+
+
+def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping) -> FaceModules:
+    """The face modules of `config` holding `weights` (diffusers key names), checked key by key."""
+    with torch.device("meta"):
+        modules = FaceModules(face_config(config))
+    expected = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        wrong = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise CheckpointError(f"the face-module weights do not match their config (first differences: {wrong})")
+    modules.load_state_dict(dict(weights), assign=True, strict=True)
+    return modules.eval()
+
+
+def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
+    """The first frame as ConsisIDPipeline prepares it (diffusers' VideoProcessor: resized to
+    width × height), as a ComfyUI IMAGE [1, H, W, 3] in 0..1 for a VAE Encode."""
+    pixels = part("VideoProcessor")(vae_scale_factor=8).preprocess(frame, height=height, width=width)
+    return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
+
+
+def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) in ComfyUI's CogVideoX
+    layout (`diffusion_model.blocks.N.q.lora_A.weight`, …, with `.alpha`), which core's LoRA
+    loaders map onto the native MODEL (they map no diffusers names for CogVideoX).
+
+    Layers of the face modules are left out, with a warning: on the native MODEL the face modules
+    are ModelPatcher object patches, which core's LoRA loaders do not reach."""
+
+    lora = read_lora(source)
+    tensors, left_out = {}, []
+    for name, layer in lora.layers.items():
+        if is_face_key(name):
+            left_out.append(name)
+            continue
+        key = "diffusion_model." + comfy_key(name + ".weight").removesuffix(".weight")
+        tensors[f"{key}.lora_A.weight"] = layer.down.contiguous()
+        tensors[f"{key}.lora_B.weight"] = layer.up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
+    if not tensors:
+        raise ConsisIDError(f"'{source}' changes only the face modules; the native path cannot take it (use ConsisID LoRA)")
+    if left_out:
+        logger.warning("%d face-module layers of '%s' are left out (first: %s): the native path's LoRA loaders "
+                       "do not reach the face modules", len(left_out), Path(source).name, left_out[0])
+    target = Path(target)
+    write_atomically(target, lambda staged: save_file(tensors, staged), overwrite)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m consisid_core export`
+
+_EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_export_parser(sub) -> None:
+    """The `export` subcommand's arguments (cli.py adds it to its subparsers)."""
+    export_parser = sub.add_parser(
+        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
+    export_parser.add_argument("--model", type=Path,
+                               help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
+    export_parser.add_argument("--lora", type=Path, action="append", default=[],
+                               help="also a ConsisID LoRA (diffusers layout) -> <its name>_comfy.safetensors in --out, "
+                                    "for core's LoRA loaders (repeat for several)")
+    export_parser.add_argument("--out", required=True, type=Path,
+                               help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
+                                    "(e.g. ComfyUI/models/diffusion_models)")
+    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
+    export_parser.add_argument("--dtype", choices=tuple(_EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def run_export(args) -> None:
+    if args.model is None and not args.lora:
+        raise ConsisIDError("export needs --model, --lora or both")
+    if not args.out.is_dir():
+        raise ConsisIDError(f"output folder '{args.out}' does not exist")
+    written = []
+    if args.model is not None:
+        written += export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype])
+    for lora in args.lora:
+        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
+    for path in written:
+        print(path)
+
+
+class ReferenceStepNoise:
+    """The fresh noise ConsisIDPipeline's `dpm` scheduler (CogVideoXDPMScheduler, a DPM-Solver++(2M)
+    SDE) adds at each step for a seed, as [1, channels, latent frames, h, w].
+
+    The generator has drawn the first frame's posterior and the initial noise (`reference_noise`);
+    the scheduler then draws one noise at its first step and two at each later one, using the
+    second (the first belongs to a first-order step it discards)."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+        batch, channels, frames, height, width = shape
+        self._shape = (batch, frames, channels, height, width)
+        self._dtype = dtype
+        self._generator = torch.Generator("cpu").manual_seed(seed)
+        torch.randn((1, channels, 1, height, width), generator=self._generator, dtype=dtype)
+        torch.randn(self._shape, generator=self._generator, dtype=dtype)
+        self._steps = 0
+
+    def __call__(self) -> torch.Tensor:
+        draws = 1 if self._steps == 0 else 2
+        self._steps += 1
+        for _ in range(draws):
+            noise = torch.randn(self._shape, generator=self._generator, dtype=self._dtype)
+        return noise.permute(0, 2, 1, 3, 4)

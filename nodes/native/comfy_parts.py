@@ -1,0 +1,321 @@
+"""Everything of ComfyUI that the native path uses, in one place (see `COMFY_INTERNALS`).
+
+ConsisID is CogVideoX-5B-I2V plus face modules, so its native MODEL is core's own CogVideoX
+MODEL (`comfy.sd.load_diffusion_model_state_dict`: model detection, `model_base.CogVideoX`,
+`comfy.ldm.cogvideo` on `comfy.ops`) with what ConsisID changes added through ComfyUI's own
+ModelPatcher mechanisms, so that the same addition works on a MODEL from core UNETLoader, from
+ComfyUI-GGUF's UnetLoaderGGUF, and after LoRA loaders:
+
+- object patches: the face modules as `diffusion_model.consisid_face` (loaded and offloaded with
+  the transformer), the reference's rotary embedding (core's CogVideoX 1.0 rotary scales the grid
+  by spatial_interpolation_scale; ConsisIDPipeline crops it to the native aspect), the model
+  sampling below, the checkpoint's latent format, and `extra_conds` passing the identity on;
+- a DIFFUSION_MODEL wrapper: the Local Facial Extractor once per call, and after every
+  `cross_attn_interval` blocks the perceiver cross-attention times the identity strength (forward
+  hooks held for that call only), within the conditioning's start/end percent.
+
+Model sampling: core's CogVideoX uses `V_PREDICTION_DDPM`, whose `calculate_input` gives the
+transformer k-diffusion's unscaled x (x_t·√(1+σ²)) and whose `calculate_denoised` reads it as
+x_t: right for a DDPM loop (core's VOID nodes), wrong for k-samplers (tests/test_native_parity.py
+measures it). `ModelSamplingConsisID` is the same schedule (v-prediction, scaled-linear betas
+0.00085–0.012, zero terminal SNR, from diffusers' scheduler) in flow coordinates: finite at the
+zero-SNR end, Euler there is DDIM step for step, and `simple` picks the trailing timesteps.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ...consisid_core.native import (
+    FaceModules,
+    ReferenceStepNoise,
+    dynamic_guidance,
+    flow_input_scale,
+    flow_sigmas,
+    reference_noise,
+    rotary_embedding,
+)
+
+try:
+    import comfy.conds
+    import comfy.k_diffusion.sampling
+    import comfy.latent_formats
+    import comfy.model_management
+    import comfy.model_sampling
+    import comfy.patcher_extension
+    import comfy.samplers
+    import comfy.sd
+    import node_helpers
+    from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
+except ImportError:  # outside ComfyUI, or a ComfyUI without native CogVideoX (before v0.21)
+    CogVideoXTransformer3DModel = None
+
+logger = logging.getLogger(__name__)
+
+AVAILABLE = CogVideoXTransformer3DModel is not None
+UNAVAILABLE = (
+    "the native ConsisID nodes need ComfyUI's own CogVideoX (comfy.ldm.cogvideo, ComfyUI v0.21 or later); "
+    "update ComfyUI, or use the ConsisID wrapper nodes (ConsisID Model Loader, ConsisID Sampler)"
+)
+COMFY_INTERNALS = (
+    "comfy.sd.load_diffusion_model_state_dict",
+    "comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel (._get_rotary_emb, .blocks, ._forward's kwargs)",
+    "comfy.model_base.CogVideoX (.extra_conds, .concat_cond with concat_latent_image, .latent_format)",
+    "comfy.model_sampling.ModelSamplingDiscrete (.set_sigmas, .timestep, .percent_to_sigma), comfy.model_sampling.CONST, "
+    "comfy.model_sampling.reshape_sigma",
+    "comfy.latent_formats.CogVideoX",
+    "comfy.conds.CONDRegular, comfy.conds.CONDConstant",
+    "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL (the executor's .class_obj)",
+    "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
+    ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
+    "comfy.model_management.module_size, comfy.model_management.intermediate_device",
+    "comfy.sd.VAE (.encode of [N, H, W, 3], .latent_channels)",
+    "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
+    "node_helpers.conditioning_set_values",
+    "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas'], "
+    "sampler_cfg_function's args (cond, uncond, cond_scale, sigma, model, model_options)",
+    "ModelPatcher object patches may add attributes the model lacks (comfy.utils.set_attr with ATTR_UNSET)",
+)
+"""What the native path relies on, for the pack's ComfyUI fence."""
+
+
+def require() -> None:
+    """Refuse in one line on a ComfyUI without native CogVideoX."""
+    if not AVAILABLE:
+        raise RuntimeError(UNAVAILABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sampling
+
+
+class VPredictionFlow(comfy.model_sampling.CONST if AVAILABLE else object):
+    """v-prediction of a DDPM model, sampled in flow coordinates x = (1-σ)·x0 + σ·ε (so CONST's
+    noise scaling, and the RF branches of ComfyUI's ancestral samplers, are right as they are)."""
+
+    def calculate_input(self, sigma, noise):
+        sigma = comfy.model_sampling.reshape_sigma(sigma, noise.ndim)
+        return noise * flow_input_scale(sigma)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = comfy.model_sampling.reshape_sigma(sigma, model_output.ndim)
+        scale = flow_input_scale(sigma)
+        # x_t = x·(√ᾱ + √(1-ᾱ)); √ᾱ = (1-σ)·scale, √(1-ᾱ) = σ·scale; x0 = √ᾱ·x_t - √(1-ᾱ)·v
+        return (1 - sigma) * scale * scale * model_input - sigma * scale * model_output
+
+
+class ModelSamplingConsisID(*((comfy.model_sampling.ModelSamplingDiscrete,) if AVAILABLE else ()), VPredictionFlow):
+    """ConsisID's schedule (the checkpoint's scheduler config, as diffusers computes ᾱ) as ComfyUI
+    model sampling: 1000 discrete timesteps, σ_999 = 1."""
+
+    def __init__(self, scheduler_config=None):
+        torch.nn.Module.__init__(self)
+        sigmas = flow_sigmas(scheduler_config)
+        self.num_timesteps = len(sigmas)
+        self.zsnr = True
+        self.set_sigmas(sigmas)
+        self.sigma_data = 1.0
+
+
+class ConsisIDLatent(comfy.latent_formats.CogVideoX if AVAILABLE else object):
+    """The checkpoint's own latent channels and scaling factor (0.7 and 16 for the released one)."""
+
+    def __init__(self, channels: int, scale_factor: float):
+        super().__init__()
+        self.latent_channels = channels
+        self.scale_factor = scale_factor
+        if channels != 16:
+            self.latent_rgb_factors = None
+            self.latent_rgb_factors_bias = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The face modules on a CogVideoX MODEL
+
+IDENTITY_KEYS = ("consisid_id_cond", "consisid_id_vit_hidden")
+OPTION_KEYS = ("consisid_strength", "consisid_start", "consisid_end")
+
+
+def _extra_conds(model_base, **kwargs):
+    """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on)."""
+    out = type(model_base).extra_conds(model_base, **kwargs)
+    if kwargs.get("consisid_id_cond") is not None:
+        for key in IDENTITY_KEYS:
+            out[key] = comfy.conds.CONDRegular(kwargs[key])
+        for key in OPTION_KEYS:
+            out[key] = comfy.conds.CONDConstant(float(kwargs[key]))
+    return out
+
+
+def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=None, **kwargs):
+    """Around the transformer's `_forward`: the identity's cross-attention after its blocks."""
+    id_cond, hidden = (kwargs.pop(key, None) for key in IDENTITY_KEYS)
+    strength, start, end = (kwargs.pop(key, None) for key in OPTION_KEYS)
+    model = executor.class_obj
+    face: FaceModules = model.consisid_face
+    if id_cond is None or not strength or not _active(model, transformer_options, start, end):
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    config = face.config
+    found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
+    if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
+        raise ValueError(
+            f"the identity does not fit this model: id_cond of width {found[0]} and {found[1]} hidden states of "
+            f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
+            f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
+        )
+    if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
+        # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
+        id_cond, hidden = id_cond[:1], hidden[:1]
+    tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
+
+    def add(which, _block, _args, output):
+        hidden_states, encoder_hidden_states = output
+        return hidden_states + strength * face.cross_attention(which, tokens, hidden_states), encoder_hidden_states
+
+    hooks = [
+        block.register_forward_hook(functools.partial(add, face.after_block(i)))
+        for i, block in enumerate(model.blocks)
+        if face.after_block(i) is not None
+    ]
+    try:
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _active(model, transformer_options, start: float, end: float) -> bool:
+    """Whether this step lies within [start, end] percent of the sampling (ComfyUI's convention:
+    percent of the model's sigma range, as ControlNet's start/end)."""
+    if start <= 0 and end >= 1:
+        return True
+    sigmas = (transformer_options or {}).get("sigmas")
+    if sigmas is None:
+        return True
+    sampling = model.consisid_sampling
+    sigma = float(sigmas.max())
+    return sampling.percent_to_sigma(end) <= sigma <= sampling.percent_to_sigma(start)
+
+
+def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None):
+    """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
+    embedding, model sampling, latent format and identity conditioning added as patches."""
+    require()
+    base = model.model
+    if not isinstance(getattr(base, "diffusion_model", None), CogVideoXTransformer3DModel):
+        found = type(getattr(base, "diffusion_model", base)).__name__
+        raise ValueError(f"this MODEL is a {found}, not ComfyUI's CogVideoX: load the exported ConsisID transformer")
+    core = base.diffusion_model
+    config = face.config
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    if core.dim != width or len(core.blocks) != config["num_layers"] or core.attention_head_dim != config["attention_head_dim"]:
+        raise ValueError(
+            f"these face modules are for a transformer {width} wide with {config['num_layers']} blocks of "
+            f"{config['attention_head_dim']}-wide heads; this MODEL is {core.dim} wide with {len(core.blocks)} blocks of "
+            f"{core.attention_head_dim}-wide heads: use the face file exported with this transformer"
+        )
+    sampling = ModelSamplingConsisID(scheduler_config)
+    patched = model.clone()
+    face = face.to(dtype=base.get_dtype())
+    patched.add_object_patch("diffusion_model.consisid_face", face)
+    patched.add_object_patch("diffusion_model.consisid_sampling", sampling)
+    patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
+    patched.add_object_patch("model_sampling", sampling)
+    patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
+    patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "consisid_face", _face_wrapper)
+    patched.size = model.model_size() + comfy.model_management.module_size(face)
+    return patched
+
+
+def _rotary(config, height, width, frames, device=None):
+    return rotary_embedding(config, height, width, frames, device)
+
+
+def load_cogvideox(state_dict: dict, dtype: torch.dtype | None):
+    """Core's own CogVideoX MODEL from weights in its key layout (what UNETLoader does)."""
+    require()
+    options = {} if dtype is None else {"dtype": dtype}
+    model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options)
+    if model is None:
+        raise ValueError("ComfyUI did not recognise these weights as CogVideoX")
+    return model
+
+
+def identity_conditioning(conditioning, image_latent, id_cond, id_vit_hidden, strength, start, end):
+    """`conditioning` with the first frame's latent and the identity on every entry."""
+    return node_helpers.conditioning_set_values(conditioning, {
+        "concat_latent_image": image_latent,
+        "consisid_id_cond": id_cond,
+        "consisid_id_vit_hidden": id_vit_hidden,
+        "consisid_strength": strength,
+        "consisid_start": start,
+        "consisid_end": end,
+    })
+
+
+def latent_channels(vae) -> int:
+    return vae.latent_channels
+
+
+def intermediate_device():
+    return comfy.model_management.intermediate_device()
+
+
+class ReferenceNoise:
+    """A NOISE for SamplerCustomAdvanced: the noise ConsisIDPipeline draws for a seed."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        _, channels, frames, height, width = samples.shape
+        return reference_noise(self.seed, channels, frames, height, width)
+
+
+def _reference_dpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_seed=0):
+    extra_args = {} if extra_args is None else extra_args
+    step_noise = ReferenceStepNoise(noise_seed, tuple(x.shape), x.dtype)
+    if len(sigmas) > 2 and sigmas[0] >= 1:
+        # at zero SNR the (2M) SDE step is: x0 predicted, noised afresh to the next sigma. Core's
+        # sampler would move sigma_max off 1 first (its log-SNR is -inf), which is not the reference.
+        denoised = model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": 0, "sigma": sigmas[0], "sigma_hat": sigmas[0], "denoised": denoised})
+        x = (1 - sigmas[1]) * denoised + sigmas[1] * step_noise().to(x.device)
+        sigmas = sigmas[1:]
+        if callback is not None:
+            callback = functools.partial(_shifted, callback)
+    return comfy.k_diffusion.sampling.sample_dpmpp_2m_sde(
+        model, x, sigmas, extra_args, callback, disable, eta=1.0, s_noise=1.0,
+        noise_sampler=lambda _sigma, _sigma_next: step_noise().to(x.device), solver_type="midpoint",
+    )
+
+
+def _shifted(callback, step: dict):
+    return callback({**step, "i": step["i"] + 1})
+
+
+def reference_dpm_sampler(noise_seed: int):
+    """The reference's `dpm` as a SAMPLER: core's DPM-Solver++(2M) SDE (midpoint, eta 1), which is
+    CogVideoXDPMScheduler's update, given the noise that scheduler draws for the seed at each step."""
+    return comfy.samplers.KSAMPLER(_reference_dpm, extra_options={"noise_seed": noise_seed})
+
+
+def with_dynamic_cfg(model):
+    """A clone of `model` whose CFG scale follows the reference's cosine schedule each step."""
+    patched = model.clone()
+
+    def dynamic(args):
+        sampling = args["model"].model_sampling
+        timestep = float(sampling.timestep(args["sigma"]).flatten()[0])
+        steps = len(args["model_options"]["transformer_options"]["sample_sigmas"]) - 1
+        scale = dynamic_guidance(args["cond_scale"], timestep, steps)
+        return args["uncond"] + (args["cond"] - args["uncond"]) * scale
+
+    patched.set_model_sampler_cfg_function(dynamic, disable_cfg1_optimization=True)
+    return patched

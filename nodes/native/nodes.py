@@ -1,0 +1,299 @@
+"""The native path's nodes: ConsisID as a ComfyUI MODEL for core's samplers, identity as conditioning.
+
+They run on ComfyUI's own CogVideoX (v0.21 and later); on an older ComfyUI each says so in one
+line when used, and the wrapper nodes work as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...consisid_core import native
+from ...consisid_core.checkpoint import Checkpoint
+from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.identity import Identity
+from ...consisid_core.media import to_uint8
+from ...consisid_core.sampling import first_frame
+from .. import host
+from ..declared import declared_error
+from ..sampling import check_size
+from . import comfy_parts
+
+SINGLE_FILE = "diffusion_models/"
+WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sources() -> list[str]:
+    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
+
+
+def native_model(source, dtype: torch.dtype | None):
+    """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
+    core's CogVideoX (its key layout) with the face modules added."""
+    comfy_parts.require()
+    weights, config = native.source_weights(source)
+    if config.get("is_kps"):
+        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
+    core, face = native.split_weights(weights)
+    model = comfy_parts.load_cogvideox(core, dtype)
+    channels, scaling = native.vae_settings(source)
+    scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
+    return comfy_parts.with_face_modules(model, native.face_modules(face, config), channels, scaling, scheduler)
+
+
+class ConsisIDNativeModelLoader:
+    DESCRIPTION = (
+        "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
+        "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
+        "models/consisid or a single transformer .safetensors with diffusers key names. Condition it with "
+        "ConsisID Identity Conditioning."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("ConsisID as a ComfyUI MODEL (v-prediction, zero-terminal-SNR; sample with the simple scheduler).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (_sources(), {"tooltip": "A ConsisID checkpoint folder, or diffusion_models/<file> for a "
+                                                  "single-file transformer with diffusers key names."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
+                                                       "tooltip": "Weights' precision; default lets ComfyUI choose "
+                                                                  "for the device (fp32 on CPU)."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: str, weight_dtype: str):
+        return declared_error(cls, model=model, weight_dtype=weight_dtype) or True
+
+    def load(self, model: str, weight_dtype: str):
+        comfy_parts.require()
+        if model.startswith(SINGLE_FILE):
+            source = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
+        else:
+            folders = host.pipeline_folders()
+            if model not in folders:
+                raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
+            source = folders[model]
+        return (native_model(source, WEIGHT_DTYPES[weight_dtype]),)
+
+
+class ConsisIDFaceModules:
+    DESCRIPTION = (
+        "Adds ConsisID's face modules (a <name>_face.safetensors written by `python -m consisid_core export`) to a "
+        "CogVideoX MODEL loaded from the exported transformer by core Load Diffusion Model or ComfyUI-GGUF's "
+        "Unet Loader (GGUF). The result takes ConsisID Identity Conditioning like ConsisID Native Model Loader's."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL as ConsisID: face modules, its rotary embedding and model sampling.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The exported ConsisID transformer, loaded as CogVideoX."}),
+                "face_modules": (host.files("diffusion_models"), {"tooltip": "The <name>_face.safetensors exported "
+                                                                             "with that transformer (models/diffusion_models)."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_modules: str):
+        return declared_error(cls, face_modules=face_modules) or True
+
+    def apply(self, model, face_modules: str):
+        comfy_parts.require()
+        weights, info = native.read_face_file(host.file_path("diffusion_models", face_modules))
+        face = native.face_modules(weights, info["config"])
+        return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
+
+
+class ConsisIDTextConditioning:
+    DESCRIPTION = (
+        "ConsisID Text Encode's embeddings as ComfyUI CONDITIONING (positive, negative) for the native path, e.g. "
+        "with the checkpoint's own T5. Core CLIPTextEncode over CLIPLoader (type cogvideox) gives the same kind."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "convert"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The prompt's 226 T5 tokens.", "The negative prompt's 226 T5 tokens.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."})}}
+
+    def convert(self, text):
+        return ([[text.positive, {}]], [[text.negative, {}]])
+
+
+class ConsisIDIdentityConditioning:
+    DESCRIPTION = (
+        "Puts a ConsisID identity and the first frame (by default the identity's aligned face, as the reference) "
+        "on both conditionings, as core's WanImageToVideo does for its image, and makes the empty video latent. "
+        "The identity acts in both CFG passes, as in the reference, between start and end percent of the steps."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    OUTPUT_TOOLTIPS = (
+        "Positive conditioning with the identity and first frame.",
+        "Negative conditioning with the identity and first frame (as the reference).",
+        "An empty video latent of the size asked, for KSampler / SamplerCustomAdvanced.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "The prompt: CLIPTextEncode over CLIPLoader (type cogvideox)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt, encoded the same way."}),
+                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed or Load Identity."}),
+                "vae": ("VAE", {"tooltip": "The CogVideoX VAE (core Load VAE, e.g. the checkpoint's vae file)."}),
+                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
+                                  "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                                   "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
+                "length": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
+                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
+                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                                "tooltip": "Scale of the face cross-attention (1 as trained)."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Where in the sampling the identity starts acting (0: first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Where it stops (1: last step). 0, 1 and strength 1 are the reference."}),
+            },
+            "optional": {
+                "start_image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face, as the "
+                                                     "reference. A batch uses its first image."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width: int, height: int, length: int):
+        return declared_error(cls, width=width, height=height, length=length) or check_size(length, width, height)
+
+    def encode(self, positive, negative, identity: Identity, vae, width: int, height: int, length: int,
+               identity_strength: float, start_percent: float, end_percent: float, start_image=None):
+        comfy_parts.require()
+        problem = check_size(length, width, height)
+        if problem is not True:
+            raise ConsisIDError(problem)
+        if start_percent > end_percent:
+            raise ConsisIDError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them")
+        frame = first_frame(None if start_image is None else to_uint8(start_image[0]), identity)
+        latent = vae.encode(native.first_frame_pixels(frame, height, width))
+        return (*identity_conditioned(positive, negative, identity, latent, identity_strength, start_percent, end_percent),
+                {"samples": torch.zeros([1, comfy_parts.latent_channels(vae), (length - 1) // 4 + 1, height // 8, width // 8],
+                                        device=comfy_parts.intermediate_device())})
+
+
+def identity_conditioned(positive, negative, identity: Identity, first_latent: torch.Tensor, strength: float = 1.0,
+                         start: float = 0.0, end: float = 1.0) -> tuple:
+    """Both conditionings with the identity and the first frame's latent ([1, C, 1, h, w], VAE space)."""
+    hidden = torch.stack(identity.id_vit_hidden, dim=1)
+    return tuple(
+        comfy_parts.identity_conditioning(c, first_latent, identity.id_cond, hidden, strength, start, end)
+        for c in (positive, negative)
+    )
+
+
+class ConsisIDNoise:
+    DESCRIPTION = (
+        "Noise for SamplerCustomAdvanced that is the reference's for a seed (diffusers' CPU generator, its draw order "
+        "and latent layout): one seed gives one video in the command line, ConsisID Sampler and the native graph. "
+        "(KSampler's own seed draws ComfyUI's noise instead.)"
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "get_noise"
+    RETURN_TYPES = ("NOISE",)
+    RETURN_NAMES = ("noise",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's noise input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                       "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
+            }
+        }
+
+    def get_noise(self, noise_seed: int):
+        return (comfy_parts.ReferenceNoise(noise_seed),)
+
+
+class ConsisIDDPMSampler:
+    DESCRIPTION = (
+        "The reference's default sampler (ConsisID Sampler's dpm: CogVideoXDPMScheduler) as a SAMPLER for "
+        "SamplerCustomAdvanced: core's DPM-Solver++(2M) SDE given the noise the reference adds at each step for the "
+        "seed. With ConsisID Noise at the same seed and the simple scheduler, it gives the reference's video."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "get_sampler"
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's sampler input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                       "tooltip": "The seed of ConsisID Noise: the step noise continues its generator."}),
+            }
+        }
+
+    def get_sampler(self, noise_seed: int):
+        comfy_parts.require()
+        return (comfy_parts.reference_dpm_sampler(noise_seed),)
+
+
+class ConsisIDDynamicCFG:
+    DESCRIPTION = (
+        "The reference's dynamic CFG as a model patch: the guidance scale follows CogVideoX's cosine schedule over "
+        "the steps (use_dynamic_cfg in diffusers). Put it on the MODEL before the sampler."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with dynamic CFG for the runs that use it.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "A native ConsisID MODEL."})}}
+
+    def patch(self, model):
+        comfy_parts.require()
+        return (comfy_parts.with_dynamic_cfg(model),)
+
+
+NODES = {
+    "ConsisIDNativeModelLoader": ConsisIDNativeModelLoader,
+    "ConsisIDFaceModules": ConsisIDFaceModules,
+    "ConsisIDTextConditioning": ConsisIDTextConditioning,
+    "ConsisIDIdentityConditioning": ConsisIDIdentityConditioning,
+    "ConsisIDNoise": ConsisIDNoise,
+    "ConsisIDDPMSampler": ConsisIDDPMSampler,
+    "ConsisIDDynamicCFG": ConsisIDDynamicCFG,
+}
+NAMES = {
+    "ConsisIDNativeModelLoader": "ConsisID Native Model Loader",
+    "ConsisIDFaceModules": "ConsisID Face Modules",
+    "ConsisIDTextConditioning": "ConsisID Text Conditioning",
+    "ConsisIDIdentityConditioning": "ConsisID Identity Conditioning",
+    "ConsisIDNoise": "ConsisID Noise",
+    "ConsisIDDPMSampler": "ConsisID DPM Sampler",
+    "ConsisIDDynamicCFG": "ConsisID Dynamic CFG",
+}

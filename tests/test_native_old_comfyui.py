@@ -1,0 +1,43 @@
+"""On a ComfyUI without native CogVideoX (v0.3.64) the pack still loads, the wrapper nodes are there,
+and each native node refuses in one line when used. Skipped unless COMFYUI_OLD_DIR names such a
+ComfyUI source folder (run with a Python that has its requirements)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_OLD_DIR = os.environ.get("COMFYUI_OLD_DIR")
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_OLD_DIR, reason="COMFYUI_OLD_DIR is not set")]
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {comfy!r}); sys.path.insert(0, {tests!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management
+from workflow_tools import import_pack
+pack = import_pack()
+from consisid_pack.nodes.native import comfy_parts
+from consisid_pack.nodes.native.nodes import ConsisIDDynamicCFG, ConsisIDNativeModelLoader
+assert not comfy_parts.AVAILABLE
+assert "ConsisIDSampler" in pack.NODE_CLASS_MAPPINGS and "ConsisIDNativeModelLoader" in pack.NODE_CLASS_MAPPINGS
+for call in (lambda: ConsisIDDynamicCFG().patch(None), lambda: ConsisIDNativeModelLoader().load("x", "default")):
+    try:
+        call()
+    except RuntimeError as e:
+        print("refused:", e)
+    else:
+        raise SystemExit("not refused")
+"""
+
+
+def test_native_nodes_refuse_in_one_line_and_the_wrapper_loads():
+    script = SCRIPT.format(comfy=COMFYUI_OLD_DIR, tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            cwd=COMFYUI_OLD_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
+    assert len(lines) == 2 and all("ComfyUI's own CogVideoX" in line and "wrapper nodes" in line for line in lines)

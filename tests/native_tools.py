@@ -7,9 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from consisid_core.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE, random_components, save_components
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+NATIVE_COGVIDEOX = bool(COMFYUI_DIR) and (Path(COMFYUI_DIR) / "comfy" / "ldm" / "cogvideo" / "model.py").is_file()
+"""Whether the ComfyUI in COMFYUI_DIR has native CogVideoX (v0.21 and later: v0.33.0, not v0.3.64)."""
+NEEDS_NATIVE = pytest.mark.skipif(not NATIVE_COGVIDEOX, reason="COMFYUI_DIR is not set, or its ComfyUI has no native CogVideoX")
 NATIVE_TRANSFORMER = {**TINY_TRANSFORMER, "num_attention_heads": 1, "attention_head_dim": 64, "in_channels": 32,
                       "out_channels": 16}
 NATIVE_VAE = {**TINY_VAE, "latent_channels": 16}

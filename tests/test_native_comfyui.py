@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from native_tools import COMFYUI_DIR, make_native_tiny, write_cogvideox_vae, write_q8_gguf
+from native_tools import COMFYUI_DIR, NEEDS_NATIVE, make_native_tiny, write_cogvideox_vae, write_q8_gguf
 from test_comfyui import running
 from workflow_tools import ROOT
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, NEEDS_NATIVE]
 
 CHECKPOINT = "tiny_native"
 GGUF_PACK = os.environ.get("COMFYUI_GGUF_DIR")

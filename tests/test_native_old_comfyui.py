@@ -1,6 +1,6 @@
 """On a ComfyUI without native CogVideoX (v0.3.64) the pack still loads, the wrapper nodes are there,
-and each native node refuses in one line when used. Skipped unless COMFYUI_OLD_DIR names such a
-ComfyUI source folder (run with a Python that has its requirements)."""
+and each native node refuses in one line when used. Runs when COMFYUI_DIR names such a ComfyUI
+source folder (run with a Python that has its requirements); skipped otherwise."""
 
 import os
 import subprocess
@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-COMFYUI_OLD_DIR = os.environ.get("COMFYUI_OLD_DIR")
-pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_OLD_DIR, reason="COMFYUI_OLD_DIR is not set")]
+from native_tools import COMFYUI_DIR, NATIVE_COGVIDEOX
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
+    not COMFYUI_DIR or NATIVE_COGVIDEOX, reason="COMFYUI_DIR is not set, or its ComfyUI has native CogVideoX"
+)]
 
 SCRIPT = """
 import sys
@@ -35,9 +38,9 @@ for call in (lambda: ConsisIDDynamicCFG().patch(None), lambda: ConsisIDNativeMod
 
 
 def test_native_nodes_refuse_in_one_line_and_the_wrapper_loads():
-    script = SCRIPT.format(comfy=COMFYUI_OLD_DIR, tests=str(Path(__file__).parent))
+    script = SCRIPT.format(comfy=COMFYUI_DIR, tests=str(Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            cwd=COMFYUI_OLD_DIR)
+                            cwd=COMFYUI_DIR)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
     assert len(lines) == 2 and all("ComfyUI's own CogVideoX" in line and "wrapper nodes" in line for line in lines)

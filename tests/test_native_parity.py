@@ -5,9 +5,9 @@ latent -> the same latents as our Sampler (diffusers' ConsisIDPipeline)."""
 import pytest
 import torch
 
-from native_tools import COMFYUI_DIR, import_comfyui, make_native_tiny
+from native_tools import COMFYUI_DIR, NEEDS_NATIVE, import_comfyui, make_native_tiny
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set")]
+pytestmark = [pytest.mark.comfyui, NEEDS_NATIVE]
 
 SEED, FRAMES, HEIGHT, WIDTH, GUIDANCE = 3, 9, 64, 96, 6.0
 TOLERANCE = 1e-4

@@ -70,3 +70,21 @@ def test_no_two_core_modules_define_a_public_function_of_one_name():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
                 homes[node.name].append(path.relative_to(ROOT).as_posix())
     assert {name: paths for name, paths in homes.items() if len(paths) > 1} == {}
+
+
+def long_functions(source: str, most: int = 60) -> list[str]:
+    """`name (lines)` of each function in `source` longer than `most` lines, decorators left out."""
+    return [
+        f"{node.name} ({node.end_lineno - node.lineno + 1})" for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > most
+    ]
+
+
+def test_no_function_in_the_core_or_the_nodes_is_over_60_lines():
+    found = {
+        path.relative_to(ROOT).as_posix(): long
+        for path in sorted([*(ROOT / "consisid_core").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")])
+        if (long := long_functions(path.read_text(encoding="utf-8")))
+    }
+    assert found == {}
+    assert long_functions("def f():\n" + "    x = 1\n" * 60) == ["f (61)"]

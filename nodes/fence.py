@@ -29,6 +29,10 @@ model's unload becomes an unload of that device, no progress bar or previews, Ca
 nodes only, and the core places the models itself when ComfyUI's model management differs.
 Where there is no fallback (the model folders, the native T5 route) the option is refused with
 one line when used (`require`). Outside ComfyUI nothing here is imported and `IN_COMFYUI` is False.
+
+The native path (`nodes/native/`) builds on ComfyUI's own CogVideoX, which older ComfyUIs lack; its
+internals are listed in `nodes/native/comfy_parts.py` (`COMFY_INTERNALS`), and its nodes refuse in
+one line when used on a ComfyUI without them (`comfy_parts.require`).
 """
 
 from __future__ import annotations

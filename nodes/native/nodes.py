@@ -15,7 +15,7 @@ from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.identity import Identity
 from ...consisid_core.media import to_uint8
-from ...consisid_core.sampling import first_frame
+from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from .. import host
 from ..declared import declared_error
 from ..sampling import check_size
@@ -166,7 +166,7 @@ class ConsisIDIdentityConditioning:
                                    "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
                 "length": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
                                    "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
-                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_IDENTITY_STRENGTH, "step": 0.05,
                                                 "tooltip": "Scale of the face cross-attention (1 as trained)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Where in the sampling the identity starts acting (0: first step)."}),

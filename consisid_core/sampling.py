@@ -221,9 +221,9 @@ def sample(
     pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, options.scheduler), options.progress_bar)
     with _applied(model, options, step_cache_stats):
         latents = _denoise(pipe, model, identity, text, frame, size, options, callback)
-    check_tensors(
-        [("latents", latents)], "this run", "its numbers overflowed (fp16 does with this model): load it as bf16 or fp32",
-    )
+    fix = ("its numbers overflowed (fp16 does with this model): load it as bf16 or fp32" if model.dtype == torch.float16
+           else "its numbers overflowed: check the model's weights and the LoRAs applied to it")
+    check_tensors([("latents", latents)], "this run", fix)
     return latents.cpu()
 
 

@@ -252,3 +252,15 @@ def test_sampling_memory_scales_with_tokens_and_the_first_frame(tiny_model, tiny
     # the T5's room: its parameters, read from the file headers
     t5 = load_text_encoder(Checkpoint.open(tiny_dir), "fp32").model
     assert Checkpoint.open(tiny_dir).parameter_count("text_encoder") == sum(p.numel() for p in t5.parameters())
+
+
+def test_latents_that_overflow_in_fp32_are_refused_without_blaming_fp16(tiny_dir, identity, text):
+    """Overflowing latents stop the run with one line; only an fp16 model is told fp16 did it."""
+    from consisid_core.checkpoint import Checkpoint
+
+    model = Checkpoint.open(tiny_dir).load_model("fp32")
+    with torch.no_grad():
+        model.transformer.proj_out.weight.fill_(3e38)  # its sums run past float32's range
+    with pytest.raises(ConsisIDError, match="overflowed") as refused:
+        sample(model, identity, text, steps=1, seed=1)
+    assert "fp16" not in str(refused.value) and "\n" not in str(refused.value)

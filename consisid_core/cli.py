@@ -28,7 +28,7 @@ import torch
 from .checks import check_number, check_prompt, check_seed, check_steps, decoded_frames
 from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
-from .native import add_export_parser, run_export
+from .native import EXPORT_DTYPES, export, export_lora
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 if TYPE_CHECKING:
@@ -81,8 +81,40 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", type=Path,
                        help="also write the scores to this .json file; '-' writes them to stdout instead of the score")
     score.add_argument("--overwrite", action="store_true", help="replace an existing file at --json")
-    add_export_parser(sub)
+    _add_export(sub)
     return parser
+
+
+def _add_export(sub) -> None:
+    """The `export` subcommand's arguments."""
+    export_parser = sub.add_parser(
+        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
+    export_parser.add_argument("--model", type=Path,
+                               help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
+    export_parser.add_argument("--lora", type=Path, action="append", default=[],
+                               help="also a ConsisID LoRA (diffusers layout) -> <its name>_comfy.safetensors in --out, "
+                                    "for core's LoRA loaders (repeat for several)")
+    export_parser.add_argument("--out", required=True, type=Path,
+                               help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
+                                    "(e.g. ComfyUI/models/diffusion_models)")
+    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
+    export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _export(args) -> None:
+    """The files written, one path a line on stdout."""
+    if args.model is None and not args.lora:
+        raise ConsisIDError("export needs --model, --lora or both")
+    if not args.out.is_dir():
+        raise ConsisIDError(f"output folder '{args.out}' does not exist")
+    written = []
+    if args.model is not None:
+        written += export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype])
+    for lora in args.lora:
+        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
+    for path in written:
+        print(path)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -488,7 +520,7 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
     write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
 
 
-_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": run_export}
+_COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": _export}
 
 
 class Terminated(BaseException):

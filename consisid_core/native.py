@@ -346,38 +346,8 @@ def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite:
 # ---------------------------------------------------------------------------------------------
 # `python -m consisid_core export`
 
-_EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_export_parser(sub) -> None:
-    """The `export` subcommand's arguments (cli.py adds it to its subparsers)."""
-    export_parser = sub.add_parser(
-        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
-    export_parser.add_argument("--model", type=Path,
-                               help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
-    export_parser.add_argument("--lora", type=Path, action="append", default=[],
-                               help="also a ConsisID LoRA (diffusers layout) -> <its name>_comfy.safetensors in --out, "
-                                    "for core's LoRA loaders (repeat for several)")
-    export_parser.add_argument("--out", required=True, type=Path,
-                               help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
-                                    "(e.g. ComfyUI/models/diffusion_models)")
-    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
-    export_parser.add_argument("--dtype", choices=tuple(_EXPORT_DTYPES), default="keep", help="weights' precision")
-    export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
-
-
-def run_export(args) -> None:
-    if args.model is None and not args.lora:
-        raise ConsisIDError("export needs --model, --lora or both")
-    if not args.out.is_dir():
-        raise ConsisIDError(f"output folder '{args.out}' does not exist")
-    written = []
-    if args.model is not None:
-        written += export(args.model, args.out, args.name, args.overwrite, _EXPORT_DTYPES[args.dtype])
-    for lora in args.lora:
-        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
-    for path in written:
-        print(path)
+EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""`export --dtype`: the weights' precision in the exported files (keep: as stored)."""
 
 
 class ReferenceStepNoise:

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError
 from .files import write_atomically
-from .lora import read_lora
+from .lora import LoRA, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -315,29 +315,45 @@ def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
     return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
 
 
-def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
-    """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) in ComfyUI's CogVideoX
-    layout (`diffusion_model.blocks.N.q.lora_A.weight`, …, with `.alpha`), which core's LoRA
-    loaders map onto the native MODEL (they map no diffusers names for CogVideoX).
+def comfy_named(lora: LoRA) -> LoRA:
+    """`lora`'s transformer layers under the module names of ComfyUI's CogVideoX
+    (`comfy.ldm.cogvideo`: transformer_blocks.N.attn1.to_q -> blocks.N.q, …), which the native
+    MODEL has. Core's LoRA loaders map no diffusers names for CogVideoX, so this is how a LoRA in
+    diffusers/PEFT layout reaches the native MODEL.
 
     Layers of the face modules are left out, with a warning: on the native MODEL the face modules
-    are ModelPatcher object patches, which core's LoRA loaders do not reach."""
-
-    lora = read_lora(source)
-    tensors, left_out = {}, []
+    are ModelPatcher object patches, which LoRA patches do not reach."""
+    layers, left_out = {}, []
     for name, layer in lora.layers.items():
         if is_face_key(name):
             left_out.append(name)
-            continue
-        key = "diffusion_model." + comfy_key(name + ".weight").removesuffix(".weight")
+        else:
+            layers[comfy_key(name + ".weight").removesuffix(".weight")] = layer
+    if not layers:
+        raise ConsisIDError(f"LoRA '{lora.name}' changes only the face modules; the native path cannot take it "
+                            "(use ConsisID LoRA on the wrapper path)")
+    if left_out:
+        logger.warning("%d face-module layers of LoRA '%s' are left out (first: %s): on the native path LoRAs do not "
+                       "reach the face modules", len(left_out), lora.name, left_out[0])
+    return LoRA(lora.name, layers)
+
+
+def comfy_lora_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
+    """A `comfy_named` LoRA as core's LoRA loaders read it: `diffusion_model.<module>.lora_A.weight`,
+    `….lora_B.weight` and `….alpha` (alpha / rank is the layer's scale)."""
+    tensors = {}
+    for module, layer in lora.layers.items():
+        key = "diffusion_model." + module
         tensors[f"{key}.lora_A.weight"] = layer.down.contiguous()
         tensors[f"{key}.lora_B.weight"] = layer.up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
-    if not tensors:
-        raise ConsisIDError(f"'{source}' changes only the face modules; the native path cannot take it (use ConsisID LoRA)")
-    if left_out:
-        logger.warning("%d face-module layers of '%s' are left out (first: %s): the native path's LoRA loaders "
-                       "do not reach the face modules", len(left_out), Path(source).name, left_out[0])
+    return tensors
+
+
+def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) written in ComfyUI's
+    CogVideoX layout (`comfy_lora_tensors`), for core's LoRA loaders on the native MODEL."""
+    tensors = comfy_lora_tensors(comfy_named(read_lora(source)))
     target = Path(target)
     write_atomically(target, lambda staged: save_file(tensors, staged), overwrite)
     return target

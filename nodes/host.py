@@ -269,6 +269,16 @@ def _move_direct_parameters(patcher, device_to, *_args) -> None:
                 parameter.data = parameter.data.to(device_to)
 
 
+def castable_in(patcher, module: torch.nn.Module) -> None:
+    """Ready `module`, held by `patcher`'s model (the native MODEL's face modules, an object patch),
+    for ComfyUI's partial loading as core's own layers are: its plain layers made castable
+    (`make_castable`), so what stays in RAM is cast per call, and its direct parameters moved on
+    each load. Without the fence's `partial_load` it is left as it is (the fence has said so)."""
+    if fence.works("partial_load"):
+        make_castable(module)
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _move_direct_parameters)
+
+
 class WholeModelPatcher(getattr(comfy.model_patcher, "ModelPatcher", object) if IN_COMFYUI else object):
     """A ModelPatcher that always loads its model whole (the VAE, the face models): ComfyUI's
     partial load would leave layers that cannot be cast per call in RAM."""

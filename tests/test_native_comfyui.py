@@ -1,6 +1,7 @@
 """The native path in a real ComfyUI server (v0.33.0, CPU): API prompts through /prompt with core
 KSampler, SamplerCustomAdvanced, CFGGuider, UNETLoader, LoraLoaderModelOnly, CFGZeroStar, VAE Loader,
-VAE Decode, Create Video and Save Video on a tiny ConsisID checkpoint.
+VAE Decode, Create Video and Save Video (and ConsisID Native LoRA and Native VAE Decode beside them)
+on a tiny ConsisID checkpoint.
 
 Core's VAE Loader builds only the released CogVideoX VAE architecture, so the VAE here is one of that
 architecture with random weights (about 430 MB, written once per run); core's CLIPLoader builds only
@@ -49,8 +50,8 @@ def base(tmp_path_factory):
         tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * 0.5
         tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * 0.5
     (base / "models" / "loras").mkdir()
-    save_file(tensors, base / "style.safetensors")
-    export_lora(base / "style.safetensors", base / "models" / "loras" / "style_comfy.safetensors")
+    save_file(tensors, base / "models" / "loras" / "style.safetensors")  # diffusers layout, for ConsisID Native LoRA
+    export_lora(base / "models" / "loras" / "style.safetensors", base / "models" / "loras" / "style_comfy.safetensors")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
     if GGUF_PACK:
@@ -164,6 +165,23 @@ def test_core_lora_loader_changes_the_latents(server):
     _ok(server.run(_head(NATIVE_LOADER) | lora | _custom_advanced("native/lora", model=("lora", 0))))
     _ok(server.run(_head(NATIVE_LOADER) | _custom_advanced("native/plain")))
     assert (_latent(server, "native/lora") - _latent(server, "native/plain")).abs().max() > 1e-2
+
+
+def test_native_lora_node_is_core_loras_export_and_native_vae_decode_makes_a_video(server):
+    core = {"lora": {"class_type": "LoraLoaderModelOnly",
+                     "inputs": {"model": ["model", 0], "lora_name": "style_comfy.safetensors", "strength_model": 1.0}}}
+    node = {"lora": {"class_type": "ConsisIDNativeLoRA",
+                     "inputs": {"model": ["model", 0], "lora_name": "style.safetensors", "strength_model": 1.0}}}
+    decode = {
+        "decode": {"class_type": "ConsisIDNativeVAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
+        "video": {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 8.0}},
+        "savevideo": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "native/decoded",
+                                                            "format": "mp4", "codec": "h264"}},
+    }
+    _ok(server.run(_head(NATIVE_LOADER) | core | _custom_advanced("native/core_lora", model=("lora", 0))))
+    _ok(server.run(_head(NATIVE_LOADER) | node | _custom_advanced("native/node_lora", model=("lora", 0)) | decode))
+    assert torch.equal(_latent(server, "native/node_lora"), _latent(server, "native/core_lora"))
+    assert list((server.base / "output" / "native").glob("decoded*.mp4"))
 
 
 def test_ksampler_euler_with_cfg_zero_star_and_dynamic_cfg_decodes_and_saves_a_video(server):

@@ -24,10 +24,12 @@ import comfy.model_management
 from workflow_tools import import_pack
 pack = import_pack()
 from consisid_pack.nodes.native import comfy_parts
-from consisid_pack.nodes.native.nodes import ConsisIDDynamicCFG, ConsisIDNativeModelLoader
+from consisid_pack.nodes.native.nodes import (
+    ConsisIDDynamicCFG, ConsisIDNativeLoRA, ConsisIDNativeModelLoader, ConsisIDNativeVAEDecode)
 assert not comfy_parts.AVAILABLE
 assert "ConsisIDSampler" in pack.NODE_CLASS_MAPPINGS and "ConsisIDNativeModelLoader" in pack.NODE_CLASS_MAPPINGS
-for call in (lambda: ConsisIDDynamicCFG().patch(None), lambda: ConsisIDNativeModelLoader().load("x", "default")):
+for call in (lambda: ConsisIDDynamicCFG().patch(None), lambda: ConsisIDNativeModelLoader().load("x", "default"),
+             lambda: ConsisIDNativeLoRA().apply(None, "x", 1.0), lambda: ConsisIDNativeVAEDecode().decode(dict(), None)):
     try:
         call()
     except RuntimeError as e:
@@ -43,4 +45,4 @@ def test_native_nodes_refuse_in_one_line_and_the_wrapper_loads():
                             cwd=COMFYUI_DIR)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
-    assert len(lines) == 2 and all("ComfyUI's own CogVideoX" in line and "wrapper nodes" in line for line in lines)
+    assert len(lines) == 4 and all("ComfyUI's own CogVideoX" in line and "wrapper nodes" in line for line in lines)

@@ -207,6 +207,23 @@ def test_face_modules_refuse_a_model_of_another_width(setup, exported):
         with_face_modules(core, modules, 16, 0.7)
 
 
+def _diffusers_lora(setup, path, names=("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0",
+                                        "transformer_blocks.1.ff.net.2"), scale=0.3):
+    """A LoRA in diffusers/PEFT layout (`transformer.<layer>.lora_A.weight`, …) on the tiny transformer's `names`."""
+    from safetensors.torch import save_file
+
+    transformer = setup["wrapper"].transformer
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name in names:
+        out_features, in_features = transformer.get_submodule(name).weight.shape
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * scale
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)
+    return path
+
+
 def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does(setup, tmp_path):
     """Core LoraLoaderModelOnly's call (comfy.sd.load_lora_for_models) with a diffusers-layout ConsisID
     LoRA exported to ComfyUI's layout: the latents of our Sampler with the same LoRA (ConsisID LoRA)."""
@@ -215,20 +232,11 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
     from consisid_core.lora import read_lora, with_loras
     from consisid_core.native import export_lora
 
-    transformer = setup["wrapper"].transformer
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.ff.net.2"):
-        out_features, in_features = transformer.get_submodule(name).weight.shape
-        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * 0.3
-        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
-    from safetensors.torch import save_file
-
-    save_file(tensors, tmp_path / "style.safetensors")
-    converted = export_lora(tmp_path / "style.safetensors", tmp_path / "style_comfy.safetensors")
+    path = _diffusers_lora(setup, tmp_path / "style.safetensors")
+    converted = export_lora(path, tmp_path / "style_comfy.safetensors")
     lora_model, _ = comfy.sd.load_lora_for_models(setup["model"], None, comfy.utils.load_torch_file(str(converted)), 0.8, 0)
     assert len(lora_model.patches) == 3
-    ours = with_loras(setup["wrapper"], [(read_lora(tmp_path / "style.safetensors"), 0.8)])
+    ours = with_loras(setup["wrapper"], [(read_lora(path), 0.8)])
     from consisid_core.sampling import sample
 
     reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, guidance_scale=GUIDANCE,
@@ -240,43 +248,140 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
     assert torch.equal(_native(setup, 5), _native(setup, 5))
 
 
+def test_native_lora_node_reads_the_diffusers_layout_as_core_reads_the_export(setup, tmp_path, caplog):
+    """ConsisID Native LoRA on the diffusers-layout file makes the patches core LoraLoaderModelOnly makes
+    of the exported file: the same latents, bit for bit; a face-module layer is left out with a warning."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    from consisid_core.native import export_lora
+    from consisid_pack.nodes.native.nodes import ConsisIDNativeLoRA
+
+    names = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.ff.net.2", "perceiver_cross_attention.0.to_q")
+    path = _diffusers_lora(setup, tmp_path / "loras" / "style.safetensors", names)
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
+    with caplog.at_level(logging.WARNING):
+        (node_model,) = ConsisIDNativeLoRA().apply(setup["model"], "style.safetensors", 0.8)
+    assert "1 face-module layers of LoRA 'style.safetensors' are left out" in caplog.text
+    exported = comfy.utils.load_torch_file(str(export_lora(path, tmp_path / "style_comfy.safetensors")))
+    core_model, _ = comfy.sd.load_lora_for_models(setup["model"], None, exported, 0.8, 0)
+    assert set(node_model.patches) == set(core_model.patches) and len(node_model.patches) == 2
+    assert torch.equal(_native(setup, 5, model=node_model), _native(setup, 5, model=core_model))
+
+
+def test_native_lora_node_refuses_what_does_not_fit_in_one_line(setup, tmp_path):
+    from consisid_pack.consisid_core.errors import ConsisIDError  # the pack's own copy, which its nodes raise
+    from consisid_pack.consisid_core.lora import read_lora
+    from consisid_pack.consisid_core.native import comfy_named
+    from consisid_pack.nodes.native.comfy_parts import with_lora
+    from safetensors.torch import save_file
+
+    face_only = _diffusers_lora(setup, tmp_path / "face.safetensors", ("perceiver_cross_attention.0.to_q",))
+    with pytest.raises(ConsisIDError, match="LoRA 'face.safetensors' changes only the face modules"):
+        comfy_named(read_lora(face_only))
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 48),
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 2)},
+              tmp_path / "other.safetensors")
+    with pytest.raises(ConsisIDError, match="is for a layer of 48 inputs and 64 outputs, this transformer's "
+                                            "'blocks.0.q' has 64 and 64: it is for another model"):
+        with_lora(setup["model"], comfy_named(read_lora(tmp_path / "other.safetensors")), 1.0)
+    with pytest.raises(ValueError, match="this MODEL is a Linear, not ComfyUI's CogVideoX"):
+        with_lora(type("Patcher", (), {"model": type("Base", (), {"diffusion_model": torch.nn.Linear(1, 1)})()})(),
+                  comfy_named(read_lora(_diffusers_lora(setup, tmp_path / "ok.safetensors"))), 1.0)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "uni_pc", "dpmpp_2m", "euler_ancestral"])
 def test_core_samplers_the_wrapper_lacks_run(setup, sampler):
     out = _native(setup, 5, sampler=sampler)
     assert torch.isfinite(out).all() and out.abs().max() < 50
 
 
-def test_core_vae_decodes_the_native_latent_as_our_vae_decode(setup, tmp_path):
+def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, tmp_path, monkeypatch, caplog):
     """Core VAE Loader's VAE (comfy.sd.VAE over diffusers key names) on the native LATENT, and our
     VAE Decode (diffusers' AutoencoderKLCogVideoX) on the same latent in our Sampler's scale.
 
-    Core's CogVideoX VAE decodes in a rolling way (temporal part whole, spatial part in chunks of
-    frames) where diffusers decodes two latent frames at a time: their group norms see different
-    frames, so the frames differ (measured and printed here; large on random weights). Core's
-    module decoding as diffusers does (its `_decode_batched`) gives our frames within 1e-4, which
-    checks the LATENT's layout and scale."""
+    ConsisID Native VAE Decode runs core's module in the reference's order (two latent frames at a
+    time): our frames within 1e-4, which also checks the LATENT's layout and scale. Core VAE Decode
+    runs it in its rolling order (temporal part whole, spatial part in chunks of frames): group norms
+    see other frames, so its frames differ (printed; large on random weights). Without the batched
+    order in core's module the node says so in one line and decodes as core does."""
+    import logging
+
     import comfy.sd
     import comfy.utils
+    from comfy.ldm.cogvideo.vae import AutoencoderKLCogVideoX
     from consisid_core.checkpoint import load_vae_file
     from consisid_core.sampling import decode
+    from consisid_pack.nodes.native.comfy_parts import REFERENCE_ORDER_MISSING
+    from consisid_pack.nodes.native.nodes import ConsisIDNativeVAEDecode
     from native_tools import write_cogvideox_vae
 
     path = write_cogvideox_vae(tmp_path / "cogvideox_vae.safetensors")
     native = _native(setup, 5)  # [1, F, C, h, w], our scale
-    latent = native.permute(0, 2, 1, 3, 4) / 0.7  # the LATENT KSampler returns
+    latent = {"samples": native.permute(0, 2, 1, 3, 4) / 0.7}  # the LATENT KSampler returns
     core_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    core_vae.first_stage_model.float()
     ours = decode(load_vae_file(path, "fp32"), native, "cpu")
-    with torch.no_grad():
-        batched = core_vae.first_stage_model.float()._decode_batched(latent)
-    batched = ((batched + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
-    assert batched.shape == ours.shape
-    diff = (batched - ours).abs().max().item()
-    rolling = core_vae.decode(latent)
+    (frames,) = ConsisIDNativeVAEDecode().decode(latent, core_vae)
+    assert frames.shape == ours.shape
+    diff = (frames - ours).abs().max().item()
+    rolling = core_vae.decode(latent["samples"])
     rolling = rolling.reshape(-1, *rolling.shape[-3:])
-    print(f"VAE decode: max |core batched - ours| {diff:.2e}; core VAE Decode (rolling) "
+    print(f"VAE decode: max |ConsisID Native VAE Decode - ours| {diff:.2e}; core VAE Decode (rolling) "
           f"{(rolling - ours).abs().max().item():.2e}")
     assert diff <= TOLERANCE
     assert rolling.shape == ours.shape and torch.isfinite(rolling).all()
+
+    monkeypatch.delattr(AutoencoderKLCogVideoX, "_decode_batched")
+    with caplog.at_level(logging.WARNING):
+        (fallback,) = ConsisIDNativeVAEDecode().decode(latent, core_vae)
+    assert REFERENCE_ORDER_MISSING in caplog.text
+    assert torch.equal(fallback, rolling)
+
+
+def test_a_partial_load_casts_the_face_layers_per_call_as_cores_and_keeps_the_latents(setup, monkeypatch):
+    """ComfyUI's partial (low-VRAM) load of the native MODEL, forced on the CPU through
+    load_models_gpu with a budget of one byte (as --novram): every face layer is castable as
+    core's layers are and takes the cast-per-call path (a plain torch layer would stay in RAM
+    beside a GPU's inputs), and the latents are the whole load's."""
+    import comfy.model_management
+    from consisid_pack.nodes.native.nodes import native_model
+
+    whole = _native(setup, 3)
+    model = native_model(setup["folder"], torch.float32)
+    face = model.object_patches["diffusion_model.consisid_face"]
+    real_load = comfy.model_management.LoadedModel.model_load
+
+    def partial(loaded, lowvram_model_memory=0, force_patch_weights=False):
+        budget = 1 if loaded.model is model else lowvram_model_memory
+        return real_load(loaded, budget, force_patch_weights=force_patch_weights)
+
+    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", partial)
+    try:
+        partial_latents = _native(setup, 3, model=model)
+        layers = [m for m in face.modules() if next(m.children(), None) is None and next(m.parameters(), None) is not None]
+        assert layers and all(getattr(m, "comfy_cast_weights", False) for m in layers), [
+            type(m).__name__ for m in layers if not getattr(m, "comfy_cast_weights", False)]
+        assert model.model.model_lowvram
+    finally:
+        comfy.model_management.unload_all_models()
+    assert (partial_latents - whole).abs().max().item() <= 1e-5
+
+
+def test_fp8_weights_sample_with_the_face_modules_in_the_compute_dtype(setup):
+    """Load Diffusion Model's fp8_e4m3fn (the low-VRAM choice): the transformer stored in fp8 and cast
+    per call by core, the face modules kept in the dtype it computes in; the video is fp8's, close
+    to fp32's."""
+    from consisid_pack.nodes.native.nodes import native_model
+
+    model = native_model(setup["folder"], torch.float8_e4m3fn)
+    assert model.model.get_dtype() == torch.float8_e4m3fn
+    face = model.object_patches["diffusion_model.consisid_face"]
+    assert {p.dtype for p in face.parameters()} == {model.model.get_dtype_inference()}
+    fp8, fp32 = _native(setup, 3, model=model), _native(setup, 3)
+    assert torch.isfinite(fp8).all() and 0 < (fp8 - fp32).abs().max() < 0.5
 
 
 def test_an_identity_of_another_checkpoint_is_refused_by_name(setup):

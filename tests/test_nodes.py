@@ -17,7 +17,7 @@ EXPECTED = {
     "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDPerformance", "ConsisIDVAEDecode",
     "ConsisIDIdentityScore", "ConsisIDExtend", "ConsisIDLoRA",
     "ConsisIDNativeModelLoader", "ConsisIDFaceModules", "ConsisIDTextConditioning", "ConsisIDIdentityConditioning",
-    "ConsisIDNoise", "ConsisIDDPMSampler", "ConsisIDDynamicCFG",
+    "ConsisIDNoise", "ConsisIDDPMSampler", "ConsisIDDynamicCFG", "ConsisIDNativeLoRA", "ConsisIDNativeVAEDecode",
 }
 
 

@@ -29,8 +29,11 @@ import logging
 
 import torch
 
+from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.lora import LoRA, check_lora_fits
 from ...consisid_core.native import (
     FaceModules,
+    comfy_lora_tensors,
     ReferenceStepNoise,
     dynamic_guidance,
     flow_input_scale,
@@ -38,6 +41,7 @@ from ...consisid_core.native import (
     reference_noise,
     rotary_embedding,
 )
+from .. import host
 
 try:
     import comfy.conds
@@ -50,6 +54,7 @@ try:
     import comfy.sd
     import node_helpers
     from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
+    from comfy.ldm.cogvideo.vae import AutoencoderKLCogVideoX
 except ImportError:  # outside ComfyUI, or a ComfyUI without native CogVideoX (before v0.21)
     CogVideoXTransformer3DModel = None
 
@@ -63,7 +68,8 @@ UNAVAILABLE = (
 COMFY_INTERNALS = (
     "comfy.sd.load_diffusion_model_state_dict",
     "comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel (._get_rotary_emb, .blocks, ._forward's kwargs)",
-    "comfy.model_base.CogVideoX (.extra_conds, .concat_cond with concat_latent_image, .latent_format)",
+    "comfy.model_base.CogVideoX (.extra_conds, .concat_cond with concat_latent_image, .latent_format, "
+    ".get_dtype_inference, else .get_dtype)",
     "comfy.model_sampling.ModelSamplingDiscrete (.set_sigmas, .timestep, .percent_to_sigma), comfy.model_sampling.CONST, "
     "comfy.model_sampling.reshape_sigma",
     "comfy.latent_formats.CogVideoX",
@@ -72,7 +78,11 @@ COMFY_INTERNALS = (
     "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
     ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
     "comfy.model_management.module_size, comfy.model_management.intermediate_device",
-    "comfy.sd.VAE (.encode of [N, H, W, 3], .latent_channels)",
+    "comfy.sd.VAE (.encode of [N, H, W, 3], .decode, .latent_channels, .first_stage_model, .patcher, .device, "
+    ".vae_dtype, .output_device, .memory_used_decode, .process_output)",
+    "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched (checked where used; without it core's own decode)",
+    "comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls)",
+    "comfy.model_management.load_models_gpu, .throw_exception_if_processing_interrupted, .soft_empty_cache",
     "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
     "node_helpers.conditioning_set_values",
     "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas'], "
@@ -200,15 +210,22 @@ def _active(model, transformer_options, start: float, end: float) -> bool:
     return sampling.percent_to_sigma(end) <= sigma <= sampling.percent_to_sigma(start)
 
 
+def _cogvideox(model):
+    """The CogVideoX transformer of a MODEL (`ModelPatcher`), refused in one line if it has none."""
+    core = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(core, CogVideoXTransformer3DModel):
+        found = type(core if core is not None else model).__name__
+        raise ValueError(f"this MODEL is a {found}, not ComfyUI's CogVideoX: connect ConsisID Native Model Loader's "
+                         "MODEL, or the exported ConsisID transformer from Load Diffusion Model")
+    return core
+
+
 def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None):
     """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
     embedding, model sampling, latent format and identity conditioning added as patches."""
     require()
+    core = _cogvideox(model)
     base = model.model
-    if not isinstance(getattr(base, "diffusion_model", None), CogVideoXTransformer3DModel):
-        found = type(getattr(base, "diffusion_model", base)).__name__
-        raise ValueError(f"this MODEL is a {found}, not ComfyUI's CogVideoX: load the exported ConsisID transformer")
-    core = base.diffusion_model
     config = face.config
     width = config["num_attention_heads"] * config["attention_head_dim"]
     if core.dim != width or len(core.blocks) != config["num_layers"] or core.attention_head_dim != config["attention_head_dim"]:
@@ -219,7 +236,10 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
         )
     sampling = ModelSamplingConsisID(scheduler_config)
     patched = model.clone()
-    face = face.to(dtype=base.get_dtype())
+    # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as
+    # they are), castable as core's layers, so a partial load casts the face layers left in RAM per call
+    face = face.to(dtype=getattr(base, "get_dtype_inference", base.get_dtype)())
+    host.castable_in(patched, face)
     patched.add_object_patch("diffusion_model.consisid_face", face)
     patched.add_object_patch("diffusion_model.consisid_sampling", sampling)
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
@@ -319,3 +339,63 @@ def with_dynamic_cfg(model):
 
     patched.set_model_sampler_cfg_function(dynamic, disable_cfg1_optimization=True)
     return patched
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and VAE decode
+
+
+def with_lora(model, lora: LoRA, strength: float):
+    """`model` with a `native.comfy_named` LoRA, through core LoraLoaderModelOnly's own call
+    (`comfy.sd.load_lora_for_models`): the same weight patches as core's loader would make of the
+    exported file, stacking with theirs in any order."""
+    check_lora_fits(lora, _cogvideox(model))
+    patched, _ = comfy.sd.load_lora_for_models(model, None, comfy_lora_tensors(lora), strength, 0)
+    return patched
+
+
+REFERENCE_ORDER_MISSING = (
+    "ConsisID: this ComfyUI's CogVideoX VAE has no _decode_batched (the reference's order, two latent frames at a "
+    "time): ConsisID Native VAE Decode decodes as core VAE Decode does, and the frames differ a little from the "
+    "reference's"
+)
+
+
+def decode_in_reference_order(vae, samples: torch.Tensor) -> torch.Tensor:
+    """A CogVideoX LATENT ([B, C, T, h, w], as samplers return it) decoded by core's VAE module in
+    the order diffusers (and CogVideoX's own code) decodes: two latent frames at a time, the odd
+    one with the first. Core's `decode` runs the temporal layers on the whole video and the rest in
+    chunks of four frames, so its group norms see other frames and the pixels differ. Returns an
+    IMAGE [B·F, H, W, 3]; one video at a time, Cancel checked between them."""
+    module = getattr(vae, "first_stage_model", None)
+    if not isinstance(module, AutoencoderKLCogVideoX):
+        raise ConsisIDError(f"this VAE is a {type(module).__name__}, not CogVideoX's: load the ConsisID checkpoint's "
+                            "vae/diffusion_pytorch_model.safetensors with Load VAE")
+    if samples.ndim != 5 or samples.shape[1] != vae.latent_channels:
+        raise ConsisIDError(f"this LATENT {list(samples.shape)} is not a video latent of {vae.latent_channels} "
+                            "channels: connect the sampler's LATENT")
+    batched = getattr(module, "_decode_batched", None)
+    if batched is None:
+        logger.warning(REFERENCE_ORDER_MISSING)
+        images = vae.decode(samples)
+    else:
+        try:
+            images = _decode_videos(vae, batched, samples)
+        except torch.OutOfMemoryError:
+            comfy.model_management.soft_empty_cache()
+            raise ConsisIDError(f"out of memory decoding {samples.shape[2]} latent frames of {samples.shape[3] * 8}x"
+                                f"{samples.shape[4] * 8} whole: use core VAE Decode (Tiled), which decodes in tiles "
+                                "(in core's order)") from None
+    return images.reshape(-1, *images.shape[-3:])
+
+
+def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
+    memory = vae.memory_used_decode(samples[:1].shape, vae.vae_dtype)
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory)
+    videos = []
+    with torch.inference_mode():
+        for video in samples.split(1):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
+            videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
+    return torch.cat(videos)

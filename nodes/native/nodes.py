@@ -14,6 +14,7 @@ from ...consisid_core import native
 from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.identity import Identity
+from ...consisid_core.lora import MAX_STRENGTH, check_strength, read_lora
 from ...consisid_core.media import to_uint8
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from .. import host
@@ -259,6 +260,71 @@ class ConsisIDDPMSampler:
         return (comfy_parts.reference_dpm_sampler(noise_seed),)
 
 
+class ConsisIDNativeLoRA:
+    DESCRIPTION = (
+        "Adds a LoRA in diffusers/PEFT layout (what ConsisID and CogVideoX trainers write) to a native ConsisID MODEL "
+        "at a strength. Core LoraLoaderModelOnly maps no diffusers names for CogVideoX; this node makes the same weight "
+        "patches it would make of the exported file, so it stacks with core LoRA loaders. Face-module layers are "
+        "left out (use ConsisID LoRA on the wrapper path for those)."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA's patches; the input MODEL is unchanged.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (or CogVideoX from Load Diffusion Model)."}),
+                "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras, diffusers layout."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
+                                             "round": 0.0001,
+                                             "tooltip": "Scale of the LoRA's update, as ConsisID LoRA's strength "
+                                                        "(1 as trained)."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name: str, strength_model: float):
+        return declared_error(cls, lora_name=lora_name, strength_model=strength_model) or True
+
+    def apply(self, model, lora_name: str, strength_model: float):
+        comfy_parts.require()
+        lora = native.comfy_named(read_lora(host.file_path("loras", lora_name)))
+        return (comfy_parts.with_lora(model, lora, check_strength(strength_model)),)
+
+
+class ConsisIDNativeVAEDecode:
+    DESCRIPTION = (
+        "Decodes a native CogVideoX LATENT with core's VAE (Load VAE) in the reference's order, two latent frames at a "
+        "time: the frames of ConsisID VAE Decode and diffusers. Core VAE Decode runs the same VAE in its own order "
+        "(group norms over other frames), so its frames differ a little from the reference's."
+    )
+    CATEGORY = "ConsisID"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "From KSampler or SamplerCustomAdvanced on a native ConsisID MODEL."}),
+                "vae": ("VAE", {"tooltip": "The CogVideoX VAE (Load VAE: the checkpoint's vae file)."}),
+            }
+        }
+
+    def decode(self, samples, vae):
+        comfy_parts.require()
+        latent = samples.get("samples") if isinstance(samples, dict) else None
+        if not isinstance(latent, torch.Tensor):
+            raise ConsisIDError("this LATENT has no samples tensor: connect the sampler's LATENT")
+        return (comfy_parts.decode_in_reference_order(vae, latent),)
+
+
 class ConsisIDDynamicCFG:
     DESCRIPTION = (
         "The reference's dynamic CFG as a model patch: the guidance scale follows CogVideoX's cosine schedule over "
@@ -287,6 +353,8 @@ NODES = {
     "ConsisIDNoise": ConsisIDNoise,
     "ConsisIDDPMSampler": ConsisIDDPMSampler,
     "ConsisIDDynamicCFG": ConsisIDDynamicCFG,
+    "ConsisIDNativeLoRA": ConsisIDNativeLoRA,
+    "ConsisIDNativeVAEDecode": ConsisIDNativeVAEDecode,
 }
 NAMES = {
     "ConsisIDNativeModelLoader": "ConsisID Native Model Loader",
@@ -296,4 +364,6 @@ NAMES = {
     "ConsisIDNoise": "ConsisID Noise",
     "ConsisIDDPMSampler": "ConsisID DPM Sampler",
     "ConsisIDDynamicCFG": "ConsisID Dynamic CFG",
+    "ConsisIDNativeLoRA": "ConsisID Native LoRA",
+    "ConsisIDNativeVAEDecode": "ConsisID Native VAE Decode",
 }

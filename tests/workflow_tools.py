@@ -306,8 +306,8 @@ def _native_head(g: Graph) -> tuple[tuple[int, int], tuple[int, int], tuple[int,
     return (positive, 0), (negative, 0), (identity, 0), (vae, 0)
 
 
-def _native_tail(g: Graph, latent: tuple[int, int], vae: tuple[int, int]) -> None:
-    frames = g.add("VAEDecode", samples=latent, vae=vae)
+def _native_tail(g: Graph, latent: tuple[int, int], vae: tuple[int, int], decode: str = "VAEDecode") -> None:
+    frames = g.add(decode, samples=latent, vae=vae)
     video = g.add("CreateVideo", 8.0, images=(frames, 0))
     g.add("SaveVideo", "consisid/ConsisID_native", "mp4", "h264", video=(video, 0))
 
@@ -327,8 +327,9 @@ def _native(specs: dict) -> dict:
 
 def _native_lora(specs: dict) -> dict:
     """The exported transformer through core Load Diffusion Model, its face modules, a LoRA through
-    core LoraLoaderModelOnly, and SamplerCustomAdvanced with the reference's noise and dpm sampler
-    for the seed (the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA)."""
+    core LoraLoaderModelOnly, SamplerCustomAdvanced with the reference's noise and dpm sampler for
+    the seed, and ConsisID Native VAE Decode (the reference's decode order): the CLI's and ConsisID
+    Sampler's video for seed 42, given the same LoRA."""
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
     transformer, face = NATIVE_FILES
@@ -343,7 +344,7 @@ def _native_lora(specs: dict) -> dict:
     sigmas = g.add("BasicScheduler", "simple", 50, 1.0, model=(model, 0))
     latent = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(conditioned, 2))
-    _native_tail(g, (latent, 0), vae)
+    _native_tail(g, (latent, 0), vae, decode="ConsisIDNativeVAEDecode")
     return g.to_json()
 
 

@@ -12,6 +12,8 @@ from . import host
 
 TILES = Tiling()
 """The core's default tiles and overlaps (diffusers' for CogVideoX at 480x720)."""
+FRAMES_TOOLTIP = "The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another)."
+"""The decoders' output (this node's and ConsisID Native VAE Decode's)."""
 
 
 class ConsisIDVAEDecode:
@@ -24,7 +26,7 @@ class ConsisIDVAEDecode:
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
-    OUTPUT_TOOLTIPS = ("The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another).",)
+    OUTPUT_TOOLTIPS = (FRAMES_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):

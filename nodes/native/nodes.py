@@ -20,6 +20,7 @@ from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from .. import host
 from ..declared import declared_error
 from ..sampling import check_size
+from ..vae import FRAMES_TOOLTIP
 from . import comfy_parts
 
 SINGLE_FILE = "diffusion_models/"
@@ -306,7 +307,7 @@ class ConsisIDNativeVAEDecode:
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
-    OUTPUT_TOOLTIPS = ("The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another).",)
+    OUTPUT_TOOLTIPS = (FRAMES_TOOLTIP,)
 
     @classmethod
     def INPUT_TYPES(cls):

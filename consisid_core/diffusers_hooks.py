@@ -436,10 +436,11 @@ _PARTS = {
     "get_3d_rotary_pos_embed": "diffusers.models.embeddings",
     "get_resize_crop_region_for_grid": "diffusers.pipelines.consisid.pipeline_consisid",
     "VideoProcessor": "diffusers.video_processor",
+    "DiagonalGaussianDistribution": "diffusers.models.autoencoders.vae",
 }
 """diffusers' inner pieces the native path (`native.py`) reuses, which diffusers' top level does not
 export: the face modules' classes, the reference's rotary embedding and its crop, the frame
-preprocessing."""
+preprocessing, the VAE posterior the pipeline samples the first frame from."""
 
 
 def part(name: str):

@@ -315,6 +315,15 @@ def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
     return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
 
 
+def posterior_sample(moments: torch.Tensor, seed: int) -> torch.Tensor:
+    """The VAE posterior (the encoder's mean and log-variance, `moments` [B, 2C, …]) sampled as
+    ConsisIDPipeline samples the first frame's: diffusers' own distribution, from a CPU generator
+    seeded with `seed`. It is that generator's first draw; the initial noise (`reference_noise`)
+    comes after it."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return part("DiagonalGaussianDistribution")(moments).sample(generator)
+
+
 def comfy_named(lora: LoRA) -> LoRA:
     """`lora`'s transformer layers under the module names of ComfyUI's CogVideoX
     (`comfy.ldm.cogvideo`: transformer_blocks.N.attn1.to_q -> blocks.N.q, …), which the native

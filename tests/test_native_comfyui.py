@@ -102,8 +102,9 @@ def server(base):
         yield server
 
 
-def _head(model_nodes: dict) -> dict:
-    """Text (the checkpoint's T5) and identity conditioning around a MODEL made by `model_nodes`."""
+def _head(model_nodes: dict, **options) -> dict:
+    """Text (the checkpoint's T5) and identity conditioning around a MODEL made by `model_nodes`
+    (`options`: Identity Conditioning's optional widgets)."""
     return model_nodes | {
         "conds": {"class_type": "TestTextConditioning", "inputs": {}},
         "identity": {"class_type": "ConsisIDLoadIdentity", "inputs": {"identity_file": "identity.safetensors"}},
@@ -111,7 +112,7 @@ def _head(model_nodes: dict) -> dict:
         "cond": {"class_type": "ConsisIDIdentityConditioning",
                  "inputs": {"positive": ["conds", 0], "negative": ["conds", 1], "identity": ["identity", 0],
                             "vae": ["vae", 0], **SIZE, "identity_strength": 1.0, "start_percent": 0.0,
-                            "end_percent": 1.0}},
+                            "end_percent": 1.0, **options}},
     }
 
 
@@ -167,7 +168,7 @@ def test_core_lora_loader_changes_the_latents(server):
     assert (_latent(server, "native/lora") - _latent(server, "native/plain")).abs().max() > 1e-2
 
 
-def test_native_lora_node_is_core_loras_export_and_native_vae_decode_makes_a_video(server):
+def test_native_lora_node_is_core_loras_export_a_seeded_first_frame_and_native_vae_decode_a_video(server):
     core = {"lora": {"class_type": "LoraLoaderModelOnly",
                      "inputs": {"model": ["model", 0], "lora_name": "style_comfy.safetensors", "strength_model": 1.0}}}
     node = {"lora": {"class_type": "ConsisIDNativeLoRA",
@@ -178,9 +179,12 @@ def test_native_lora_node_is_core_loras_export_and_native_vae_decode_makes_a_vid
         "savevideo": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "native/decoded",
                                                             "format": "mp4", "codec": "h264"}},
     }
-    _ok(server.run(_head(NATIVE_LOADER) | core | _custom_advanced("native/core_lora", model=("lora", 0))))
-    _ok(server.run(_head(NATIVE_LOADER) | node | _custom_advanced("native/node_lora", model=("lora", 0)) | decode))
+    seeded = _head(NATIVE_LOADER, first_frame_seed=5)  # the first frame sampled for ConsisID Noise's seed
+    _ok(server.run(seeded | core | _custom_advanced("native/core_lora", model=("lora", 0))))
+    _ok(server.run(seeded | node | _custom_advanced("native/node_lora", model=("lora", 0)) | decode))
+    _ok(server.run(_head(NATIVE_LOADER) | node | _custom_advanced("native/mean_lora", model=("lora", 0))))
     assert torch.equal(_latent(server, "native/node_lora"), _latent(server, "native/core_lora"))
+    assert not torch.equal(_latent(server, "native/node_lora"), _latent(server, "native/mean_lora"))
     assert list((server.base / "output" / "native").glob("decoded*.mp4"))
 
 

@@ -32,6 +32,14 @@ def setup(tmp_path_factory):
                 model=native_model(folder, torch.float32))
 
 
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    """A CogVideoX VAE of the released architecture (the one core's VAE Loader builds), random weights."""
+    from native_tools import write_cogvideox_vae
+
+    return write_cogvideox_vae(tmp_path_factory.mktemp("vae") / "cogvideox_vae.safetensors")
+
+
 def _reference(setup, steps, scheduler="ddim", **options):
     from consisid_core.sampling import sample
 
@@ -298,7 +306,7 @@ def test_core_samplers_the_wrapper_lacks_run(setup, sampler):
     assert torch.isfinite(out).all() and out.abs().max() < 50
 
 
-def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, tmp_path, monkeypatch, caplog):
+def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, vae_file, monkeypatch, caplog):
     """Core VAE Loader's VAE (comfy.sd.VAE over diffusers key names) on the native LATENT, and our
     VAE Decode (diffusers' AutoencoderKLCogVideoX) on the same latent in our Sampler's scale.
 
@@ -316,9 +324,8 @@ def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, t
     from consisid_core.sampling import decode
     from consisid_pack.nodes.native.comfy_parts import REFERENCE_ORDER_MISSING
     from consisid_pack.nodes.native.nodes import ConsisIDNativeVAEDecode
-    from native_tools import write_cogvideox_vae
 
-    path = write_cogvideox_vae(tmp_path / "cogvideox_vae.safetensors")
+    path = vae_file
     native = _native(setup, 5)  # [1, F, C, h, w], our scale
     latent = {"samples": native.permute(0, 2, 1, 3, 4) / 0.7}  # the LATENT KSampler returns
     core_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
@@ -382,6 +389,42 @@ def test_fp8_weights_sample_with_the_face_modules_in_the_compute_dtype(setup):
     assert {p.dtype for p in face.parameters()} == {model.model.get_dtype_inference()}
     fp8, fp32 = _native(setup, 3, model=model), _native(setup, 3)
     assert torch.isfinite(fp8).all() and 0 < (fp8 - fp32).abs().max() < 0.5
+
+
+def test_a_first_frame_seed_gives_the_reference_pipelines_posterior_sample(vae_file, monkeypatch, caplog):
+    """Identity Conditioning's first frame through core VAE Loader's VAE: with a seed, the posterior
+    sampled as ConsisIDPipeline's prepare_latents samples it (diffusers' VAE on the same file, a CPU
+    generator with that seed); without, core VAE Encode's mean. Without core's encoder output the
+    seed is refused in one line and the mean is used."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+    from consisid_core.checkpoint import load_vae_file
+    from consisid_pack.nodes.native.comfy_parts import FIRST_FRAME_SAMPLE_MISSING, encode_first_frame
+
+    core_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_file)))
+    core_vae.first_stage_model.float()
+    core_vae.vae_dtype = torch.float32
+    pixels = torch.rand(1, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(4))
+    diffusers_vae = load_vae_file(vae_file, "fp32")
+    with torch.no_grad():
+        posterior = diffusers_vae.encode((pixels * 2 - 1).permute(3, 0, 1, 2).unsqueeze(0)).latent_dist
+    sampled, mean = encode_first_frame(core_vae, pixels, 11), encode_first_frame(core_vae, pixels, None)
+    reference = posterior.sample(torch.Generator("cpu").manual_seed(11))
+    print(f"first frame: max |seeded - reference| {(sampled - reference).abs().max().item():.2e}, "
+          f"max |mean - reference mean| {(mean - posterior.mean).abs().max().item():.2e}")
+    assert sampled.shape == reference.shape == (1, 16, 1, HEIGHT // 8, WIDTH // 8)
+    assert (sampled - reference).abs().max().item() <= TOLERANCE
+    assert (mean - posterior.mean).abs().max().item() <= TOLERANCE
+    assert (sampled - mean).abs().max().item() > 1e-3  # the seed does act
+
+    from consisid_pack.nodes.native import comfy_parts
+
+    monkeypatch.setattr(comfy_parts, "AutoencoderKLCogVideoX", type("OtherVAE", (), {}))  # a ComfyUI whose VAE differs
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(encode_first_frame(core_vae, pixels, 11), mean)
+    assert FIRST_FRAME_SAMPLE_MISSING in caplog.text
 
 
 def test_an_identity_of_another_checkpoint_is_refused_by_name(setup):

@@ -317,7 +317,7 @@ def _native(specs: dict) -> dict:
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
     model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
-    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0,
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, -1,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     latent = g.add("KSampler", 42, "fixed", 50, 6.0, "ddim", "simple", 1.0, model=(model, 0),
                    positive=(conditioned, 0), negative=(conditioned, 1), latent_image=(conditioned, 2))
@@ -327,16 +327,16 @@ def _native(specs: dict) -> dict:
 
 def _native_lora(specs: dict) -> dict:
     """The exported transformer through core Load Diffusion Model, its face modules, a LoRA through
-    core LoraLoaderModelOnly, SamplerCustomAdvanced with the reference's noise and dpm sampler for
-    the seed, and ConsisID Native VAE Decode (the reference's decode order): the CLI's and ConsisID
-    Sampler's video for seed 42, given the same LoRA."""
+    core LoraLoaderModelOnly, the first frame sampled for the seed, SamplerCustomAdvanced with the
+    reference's noise and dpm sampler for the seed, and ConsisID Native VAE Decode (the reference's
+    decode order): the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA."""
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
     transformer, face = NATIVE_FILES
     model = g.add("UNETLoader", transformer, "default")
     model = g.add("ConsisIDFaceModules", face, model=(model, 0))
     model = g.add("LoraLoaderModelOnly", NATIVE_LORA, 1.0, model=(model, 0))
-    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0,
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, 42,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))
     noise = g.add("ConsisIDNoise", 42, "fixed")

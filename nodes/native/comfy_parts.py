@@ -38,6 +38,7 @@ from ...consisid_core.native import (
     dynamic_guidance,
     flow_input_scale,
     flow_sigmas,
+    posterior_sample,
     reference_noise,
     rotary_embedding,
 )
@@ -81,6 +82,8 @@ COMFY_INTERNALS = (
     "comfy.sd.VAE (.encode of [N, H, W, 3], .decode, .latent_channels, .first_stage_model, .patcher, .device, "
     ".vae_dtype, .output_device, .memory_used_decode, .process_output)",
     "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched (checked where used; without it core's own decode)",
+    "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX.encoder(x, conv_cache=None) -> (moments, cache), "
+    "comfy.sd.VAE.process_input, .memory_used_encode (checked where used; without them the posterior mean)",
     "comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls)",
     "comfy.model_management.load_models_gpu, .throw_exception_if_processing_interrupted, .soft_empty_cache",
     "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
@@ -275,6 +278,29 @@ def identity_conditioning(conditioning, image_latent, id_cond, id_vit_hidden, st
         "consisid_start": start,
         "consisid_end": end,
     })
+
+
+FIRST_FRAME_SAMPLE_MISSING = (
+    "ConsisID: this ComfyUI's VAE gives no CogVideoX encoder output (moments) to sample: the first frame is the "
+    "posterior mean (as core VAE Encode), not the reference's sample for the seed"
+)
+
+
+def encode_first_frame(vae, pixels: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The first frame's latent [1, C, 1, h, w] from an IMAGE [1, H, W, 3]: core VAE Encode's
+    posterior mean, or with `seed` the posterior sampled as ConsisIDPipeline samples it for that
+    seed (so ConsisID Noise with the same seed gives the reference's video)."""
+    module = vae.first_stage_model
+    encoder = getattr(module, "encoder", None)
+    if seed is None or not isinstance(module, AutoencoderKLCogVideoX) or encoder is None:
+        if seed is not None:
+            logger.warning(FIRST_FRAME_SAMPLE_MISSING)
+        return vae.encode(pixels)
+    x = vae.process_input(pixels).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, 1, H, W], as core's encode
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(x.shape, vae.vae_dtype))
+    with torch.inference_mode():
+        moments, _ = encoder(x.to(device=vae.device, dtype=vae.vae_dtype), conv_cache=None)
+    return posterior_sample(moments.to(vae.output_device), seed).to(intermediate_device(), torch.float32)
 
 
 def latent_channels(vae) -> int:

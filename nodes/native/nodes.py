@@ -178,6 +178,11 @@ class ConsisIDIdentityConditioning:
             "optional": {
                 "start_image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face, as the "
                                                      "reference. A batch uses its first image."}),
+                "first_frame_seed": ("INT", {"default": -1, "min": -1, "max": 0xFFFFFFFFFFFFFFFF,
+                                             "tooltip": "-1: the first frame's latent is the VAE posterior's mean (as "
+                                                        "core VAE Encode). A seed: the posterior sampled as the "
+                                                        "reference does for that seed; with ConsisID Noise at the same "
+                                                        "seed the video is the command line's and ConsisID Sampler's."}),
             },
         }
 
@@ -186,7 +191,8 @@ class ConsisIDIdentityConditioning:
         return declared_error(cls, width=width, height=height, length=length) or check_size(length, width, height)
 
     def encode(self, positive, negative, identity: Identity, vae, width: int, height: int, length: int,
-               identity_strength: float, start_percent: float, end_percent: float, start_image=None):
+               identity_strength: float, start_percent: float, end_percent: float, start_image=None,
+               first_frame_seed: int = -1):
         comfy_parts.require()
         problem = check_size(length, width, height)
         if problem is not True:
@@ -194,7 +200,8 @@ class ConsisIDIdentityConditioning:
         if start_percent > end_percent:
             raise ConsisIDError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them")
         frame = first_frame(None if start_image is None else to_uint8(start_image[0]), identity)
-        latent = vae.encode(native.first_frame_pixels(frame, height, width))
+        pixels = native.first_frame_pixels(frame, height, width)
+        latent = comfy_parts.encode_first_frame(vae, pixels, None if first_frame_seed < 0 else first_frame_seed)
         return (*identity_conditioned(positive, negative, identity, latent, identity_strength, start_percent, end_percent),
                 {"samples": torch.zeros([1, comfy_parts.latent_channels(vae), (length - 1) // 4 + 1, height // 8, width // 8],
                                         device=comfy_parts.intermediate_device())})

@@ -31,8 +31,10 @@ Where there is no fallback (the model folders, the native T5 route) the option i
 one line when used (`require`). Outside ComfyUI nothing here is imported and `IN_COMFYUI` is False.
 
 The native path (`nodes/native/`) builds on ComfyUI's own CogVideoX, which older ComfyUIs lack; its
-internals are listed in `nodes/native/comfy_parts.py` (`COMFY_INTERNALS`), and its nodes refuse in
-one line when used on a ComfyUI without them (`comfy_parts.require`).
+assumptions live beside the internals they are about, in `nodes/native/comfy_parts.py`
+(`ASSUMPTIONS`), and are checked here with the rest (`assumptions`): one mechanism for both paths.
+A feature that `needs` another is off with it and not logged apart; a `quiet` one (the whole native
+path, on a ComfyUI from before native CogVideoX) is not logged at all, its nodes say so when used.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _missing(owner, names: tuple[str, ...], where: str) -> list[str]:
     return [f"{where}.{n}" for n in names if not callable(getattr(owner, n, None))]
 
 
-def _takes(function, *params: str) -> bool:
+def takes(function, *params: str) -> bool:
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -144,13 +146,13 @@ def _model_management() -> list[str]:
     if patcher is None:
         return ["comfy.model_patcher.ModelPatcher"]
     found = _missing(patcher, ("clone", "is_clone", "model_size", "partially_load", "load"), "ModelPatcher")
-    if not _takes(patcher.__init__, "model", "load_device", "offload_device"):
+    if not takes(patcher.__init__, "model", "load_device", "offload_device"):
         found.append("ModelPatcher(model, load_device, offload_device)")
     found += _missing(model_management, ("get_torch_device", "unet_offload_device", "text_encoder_offload_device",
                                          "vae_offload_device", "free_memory", "soft_empty_cache"),
                       "comfy.model_management")
     load = getattr(model_management, "load_models_gpu", None)
-    if load is None or not _takes(load, "models", "memory_required"):
+    if load is None or not takes(load, "models", "memory_required"):
         found.append("comfy.model_management.load_models_gpu(models, memory_required=)")
     return found
 
@@ -223,7 +225,7 @@ def _unload_one() -> list[str]:
 
 def _progress() -> list[str]:
     bar = getattr(comfy.utils, "ProgressBar", None)
-    if bar is None or not _takes(getattr(bar, "update_absolute", None), "value", "total", "preview"):
+    if bar is None or not takes(getattr(bar, "update_absolute", None), "value", "total", "preview"):
         return ["comfy.utils.ProgressBar.update_absolute(value, total, preview)"]
     return []
 
@@ -242,10 +244,16 @@ def _cancel() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Assumption:
+    """What one feature of the pack assumes of ComfyUI: `probe` returns what differs (empty when all
+    is as expected), `without` says what the pack does then (a fallback, or a one-line refusal
+    through `require`). A feature that `needs` another is off whenever that one is."""
+
     feature: str
     uses: str
     without: str
     probe: Callable[[], list[str]]
+    needs: str | None = None
+    quiet: bool = False
 
 
 ASSUMPTIONS = (
@@ -253,35 +261,45 @@ ASSUMPTIONS = (
     Assumption("model_management", "ComfyUI holding our models", "each node places our models itself and frees them after",
                _model_management),
     Assumption("partial_load", "loading the transformer and T5 partly when they do not fit",
-               "they load whole (or not at all, if they do not fit)", _partial_load),
+               "they load whole (or not at all, if they do not fit)", _partial_load, needs="model_management"),
     Assumption("lora_patches", "ConsisID LoRA as ComfyUI weight patches", "the sampler merges the LoRAs for its run",
-               _lora_patches),
+               _lora_patches, needs="model_management"),
     Assumption("unload_one", "taking the transformer out for sequential offload",
-               "every model on that device is unloaded instead", _unload_one),
+               "every model on that device is unloaded instead", _unload_one, needs="model_management"),
     Assumption("progress", "progress bars", "no progress bar (Cancel still works)", _progress),
     Assumption("previews", "latent previews", "no previews", _previews),
     Assumption("cancel", "Cancel during sampling", "Cancel takes effect when the node ends", _cancel),
 )
-_NEEDED_BY = {"partial_load": "model_management", "lora_patches": "model_management", "unload_one": "model_management"}
+
+
+def assumptions() -> tuple[Assumption, ...]:
+    """Every assumption of the pack: the wrapper path's (`ASSUMPTIONS`) and the native path's
+    (`nodes/native/comfy_parts.ASSUMPTIONS`), in the order they are checked."""
+    from .native import comfy_parts  # imported here: comfy_parts reaches this module through host
+
+    return ASSUMPTIONS + comfy_parts.ASSUMPTIONS
 
 
 @functools.cache
 def check() -> dict[str, list[str]]:
     """Each feature's mismatches with the running ComfyUI (empty when none), found once; one log line
-    per feature that differs. Outside ComfyUI: every feature is missing, silently."""
+    per feature that differs (not for one that only lacks what it `needs`, nor a `quiet` one).
+    Outside ComfyUI: every feature is missing, silently."""
+    every = assumptions()
     if not IN_COMFYUI:
-        return {a.feature: ["ComfyUI"] for a in ASSUMPTIONS}
+        return {a.feature: ["ComfyUI"] for a in every}
     found = {}
-    for assumption in ASSUMPTIONS:
+    for assumption in every:
+        if assumption.needs is not None and found[assumption.needs]:
+            found[assumption.feature] = [f"(needs {assumption.needs})"]
+            continue
         try:
             found[assumption.feature] = assumption.probe()
         except Exception as e:  # a probe must never stop the pack from loading
             found[assumption.feature] = [f"{type(e).__name__}: {str(e)[:80]}"]
-    for feature, needs in _NEEDED_BY.items():
-        if found[needs] and not found[feature]:
-            found[feature] = [f"(needs {needs})"]
-    for assumption in ASSUMPTIONS:
-        if found[assumption.feature]:
+    for assumption in every:
+        own = assumption.needs is None or not found[assumption.needs]
+        if found[assumption.feature] and own and not assumption.quiet:
             logger.warning(
                 "ConsisID: this ComfyUI (%s) differs in what the pack uses for %s (%s): %s", comfyui_version(),
                 assumption.uses, ", ".join(found[assumption.feature]), assumption.without,

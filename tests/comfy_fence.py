@@ -74,7 +74,7 @@ def broken(owner, name: str, value):
 def said(feature: str, internal: str) -> None:
     """The fence found `feature` broken and said so in one line naming `internal`."""
     assert fence.check()[feature], (feature, fence.check())
-    (uses,) = [a.uses for a in fence.ASSUMPTIONS if a.feature == feature]
+    (uses,) = [a.uses for a in fence.assumptions() if a.feature == feature]
     (line,) = [line for line in lines if f"uses for {uses} (" in line]
     assert internal in line and "\n" not in line, (internal, line)
     print(f"{feature}: {line}")
@@ -83,7 +83,7 @@ def said(feature: str, internal: str) -> None:
 def failing(call) -> str:
     """What `call` raises with the fence taken away (every feature taken as it is)."""
     checked = fence.check
-    fence.check = lambda: {a.feature: [] for a in fence.ASSUMPTIONS}
+    fence.check = lambda: {a.feature: [] for a in fence.assumptions()}
     try:
         call()
     except Exception as e:  # what breaks without the fence, whatever it is

@@ -32,7 +32,7 @@ for call in (lambda: ConsisIDDynamicCFG().patch(None), lambda: ConsisIDNativeMod
              lambda: ConsisIDNativeLoRA().apply(None, "x", 1.0), lambda: ConsisIDNativeVAEDecode().decode(dict(), None)):
     try:
         call()
-    except RuntimeError as e:
+    except ValueError as e:  # the pack's ConsisIDError
         print("refused:", e)
     else:
         raise SystemExit("not refused")

@@ -2,6 +2,7 @@
 names a ComfyUI source folder with native CogVideoX): same weights, same noise, same first-frame
 latent -> the same latents as our Sampler (diffusers' ConsisIDPipeline)."""
 
+import contextlib
 import pytest
 import torch
 
@@ -11,6 +12,8 @@ pytestmark = [pytest.mark.comfyui, NEEDS_NATIVE]
 
 SEED, FRAMES, HEIGHT, WIDTH, GUIDANCE = 3, 9, 64, 96, 6.0
 TOLERANCE = 1e-4
+SAME_MODEL = 1e-5
+"""One model loaded two ways (the exported files, the native loader) on the CPU: fp32 rounding only."""
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +200,10 @@ def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_
     weights, info = read_face_file(face)
     model = with_face_modules(core, face_modules(weights, info["config"]), info["latent_channels"],
                               info["scaling_factor"], info["scheduler"])
-    assert torch.equal(_native(setup, 5, model=model), _native(setup, 5))
+    # the same weights, loaded apart: the CPU's matmul kernels may sum in another order (max |Δ| ~1e-5)
+    diff = (_native(setup, 5, model=model) - _native(setup, 5)).abs().max().item()
+    print(f"exported + face file against the native loader: max |Δ| {diff:.1e}")
+    assert diff <= SAME_MODEL
 
 
 def test_face_modules_refuse_a_model_of_another_width(setup, exported):
@@ -322,7 +328,7 @@ def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, v
     from comfy.ldm.cogvideo.vae import AutoencoderKLCogVideoX
     from consisid_core.checkpoint import load_vae_file
     from consisid_core.sampling import decode
-    from consisid_pack.nodes.native.comfy_parts import REFERENCE_ORDER_MISSING
+    from consisid_pack.nodes import fence
     from consisid_pack.nodes.native.nodes import ConsisIDNativeVAEDecode
 
     path = vae_file
@@ -342,9 +348,10 @@ def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, v
     assert rolling.shape == ours.shape and torch.isfinite(rolling).all()
 
     monkeypatch.delattr(AutoencoderKLCogVideoX, "_decode_batched")
-    with caplog.at_level(logging.WARNING):
+    with _fence_looks_again(fence), caplog.at_level(logging.WARNING):
         (fallback,) = ConsisIDNativeVAEDecode().decode(latent, core_vae)
-    assert REFERENCE_ORDER_MISSING in caplog.text
+        monkeypatch.undo()
+    assert "reference order (comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched)" in caplog.text
     assert torch.equal(fallback, rolling)
 
 
@@ -401,7 +408,9 @@ def test_a_first_frame_seed_gives_the_reference_pipelines_posterior_sample(vae_f
     import comfy.sd
     import comfy.utils
     from consisid_core.checkpoint import load_vae_file
-    from consisid_pack.nodes.native.comfy_parts import FIRST_FRAME_SAMPLE_MISSING, encode_first_frame
+    import comfy.ldm.cogvideo.vae
+    from consisid_pack.nodes import fence
+    from consisid_pack.nodes.native.comfy_parts import encode_first_frame
 
     core_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_file)))
     core_vae.first_stage_model.float()
@@ -419,12 +428,25 @@ def test_a_first_frame_seed_gives_the_reference_pipelines_posterior_sample(vae_f
     assert (mean - posterior.mean).abs().max().item() <= TOLERANCE
     assert (sampled - mean).abs().max().item() > 1e-3  # the seed does act
 
-    from consisid_pack.nodes.native import comfy_parts
+    class Encoder3D(torch.nn.Module):  # a ComfyUI whose encoder takes no cache
+        def forward(self, x):
+            return x
 
-    monkeypatch.setattr(comfy_parts, "AutoencoderKLCogVideoX", type("OtherVAE", (), {}))  # a ComfyUI whose VAE differs
-    with caplog.at_level(logging.WARNING):
+    monkeypatch.setattr(comfy.ldm.cogvideo.vae, "Encoder3D", Encoder3D)
+    with _fence_looks_again(fence), caplog.at_level(logging.WARNING):
         assert torch.equal(encode_first_frame(core_vae, pixels, 11), mean)
-    assert FIRST_FRAME_SAMPLE_MISSING in caplog.text
+        monkeypatch.undo()
+    assert "first_frame_seed (comfy.ldm.cogvideo.vae.Encoder3D.forward(x, conv_cache=))" in caplog.text
+
+
+@contextlib.contextmanager
+def _fence_looks_again(fence):
+    """The fence checks this ComfyUI afresh for the block (an internal broken inside it) and after it."""
+    fence.check.cache_clear()
+    try:
+        yield
+    finally:
+        fence.check.cache_clear()
 
 
 def test_an_identity_of_another_checkpoint_is_refused_by_name(setup):

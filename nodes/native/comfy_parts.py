@@ -1,4 +1,4 @@
-"""Everything of ComfyUI that the native path uses, in one place (see `COMFY_INTERNALS`).
+"""Everything of ComfyUI that the native path uses, in one place, and what it assumes of it (`ASSUMPTIONS`).
 
 ConsisID is CogVideoX-5B-I2V plus face modules, so its native MODEL is core's own CogVideoX
 MODEL (`comfy.sd.load_diffusion_model_state_dict`: model detection, `model_base.CogVideoX`,
@@ -42,7 +42,7 @@ from ...consisid_core.native import (
     reference_noise,
     rotary_embedding,
 )
-from .. import host
+from .. import fence, host
 
 try:
     import comfy.conds
@@ -52,6 +52,7 @@ try:
     import comfy.model_sampling
     import comfy.patcher_extension
     import comfy.samplers
+    import comfy.ldm.cogvideo.vae
     import comfy.sd
     import node_helpers
     from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
@@ -81,9 +82,6 @@ COMFY_INTERNALS = (
     "comfy.model_management.module_size, comfy.model_management.intermediate_device",
     "comfy.sd.VAE (.encode of [N, H, W, 3], .decode, .latent_channels, .first_stage_model, .patcher, .device, "
     ".vae_dtype, .output_device, .memory_used_decode, .process_output)",
-    "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched (checked where used; without it core's own decode)",
-    "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX.encoder(x, conv_cache=None) -> (moments, cache), "
-    "comfy.sd.VAE.process_input, .memory_used_encode (checked where used; without them the posterior mean)",
     "comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls)",
     "comfy.model_management.load_models_gpu, .throw_exception_if_processing_interrupted, .soft_empty_cache",
     "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
@@ -92,13 +90,41 @@ COMFY_INTERNALS = (
     "sampler_cfg_function's args (cond, uncond, cond_scale, sigma, model, model_options)",
     "ModelPatcher object patches may add attributes the model lacks (comfy.utils.set_attr with ATTR_UNSET)",
 )
-"""What the native path relies on, for the pack's ComfyUI fence."""
+"""The internals not yet probed by an `ASSUMPTIONS` entry (each moves into one)."""
 
 
-def require() -> None:
-    """Refuse in one line on a ComfyUI without native CogVideoX."""
+def _native_cogvideox() -> list[str]:
+    return [] if AVAILABLE else ["comfy.ldm.cogvideo"]
+
+
+def _reference_decode() -> list[str]:
+    return [] if callable(getattr(AutoencoderKLCogVideoX, "_decode_batched", None)) else [
+        "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched"]
+
+
+def _first_frame_sample() -> list[str]:
+    encoder = getattr(comfy.ldm.cogvideo.vae, "Encoder3D", None)
+    return [] if fence.takes(getattr(encoder, "forward", None), "x", "conv_cache") else [
+        "comfy.ldm.cogvideo.vae.Encoder3D.forward(x, conv_cache=)"]
+
+
+ASSUMPTIONS = (
+    fence.Assumption("native_cogvideox", "the native ConsisID nodes", UNAVAILABLE, _native_cogvideox, quiet=True),
+    fence.Assumption("native_reference_decode", "ConsisID Native VAE Decode's reference order",
+                     "it decodes as core VAE Decode does, and the frames differ a little from the reference's",
+                     _reference_decode, needs="native_cogvideox"),
+    fence.Assumption("native_first_frame_sample", "Identity Conditioning's first_frame_seed",
+                     "the first frame's latent is the posterior mean (as core VAE Encode), whatever the seed",
+                     _first_frame_sample, needs="native_cogvideox"),
+)
+"""What the native path assumes of ComfyUI, checked with the wrapper's by `fence.check`."""
+
+
+def require(feature: str = "native_cogvideox", option: str = "this native ConsisID node") -> None:
+    """Refuse `option` in one line on a ComfyUI without native CogVideoX, or where `feature` differs."""
     if not AVAILABLE:
-        raise RuntimeError(UNAVAILABLE)
+        raise fence.ComfyApiError(UNAVAILABLE)
+    fence.require(feature, option)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,22 +306,14 @@ def identity_conditioning(conditioning, image_latent, id_cond, id_vit_hidden, st
     })
 
 
-FIRST_FRAME_SAMPLE_MISSING = (
-    "ConsisID: this ComfyUI's VAE gives no CogVideoX encoder output (moments) to sample: the first frame is the "
-    "posterior mean (as core VAE Encode), not the reference's sample for the seed"
-)
-
-
 def encode_first_frame(vae, pixels: torch.Tensor, seed: int | None) -> torch.Tensor:
     """The first frame's latent [1, C, 1, h, w] from an IMAGE [1, H, W, 3]: core VAE Encode's
     posterior mean, or with `seed` the posterior sampled as ConsisIDPipeline samples it for that
     seed (so ConsisID Noise with the same seed gives the reference's video)."""
     module = vae.first_stage_model
-    encoder = getattr(module, "encoder", None)
-    if seed is None or not isinstance(module, AutoencoderKLCogVideoX) or encoder is None:
-        if seed is not None:
-            logger.warning(FIRST_FRAME_SAMPLE_MISSING)
+    if seed is None or not isinstance(module, AutoencoderKLCogVideoX) or not fence.works("native_first_frame_sample"):
         return vae.encode(pixels)
+    encoder = module.encoder
     x = vae.process_input(pixels).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, 1, H, W], as core's encode
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(x.shape, vae.vae_dtype))
     with torch.inference_mode():
@@ -380,13 +398,6 @@ def with_lora(model, lora: LoRA, strength: float):
     return patched
 
 
-REFERENCE_ORDER_MISSING = (
-    "ConsisID: this ComfyUI's CogVideoX VAE has no _decode_batched (the reference's order, two latent frames at a "
-    "time): ConsisID Native VAE Decode decodes as core VAE Decode does, and the frames differ a little from the "
-    "reference's"
-)
-
-
 def decode_in_reference_order(vae, samples: torch.Tensor) -> torch.Tensor:
     """A CogVideoX LATENT ([B, C, T, h, w], as samplers return it) decoded by core's VAE module in
     the order diffusers (and CogVideoX's own code) decodes: two latent frames at a time, the odd
@@ -400,13 +411,11 @@ def decode_in_reference_order(vae, samples: torch.Tensor) -> torch.Tensor:
     if samples.ndim != 5 or samples.shape[1] != vae.latent_channels:
         raise ConsisIDError(f"this LATENT {list(samples.shape)} is not a video latent of {vae.latent_channels} "
                             "channels: connect the sampler's LATENT")
-    batched = getattr(module, "_decode_batched", None)
-    if batched is None:
-        logger.warning(REFERENCE_ORDER_MISSING)
+    if not fence.works("native_reference_decode"):
         images = vae.decode(samples)
     else:
         try:
-            images = _decode_videos(vae, batched, samples)
+            images = _decode_videos(vae, module._decode_batched, samples)
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
             raise ConsisIDError(f"out of memory decoding {samples.shape[2]} latent frames of {samples.shape[3] * 8}x"

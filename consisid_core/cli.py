@@ -60,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight ConsisID checkpoint (real formats)")
     tiny.add_argument("dir", type=Path, help="a new or empty folder")
     tiny.add_argument("--seed", type=int, default=0, help="weights are deterministic from this seed (0 to 2^32 - 1)")
-    tiny.add_argument("--kps", action="store_true", help="a checkpoint with is_kps on (keypoint conditioning)")
+    kind = tiny.add_mutually_exclusive_group()
+    kind.add_argument("--kps", action="store_true", help="a checkpoint with is_kps on (keypoint conditioning)")
+    kind.add_argument("--native", action="store_true",
+                      help="one that core ComfyUI's loaders also take, for the native workflows (a released-size VAE, "
+                           "about 430 MB, random)")
 
     embed = sub.add_parser("embed", help="photo -> identity .safetensors")
     _common(embed)
@@ -223,7 +227,7 @@ def _make_tiny(args) -> None:
     from .tiny import make_tiny
 
     check_number("--seed", args.seed, 0, 2**32 - 1, integer=True)
-    make_tiny(args.dir, seed=args.seed, kps=args.kps)
+    make_tiny(args.dir, seed=args.seed, kps=args.kps, native=args.native)
 
 
 def _embed(args) -> None:

@@ -3,6 +3,11 @@
 Same layout and file formats as `BestWishYsh/ConsisID-preview` (it is written by diffusers'
 `save_pretrained`), so it loads through exactly the code a real checkpoint does. The weights are
 deterministic from the seed; the tokenizer is a SentencePiece model built here, not downloaded.
+
+`make_tiny(..., native=True)` (`make-tiny --native`) writes the one that core ComfyUI's loaders also
+take as they are, for the native path: a transformer whose shapes core's CogVideoX detection reads
+right, and a VAE of the released architecture (core's VAE Loader builds only that one) with random
+weights, in float16 (about 430 MB).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG
+from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
 from .errors import ConsisIDError
 from .face.tiny import write_tiny_face_encoder
 from .identity import Identity
@@ -61,6 +66,17 @@ TINY_VAE = dict(  # 32 norm groups and 4x temporal compression as released: infe
     temporal_compression_ratio=4,
     scaling_factor=0.7,
 )
+
+NATIVE_TINY_TRANSFORMER = dict(
+    TINY_TRANSFORMER, num_attention_heads=1, attention_head_dim=64, in_channels=32, out_channels=16
+)
+"""TINY_TRANSFORMER as core ComfyUI's CogVideoX detection reads it (`comfy/model_detection.py`): it
+takes the heads to be 64 wide and the model to be CogVideoX I2V (32 input channels, 16 output), as
+the released checkpoint is."""
+
+NATIVE_TINY_VAE = dict(RELEASED_VAE_CONFIG)
+"""diffusers' AutoencoderKLCogVideoX defaults (the released architecture, about 215 M parameters)
+with ConsisID's scaling factor; stored in float16, half the size of float32."""
 
 _WORDS = "a the person man woman smiling video walking city street camera face light hair".split()
 
@@ -161,25 +177,32 @@ def save_components(components: Mapping, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False) -> Path:
-    """Write a tiny ConsisID checkpoint to `directory` (new or empty) and return its path.
+def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False, native: bool = False) -> Path:
+    """Write a tiny ConsisID checkpoint to `directory` (new or empty) and return its path; with
+    `native`, the one core ComfyUI's loaders take (see the module doc; it has no `is_kps` one).
 
     Written beside the target and moved into place at the end: a failure leaves nothing behind.
     """
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConsisIDError(f"'{target}' already exists and is not an empty folder; give make-tiny a new folder")
+    if native and kps:
+        raise ConsisIDError("a native tiny checkpoint cannot have is_kps on (the native path refuses is_kps checkpoints): pick native or kps")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_components(random_components({**TINY_TRANSFORMER, "is_kps": kps}, TINY_VAE, TINY_T5, seed), staging)
+        transformer = NATIVE_TINY_TRANSFORMER if native else {**TINY_TRANSFORMER, "is_kps": kps}
+        components = random_components(transformer, NATIVE_TINY_VAE if native else TINY_VAE, TINY_T5, seed)
+        if native:
+            components["vae"] = components["vae"].half()  # .half(): diffusers warns on .to(dtype)
+        save_components(components, staging)
         write_tiny_face_encoder(staging / FACE_ENCODER, seed)
         if target.exists():
             target.rmdir()
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote a tiny ConsisID checkpoint (seed %d, is_kps %s) to %s", seed, kps, target)
+    logger.info("wrote a tiny%s ConsisID checkpoint (seed %d, is_kps %s) to %s", " native" if native else "", seed, kps, target)
     return target
 
 

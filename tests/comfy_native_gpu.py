@@ -10,7 +10,7 @@ the native ConsisID MODEL in ComfyUI's own loading, where only a GPU can show it
 - fp8 weights (Load Diffusion Model's fp8_e4m3fn): the face modules in the compute dtype, the
   video close to the full-precision one.
 
-Arguments: a tiny native checkpoint folder (tests/native_tools.make_native_tiny), then `classic` or
+Arguments: a tiny native checkpoint folder (`make-tiny --native`), then `classic` or
 `dynamic`.
 """
 

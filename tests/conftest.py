@@ -24,6 +24,12 @@ def tiny_kps_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def native_tiny_dir(tmp_path_factory) -> Path:
+    """`make-tiny --native`: the tiny checkpoint core ComfyUI's loaders take (the native path's)."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-native", seed=0, native=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return Checkpoint.open(tiny_dir).load_model("fp32")
 

@@ -1,7 +1,6 @@
-"""Shared by the native-path tests: a tiny ConsisID checkpoint whose transformer core ComfyUI's
-CogVideoX detection reads right (64-wide heads, 32 input and 16 output channels, as the released
-one; the default tiny has 32-wide heads and 4 channels, which detection cannot know), and
-ComfyUI imported in-process on the CPU."""
+"""Shared by the native-path tests: ComfyUI imported in-process on the CPU, whether it has native
+CogVideoX, and test files made from the native tiny checkpoint (`make-tiny --native`, conftest's
+`native_tiny_dir`): random LoRAs of its transformer, GGUFs of its export."""
 
 import os
 import sys
@@ -9,20 +8,32 @@ from pathlib import Path
 
 import pytest
 
-from consisid_core.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE, random_components, save_components
-
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 NATIVE_COGVIDEOX = bool(COMFYUI_DIR) and (Path(COMFYUI_DIR) / "comfy" / "ldm" / "cogvideo" / "model.py").is_file()
 """Whether the ComfyUI in COMFYUI_DIR has native CogVideoX (v0.21 and later: v0.33.0, not v0.3.64)."""
 NEEDS_NATIVE = pytest.mark.skipif(not NATIVE_COGVIDEOX, reason="COMFYUI_DIR is not set, or its ComfyUI has no native CogVideoX")
-NATIVE_TRANSFORMER = {**TINY_TRANSFORMER, "num_attention_heads": 1, "attention_head_dim": 64, "in_channels": 32,
-                      "out_channels": 16}
-NATIVE_VAE = {**TINY_VAE, "latent_channels": 16}
 
 
-def make_native_tiny(directory: Path, seed: int = 0) -> Path:
-    """A tiny ConsisID checkpoint folder (no face_encoder/: identities here are random ones)."""
-    return save_components(random_components(NATIVE_TRANSFORMER, NATIVE_VAE, TINY_T5, seed), directory)
+def vae_file(checkpoint: Path) -> Path:
+    """The checkpoint's VAE: in the native tiny, one of the released architecture (the one core's VAE
+    Loader builds), random weights, diffusers key names, float16, scaling factor 0.7 as ConsisID's."""
+    return checkpoint / "vae" / "diffusion_pytorch_model.safetensors"
+
+
+def write_lora(path: Path, transformer, modules, seed: int, prefix: str = "transformer.", scale: float = 0.5) -> Path:
+    """A rank-2 LoRA of `modules` (names in `transformer`) in diffusers layout (lora_A / lora_B), random."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in modules:
+        out_features, in_features = transformer.get_submodule(name).weight.shape
+        tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * scale
+        tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)
+    return path
 
 
 def import_comfyui(pytorch_attention: bool = False):
@@ -44,20 +55,6 @@ def import_comfyui(pytorch_attention: bool = False):
         for name in [m for m in sys.modules if m == "consisid_pack" or m.startswith("consisid_pack.")]:
             del sys.modules[name]
     return import_pack()
-
-
-def write_cogvideox_vae(path: Path, seed: int = 0) -> Path:
-    """A CogVideoX VAE of the released architecture (core's VAE Loader builds only that one) with
-    random weights, diffusers key names, fp16 (about 430 MB), scaling factor 0.7 as ConsisID's."""
-    import torch
-    from diffusers import AutoencoderKLCogVideoX
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKLCogVideoX(scaling_factor=0.7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, path)
-    return path
 
 
 def write_q8_gguf(source: Path, target: Path, arch: str) -> Path:

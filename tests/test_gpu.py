@@ -109,16 +109,16 @@ def test_comfyui_holds_our_models_on_the_gpu(tiny_dir):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")
 @pytest.mark.parametrize("mode", ["classic", "dynamic"])
-def test_comfyui_loads_the_native_model_on_the_gpu(tmp_path, mode):
+def test_comfyui_loads_the_native_model_on_the_gpu(native_tiny_dir, mode):
     """tests/comfy_native_gpu.py in ComfyUI's own process set-up, with dynamic VRAM off (classic, a
     forced partial load) and on: the native MODEL's face modules on the GPU and off it again, a
     partial load equal to a whole one, fp8 weights."""
-    from native_tools import NATIVE_COGVIDEOX, make_native_tiny
+    from native_tools import NATIVE_COGVIDEOX
 
     if not NATIVE_COGVIDEOX:
         pytest.skip("this ComfyUI has no native CogVideoX")
     comfyui = os.environ["COMFYUI_DIR"]
-    folder = make_native_tiny(tmp_path / "tiny_native")
+    folder = native_tiny_dir
     script = Path(__file__).parent / "comfy_native_gpu.py"
     result = subprocess.run(
         [sys.executable, str(script), str(folder), mode], cwd=comfyui, capture_output=True, text=True, timeout=900,

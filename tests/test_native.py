@@ -12,12 +12,11 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main
 from consisid_core.sampling import _pipeline, first_frame, make_scheduler
 from consisid_core.tiny import random_identity
-from native_tools import make_native_tiny
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_native_tiny(tmp_path_factory.mktemp("native") / "tiny")
+def folder(native_tiny_dir):
+    return native_tiny_dir
 
 
 def test_reference_noise_is_what_the_pipeline_draws(tiny_model):

@@ -3,11 +3,11 @@ KSampler, SamplerCustomAdvanced, CFGGuider, UNETLoader, LoraLoaderModelOnly, CFG
 VAE Decode, Create Video and Save Video (and ConsisID Native LoRA and Native VAE Decode beside them)
 on a tiny ConsisID checkpoint.
 
-Core's VAE Loader builds only the released CogVideoX VAE architecture, so the VAE here is one of that
-architecture with random weights (about 430 MB, written once per run); core's CLIPLoader builds only
-a full-size T5-XXL, so the prompts' CONDITIONING comes from a test-only node in the temporary
-custom_nodes folder that reads two saved embeddings (ConsisID Text Encode with the checkpoint's T5
-fails inside ComfyUI v0.33 before this work: its castable Embedding has no `bias`)."""
+The checkpoint is the native tiny (`make-tiny --native`): its VAE is of the released CogVideoX
+architecture with random weights, the one core's VAE Loader builds. Core's CLIPLoader builds only a
+full-size T5-XXL, so the prompts' CONDITIONING comes from a test-only node in the temporary
+custom_nodes folder that reads two saved embeddings (the shipped workflows run with the checkpoint's
+T5 instead: tests/test_comfyui_workflows.py)."""
 
 import os
 import shutil
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from native_tools import COMFYUI_DIR, NEEDS_NATIVE, make_native_tiny, write_cogvideox_vae, write_q8_gguf
+from native_tools import COMFYUI_DIR, NEEDS_NATIVE, vae_file, write_lora, write_q8_gguf
 from test_comfyui import running
 from workflow_tools import ROOT
 
@@ -31,26 +31,23 @@ SIZE = dict(width=96, height=64, length=9)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, native_tiny_dir):
     from consisid_core.checkpoint import Checkpoint
     from consisid_core.identity import save_identity
     from consisid_core.native import export, export_lora
     from consisid_core.tiny import random_identity
 
     base = tmp_path_factory.mktemp("comfy_native")
-    tiny = make_native_tiny(base / "models" / "consisid" / CHECKPOINT)
+    tiny = base / "models" / "consisid" / CHECKPOINT
+    tiny.parent.mkdir(parents=True)
+    tiny.symlink_to(native_tiny_dir, target_is_directory=True)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     export(tiny, base / "models" / "diffusion_models", "tiny")
-    write_cogvideox_vae(base / "models" / "vae" / "cogvideox_vae.safetensors")
+    (base / "models" / "vae").mkdir()
+    (base / "models" / "vae" / "cogvideox_vae.safetensors").symlink_to(vae_file(native_tiny_dir))
     transformer = Checkpoint.open(tiny).load_transformer("fp32")
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0"):
-        out_features, in_features = transformer.get_submodule(name).weight.shape
-        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * 0.5
-        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * 0.5
-    (base / "models" / "loras").mkdir()
-    save_file(tensors, base / "models" / "loras" / "style.safetensors")  # diffusers layout, for ConsisID Native LoRA
+    modules = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0")
+    write_lora(base / "models" / "loras" / "style.safetensors", transformer, modules, 1)  # for ConsisID Native LoRA
     export_lora(base / "models" / "loras" / "style.safetensors", base / "models" / "loras" / "style_comfy.safetensors")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)

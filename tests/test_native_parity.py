@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from native_tools import COMFYUI_DIR, NEEDS_NATIVE, import_comfyui, make_native_tiny
+from native_tools import COMFYUI_DIR, NEEDS_NATIVE, import_comfyui, vae_file as checkpoint_vae
 
 pytestmark = [pytest.mark.comfyui, NEEDS_NATIVE]
 
@@ -17,13 +17,13 @@ SAME_MODEL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(native_tiny_dir):
     pack = import_comfyui()
     from consisid_core.checkpoint import Checkpoint
     from consisid_core.text import TextEmbeddings
     from consisid_core.tiny import random_identity
 
-    folder = make_native_tiny(tmp_path_factory.mktemp("native") / "tiny")
+    folder = native_tiny_dir
     wrapper = Checkpoint.open(folder).load_model("fp32")
     g = torch.Generator().manual_seed(0)
     width = wrapper.config.text_embed_dim
@@ -36,11 +36,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vae_file(tmp_path_factory):
-    """A CogVideoX VAE of the released architecture (the one core's VAE Loader builds), random weights."""
-    from native_tools import write_cogvideox_vae
-
-    return write_cogvideox_vae(tmp_path_factory.mktemp("vae") / "cogvideox_vae.safetensors")
+def vae_file(native_tiny_dir):
+    """The native tiny's VAE: the released architecture (the one core's VAE Loader builds), random weights."""
+    return checkpoint_vae(native_tiny_dir)
 
 
 def _reference(setup, steps, scheduler="ddim", **options):
@@ -52,7 +50,14 @@ def _reference(setup, steps, scheduler="ddim", **options):
 
 def _first_latent(setup):
     """The first frame's latent as the reference makes it (the pipeline's own prepare_latents:
-    the VAE posterior sampled from the seed's generator), in VAE space ([1, C, 1, h, w])."""
+    the VAE posterior sampled from the seed's generator), in VAE space ([1, C, 1, h, w]); made once
+    per setup (the released-size VAE takes seconds)."""
+    if "first_latent" not in setup:
+        setup["first_latent"] = _encode_first_latent(setup)
+    return setup["first_latent"]
+
+
+def _encode_first_latent(setup):
     from consisid_core.sampling import _pipeline, first_frame, make_scheduler
 
     wrapper = setup["wrapper"]

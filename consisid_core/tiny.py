@@ -187,7 +187,9 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False, na
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConsisIDError(f"'{target}' already exists and is not an empty folder; give make-tiny a new folder")
     if native and kps:
-        raise ConsisIDError("a native tiny checkpoint cannot have is_kps on (the native path refuses is_kps checkpoints): pick native or kps")
+        raise ConsisIDError(
+            "a native tiny checkpoint cannot have is_kps on (the native path refuses is_kps checkpoints): pick native or kps"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -202,7 +204,8 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, kps: bool = False, na
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote a tiny%s ConsisID checkpoint (seed %d, is_kps %s) to %s", " native" if native else "", seed, kps, target)
+    kind = "native " if native else ""
+    logger.info("wrote a tiny %sConsisID checkpoint (seed %d, is_kps %s) to %s", kind, seed, kps, target)
     return target
 
 

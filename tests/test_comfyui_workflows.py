@@ -1,7 +1,8 @@
 """Every workflow in workflows/ through a real ComfyUI server's /prompt, on the native tiny checkpoint
 (`make-tiny --native`, then `export`), with each file a workflow names where the README puts it.
 Skipped unless COMFYUI_DIR names a ComfyUI source folder; a workflow with native nodes is skipped on
-a ComfyUI without native CogVideoX (v0.3.64) and runs on v0.33.0.
+a ComfyUI without native CogVideoX (v0.3.64) and runs on v0.33.0. The API prompt is
+workflow_tools.to_api's, which tests/test_frontend.py checks is the one the real frontend queues.
 
 Each workflow runs as saved but for what cannot be had here, which the test swaps and prints:
 - core's T5-XXL behind CLIPLoader (4.7 B parameters, too big to write in a test): each

@@ -13,8 +13,8 @@ Each workflow runs as saved but for what cannot be had here, which the test swap
   does the same to the number of frames;
 and the widget values in `SIZES` (by node type, every workflow: the tiny sizes, 2 steps, fp32 on
 the CPU) and `OVERRIDES` (by workflow). A workflow added to workflows/ runs here as it is; declare
-in `OVERRIDES` the values it needs beyond `SIZES`, and in `VIDEOS` its video's (frames, height,
-width) where they are not `FRAMES`, `HEIGHT`, `WIDTH`.
+in `OVERRIDES` the values it needs beyond `SIZES`, in `VIDEOS` its video's (frames, height, width)
+where they are not `FRAMES`, `HEIGHT`, `WIDTH`, and in `base` any file it names that is not made there.
 """
 
 import json

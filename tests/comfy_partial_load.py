@@ -7,16 +7,28 @@ plain model), in fp32 and with fp8 weight storage. On the CPU the "GPU" and RAM 
 this proves the numbers and that the layers really took the cast-per-call path; the speed and the
 memory need a GPU (tests/test_gpu.py).
 
-Argument: a tiny checkpoint folder (made by make-tiny).
+With `dynamic`, dynamic VRAM is forced on first (`dynamic_vram_tools`, as ComfyUI v0.33 turns it on
+with an NVIDIA GPU): `comfy.ops` then builds its layers with `weight = None`, every fence probe must
+pass, the pack says in one line that its transformer stays in the classic patcher, and the partial
+load must give the same latents.
+
+Arguments: a tiny checkpoint folder (made by make-tiny), then `classic` (default) or `dynamic`.
 """
 
+import logging
 import sys
 
 checkpoint_folder = sys.argv[1]
+dynamic = sys.argv[2:] == ["dynamic"]
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
+if dynamic:
+    from dynamic_vram_tools import force_on, load_library
+
+    load_library()
+    force_on()
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
 import torch  # noqa: E402
@@ -28,7 +40,20 @@ from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
 from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import host  # noqa: E402
+from consisid_pack.nodes import fence, host  # noqa: E402
+
+said: list[str] = []
+
+
+class Said(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+
+
+logging.getLogger("consisid_pack.nodes").addHandler(Said())
+logging.getLogger("consisid_pack.nodes").setLevel(logging.INFO)
+assert not dynamic or not any(fence.check().values()), fence.check()  # v0.33: every probe, the native ones too
+assert host.dynamic_vram() == dynamic
 
 casts = []
 real_cast = comfy.ops.cast_bias_weight
@@ -68,4 +93,7 @@ for fp8 in (False, True):
     difference = (plain - partial).abs().max().item()
     print(f"fp8 {fp8}: max |diff| {difference}")
     assert difference == 0.0, difference
+classic_beside = [line for line in said if "dynamic VRAM is on" in line]
+assert len(classic_beside) == dynamic, said
+print(*classic_beside, sep="\n")
 print("partial load: equal")

@@ -19,16 +19,17 @@ folder (the real-size transformer is written there, 12.3 GB), then `classic` or 
 """
 
 import dataclasses
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
-
 folder, scratch, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 BUDGET = 12 * 2**30
-free_at_start, total = torch.cuda.mem_get_info()
+# the card's memory without torch: as in ComfyUI's main.py, comfy-aimdo starts before torch is imported
+query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "--id=0"]
+total = int(subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()[0]) * 2**20
 sys.argv = [sys.argv[0], "--reserve-vram", f"{(total - BUDGET) / 2**30:.2f}"]
 sys.argv += ["--disable-dynamic-vram"] if mode == "classic" else []
 import comfy.options  # noqa: E402
@@ -41,6 +42,7 @@ if mode == "dynamic":
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.samplers  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from workflow_tools import import_pack  # noqa: E402
@@ -57,6 +59,7 @@ from consisid_pack.nodes.native.nodes import identity_conditioned, native_model 
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
 
 torch.cuda.set_per_process_memory_fraction(BUDGET / total)
+free_at_start = torch.cuda.mem_get_info()[0]
 FRAMES, HEIGHT, WIDTH = 9, 160, 240
 
 

@@ -38,6 +38,7 @@ from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import fence, host  # noqa: E402
+from consisid_pack.nodes.native import comfy_parts  # noqa: E402
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
 
 DELETED = object()
@@ -264,4 +265,19 @@ if hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
 else:
     assert fence.works("dynamic_vram")
     print("dynamic_vram: this ComfyUI has none, nothing to take part in")
+
+# --- the native MODEL's face modules, loaded beside it: ModelPatcher's additional models renamed
+if comfy_parts.AVAILABLE:
+    with broken(comfy.model_patcher.ModelPatcher, "set_additional_models", DELETED):
+        said("native_face_patcher", "ModelPatcher.set_additional_models")
+        try:
+            comfy_parts.with_face_modules(None, None, 16, 0.7)
+        except fence.ComfyApiError as e:
+            assert "ModelPatcher.set_additional_models" in str(e) and "\n" not in str(e), e
+            print("  refused:", e)
+        else:
+            raise AssertionError("the face modules were added without ModelPatcher.set_additional_models")
+else:
+    assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
+    print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
 print("fence: every assumption checked")

@@ -264,7 +264,7 @@ def _cogvideox(model):
 def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None):
     """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
     embedding, model sampling, latent format and identity conditioning added as patches."""
-    require()
+    require("native_face_patcher", "adding ConsisID's face modules to a MODEL")
     core = _cogvideox(model)
     base = model.model
     config = face.config
@@ -275,7 +275,6 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
             f"{config['attention_head_dim']}-wide heads; this MODEL is {core.dim} wide with {len(core.blocks)} blocks of "
             f"{core.attention_head_dim}-wide heads: use the face file exported with this transformer"
         )
-    require("native_face_patcher", "adding ConsisID's face modules to a MODEL")
     sampling = ModelSamplingConsisID(scheduler_config)
     patched = model.clone()
     # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as

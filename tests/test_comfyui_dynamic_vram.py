@@ -4,7 +4,8 @@ leaves untested). Skipped unless COMFYUI_DIR names a ComfyUI with dynamic VRAM (
 
 - the wrapper (`comfy_partial_load.py dynamic`): every fence probe passes with layers built as
   dynamic VRAM builds them, the pack says in one line that its transformer stays in the classic
-  patcher, and a forced partial load of the transformer gives the whole load's latents (fp32, fp8);
+  patcher, and a forced partial load of the transformer gives the whole load's latents (fp32, fp8),
+  of the T5 its embeddings;
 - the native MODEL (`comfy_native_dynamic_vram.py`): in core's dynamic patcher with its face modules
   beside it, the same latents as with dynamic VRAM off, and a full unload that puts every weight back.
 """
@@ -38,7 +39,7 @@ def test_the_wrappers_partial_load_with_dynamic_vram_changes_no_number(tmp_path)
     from consisid_core.tiny import make_tiny
 
     out = _run("comfy_partial_load.py", make_tiny(tmp_path / "tiny"), "dynamic")
-    assert "fp8 False: max |diff| 0.0" in out and "fp8 True: max |diff| 0.0" in out
+    assert "fp8 False: max |diff| 0.0" in out and "fp8 True: max |diff| 0.0" in out and "t5: max |diff| 0.0" in out
     (line,) = [line for line in out.splitlines() if "dynamic VRAM is on" in line]
     assert line.startswith("ConsisID: ") and "load partly" in line
 

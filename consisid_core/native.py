@@ -331,7 +331,7 @@ def comfy_named(lora: LoRA) -> LoRA:
     diffusers/PEFT layout reaches the native MODEL.
 
     Layers of the face modules are left out, with a warning: on the native MODEL the face modules
-    are ModelPatcher object patches, which LoRA patches do not reach."""
+    are held apart from the MODEL's weights (a patcher of their own), which LoRA patches do not reach."""
     layers, left_out = {}, []
     for name, layer in lora.layers.items():
         if is_face_key(name):

@@ -13,7 +13,9 @@ the running ComfyUI:
   memory_required=)`, `get_torch_device`, the offload devices, `free_memory`, `soft_empty_cache`;
 - `partial_load`: the castable layers of `comfy.ops.disable_weight_init` and `comfy.ops.manual_cast`
   (built with torch's arguments, castable per call) and `ModelPatcher.add_callback` with
-  `comfy.patcher_extension.CallbacksMP.ON_LOAD`;
+  `comfy.patcher_extension.CallbacksMP.ON_LOAD` and `.ON_DETACH`;
+- `dynamic_vram` (v0.33): `comfy.model_patcher.ModelPatcherDynamic`, `CoreModelPatcher` (the dynamic
+  one when dynamic VRAM is on) and `ModelPatcher.is_dynamic`;
 - `lora_patches`: `comfy.lora.load_lora(lora, to_load)` and `ModelPatcher.add_patches`;
 - `unload_one`: `comfy.model_management.current_loaded_models` (`.model`, `.model_unload()`);
 - `progress`: `comfy.utils.ProgressBar(total).update_absolute(value, total, preview)`;
@@ -89,8 +91,10 @@ def twin(layer: torch.nn.Module, operations) -> torch.nn.Module:
     """`layer` as ComfyUI builds its own layers: the class of the same name in `operations`
     (`comfy.ops.disable_weight_init`, or `manual_cast` for weights stored in another dtype),
     constructed with the layer's settings on the meta device, then given the layer's own
-    parameters. What ComfyUI's constructor sets up (`bias` on an Embedding, the cast switches) is
-    there because its constructor ran."""
+    parameters. What ComfyUI's constructor sets up (`bias` on an Embedding, the cast switches, the
+    model dtype dynamic VRAM pages by) is there because its constructor ran. With dynamic VRAM on,
+    ComfyUI's constructor reserves no weight: it leaves `weight = None` (and `bias`) as plain
+    attributes, which would hide the parameters put in; they are taken off first."""
     name = type(layer).__name__
     settings = {}
     for arg in inspect.signature(getattr(torch.nn, name).__init__).parameters:
@@ -101,8 +105,10 @@ def twin(layer: torch.nn.Module, operations) -> torch.nn.Module:
     dtype = weight.dtype if weight is not None else torch.get_default_dtype()
     built = getattr(operations, name)(**settings, device="meta", dtype=dtype)
     for key, parameter in layer._parameters.items():
+        built.__dict__.pop(key, None)
         built._parameters[key] = parameter
     for key, buffer in layer._buffers.items():
+        built.__dict__.pop(key, None)
         built._buffers[key] = buffer
     built.train(layer.training)
     return built
@@ -197,9 +203,26 @@ def _partial_load() -> list[str]:
     if not callable(getattr(comfy.model_patcher.ModelPatcher, "add_callback", None)):
         found.append("ModelPatcher.add_callback")
     callbacks = getattr(comfy.patcher_extension, "CallbacksMP", None)
-    if not isinstance(getattr(callbacks, "ON_LOAD", None), str):
-        found.append("comfy.patcher_extension.CallbacksMP.ON_LOAD")
+    for name in ("ON_LOAD", "ON_DETACH"):
+        if not isinstance(getattr(callbacks, name, None), str):
+            found.append(f"comfy.patcher_extension.CallbacksMP.{name}")
     return found
+
+
+def _dynamic_vram() -> list[str]:
+    """Dynamic VRAM as v0.33 has it: `ModelPatcherDynamic`, `CoreModelPatcher` (the patcher class core
+    builds its own models' patchers from, the dynamic one when dynamic VRAM is on), `is_dynamic` on
+    every patcher. A ComfyUI from before dynamic VRAM (no `ModelPatcherDynamic`) has nothing to take
+    part in, which is as expected."""
+    patcher = comfy.model_patcher.ModelPatcher
+    dynamic = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    if dynamic is None:
+        return []
+    core = getattr(comfy.model_patcher, "CoreModelPatcher", None)
+    found = [] if isinstance(core, type) and issubclass(core, patcher) else ["comfy.model_patcher.CoreModelPatcher"]
+    if not (isinstance(dynamic, type) and issubclass(dynamic, patcher)):
+        found.append("comfy.model_patcher.ModelPatcherDynamic")
+    return found + _missing(patcher, ("is_dynamic",), "ModelPatcher")
 
 
 def _lora_patches() -> list[str]:
@@ -262,6 +285,8 @@ ASSUMPTIONS = (
                _model_management),
     Assumption("partial_load", "loading the transformer and T5 partly when they do not fit",
                "they load whole (or not at all, if they do not fit)", _partial_load, needs="model_management"),
+    Assumption("dynamic_vram", "dynamic VRAM", "the pack takes dynamic VRAM as off: the native MODEL's face modules "
+               "load in ComfyUI's classic patcher, partly when they do not fit", _dynamic_vram, needs="partial_load"),
     Assumption("lora_patches", "ConsisID LoRA as ComfyUI weight patches", "the sampler merges the LoRAs for its run",
                _lora_patches, needs="model_management"),
     Assumption("unload_one", "taking the transformer out for sequential offload",

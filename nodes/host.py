@@ -8,7 +8,10 @@ needs room, follows --highvram / --lowvram / --novram / --gpu-only / --cpu and "
 and loads the transformer and T5 partly when they do not fit: their Linear, Conv, norm and
 Embedding layers are rebuilt as ComfyUI builds its own (`comfy.ops` classes, same parameters and
 forward), so the layers left in RAM are cast to the GPU per call. The VAE and the face models
-(small; the VAE decoder reads its convolutions' weights directly) always load whole.
+(small; the VAE decoder reads its convolutions' weights directly) always load whole. With
+ComfyUI v0.33's dynamic VRAM on, they stay in the classic ModelPatcher, which ComfyUI still loads
+partly and makes room for among its dynamic models (the log says so once). The native MODEL's
+face modules (`held_beside`) take part in dynamic VRAM whenever the MODEL they belong to does.
 
 ComfyUI's internals are reached through `fence`, which checks them once against the running
 ComfyUI; where one differs, the feature built on it falls back (see `fence`).
@@ -22,6 +25,7 @@ end to end there too: the core moves models for each run, model folders are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -257,26 +261,78 @@ def make_castable(module: torch.nn.Module) -> int:
     return len(built)
 
 
+def _move_direct(module: torch.nn.Module, device: torch.device) -> None:
+    for part in module.modules():
+        if next(part.children(), None) is None:
+            continue
+        for parameter in part.parameters(recurse=False):
+            if parameter.device != device:
+                parameter.data = parameter.data.to(device)
+
+
 def _move_direct_parameters(patcher, device_to, *_args) -> None:
     """After a (partial) load: ModelPatcher moves leaf layers, so parameters held directly by a
     module with children (the Local Facial Extractor's `latents` and `proj_out`, a few MB) are
     moved here; a full unload moves everything back."""
-    for module in patcher.model.modules():
-        if next(module.children(), None) is None:
-            continue
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter.device != device_to:
-                parameter.data = parameter.data.to(device_to)
+    _move_direct(patcher.model, device_to)
 
 
-def castable_in(patcher, module: torch.nn.Module) -> None:
-    """Ready `module`, held by `patcher`'s model (the native MODEL's face modules, an object patch),
-    for ComfyUI's partial loading as core's own layers are: its plain layers made castable
-    (`make_castable`), so what stays in RAM is cast per call, and its direct parameters moved on
-    each load. Without the fence's `partial_load` it is left as it is (the fence has said so)."""
-    if fence.works("partial_load"):
+def _direct_parameters_home(patcher, unpatch_all, *_args) -> None:
+    """After a full unload: ComfyUI's dynamic patcher moves those parameters to the GPU with each
+    load but leaves them there when it unloads; they go back to the offload device here."""
+    if unpatch_all:
+        _move_direct(patcher.model, patcher.offload_device)
+
+
+def _held(patcher_class, module: Held, load_device: torch.device, offload_device: torch.device, castable: bool):
+    """`module` held by a `patcher_class`: its plain layers made castable for ComfyUI's partial or
+    dynamic loading (if `castable`), its direct parameters moved with each load and back after a
+    full unload."""
+    if castable:
         make_castable(module)
-        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _move_direct_parameters)
+    patcher = patcher_class(module, load_device=load_device, offload_device=offload_device)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _move_direct_parameters)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _direct_parameters_home)
+    return patcher
+
+
+def dynamic_vram() -> bool:
+    """Whether ComfyUI holds its own models in its dynamic patcher (v0.33's dynamic VRAM, on by
+    default with an NVIDIA GPU): `CoreModelPatcher`, the class core builds its models' patchers
+    from, is then `ModelPatcherDynamic`."""
+    if not fence.works("dynamic_vram"):
+        return False
+    dynamic = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    return dynamic is not None and issubclass(comfy.model_patcher.CoreModelPatcher, dynamic)
+
+
+class ConsisIDFaceModules(Held):
+    pass
+
+
+def held_beside(model, module: torch.nn.Module):
+    """`module` (the native MODEL's face modules) in a patcher of its own, taken along by `model`'s
+    loads: ComfyUI's sampling loads a MODEL's additional models with it, partly when they do not
+    fit, and evicts and unloads them with it. The patcher is the MODEL's kind: core's dynamic one
+    when the MODEL is dynamic (its layers then paged through dynamic VRAM), else the classic one.
+    Its layers are castable as core's own, so what stays in RAM is cast per call. They are not an
+    object patch of the MODEL: a dynamic patcher's full unload takes its object patches off before
+    it puts back the weights it moved, and would then not find theirs."""
+    castable = fence.works("partial_load")
+    if not castable:
+        patcher_class = WholeModelPatcher  # the fence has said so: loaded whole
+    elif fence.works("dynamic_vram") and model.is_dynamic():
+        patcher_class = comfy.model_patcher.CoreModelPatcher
+    else:
+        patcher_class = comfy.model_patcher.ModelPatcher
+    return _held(patcher_class, ConsisIDFaceModules(module), model.load_device, model.offload_device, castable)
+
+
+@functools.cache
+def _say_classic_beside_dynamic() -> None:
+    if dynamic_vram():
+        logger.info("ConsisID: dynamic VRAM is on; the ConsisID Model Loader's transformer and T5 stay in ComfyUI's "
+                    "classic ModelPatcher beside it and load partly when they do not fit the free VRAM")
 
 
 class WholeModelPatcher(getattr(comfy.model_patcher, "ModelPatcher", object) if IN_COMFYUI else object):
@@ -334,19 +390,17 @@ class Managed:
             return self._base.patcher(part, module, load_device)
         if key not in self._patchers:
             holder, castable = _PARTS[part]
-            castable = castable and fence.works("partial_load")
-            if castable:
-                make_castable(module)
             load = load_device if load_device is not None else model_management.get_torch_device()
             offload = {
                 "transformer": model_management.unet_offload_device,
                 "text_encoder": model_management.text_encoder_offload_device,
                 "vae": model_management.vae_offload_device,
             }.get(part, model_management.unet_offload_device)()
-            patcher_class = comfy.model_patcher.ModelPatcher if castable else WholeModelPatcher
-            patcher = patcher_class(holder(module), load_device=load, offload_device=offload)
-            if castable:
-                patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _move_direct_parameters)
+            if castable and fence.works("partial_load"):
+                _say_classic_beside_dynamic()
+                patcher = _held(comfy.model_patcher.ModelPatcher, holder(module), load, offload, castable=True)
+            else:
+                patcher = WholeModelPatcher(holder(module), load_device=load, offload_device=offload)
             self._patchers[key] = (patcher, module)
         return self._patchers[key][0]
 

@@ -22,6 +22,7 @@ comfy.options.enable_args_parsing()
 import comfy.cli_args  # noqa: E402
 import comfy.lora  # noqa: E402
 import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
@@ -37,6 +38,7 @@ from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import fence, host  # noqa: E402
+from consisid_pack.nodes.native import comfy_parts  # noqa: E402
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
 
 DELETED = object()
@@ -120,7 +122,9 @@ def core_latents(consisid_model) -> torch.Tensor:
 
 
 # --- this ComfyUI is as the pack expects, and the node gives the core's latents
-assert all(not found for found in fence.check().values()), fence.check()
+quiet = {a.feature for a in fence.assumptions() if a.quiet}  # the native path before native CogVideoX
+differ = {f: found for f, found in fence.check().items() if found and f not in quiet and "(needs" not in found[0]}
+assert not differ, differ
 reference = core_latents(plain)
 assert torch.equal(node_latents(model()), reference)
 print("as expected: nothing differs")
@@ -251,4 +255,29 @@ for clip in (OldClip(), OtherTokens()):
         print("t5_tokens: refused:", e)
     else:
         raise AssertionError(f"{type(clip).__name__}'s tokens were taken")
+
+# --- dynamic VRAM (v0.33): the patcher class core builds its own models' patchers from, changed
+if hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+    with broken(comfy.model_patcher, "CoreModelPatcher", object):
+        said("dynamic_vram", "comfy.model_patcher.CoreModelPatcher")
+        assert not host.dynamic_vram()
+        print("  taken as off")
+else:
+    assert fence.works("dynamic_vram")
+    print("dynamic_vram: this ComfyUI has none, nothing to take part in")
+
+# --- the native MODEL's face modules, loaded beside it: ModelPatcher's additional models renamed
+if comfy_parts.AVAILABLE:
+    with broken(comfy.model_patcher.ModelPatcher, "set_additional_models", DELETED):
+        said("native_face_patcher", "ModelPatcher.set_additional_models")
+        try:
+            comfy_parts.with_face_modules(None, None, 16, 0.7)
+        except fence.ComfyApiError as e:
+            assert "ModelPatcher.set_additional_models" in str(e) and "\n" not in str(e), e
+            print("  refused:", e)
+        else:
+            raise AssertionError("the face modules were added without ModelPatcher.set_additional_models")
+else:
+    assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
+    print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
 print("fence: every assumption checked")

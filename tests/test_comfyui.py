@@ -371,3 +371,4 @@ def test_partial_load_casts_layers_per_call_and_changes_no_number(base):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fp8 False: max |diff| 0.0" in result.stdout and "fp8 True: max |diff| 0.0" in result.stdout
+    assert "t5: max |diff| 0.0" in result.stdout

@@ -126,3 +126,27 @@ def test_comfyui_loads_the_native_model_on_the_gpu(native_tiny_dir, mode):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "native gpu: all ok" in result.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")
+@pytest.mark.parametrize("mode", ["classic", "dynamic"])
+def test_comfyui_fits_both_paths_at_real_size_in_12_gb(tmp_path, mode):
+    """tests/comfy_budget_gpu.py on a ComfyUI with dynamic VRAM (v0.33), with it on and off: ConsisID's
+    real-size transformer (random weights) on a 12 GB card, the wrapper's and the native MODEL, each
+    beside the other, loaded partly and within the budget, and nothing left on the GPU after."""
+    from native_tools import NATIVE_COGVIDEOX, make_native_tiny
+
+    comfyui = os.environ["COMFYUI_DIR"]
+    patchers = Path(comfyui, "comfy", "model_patcher.py").read_text(encoding="utf-8")
+    if not NATIVE_COGVIDEOX or "class ModelPatcherDynamic" not in patchers:
+        pytest.skip("this ComfyUI has no native CogVideoX or no dynamic VRAM")
+    folder = make_native_tiny(tmp_path / "tiny_native")
+    script = Path(__file__).parent / "comfy_budget_gpu.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "scratch"), mode], cwd=comfyui, capture_output=True,
+        text=True, timeout=900,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [comfyui, os.environ.get("PYTHONPATH")]))},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout[-3000:])  # the peaks and loaded sizes, for the runbook (pytest -s)
+    assert "12 GB budget: all ok" in result.stdout

@@ -366,15 +366,16 @@ def test_a_partial_load_casts_the_face_layers_per_call_as_cores_and_keeps_the_la
     core's layers are and takes the cast-per-call path (a plain torch layer would stay in RAM
     beside a GPU's inputs), and the latents are the whole load's."""
     import comfy.model_management
+    from consisid_pack.nodes.native.comfy_parts import face_patcher
     from consisid_pack.nodes.native.nodes import native_model
 
     whole = _native(setup, 3)
     model = native_model(setup["folder"], torch.float32)
-    face = model.object_patches["diffusion_model.consisid_face"]
+    face = face_patcher(model).model
     real_load = comfy.model_management.LoadedModel.model_load
 
     def partial(loaded, lowvram_model_memory=0, force_patch_weights=False):
-        budget = 1 if loaded.model is model else lowvram_model_memory
+        budget = 1 if loaded.model in (model, face_patcher(model)) else lowvram_model_memory
         return real_load(loaded, budget, force_patch_weights=force_patch_weights)
 
     monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", partial)
@@ -383,7 +384,7 @@ def test_a_partial_load_casts_the_face_layers_per_call_as_cores_and_keeps_the_la
         layers = [m for m in face.modules() if next(m.children(), None) is None and next(m.parameters(), None) is not None]
         assert layers and all(getattr(m, "comfy_cast_weights", False) for m in layers), [
             type(m).__name__ for m in layers if not getattr(m, "comfy_cast_weights", False)]
-        assert model.model.model_lowvram
+        assert model.model.model_lowvram and face.model_lowvram
     finally:
         comfy.model_management.unload_all_models()
     assert (partial_latents - whole).abs().max().item() <= 1e-5
@@ -393,11 +394,12 @@ def test_fp8_weights_sample_with_the_face_modules_in_the_compute_dtype(setup):
     """Load Diffusion Model's fp8_e4m3fn (the low-VRAM choice): the transformer stored in fp8 and cast
     per call by core, the face modules kept in the dtype it computes in; the video is fp8's, close
     to fp32's."""
+    from consisid_pack.nodes.native.comfy_parts import face_patcher
     from consisid_pack.nodes.native.nodes import native_model
 
     model = native_model(setup["folder"], torch.float8_e4m3fn)
     assert model.model.get_dtype() == torch.float8_e4m3fn
-    face = model.object_patches["diffusion_model.consisid_face"]
+    face = face_patcher(model).model
     assert {p.dtype for p in face.parameters()} == {model.model.get_dtype_inference()}
     fp8, fp32 = _native(setup, 3, model=model), _native(setup, 3)
     assert torch.isfinite(fp8).all() and 0 < (fp8 - fp32).abs().max() < 0.5

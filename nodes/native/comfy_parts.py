@@ -6,8 +6,11 @@ MODEL (`comfy.sd.load_diffusion_model_state_dict`: model detection, `model_base.
 ModelPatcher mechanisms, so that the same addition works on a MODEL from core UNETLoader, from
 ComfyUI-GGUF's UnetLoaderGGUF, and after LoRA loaders:
 
-- object patches: the face modules as `diffusion_model.consisid_face` (loaded and offloaded with
-  the transformer), the reference's rotary embedding (core's CogVideoX 1.0 rotary scales the grid
+- an additional model (`ModelPatcher.set_additional_models`): the face modules in a patcher of
+  their own (`host.held_beside`), which core's sampling loads, partly loads, evicts and unloads with
+  the MODEL, in dynamic VRAM when the MODEL is in it (not an object patch: a dynamic patcher's full
+  unload takes the object patches off before it puts back the weights it moved);
+- object patches: the reference's rotary embedding (core's CogVideoX 1.0 rotary scales the grid
   by spatial_interpolation_scale; ConsisIDPipeline crops it to the native aspect), the model
   sampling below, the checkpoint's latent format, and `extra_conds` passing the identity on;
 - a DIFFUSION_MODEL wrapper: the Local Facial Extractor once per call, and after every
@@ -49,6 +52,7 @@ try:
     import comfy.k_diffusion.sampling
     import comfy.latent_formats
     import comfy.model_management
+    import comfy.model_patcher
     import comfy.model_sampling
     import comfy.patcher_extension
     import comfy.samplers
@@ -79,7 +83,7 @@ COMFY_INTERNALS = (
     "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL (the executor's .class_obj)",
     "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
     ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
-    "comfy.model_management.module_size, comfy.model_management.intermediate_device",
+    "comfy.model_management.intermediate_device",
     "comfy.sd.VAE (.encode of [N, H, W, 3], .decode, .latent_channels, .first_stage_model, .patcher, .device, "
     ".vae_dtype, .output_device, .memory_used_decode, .process_output)",
     "comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls)",
@@ -88,7 +92,6 @@ COMFY_INTERNALS = (
     "node_helpers.conditioning_set_values",
     "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas'], "
     "sampler_cfg_function's args (cond, uncond, cond_scale, sigma, model, model_options)",
-    "ModelPatcher object patches may add attributes the model lacks (comfy.utils.set_attr with ATTR_UNSET)",
 )
 """The internals not yet probed by an `ASSUMPTIONS` entry (each moves into one)."""
 
@@ -100,6 +103,11 @@ def _native_cogvideox() -> list[str]:
 def _reference_decode() -> list[str]:
     return [] if callable(getattr(AutoencoderKLCogVideoX, "_decode_batched", None)) else [
         "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched"]
+
+
+def _face_patcher() -> list[str]:
+    names = ("set_additional_models", "get_additional_models_with_key", "get_nested_additional_models", "is_dynamic")
+    return [f"ModelPatcher.{n}" for n in names if not callable(getattr(comfy.model_patcher.ModelPatcher, n, None))]
 
 
 def _first_frame_sample() -> list[str]:
@@ -116,6 +124,9 @@ ASSUMPTIONS = (
     fence.Assumption("native_first_frame_sample", "Identity Conditioning's first_frame_seed",
                      "the first frame's latent is the posterior mean (as core VAE Encode), whatever the seed",
                      _first_frame_sample, needs="native_cogvideox"),
+    fence.Assumption("native_face_patcher", "the native MODEL's face modules, loaded beside it",
+                     "ConsisID Native Model Loader and Face Modules refuse in one line", _face_patcher,
+                     needs="native_cogvideox"),
 )
 """What the native path assumes of ComfyUI, checked with the wrapper's by `fence.check`."""
 
@@ -174,6 +185,8 @@ class ConsisIDLatent(comfy.latent_formats.CogVideoX if AVAILABLE else object):
 # ---------------------------------------------------------------------------------------------
 # The face modules on a CogVideoX MODEL
 
+FACE_MODULES = "consisid_face"
+"""The key of the face modules' patcher among a ConsisID MODEL's additional models, and of its wrapper."""
 IDENTITY_KEYS = ("consisid_id_cond", "consisid_id_vit_hidden")
 OPTION_KEYS = ("consisid_strength", "consisid_start", "consisid_end")
 
@@ -189,13 +202,13 @@ def _extra_conds(model_base, **kwargs):
     return out
 
 
-def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=None, **kwargs):
+def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, ofs=None, transformer_options=None,
+                  **kwargs):
     """Around the transformer's `_forward`: the identity's cross-attention after its blocks."""
     id_cond, hidden = (kwargs.pop(key, None) for key in IDENTITY_KEYS)
     strength, start, end = (kwargs.pop(key, None) for key in OPTION_KEYS)
     model = executor.class_obj
-    face: FaceModules = model.consisid_face
-    if id_cond is None or not strength or not _active(model, transformer_options, start, end):
+    if id_cond is None or not strength or not _active(sampling, transformer_options, start, end):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
     config = face.config
     found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
@@ -226,7 +239,7 @@ def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=
             hook.remove()
 
 
-def _active(model, transformer_options, start: float, end: float) -> bool:
+def _active(sampling, transformer_options, start: float, end: float) -> bool:
     """Whether this step lies within [start, end] percent of the sampling (ComfyUI's convention:
     percent of the model's sigma range, as ControlNet's start/end)."""
     if start <= 0 and end >= 1:
@@ -234,7 +247,6 @@ def _active(model, transformer_options, start: float, end: float) -> bool:
     sigmas = (transformer_options or {}).get("sigmas")
     if sigmas is None:
         return True
-    sampling = model.consisid_sampling
     sigma = float(sigmas.max())
     return sampling.percent_to_sigma(end) <= sigma <= sampling.percent_to_sigma(start)
 
@@ -252,7 +264,7 @@ def _cogvideox(model):
 def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None):
     """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
     embedding, model sampling, latent format and identity conditioning added as patches."""
-    require()
+    require("native_face_patcher", "adding ConsisID's face modules to a MODEL")
     core = _cogvideox(model)
     base = model.model
     config = face.config
@@ -266,18 +278,22 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     sampling = ModelSamplingConsisID(scheduler_config)
     patched = model.clone()
     # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as
-    # they are), castable as core's layers, so a partial load casts the face layers left in RAM per call
+    # they are), held beside the MODEL in a patcher of its kind (dynamic VRAM's when the MODEL's is)
     face = face.to(dtype=getattr(base, "get_dtype_inference", base.get_dtype)())
-    host.castable_in(patched, face)
-    patched.add_object_patch("diffusion_model.consisid_face", face)
-    patched.add_object_patch("diffusion_model.consisid_sampling", sampling)
+    patched.set_additional_models(FACE_MODULES, [host.held_beside(patched, face)])
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
     patched.add_object_patch("model_sampling", sampling)
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
     patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "consisid_face", _face_wrapper)
-    patched.size = model.model_size() + comfy.model_management.module_size(face)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
+                                 functools.partial(_face_wrapper, face, sampling))
     return patched
+
+
+def face_patcher(model):
+    """The patcher holding a ConsisID MODEL's face modules (`with_face_modules`)."""
+    (patcher,) = model.get_additional_models_with_key(FACE_MODULES)
+    return patcher
 
 
 def _rotary(config, height, width, frames, device=None):

@@ -14,7 +14,7 @@ with an NVIDIA GPU; core's dynamic patcher kept on the CPU; what that leaves unt
   in; dynamic VRAM stores weights in fp8 only as it pages them into VRAM, so on the CPU the latents
   are the fp32 MODEL's.
 
-Argument: a tiny native checkpoint folder (tests/native_tools.make_native_tiny).
+Argument: a tiny native checkpoint folder (make-tiny --native).
 """
 
 import sys

@@ -44,8 +44,6 @@ def test_the_wrappers_partial_load_with_dynamic_vram_changes_no_number(tmp_path)
     assert line.startswith("ConsisID: ") and "load partly" in line
 
 
-def test_the_native_model_samples_and_unloads_in_dynamic_vram_as_without(tmp_path):
-    from native_tools import make_native_tiny
-
-    out = _run("comfy_native_dynamic_vram.py", make_native_tiny(tmp_path / "tiny_native"))
+def test_the_native_model_samples_and_unloads_in_dynamic_vram_as_without(native_tiny_dir):
+    out = _run("comfy_native_dynamic_vram.py", native_tiny_dir)
     assert "fence: every probe passes" in out and "native dynamic vram: all ok" in out

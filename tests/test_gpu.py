@@ -130,17 +130,17 @@ def test_comfyui_loads_the_native_model_on_the_gpu(native_tiny_dir, mode):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")
 @pytest.mark.parametrize("mode", ["classic", "dynamic"])
-def test_comfyui_fits_both_paths_at_real_size_in_12_gb(tmp_path, mode):
+def test_comfyui_fits_both_paths_at_real_size_in_12_gb(tmp_path, native_tiny_dir, mode):
     """tests/comfy_budget_gpu.py on a ComfyUI with dynamic VRAM (v0.33), with it on and off: ConsisID's
     real-size transformer (random weights) on a 12 GB card, the wrapper's and the native MODEL, each
     beside the other, loaded partly and within the budget, and nothing left on the GPU after."""
-    from native_tools import NATIVE_COGVIDEOX, make_native_tiny
+    from native_tools import NATIVE_COGVIDEOX
 
     comfyui = os.environ["COMFYUI_DIR"]
     patchers = Path(comfyui, "comfy", "model_patcher.py").read_text(encoding="utf-8")
     if not NATIVE_COGVIDEOX or "class ModelPatcherDynamic" not in patchers:
         pytest.skip("this ComfyUI has no native CogVideoX or no dynamic VRAM")
-    folder = make_native_tiny(tmp_path / "tiny_native")
+    folder = native_tiny_dir
     script = Path(__file__).parent / "comfy_budget_gpu.py"
     result = subprocess.run(
         [sys.executable, str(script), str(folder), str(tmp_path / "scratch"), mode], cwd=comfyui, capture_output=True,

@@ -97,23 +97,18 @@ def _add_export(sub) -> None:
     export_parser.add_argument("--out", required=True, type=Path,
                                help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
                                     "(e.g. ComfyUI/models/diffusion_models)")
-    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
-    export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--name", default="consisid",
+                               help="the files' name prefix, a plain file name without a path (default: consisid)")
+    export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep",
+                               help="weights' precision (keep: as most of them are stored)")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
 def _export(args) -> None:
-    """The files written, one path a line on stdout."""
+    """The files written, one path a line on stdout: all of them, or none."""
     if args.model is None and not args.lora:
         raise ConsisIDError("export needs --model, --lora or both")
-    if not args.out.is_dir():
-        raise ConsisIDError(f"output folder '{args.out}' does not exist")
-    written = []
-    if args.model is not None:
-        written += export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype])
-    for lora in args.lora:
-        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
-    for path in written:
+    for path in export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora):
         print(path)
 
 
@@ -523,6 +518,10 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
 _COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": _export}
 
 
+SIGNAL_EXITS = (130, 143)
+"""The exit status after Ctrl-C (SIGINT) and after SIGTERM, as a shell gives them."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that every `finally` cleans up as for Ctrl-C."""
 
@@ -572,10 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _say(args, "cancelled: nothing was written")
-        return 130
+        return SIGNAL_EXITS[0]
     except Terminated:
         _say(args, "terminated: nothing was written")
-        return 143
+        return SIGNAL_EXITS[1]
     except OSError as e:  # the disk filled up, a folder vanished mid-run: written files are cleaned up
         sys.stderr.write(f"error: {e.strerror or e} ({e.filename or 'while writing'}); nothing was written\n")
         return 1

@@ -199,10 +199,13 @@ def _checkpoint_folder(model: str) -> Iterator[Path]:
     if model != "tiny":
         yield Path(model)
         return
+    from .face import onnxruntime_offline
     from .tiny import make_tiny
 
     with tempfile.TemporaryDirectory(prefix="consisid-tiny-") as tmp:
-        yield make_tiny(Path(tmp) / "checkpoint")
+        with onnxruntime_offline():  # diffusers imports ONNX Runtime to save the pipeline
+            folder = make_tiny(Path(tmp) / "checkpoint")
+        yield folder
 
 
 def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
@@ -215,10 +218,12 @@ def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
 
 
 def _make_tiny(args) -> None:
+    from .face import onnxruntime_offline
     from .tiny import make_tiny
 
     check_number("--seed", args.seed, 0, 2**32 - 1, integer=True)
-    make_tiny(args.dir, seed=args.seed, kps=args.kps)
+    with onnxruntime_offline():  # diffusers imports ONNX Runtime to save the pipeline
+        make_tiny(args.dir, seed=args.seed, kps=args.kps)
 
 
 def _embed(args) -> None:

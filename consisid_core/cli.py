@@ -1,4 +1,4 @@
-"""`python -m consisid_core`: make-tiny, embed, generate, score.
+"""`python -m consisid_core`: make-tiny, embed, generate, score, export.
 
 A command's result goes to stdout, to be piped: the path written (embed, generate), the score
 (score; `--json -`: its JSON). Logs and progress go to stderr.

@@ -187,7 +187,7 @@ write_tiny_face_encoder(folder / "face_encoder")
 folder_paths.add_model_folder_path("consisid", str(models))
 def native_graph():
     (faces,) = ConsisIDFaceModelsLoader().load("tiny", "cpu", "cpu")
-    image = torch.from_numpy(np.asarray(read_image(photo).convert("RGB"))).float()[None] / 255
+    image = torch.from_numpy(np.array(read_image(photo).convert("RGB"))).float()[None] / 255
     identities, _, _ = ConsisIDFaceEmbed().embed(image, faces, -1)
     (model,) = ConsisIDNativeModelLoader().load("tiny", "fp32")
     text = torch.randn(1, 226, 32)

@@ -450,7 +450,7 @@ def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite:
 # `python -m consisid_core export`
 
 EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""`export --dtype`: the weights' precision in the exported files (keep: as stored)."""
+"""`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
 
 
 class ReferenceStepNoise:

@@ -656,6 +656,30 @@ def test_export_writes_every_file_or_none(tiny_dir, tiny_model, tmp_path, out, c
     assert cli.main(["export", "--lora", str(lora), "--out", str(out)]) == 0 and _everything(out) == [names[2]]
 
 
+def test_sigterm_while_the_files_are_moved_into_place_takes_them_all_back(tmp_path, monkeypatch):
+    """SIGTERM between publishing one file and the next is held until the files are back out of
+    place, then delivered: nothing is left, and the old file --overwrite replaced is back."""
+    from consisid_core import files
+
+    real_publish = files.publish
+    published = []
+
+    def publish_with_a_signal(staged, target, overwrite=False):
+        published.append(real_publish(staged, target, overwrite))
+        if len(published) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return published[-1]
+
+    monkeypatch.setattr(files, "publish", publish_with_a_signal)
+    (tmp_path / "b.txt").write_text("old")
+    writes = {tmp_path / name: (lambda path, name=name: path.write_text(name)) for name in ("a.txt", "b.txt", "c.txt")}
+    with pytest.raises(cli.Terminated), cli._terminating_cleanly():
+        files.write_all(writes, overwrite=True)
+    assert len(published) == 3
+    assert _everything(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "old"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def _damaged_copy(tiny_dir, tmp_path, how: str) -> Path:
     """The tiny checkpoint with a transformer that `generate` refuses."""
     import json

@@ -323,8 +323,8 @@ def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: s
            overwrite: bool = False, dtype: torch.dtype | None = None, loras=()) -> list[Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
     it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) of `source`
-    (None: neither), and `<stem>_comfy.safetensors` of each LoRA in `loras` (`export_lora`), to
-    `out_dir`: all of them or none.
+    (None: neither), and `<stem>_comfy.safetensors` of each LoRA in `loras` (as `export_lora` writes
+    it), to `out_dir`: all of them or none.
 
     Every refusal comes before the first byte is written: the folder (resolved once, no link), the
     names (plain file names), every target (see `media.check_output`), the weights (loaded as
@@ -337,8 +337,7 @@ def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: s
     if source is not None:
         writes |= _model_writes(source, dtype, *targets[:2])
     for lora, target in zip(loras, targets[len(targets) - len(loras):]):
-        tensors = comfy_lora_tensors(comfy_named(read_lora(lora)))
-        writes[target] = functools.partial(save_file, tensors)
+        writes[target] = _lora_write(lora)
     return write_all(writes, overwrite)
 
 
@@ -442,8 +441,12 @@ def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite:
     """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) written in ComfyUI's
     CogVideoX layout (`comfy_lora_tensors`), for core's LoRA loaders on the native MODEL."""
     target = check_output(target, overwrite, suffixes=(".safetensors",))
-    tensors = comfy_lora_tensors(comfy_named(read_lora(source)))
-    return write_atomically(target, functools.partial(save_file, tensors), overwrite)
+    return write_atomically(target, _lora_write(source), overwrite)
+
+
+def _lora_write(source: str | os.PathLike):
+    """The LoRA read and checked now; what writes it in ComfyUI's layout to a path given later."""
+    return functools.partial(save_file, comfy_lora_tensors(comfy_named(read_lora(source))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 def _keep(target: Path, old: Path) -> None:
     """A second name for the file at `target` (moved there where hard links are not supported)."""
     try:
-        os.link(target, old, follow_symlinks=False)
+        os.link(target, old)
     except OSError:
         os.replace(target, old)
 

@@ -1,4 +1,4 @@
-"""`python -m consisid_core`: make-tiny, embed, generate, score.
+"""`python -m consisid_core`: make-tiny, embed, generate, score, export.
 
 A command's result goes to stdout, to be piped: the path written (embed, generate), the score
 (score; `--json -`: its JSON). Logs and progress go to stderr.
@@ -101,23 +101,18 @@ def _add_export(sub) -> None:
     export_parser.add_argument("--out", required=True, type=Path,
                                help="folder for <name>_transformer.safetensors and <name>_face.safetensors "
                                     "(e.g. ComfyUI/models/diffusion_models)")
-    export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
-    export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--name", default="consisid",
+                               help="the files' name prefix, a plain file name without a path (default: consisid)")
+    export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep",
+                               help="weights' precision (keep: as most of them are stored)")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
 def _export(args) -> None:
-    """The files written, one path a line on stdout."""
+    """The files written, one path a line on stdout: all of them, or none."""
     if args.model is None and not args.lora:
         raise ConsisIDError("export needs --model, --lora or both")
-    if not args.out.is_dir():
-        raise ConsisIDError(f"output folder '{args.out}' does not exist")
-    written = []
-    if args.model is not None:
-        written += export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype])
-    for lora in args.lora:
-        written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
-    for path in written:
+    for path in export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora):
         print(path)
 
 
@@ -208,10 +203,13 @@ def _checkpoint_folder(model: str) -> Iterator[Path]:
     if model != "tiny":
         yield Path(model)
         return
+    from .face import onnxruntime_offline
     from .tiny import make_tiny
 
     with tempfile.TemporaryDirectory(prefix="consisid-tiny-") as tmp:
-        yield make_tiny(Path(tmp) / "checkpoint")
+        with onnxruntime_offline():  # diffusers imports ONNX Runtime to save the pipeline
+            folder = make_tiny(Path(tmp) / "checkpoint")
+        yield folder
 
 
 def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
@@ -224,10 +222,12 @@ def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
 
 
 def _make_tiny(args) -> None:
+    from .face import onnxruntime_offline
     from .tiny import make_tiny
 
     check_number("--seed", args.seed, 0, 2**32 - 1, integer=True)
-    make_tiny(args.dir, seed=args.seed, kps=args.kps, native=args.native)
+    with onnxruntime_offline():  # diffusers imports ONNX Runtime to save the pipeline
+        make_tiny(args.dir, seed=args.seed, kps=args.kps, native=args.native)
 
 
 def _embed(args) -> None:
@@ -527,6 +527,10 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
 _COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": _export}
 
 
+SIGNAL_EXITS = (130, 143)
+"""The exit status after Ctrl-C (SIGINT) and after SIGTERM, as a shell gives them."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that every `finally` cleans up as for Ctrl-C."""
 
@@ -576,10 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _say(args, "cancelled: nothing was written")
-        return 130
+        return SIGNAL_EXITS[0]
     except Terminated:
         _say(args, "terminated: nothing was written")
-        return 143
+        return SIGNAL_EXITS[1]
     except OSError as e:  # the disk filled up, a folder vanished mid-run: written files are cleaned up
         sys.stderr.write(f"error: {e.strerror or e} ({e.filename or 'while writing'}); nothing was written\n")
         return 1

@@ -4,10 +4,13 @@ another file unless asked.
 - `inside(root, name)`: the path of `name` in `root`, refused when `name` is absolute, climbs out
   with `..`, or (for input and output folders) leads out through a link. The refusal reads the
   same whether or not anything exists at the named place, so it tells nothing about the disk.
+- `file_stem`: a name a command puts in front of the files it writes (`export --name`), refused
+  unless it is one plain file name; `output_folder`: an existing folder to write in, resolved once.
 - `numbered_path`: the next `<prefix>_00001_<suffix>` name, one above the highest taken.
 - `publish`: move a finished temporary file or folder into place; without `overwrite` an
-  existing target is never replaced, even by a save racing this one. `write_atomically`: a file
-  written under a hidden name beside its target, then published.
+  existing target is never replaced, even by a save racing this one. `write_all`: files written
+  under hidden names beside their targets, then published together: all of them or, after a
+  failure or a signal, none (`write_atomically`: one file).
 - `safetensors_header`: a .safetensors file's shapes and metadata, no tensor read.
 - `load_torch_weights`: `torch.load(weights_only=True)` with one line for every way a file can
   be wrong (pickled objects are refused without suggesting to load them anyway).
@@ -15,11 +18,14 @@ another file unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable
+import secrets
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -71,18 +77,177 @@ def numbered_path(folder: str | os.PathLike, prefix: str, suffix: str) -> Path:
     return folder / f"{prefix}_{max(taken, default=0) + 1:05}_{suffix}"
 
 
+MAX_STEM = 100
+"""Characters in a name put in front of written files: with the longest ending added
+(`_transformer.safetensors`) it stays under every file system's limit."""
+_NOT_IN_NAMES = frozenset('/\\:*?"<>|')
+"""Path separators and what Windows refuses in file names."""
+
+
+def file_stem(name, option: str) -> str:
+    """`name` (the value of `option`) as the start of file names written in one folder: one plain
+    file name, else a ConsisIDError naming it. No separator, nothing Windows refuses in a name, no
+    control character, not `.`, `..` or hidden (a leading dot), at most `MAX_STEM` characters."""
+    text = name if isinstance(name, str) else ""
+    plain = (
+        text.strip() == text != "" and len(text) <= MAX_STEM and not text.startswith(".") and not text.endswith(".")
+        and all(c.isprintable() and c not in _NOT_IN_NAMES for c in text)
+    )
+    if not plain:
+        raise ConsisIDError(
+            f"{option} '{shown(name)}' is not a plain file name: give a name of up to {MAX_STEM} characters without "
+            "a path (no / or \\), control characters, : * ? \" < > | or a leading or trailing dot, e.g. consisid"
+        )
+    return text
+
+
+def output_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """The existing folder `folder` (the value of `option`), resolved once, for files written in it:
+    refused in one line when it is missing, not a folder, or a link (to another folder)."""
+    path = Path(folder)
+    try:
+        if path.is_symlink():
+            raise ConsisIDError(
+                f"{option} '{shown(path)}' is a symbolic link (to '{shown(os.readlink(path))}'); give the folder itself"
+            )
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise ConsisIDError(f"{option} '{shown(path)}' {what}; give an existing folder to write the files in")
+        return path.resolve(strict=True)
+    except OSError as e:  # a name the file system refuses, a folder that cannot be searched
+        said = e.strerror or e
+        raise ConsisIDError(f"{option} '{shown(path)}' cannot be used ({said}); give another folder") from None
+
+
 def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """`write(path)` a file under a hidden name beside `target`, then `publish` it: `target` appears
-    whole or not at all, and the hidden file is gone either way."""
-    # the temporary name is kept short: the target's name may be as long as the file system allows
-    descriptor, name = tempfile.mkstemp(prefix=f".{target.name[:32]}.", suffix=".partial", dir=target.parent)
-    os.close(descriptor)
-    staged = Path(name)
+    whole or not at all, and the hidden file is gone either way (`write_all` of one file)."""
+    return write_all({Path(target): write}, overwrite)[0]
+
+
+def write_all(writes: Mapping[Path, Callable[[Path], None]], overwrite: bool = False) -> list[Path]:
+    """Each `write(path)` of `writes` into a hidden folder beside its target, then all published
+    together: every target appears whole, or (after a failure, Ctrl-C or SIGTERM at any point) none
+    does and a file `overwrite` would replace is as it was. No hidden file is left either way.
+
+    In the main thread each write runs in a worker while the main thread waits, so that a signal
+    stops the command at once even inside a long native call (writing gigabytes): the hidden folder
+    goes at once, and with it the file the worker still fills."""
+    staging: dict[Path, Path] = {}  # each target's folder -> its hidden staging folder
     try:
-        write(staged)
-        return publish(staged, target, overwrite)
+        for target, write in writes.items():
+            if target.parent not in staging:
+                staging[target.parent] = target.parent / f".{target.name[:32]}.{secrets.token_hex(6)}.partial"
+                staging[target.parent].mkdir()
+            _interruptibly(write, staging[target.parent] / target.name)
+        _publish_all({target: staging[target.parent] / target.name for target in writes}, overwrite)
     finally:
-        staged.unlink(missing_ok=True)
+        for folder in staging.values():
+            _remove_staging(folder)
+    return list(writes)
+
+
+def _remove_staging(folder: Path) -> None:
+    """Remove a staging folder, renamed first: a worker still writing cannot create anything in it."""
+    gone = folder.with_name(folder.name.removesuffix(".partial") + ".gone")
+    try:
+        os.rename(folder, gone)
+    except FileNotFoundError:
+        return
+    _remove_tree(gone)
+
+
+def _interruptibly(write: Callable[[Path], None], path: Path) -> None:
+    """`write(path)`, in a worker thread when called from the main thread (where signals arrive),
+    whose wait a signal ends at once."""
+    if threading.current_thread() is not threading.main_thread():
+        write(path)
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write(path)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=run, name=f"write {path.name}", daemon=True)
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+
+
+def _publish_all(staged: Mapping[Path, Path], overwrite: bool) -> None:
+    """`publish` every staged file (target -> staged path), SIGINT and SIGTERM held meanwhile: on any
+    failure, or a signal held, the targets published are taken back (a replaced file restored)."""
+    ours = {target: _file_id(path) for target, path in staged.items()}
+    kept: dict[Path, Path] = {}  # the files --overwrite replaces, kept until all are published
+    with _signals_held() as held:
+        try:
+            for target, path in staged.items():
+                if overwrite and target.is_file() and not target.is_symlink():
+                    kept[target] = target.with_name(f".{target.name[:32]}.{secrets.token_hex(6)}.old")
+                    _keep(target, kept[target])
+                publish(path, target, overwrite)
+            if held:
+                raise ConsisIDError("stopped by a signal while the files were moved into place; nothing was written")
+        except BaseException:
+            for target in staged:
+                with contextlib.suppress(OSError):
+                    _take_back(target, ours[target], kept.get(target))
+            raise
+        finally:
+            for old in kept.values():
+                old.unlink(missing_ok=True)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _keep(target: Path, old: Path) -> None:
+    """A second name for the file at `target` (moved there where hard links are not supported)."""
+    try:
+        os.link(target, old)
+    except OSError:
+        os.replace(target, old)
+
+
+def _take_back(target: Path, ours: tuple[int, int] | None, old: Path | None) -> None:
+    """Undo the publishing of `target`: remove the file placed there (`ours`), restore `old`."""
+    placed = _file_id(target) == ours
+    if old is not None and old.exists() and (placed or _file_id(target) is None):
+        os.replace(old, target)
+    elif placed:
+        target.unlink()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM that arrive in the block are noted (the list) and delivered when it ends,
+    to the handlers there were: the few quick steps inside run whole. Only the main thread has
+    signal handlers; elsewhere nothing changes."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler not in (signal.SIG_IGN, None):
+            previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in held:
+            signal.raise_signal(number)
 
 
 def publish(staged: Path, target: Path, overwrite: bool = False) -> Path:

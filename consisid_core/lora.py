@@ -89,7 +89,8 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     path = Path(path)
     name = path.name
     if not path.is_file():
-        raise ConsisIDError(f"LoRA file '{shown(path)}' does not exist")
+        what = "is a folder; give the LoRA's .safetensors file" if path.is_dir() else "does not exist"
+        raise ConsisIDError(f"LoRA file '{shown(path)}' {what}")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise _refuse(name, f"the file is {size / 2**30:.1f} GB, over the {MAX_FILE_BYTES // 2**30} GB a LoRA of the "

@@ -8,6 +8,7 @@ the rotary embedding and the scheduler's alphas are diffusers' own classes and f
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import (
@@ -25,12 +26,14 @@ from .checkpoint import (
     RELEASED_SCHEDULER_CONFIG,
     Checkpoint,
     infer_transformer_config,
+    load_transformer_file,
     read_safetensors_shapes,
 )
 from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError
-from .files import write_atomically
+from .files import file_stem, output_folder, shown, write_all, write_atomically
 from .lora import LoRA, read_lora
+from .media import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -271,28 +274,103 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
     return 16, 0.7
 
 
-def export(source: str | os.PathLike, out_dir: str | os.PathLike, name: str = "consisid", overwrite: bool = False,
-           dtype: torch.dtype | None = None) -> tuple[Path, Path]:
-    """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
-    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) to `out_dir`."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        raise ConsisIDError(f"output folder '{out}' does not exist")
-    weights, config = source_weights(source)
+def loaded_weights(source: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ConsisID transformer's weights (diffusers key names) and config, from a ConsisID folder or
+    a single .safetensors file, loaded as `generate` loads them (`Checkpoint.load_transformer`,
+    `load_transformer_file`): every tensor a float, every shape the config's, every value finite,
+    or one line saying what is wrong. In `dtype`; None: the precision the weights are stored in."""
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = Checkpoint.open(path)
+        config = checkpoint.transformer_config
+        files = sorted((path / "transformer").glob("*.safetensors"))
+    elif path.is_file():
+        config = infer_transformer_config(read_safetensors_shapes(path), f"the weights in '{path}'")
+        files = [path]
+    else:
+        what = "does not exist" if not path.exists() else "is neither a folder nor a file"
+        raise CheckpointError(f"'{path}' {what}; give a ConsisID checkpoint folder or a transformer .safetensors file")
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
+    dtype = dtype or stored_dtype(files)
+    if path.is_dir():
+        transformer = checkpoint.load_transformer(dtype)
+    else:
+        transformer = load_transformer_file(path, dtype, config=config)
+    return transformer.state_dict(), dict(config)
+
+
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(files) -> torch.dtype:
+    """The precision most of the weights in the .safetensors `files` are stored in, from their
+    headers (fp32 for another kind, e.g. fp8; a file that does not read is left to the loader)."""
+    counts: dict[str, int] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    counts[tensor.get_dtype()] = counts.get(tensor.get_dtype(), 0) + math.prod(tensor.get_shape())
+        except (SafetensorError, OSError):
+            continue
+    most = max(counts, key=counts.get, default="F32")
+    return _STORED_DTYPES.get(most, torch.float32)
+
+
+def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: str = "consisid",
+           overwrite: bool = False, dtype: torch.dtype | None = None, loras=()) -> list[Path]:
+    """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
+    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) of `source`
+    (None: neither), and `<stem>_comfy.safetensors` of each LoRA in `loras` (as `export_lora` writes
+    it), to `out_dir`: all of them or none.
+
+    Every refusal comes before the first byte is written: the folder (resolved once, no link), the
+    names (plain file names), every target (see `media.check_output`), the weights (loaded as
+    `generate` loads them) and the LoRAs (read as `generate` reads them)."""
+    out = output_folder(out_dir)
+    targets = _export_targets(out, file_stem(name, "--name") if source is not None else None, loras)
+    for target in targets:
+        check_output(target, overwrite, suffixes=(".safetensors",))
+    writes = {}
+    if source is not None:
+        writes |= _model_writes(source, dtype, *targets[:2])
+    for lora, target in zip(loras, targets[len(targets) - len(loras):]):
+        writes[target] = _lora_write(lora)
+    return write_all(writes, overwrite)
+
+
+def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
+    """The files `export` writes: the model's two (without a name, none), then one per LoRA."""
+    targets = [] if name is None else [out / f"{name}_transformer.safetensors", out / f"{name}_face.safetensors"]
+    sources: dict[Path, Path] = {}
+    for lora in map(Path, loras):
+        target = out / f"{lora.stem}_comfy.safetensors"
+        if target in sources:
+            twice = os.path.abspath(sources[target]) == os.path.abspath(lora)
+            raise ConsisIDError(
+                f"--lora '{shown(lora)}' is given twice" if twice else
+                f"--lora '{shown(sources[target])}' and '{shown(lora)}' would both be written as '{target.name}': "
+                "give each LoRA file a name of its own"
+            )
+        sources[target] = lora
+        targets.append(target)
+    return targets
+
+
+def _model_writes(source, dtype: torch.dtype | None, transformer_path: Path, face_path: Path) -> dict:
+    """The transformer's and the face modules' files, each a write of `save_file` (weights checked)."""
+    weights, config = loaded_weights(source, dtype)
     core, face = split_weights(weights)
-    if dtype is not None:
-        core = {k: v.to(dtype) if v.is_floating_point() else v for k, v in core.items()}
-        face = {k: v.to(dtype) if v.is_floating_point() else v for k, v in face.items()}
     channels, scaling = vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
-    transformer_path, face_path = out / f"{name}_transformer.safetensors", out / f"{name}_face.safetensors"
-    contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
-    write_atomically(transformer_path, lambda staged: save_file(contiguous(core), staged), overwrite)
     metadata = face_file_metadata(config, channels, scaling, scheduler)
-    write_atomically(face_path, lambda staged: save_file(contiguous(face), staged, metadata=metadata), overwrite)
-    return transformer_path, face_path
+    contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
+    return {
+        transformer_path: functools.partial(save_file, contiguous(core)),
+        face_path: functools.partial(save_file, contiguous(face), metadata=metadata),
+    }
 
 
 def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping) -> FaceModules:
@@ -362,17 +440,20 @@ def comfy_lora_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
 def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
     """A ConsisID LoRA (diffusers/PEFT layout, as `lora.read_lora` reads) written in ComfyUI's
     CogVideoX layout (`comfy_lora_tensors`), for core's LoRA loaders on the native MODEL."""
-    tensors = comfy_lora_tensors(comfy_named(read_lora(source)))
-    target = Path(target)
-    write_atomically(target, lambda staged: save_file(tensors, staged), overwrite)
-    return target
+    target = check_output(target, overwrite, suffixes=(".safetensors",))
+    return write_atomically(target, _lora_write(source), overwrite)
+
+
+def _lora_write(source: str | os.PathLike):
+    """The LoRA read and checked now; what writes it in ComfyUI's layout to a path given later."""
+    return functools.partial(save_file, comfy_lora_tensors(comfy_named(read_lora(source))))
 
 
 # ---------------------------------------------------------------------------------------------
 # `python -m consisid_core export`
 
 EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""`export --dtype`: the weights' precision in the exported files (keep: as stored)."""
+"""`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
 
 
 class ReferenceStepNoise:

@@ -202,8 +202,8 @@ def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path,
     _, err = signal_when(process, into_the_run, sig, "the tiny checkpoint")
     assert process.returncode == code, err
     assert err.splitlines()[-1] == f"{line}: nothing was written"
-    # ONNX Runtime writes a session id (.ses) at import and torch keeps a compile cache: not ours
-    ours = [p.name for p in temp.iterdir() if p.name != ".ses" and not p.name.startswith("torchinductor_")]
+    # torch keeps a compile cache: not ours (ONNX Runtime, imported with its telemetry off, writes no .ses)
+    ours = [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")]
     assert ours == [] and list(out_dir.iterdir()) == []
 
 
@@ -493,5 +493,278 @@ def test_a_refusal_under_torchrun_is_one_line_from_rank_0(tiny_dir, identity_fil
     assert len(ours) == 1 and ours[0].startswith(message), done.stderr
     assert done.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    # ONNX Runtime's session id (.ses) and torch's compile cache are not ours, nor torchrun's
-    assert [p.name for p in temp.iterdir() if p.name != ".ses" and not p.name.startswith("torchinductor_")] == []
+    # torch's compile cache is not ours, nor torchrun's (ONNX Runtime, its telemetry off, writes no .ses)
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+# --- export: contained, checked as generate checks, all files or none (issues 28, 30) ------------
+
+
+def _plain_lora(folder: Path, tiny_model, name: str = "style") -> Path:
+    """A LoRA of one layer of the tiny transformer, in the diffusers layout."""
+    from safetensors.torch import save_file
+
+    out_features, in_features = tiny_model.transformer.transformer_blocks[0].attn1.to_q.weight.shape
+    key = "transformer.transformer_blocks.0.attn1.to_q"
+    path = folder / f"{name}.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, in_features) * 0.01,
+               f"{key}.lora_B.weight": torch.randn(out_features, 4) * 0.01}, path)
+    return path
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def _everything(folder: Path) -> list[str]:
+    """Every entry under `folder`, hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _export(tiny_dir, out, *extra) -> list[str]:
+    return ["export", "--model", str(tiny_dir), "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "lnk/x", "sub/x", ".", "..", ".hidden", "a\\b", "C:x", "x\n",
+                                  "x\x1b[31m", "", " ", "x" * 101, "bad \udcff"])
+def test_export_name_is_one_plain_file_name(tiny_dir, tmp_path, out, capsys, sentinels, name):
+    """Every --name that is not one plain file name is refused before anything is read or written:
+    nothing appears in --out, beside it, or where a link in it leads."""
+    elsewhere = sentinels.make("elsewhere/keep.txt").parent
+    (out / "lnk").symlink_to(elsewhere, target_is_directory=True)
+    (out / "sub").mkdir()
+    err = _refused(capsys, _export(tiny_dir, out, "--name", name), "is not a plain file name")
+    assert err.startswith("error: --name '") and ".partial" not in err and "\x1b" not in err
+    assert _everything(out) == ["lnk", "sub"] and _everything(elsewhere) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_names_at_the_bound_and_unicode_are_taken(tiny_dir, out, capsys):
+    for name in ("x" * 100, "modèle 2 (v1)"):
+        capsys.readouterr()
+        assert cli.main(_export(tiny_dir, out, "--name", name)) == 0
+        written = capsys.readouterr().out.split("\n")[:2]
+        assert written == [str(out / f"{name}_transformer.safetensors"), str(out / f"{name}_face.safetensors")]
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [("link", "is a symbolic link (to '"), ("file", "is not a folder"), ("devnull", "is not a folder"),
+     ("missing", "does not exist"), ("proc", "cannot write in '/proc'"), ("proc-self", "is a symbolic link")],
+)
+def test_export_out_that_is_not_a_folder_to_write_in(tiny_dir, tmp_path, capsys, where, message):
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "link").symlink_to(other, target_is_directory=True)
+    (tmp_path / "file").write_text("mine")
+    out = {"link": tmp_path / "link", "file": tmp_path / "file", "devnull": Path(os.devnull),
+           "missing": tmp_path / "missing" / "sub", "proc": Path("/proc"), "proc-self": Path("/proc/self")}[where]
+    _refused(capsys, _export(tiny_dir, out), message)
+    assert _everything(tmp_path) == ["file", "link", "other"] and (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("how", ["immutable", "read-only"])
+def test_export_into_a_folder_that_cannot_be_written(tiny_dir, out, capsys, how):
+    """The OS's refusals (chattr +i, a folder without write permission) are refusals like any other: exit 2,
+    one line, before any weights load."""
+    if how == "read-only":
+        out.chmod(0o555)
+        if os.access(out, os.W_OK):
+            out.chmod(0o755)
+            pytest.skip("this user writes in read-only folders (root)")
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not allowed here")
+    try:
+        _refused(capsys, _export(tiny_dir, out), f"cannot write in '{out}'")
+        assert _everything(out) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], capture_output=True) if how == "immutable" else out.chmod(0o755)
+
+
+def test_export_checks_every_target_before_writing_any(tiny_dir, tiny_model, tmp_path, out, capsys, sentinels):
+    """The face file there, a LoRA's target there, a link at a target: refused before the first
+    byte; with --overwrite a link is still refused and what it points to untouched."""
+    lora = _plain_lora(tmp_path, tiny_model)
+    (out / "consisid_face.safetensors").write_bytes(b"the user's")
+    _refused(capsys, _export(tiny_dir, out), "consisid_face.safetensors' already exists; give a new name, or pass")
+    assert _everything(out) == ["consisid_face.safetensors"]
+    (out / "consisid_face.safetensors").unlink()
+    (out / "style_comfy.safetensors").write_bytes(b"the user's")
+    _refused(capsys, _export(tiny_dir, out, "--lora", str(lora)), "style_comfy.safetensors' already exists")
+    assert _everything(out) == ["style_comfy.safetensors"]
+    (out / "style_comfy.safetensors").unlink()
+    theirs = sentinels.make("theirs.safetensors")
+    before = theirs.stat()
+    (out / "consisid_transformer.safetensors").symlink_to(theirs)
+    _refused(capsys, _export(tiny_dir, out, "--overwrite"), "is a symbolic link")
+    assert _everything(out) == ["consisid_transformer.safetensors"]
+    assert (theirs.stat().st_mtime_ns, theirs.stat().st_size) == (before.st_mtime_ns, before.st_size)
+
+
+def test_export_a_lora_given_twice_or_two_of_one_name(tiny_dir, tiny_model, tmp_path, out, capsys):
+    lora = _plain_lora(tmp_path, tiny_model)
+    (tmp_path / "b").mkdir()
+    other = _plain_lora(tmp_path / "b", tiny_model)
+    _refused(capsys, _export(tiny_dir, out, "--lora", str(lora), "--lora", str(lora)), "is given twice")
+    _refused(capsys, ["export", "--lora", str(lora), "--lora", str(other), "--out", str(out)],
+             "would both be written as 'style_comfy.safetensors': give each LoRA file a name of its own")
+    assert _everything(out) == []
+
+
+def test_export_names_too_long_for_the_file_system(tiny_dir, tiny_model, tmp_path, out, capsys):
+    """100 characters of 4 bytes each, or a LoRA's name 240 long, with the ending added: the file
+    system's refusal, before anything is written."""
+    _refused(capsys, _export(tiny_dir, out, "--name", "\N{GRINNING FACE}" * 100), "File name too long")
+    lora = _plain_lora(tmp_path, tiny_model, "l" * 240)
+    _refused(capsys, _export(tiny_dir, out, "--lora", str(lora)), "File name too long")
+    assert _everything(out) == []
+
+
+def test_export_writes_every_file_or_none(tiny_dir, tiny_model, tmp_path, out, capsys):
+    """The model's files and each LoRA's appear together, in one command; the last of them failing
+    to be moved into place takes back those before it, and a file --overwrite replaced is back."""
+    from consisid_core import files
+
+    lora = _plain_lora(tmp_path, tiny_model)
+    args = _export(tiny_dir, out, "--lora", str(lora))
+    assert cli.main(args) == 0
+    names = ["consisid_face.safetensors", "consisid_transformer.safetensors", "style_comfy.safetensors"]
+    assert capsys.readouterr().out.split() == [str(out / n) for n in (names[1], names[0], names[2])]
+    assert _everything(out) == names
+    before = {n: (out / n).read_bytes() for n in names}
+    real_publish = files.publish
+    published = []
+
+    def publish_twice_then_fail(staged, target, overwrite=False):
+        if len(published) == 2:
+            raise OSError(28, "No space left on device", str(target))
+        published.append(target)
+        return real_publish(staged, target, overwrite)
+
+    files.publish = publish_twice_then_fail
+    try:
+        assert cli.main(args + ["--overwrite", "--dtype", "fp16"]) == 1
+    finally:
+        files.publish = real_publish
+    assert len(published) == 2 and "No space left on device" in capsys.readouterr().err
+    assert _everything(out) == names and {n: (out / n).read_bytes() for n in names} == before
+    for name in names:  # a fresh export publishes all three
+        (out / name).unlink()
+    assert cli.main(["export", "--lora", str(lora), "--out", str(out)]) == 0 and _everything(out) == [names[2]]
+
+
+def test_sigterm_while_the_files_are_moved_into_place_takes_them_all_back(tmp_path, monkeypatch):
+    """SIGTERM between publishing one file and the next is held until the files are back out of
+    place, then delivered: nothing is left, and the old file --overwrite replaced is back."""
+    from consisid_core import files
+
+    real_publish = files.publish
+    published = []
+
+    def publish_with_a_signal(staged, target, overwrite=False):
+        published.append(real_publish(staged, target, overwrite))
+        if len(published) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return published[-1]
+
+    monkeypatch.setattr(files, "publish", publish_with_a_signal)
+    (tmp_path / "b.txt").write_text("old")
+    writes = {tmp_path / name: (lambda path, name=name: path.write_text(name)) for name in ("a.txt", "b.txt", "c.txt")}
+    with pytest.raises(cli.Terminated), cli._terminating_cleanly():
+        files.write_all(writes, overwrite=True)
+    assert len(published) == 3
+    assert _everything(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "old"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _damaged_copy(tiny_dir, tmp_path, how: str) -> Path:
+    """The tiny checkpoint with a transformer that `generate` refuses."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / f"damaged-{how}"
+    shutil.copytree(tiny_dir, folder)
+    if how == "shape":
+        config_path = folder / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["text_embed_dim"] *= 2
+        config_path.write_text(json.dumps(config))
+        return folder
+    (weights_path,) = (folder / "transformer").glob("*.safetensors")
+    weights = load_file(weights_path)
+    key = "transformer_blocks.0.attn1.to_q.weight"
+    weights[key] = weights[key].to(torch.int64) if how == "integer" else torch.full_like(weights[key], float("nan"))
+    save_file(weights, weights_path)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [("integer", "'transformer_blocks.0.attn1.to_q.weight' holds I64 values, where a model's weights are floats"),
+     ("shape", "the folder's config.json makes it"),
+     ("nan", "'transformer_blocks.0.attn1.to_q.weight' holds NaN values")],
+)
+def test_export_refuses_what_generate_refuses(tiny_dir, identity_file, tmp_path, out, capsys, how, message):
+    damaged = _damaged_copy(tiny_dir, tmp_path, how)
+    capsys.readouterr()
+    assert cli.main(_generate_args(damaged, identity_file, "--out", str(tmp_path / "v.mp4"))) == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]  # after the text encoder's progress
+    _refused(capsys, _export(damaged, out), message)
+    assert _everything(out) == [] and not (tmp_path / "v.mp4").exists()
+
+
+def test_export_refuses_a_single_file_with_nan_weights(tiny_dir, tmp_path, out, capsys):
+    from safetensors.torch import load_file, save_file
+
+    (weights_path,) = (_damaged_copy(tiny_dir, tmp_path, "nan") / "transformer").glob("*.safetensors")
+    single = tmp_path / "single.safetensors"
+    save_file(load_file(weights_path), single)
+    _refused(capsys, ["export", "--model", str(single), "--out", str(out)], "holds NaN values")
+    assert _everything(out) == []
+
+
+def test_export_lora_that_is_a_folder(tiny_dir, tmp_path, out, capsys):
+    _refused(capsys, ["export", "--lora", str(tmp_path), "--out", str(out)],
+             "is a folder; give the LoRA's .safetensors file")
+    assert _everything(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "cancelled")])
+def test_a_signal_mid_export_leaves_nothing_and_ends_at_once(tiny_dir, tmp_path, out, sig, code, line):
+    """Once the transformer's file is written whole, the face file's write is made to hang in native
+    code for minutes (a PBKDF2 of 10⁹ rounds, where Python's signal handlers cannot run, as while
+    safetensors writes gigabytes). The signal still ends the process at once, and the finished
+    transformer file goes too."""
+    marker = tmp_path / "transformer-written"
+    stuck_write = (
+        "import hashlib, runpy, sys\n"
+        "from consisid_core import native\n"
+        "def save_file(tensors, path, metadata=None):\n"
+        "    native_save(tensors, path, metadata=metadata)\n"
+        f"    if path.name.endswith('_transformer.safetensors'): open({str(marker)!r}, 'w').close()\n"
+        "    else: hashlib.pbkdf2_hmac('sha256', b'x', b'y', 10**9)\n"
+        "native_save, native.save_file = native.save_file, save_file\n"
+        "runpy.run_module('consisid_core', run_name='__main__', alter_sys=True)\n"  # python -m consisid_core
+    )
+    process = subprocess.Popen([sys.executable, "-c", stuck_write, *_export(tiny_dir, out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    sent = []
+
+    def written() -> bool:
+        if marker.exists():
+            time.sleep(0.5)  # into the stuck write
+            sent.append(time.monotonic())
+        return bool(sent)
+
+    stdout, err = signal_when(process, written, sig, "the transformer's file written")
+    took = time.monotonic() - sent[0]
+    assert process.returncode == code, err
+    assert err.splitlines()[-1] == f"{line}: nothing was written" and stdout == ""
+    assert _everything(out) == []
+    print(f"ended {took:.2f} s after the signal")
+    assert took < 5  # the stuck write alone takes minutes

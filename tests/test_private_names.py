@@ -21,6 +21,8 @@ FENCES = {"consisid_core/diffusers_hooks.py", "consisid_core/decoder.py"}
 PUBLIC_MODULES = {"diffusers", "diffusers.hooks"}
 MODELS = {"transformer", "vae", "pipe", "pipeline", "scheduler", "text_encoder", "tokenizer"}
 """Names under which the code holds diffusers' (and transformers') models and pipelines."""
+STANDARD_LIBRARY = {("os", "_exit")}
+"""The standard library's documented names that start with `_`."""
 
 
 def _private(name: str) -> bool:
@@ -50,7 +52,8 @@ def private_diffusers_uses(source: str) -> list[str]:
                       if a.name.split(".")[0] == "diffusers" and a.name not in PUBLIC_MODULES]
         elif isinstance(node, ast.Attribute) and _private(node.attr):
             owner = node.value
-            if not (isinstance(owner, ast.Name) and owner.id in own_classes):
+            named = isinstance(owner, ast.Name) and (owner.id in own_classes or (owner.id, node.attr) in STANDARD_LIBRARY)
+            if not named:
                 found.append(f"{line}: .{node.attr}")
         elif isinstance(node, ast.keyword) and node.arg and _private(node.arg):
             found.append(f"{line}: {node.arg}=")

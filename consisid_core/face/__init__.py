@@ -5,7 +5,7 @@ need them, so importing this package is cheap.
 """
 
 from .extract import FaceResult, extract_identities, extract_identity, to_rgb_uint8
-from .models import FaceModels, load_face_models, onnxruntime_providers, resolve_providers
+from .models import FaceModels, load_face_models, onnxruntime_offline, onnxruntime_providers, resolve_providers
 from .tiny import TINY_EVA, write_tiny_face_encoder
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "extract_identities",
     "extract_identity",
     "load_face_models",
+    "onnxruntime_offline",
     "onnxruntime_providers",
     "resolve_providers",
     "to_rgb_uint8",

@@ -9,6 +9,14 @@ Python already has (`onnxruntime`, `onnxruntime-gpu`, …; they all provide the 
 module and overwrite each other). Without one, loading the face models stops with one ImportError
 naming the install command (`onnxruntime_providers`).
 
+ONNX Runtime's official builds send usage events to Microsoft (its 1DS telemetry, over HTTPS: a
+name lookup of mobile.events.data.microsoft.com some seconds after the import) unless
+ORT_DISABLE_TELEMETRY=1 is set when it initializes, which is at its import; no session option
+turns it off. The pack imports it with that variable set for the import alone
+(`onnxruntime_offline`), so the face models never reach the network and nothing else in the
+process sees its environment changed. When something else imported ONNX Runtime first with
+telemetry on, a warning says so once.
+
 The reference (`diffusers.pipelines.consisid.consisid_utils.prepare_face_models`) builds the same
 models through insightface's `FaceAnalysis`, facexlib's `FaceRestoreHelper` and `consisid_eva_clip`;
 those download missing files, so here each is built directly and loaded from the folder's files.
@@ -16,9 +24,12 @@ those download missing files, so here each is built directly and loaded from the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +97,7 @@ def onnxruntime_providers() -> list[str]:
     'CPUExecutionProvider']. ImportError naming the install command when there is none (or what is
     there is broken)."""
     try:
-        import onnxruntime
+        onnxruntime = _onnxruntime()
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
             raise ImportError(
@@ -101,6 +112,54 @@ def onnxruntime_providers() -> list[str]:
             f"uninstalled): uninstall onnxruntime and onnxruntime-gpu, then {_install_commands()}"
         )
     return list(providers())
+
+
+TELEMETRY_OFF = "ORT_DISABLE_TELEMETRY"
+"""ONNX Runtime reads this when it initializes (at its import): "1" keeps its telemetry off."""
+
+
+_IMPORTED_OFFLINE: list = []
+"""The onnxruntime module, when its first import came with its telemetry off."""
+
+
+@contextlib.contextmanager
+def onnxruntime_offline() -> Iterator[None]:
+    """Inside, a first import of ONNX Runtime (the pack's, or the one diffusers makes when it saves
+    a pipeline) keeps its telemetry off (see the module doc)."""
+    first = "onnxruntime" not in sys.modules
+    with _environment(TELEMETRY_OFF, "1"):
+        yield
+    if first and sys.modules.get("onnxruntime") is not None:
+        _IMPORTED_OFFLINE.append(sys.modules["onnxruntime"])
+
+
+@functools.cache
+def _onnxruntime():
+    """`import onnxruntime`, with its telemetry off when this is the first import; a warning, once,
+    when another import came first with telemetry on."""
+    with onnxruntime_offline():
+        import onnxruntime
+    if onnxruntime not in _IMPORTED_OFFLINE and os.environ.get(TELEMETRY_OFF) != "1":
+        logger.warning(
+            "ONNX Runtime was imported before ConsisID's face models, with its telemetry on (it sends usage events "
+            "to Microsoft over the network); set %s=1 in the environment that starts this program to keep it offline",
+            TELEMETRY_OFF,
+        )
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`os.environ[name]` is `value` inside the block, as it was after it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def resolve_providers(provider: str) -> list[str]:

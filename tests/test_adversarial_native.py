@@ -1,0 +1,297 @@
+"""The native path against hostile inputs: face-modules files, single-file transformers and
+scheduler configs built in the real formats (read by the core, as every weights file is), and the
+native nodes given bad numbers, images, VAEs, identities and latents (in-process in a real ComfyUI
+with native CogVideoX, and through a real server's /prompt where a case comes from there).
+
+Each is refused in one line of the pack's error type that names the value and the fix, before the
+work it would cost; reading a face-modules file stops at Cancel between tensors and modules."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from consisid_core.checkpoint import Checkpoint
+from consisid_core.errors import CheckpointError
+from consisid_core.native import FACE_FORMAT, FaceModules, export, face_config, face_modules, read_face_file, source_weights
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def one_line(message: str) -> str:
+    assert message.strip() and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def refused(match: str, call, error: type = CheckpointError) -> str:
+    with pytest.raises(error) as info:
+        call()
+    message = one_line(str(info.value))
+    assert match in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint exported for the native path: (transformer file, face-modules file)."""
+    return export(tiny_dir, tmp_path_factory.mktemp("exported"), "tiny")
+
+
+def face_file(path, source, tensors=None, **metadata) -> str:
+    """`source` (a face-modules file) written again to `path` with `tensors` changed (None: removed)
+    and `metadata` entries changed (None: removed)."""
+    with safe_open(source, framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    for changes, into in ((tensors or {}, kept), (metadata, meta)):
+        for key, value in changes.items():
+            if value is None:
+                into.pop(key, None)
+            else:
+                into[key] = value
+    save_file(kept, path, metadata=meta)
+    return path
+
+
+def config_of(source) -> dict:
+    with safe_open(source, framework="pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Face-modules files: the reader
+
+
+def test_a_good_face_modules_file_reads_and_builds(exported):
+    weights, info = read_face_file(exported[1])
+    modules = face_modules(weights, info["config"])
+    assert isinstance(modules, FaceModules) and info["latent_channels"] == 4 and info["scaling_factor"] == 0.7
+    assert all(torch.equal(p, weights[k]) for k, p in modules.state_dict().items())
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "pickled", "half", "lying-header"])
+def test_a_face_modules_file_that_is_no_safetensors_file(exported, tmp_path, damage):
+    path = tmp_path / "face.safetensors"
+    data = exported[1].read_bytes()
+    if damage == "pickled":
+        torch.save({"local_facial_extractor.latents": torch.zeros(1)}, path)
+    else:
+        header = json.dumps({"local_facial_extractor.latents": {"dtype": "F32", "shape": [10**6, 10**6],
+                                                                 "data_offsets": [0, 16]}}).encode()
+        path.write_bytes({"empty": b"", "garbage": bytes(range(256)) * 16, "half": data[: len(data) // 2],
+                          "lying-header": len(header).to_bytes(8, "little") + header + bytes(16)}[damage])
+    refused(f"'{path}' is not a readable .safetensors file (", lambda: read_face_file(path))
+
+
+def test_a_safetensors_file_that_is_not_a_face_modules_file(exported):
+    refused("is not a ConsisID face-modules file (write one with `python -m consisid_core export`)",
+            lambda: read_face_file(exported[0]))
+
+
+@pytest.mark.parametrize(
+    "metadata, says",
+    [
+        ({"format": None}, "is not a ConsisID face-modules file"),
+        ({"config": None}, "has no 'config' setting"),
+        ({"config": "[1, 2]"}, "its 'config' setting must be a JSON object, found list"),
+        ({"config": "null"}, "its 'config' setting must be a JSON object, found NoneType"),
+        ({"config": "{"}, "its 'config' setting is not JSON ("),
+        ({"config": "[" * 100_000 + "]" * 100_000}, "its 'config' setting is not JSON ("),
+        ({"config": " " * (2**20 + 1)}, "has no 'config' setting of at most 1024 kB"),
+        ({"latent_channels": None}, "its 'latent_channels' setting None must be a whole number from 1 to 1024"),
+        ({"latent_channels": "1000000000"}, "its 'latent_channels' setting 1000000000 must be a whole number from 1 to 1024"),
+        ({"latent_channels": "abc"}, "its 'latent_channels' setting 'abc' must be a whole number"),
+        ({"latent_channels": "16.5"}, "its 'latent_channels' setting '16.5' must be a whole number"),
+        ({"scaling_factor": "nan"}, "its 'scaling_factor' setting nan must be a finite number from 1e-06 to 1e+06"),
+        ({"scaling_factor": "inf"}, "its 'scaling_factor' setting inf must be a finite number"),
+        ({"scaling_factor": "0"}, "its 'scaling_factor' setting 0.0 must be a finite number"),
+        ({"scheduler": "[]"}, "its 'scheduler' setting must be a JSON object, found list"),
+    ],
+)
+def test_each_setting_of_a_face_modules_file_is_checked(exported, tmp_path, metadata, says):
+    path = face_file(tmp_path / "face.safetensors", exported[1], **metadata)
+    message = refused(says, lambda: read_face_file(path))
+    assert str(path) in message
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        (dict(cross_attn_interval=0), "'cross_attn_interval' 0 must be a whole number from 1 to 512"),
+        (dict(LFE_depth=-1), "'LFE_depth' -1 must be a whole number from 1 to 256"),
+        (dict(num_layers=10**9), "'num_layers' 1000000000 must be a whole number from 1 to 512"),
+        (dict(LFE_vit_dim=1e9), "'LFE_vit_dim' 1000000000.0 must be a whole number written without a decimal point"),
+        (dict(LFE_num_heads="4"), "'LFE_num_heads' '4' must be a whole number"),
+        (dict(LFE_dim_head=math.nan), "'LFE_dim_head' nan must be a whole number"),
+        (dict(is_kps="no"), "'is_kps' is 'no', expected true or false"),
+        (dict(LFE_depth=7), "LFE_depth 7 is not a multiple of LFE_num_scale 5"),
+        (dict(LFE_output_dim=41), "LFE_output_dim 41 must be two thirds of the transformer's width 64 (42)"),
+    ],
+)
+def test_every_config_value_the_face_modules_use_is_bounded(exported, tmp_path, changes, says):
+    config = {**config_of(exported[1]), **changes}
+    path = face_file(tmp_path / "face.safetensors", exported[1], config=json.dumps(config))
+    message = refused(says, lambda: read_face_file(path))
+    assert f"{path} (config)" in message
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        (dict(beta_end=1e300), "'beta_end' 1e+300 must be a finite number from 0 to 1"),
+        (dict(num_train_timesteps=-5), "'num_train_timesteps' -5 must be a whole number from 1 to 100000"),
+        (dict(num_train_timesteps=10**9), "'num_train_timesteps' 1000000000 must be a whole number from 1 to 100000"),
+        (dict(beta_schedule="cosine"), "'beta_schedule' is 'cosine', expected one of"),
+        (dict(prediction_type="epsilon"), "prediction_type is 'epsilon'; ConsisID predicts v (v_prediction)"),
+        (dict(beta_start=1.0, beta_end=1.0), "makes a noise schedule that is not finite and rising (betas 1.0 to 1.0)"),
+    ],
+)
+def test_every_scheduler_value_the_native_model_uses_is_bounded(exported, tmp_path, changes, says):
+    with safe_open(exported[1], framework="pt") as f:
+        scheduler = {**json.loads(f.metadata()["scheduler"]), **changes}
+    path = face_file(tmp_path / "face.safetensors", exported[1], scheduler=json.dumps(scheduler))
+    message = refused(says, lambda: read_face_file(path))
+    assert f"{path} (scheduler)" in message
+
+
+def _one_key(source) -> tuple[str, torch.Tensor]:
+    with safe_open(source, framework="pt") as f:
+        key = sorted(f.keys())[0]
+        return key, f.get_tensor(key)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ("nan", "holds NaN values: the file is damaged"),
+        ("inf", "holds infinite values"),
+        ("huge", "holds absurdly large (1e+30) values"),
+        ("int", "holds I64 values, where a model's weights are floats"),
+        ("missing", "do not match their config: keys 1 missing ("),
+        ("extra-layer", "do not match their config: keys 1 unexpected (local_facial_extractor.layers.999999999.0.norm1.weight)"),
+        ("shape", "of the wrong shape ("),
+    ],
+)
+def test_face_module_weights_are_checked_against_their_config_and_for_finite_values(exported, tmp_path, change, says):
+    key, tensor = _one_key(exported[1])
+    tensors = {
+        "nan": {key: torch.full_like(tensor, math.nan)},
+        "inf": {key: torch.full_like(tensor, math.inf)},
+        "huge": {key: torch.full_like(tensor, 1e30)},
+        "int": {key: torch.zeros(tensor.shape, dtype=torch.int64)},
+        "missing": {key: None},
+        "extra-layer": {"local_facial_extractor.layers.999999999.0.norm1.weight": torch.zeros(4)},
+        "shape": {key: torch.zeros(*tensor.shape, 2)},
+    }[change]
+    path = face_file(tmp_path / "face.safetensors", exported[1], tensors)
+    refused(says, lambda: read_face_file(path))
+
+
+class Cancelled(Exception):
+    """What a Cancel callback raises here (ComfyUI's is InterruptProcessingException)."""
+
+
+def test_cancel_is_called_between_tensors_and_between_modules(exported):
+    calls = []
+
+    def cancel_at(n):
+        def cancel():
+            calls.append(1)
+            if len(calls) == n:
+                raise Cancelled
+
+        return cancel
+
+    with safe_open(exported[1], framework="pt") as f:
+        tensors = len(list(f.keys()))
+    weights, info = read_face_file(exported[1], cancel_at(0))
+    read_all = len(calls)
+    assert read_all >= tensors  # a Cancel point before each tensor, and between the modules built for the check
+    calls.clear()
+    with pytest.raises(Cancelled):
+        read_face_file(exported[1], cancel_at(read_all - 1))  # the last tensor is never read
+    calls.clear()
+    built = len(FaceModules(info["config"], cancel_at(0)).perceiver_cross_attention)
+    assert len(calls) == 1 + built  # before the extractor and before each cross-attention
+    calls.clear()
+    with pytest.raises(Cancelled):
+        face_modules(weights, info["config"], cancel_at(2))
+
+
+def test_a_slow_build_stops_at_cancel(exported, tmp_path):
+    """A face-modules file of the deepest modules the bounds allow (512 cross-attentions), whose every
+    tensor is slow to come (a network disk): Cancel pressed meanwhile stops the read at the next tensor."""
+    config = {**config_of(exported[1]), "num_layers": 512, "cross_attn_interval": 1}
+    torch.manual_seed(0)
+    modules = FaceModules(face_config(config))
+    path = tmp_path / "deep_face.safetensors"
+    with safe_open(exported[1], framework="pt") as f:
+        metadata = {**f.metadata(), "config": json.dumps(config)}
+    save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, path, metadata=metadata)
+    pressed, seen = threading.Event(), []
+
+    def slow_cancel():
+        seen.append(1)
+        if pressed.is_set():
+            raise Cancelled
+        pressed.wait(0.002)
+
+    threading.Timer(0.3, pressed.set).start()
+    with pytest.raises(Cancelled):
+        read_face_file(path, slow_cancel)
+    assert len(seen) < len(modules.state_dict())  # stopped before the last tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# The native loader's single-file transformer
+
+
+def _transformer_file(tiny_dir, tmp_path, **tensors) -> str:
+    with safe_open(tiny_dir / "transformer" / WEIGHTS, framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    kept.update(tensors)
+    path = tmp_path / "single.safetensors"
+    save_file(kept, path)
+    return path
+
+
+def test_a_good_single_file_reads_as_its_folder(tiny_dir, tmp_path):
+    weights, config = source_weights(_transformer_file(tiny_dir, tmp_path))
+    folder_weights, folder_config = source_weights(tiny_dir)
+    assert weights.keys() == folder_weights.keys() and all(torch.equal(weights[k], folder_weights[k]) for k in weights)
+    assert config["num_layers"] == folder_config["num_layers"] == Checkpoint.open(tiny_dir).transformer_config["num_layers"]
+
+
+@pytest.mark.parametrize(
+    "key, tensor, says",
+    [
+        ("local_facial_extractor.layers.999999999.0.norm1.weight", torch.zeros(32),
+         "'LFE_depth' 1000000000 must be a whole number from 1 to 256"),
+        ("transformer_blocks.100000.norm1.norm.weight", torch.zeros(64),
+         "'num_layers' 100001 must be a whole number from 1 to 512"),
+        ("transformer_blocks.3.norm1.norm.weight", torch.zeros(64), "do not match their config: keys"),
+        ("proj_out.weight", torch.full((16, 64), math.nan), "'proj_out.weight' holds NaN values"),
+        ("proj_out.weight", torch.full((16, 64), 1e30), "'proj_out.weight' holds absurdly large"),
+        ("proj_out.bias", torch.zeros(16, dtype=torch.int32), "'proj_out.bias' holds I32 values"),
+    ],
+    ids=["billion-lfe-layers", "huge-block-index", "block-gap", "nan", "huge", "int"],
+)
+def test_a_single_file_transformer_is_read_as_a_checkpoint(tiny_dir, tmp_path, key, tensor, says):
+    path = _transformer_file(tiny_dir, tmp_path, **{key: tensor})
+    refused(says, lambda: source_weights(path))
+
+
+def test_a_scheduler_config_in_a_folder_is_checked_before_any_weights(tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "beta_end": 1e300}))
+    refused("'beta_end' 1e+300 must be a finite number from 0 to 1", lambda: source_weights(folder))

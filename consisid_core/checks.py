@@ -136,7 +136,7 @@ def check_video_size(
             f"{names[0]} {frames} does not fit this checkpoint: it must be {temporal}·k + 1 and at least {least} "
             f"(e.g. {lower} or {lower + temporal}; the checkpoint's native count is {native_frames})"
         )
-    bounded_size(frames, height, width, native, allow_oversize)
+    bounded_size(frames, height, width, native, allow_oversize, names)
     return frames, height, width
 
 
@@ -150,10 +150,11 @@ def check_percent_range(start, end, names: tuple[str, str] = ("start_percent", "
 
 
 def bounded_size(
-    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False
+    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False,
+    names: tuple[str, str, str] = ("frame count", "height", "width"),
 ) -> None:
     """Refuse a pass larger than `MAX_FRAMES_FACTOR` × the native frames or `MAX_PIXELS_FACTOR` ×
-    the native pixels (and sides), unless `allow_oversize`."""
+    the native pixels (and sides), unless `allow_oversize`; `names` as the caller calls the three."""
     native_frames, native_height, native_width = native
     if allow_oversize:
         return
@@ -161,11 +162,11 @@ def bounded_size(
     most_frames = MAX_FRAMES_FACTOR * native_frames
     if frames > most_frames:
         raise ConsisIDError(
-            f"frame count {frames} is over this checkpoint's maximum of {most_frames} per pass "
+            f"{names[0]} {frames} is over this checkpoint's maximum of {most_frames} per pass "
             f"({MAX_FRAMES_FACTOR} × its native {native_frames}){hint}"
         )
     side_factor = MAX_PIXELS_FACTOR
-    for name, value, native_side in (("height", height, native_height), ("width", width, native_width)):
+    for name, value, native_side in ((names[1], height, native_height), (names[2], width, native_width)):
         if value > side_factor * native_side:
             raise ConsisIDError(
                 f"{name} {value} is over this checkpoint's maximum of {side_factor * native_side} "

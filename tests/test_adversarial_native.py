@@ -295,3 +295,218 @@ def test_a_scheduler_config_in_a_folder_is_checked_before_any_weights(tiny_dir, 
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "beta_end": 1e300}))
     refused("'beta_end' 1e+300 must be a finite number from 0 to 1", lambda: source_weights(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# The native nodes, in-process in a real ComfyUI with native CogVideoX
+
+from native_tools import NEEDS_NATIVE, import_comfyui, make_native_tiny, write_cogvideox_vae  # noqa: E402
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    return write_cogvideox_vae(tmp_path_factory.mktemp("vae") / "cogvideox_vae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """The pack in a real ComfyUI: its native nodes, a native tiny MODEL, an identity and text that fit it."""
+    import types
+
+    import_comfyui()
+    from consisid_pack.consisid_core.text import TextEmbeddings
+    from consisid_pack.consisid_core.tiny import random_identity
+    from consisid_pack.nodes.native import comfy_parts, nodes
+
+    folder = make_native_tiny(tmp_path_factory.mktemp("native") / "tiny")
+    config = Checkpoint.open(folder).transformer_config
+    g = torch.Generator().manual_seed(0)
+    words = TextEmbeddings(*(torch.randn(1, 226, config["text_embed_dim"], generator=g) for _ in range(2)))
+    return types.SimpleNamespace(nodes=nodes, parts=comfy_parts, folder=folder, config=config, text=words,
+                                 identity=random_identity(config, seed=3), model=nodes.native_model(folder, torch.float32))
+
+
+def _encode(native, vae=None, **changes):
+    args = dict(positive=[[native.text.positive, {}]], negative=[[native.text.negative, {}]], identity=native.identity,
+                vae=vae, width=96, height=64, length=9, identity_strength=1.0, start_percent=0.0, end_percent=1.0)
+    return native.nodes.ConsisIDIdentityConditioning().encode(**{**args, **changes})
+
+
+def _pack_error(name: str) -> type:
+    import consisid_pack.consisid_core.errors as errors
+
+    return getattr(errors, name)
+
+
+def _image(shape, dtype=torch.float32, fill=0.5):
+    return torch.full(shape, fill).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        (dict(length=78), "length 78 does not fit this checkpoint: it must be 4·k + 1"),
+        (dict(length=0), "length 0 does not fit this checkpoint"),
+        (dict(length=393), "length 393 is over this checkpoint's maximum of 392 per pass (8 × its native 49); pass "
+                           "allow_oversize"),
+        (dict(width=96.5), "width 96.5 must be a whole number"),
+        (dict(width=100), "width 100 does not fit this checkpoint: it must be a positive multiple of 16"),
+        (dict(width=4096, height=64), "width 4096 is over this checkpoint's maximum of 2880"),
+        (dict(width=2048, height=1024), "2048×1024 is 2,097,152 pixels per frame, over this checkpoint's maximum"),
+        (dict(height=-16), "height -16 does not fit this checkpoint"),
+        (dict(identity_strength=math.nan), "identity_strength nan must be a finite number from 0 to 10"),
+        (dict(identity_strength=math.inf), "identity_strength inf must be a finite number from 0 to 10"),
+        (dict(identity_strength=11.0), "identity_strength 11.0 must be a finite number from 0 to 10"),
+        (dict(start_percent=math.nan), "start_percent nan must be a finite number from 0 to 1"),
+        (dict(end_percent=-math.inf), "end_percent -inf must be a finite number from 0 to 1"),
+        (dict(start_percent=0.8, end_percent=0.2), "start_percent 0.8 is after end_percent 0.2; swap them"),
+        (dict(first_frame_seed=-2), "first_frame_seed -2 must be a whole number from 0 to"),
+        (dict(first_frame_seed=2**64), f"first_frame_seed {2**64} must be a whole number from 0 to"),
+        (dict(identity="face.png"), "identity must be a ConsisID identity (Face Embed, Load Identity), found str"),
+        (dict(start_image=_image((0, 64, 96, 3))), "the start_image (float32 [0, 64, 96, 3]) is not an IMAGE"),
+        (dict(start_image=torch.tensor(0.5)), "the start_image (float32 []) is not an IMAGE"),
+        (dict(start_image=_image((1, 0, 0, 3))), "the start_image (float32 [1, 0, 0, 3]) is not an IMAGE"),
+        (dict(start_image=_image((1, 64, 96, 3), torch.uint8, 128)), "the start_image (uint8 [1, 64, 96, 3]) is not"),
+        (dict(start_image=_image((1, 64, 96, 3), torch.bool, 1)), "the start_image (bool [1, 64, 96, 3]) is not"),
+        (dict(start_image=_image((1, 64, 96, 3), torch.complex64)), "the start_image (complex64 [1, 64, 96, 3]) is"),
+        (dict(start_image=_image((1, 64, 96, 5))), "the start_image (float32 [1, 64, 96, 5]) is not an IMAGE"),
+        (dict(start_image=_image((1, 64, 96, 3), fill=math.nan)), "the start_image holds NaN or infinite pixels"),
+        (dict(start_image=[[0.5]]), "the start_image (list) is not an IMAGE"),
+        (dict(), "this VAE is a NoneType, not CogVideoX's: load the ConsisID checkpoint's vae"),
+        (dict(allow_oversize=True, length=393), "this VAE is a NoneType"),  # past the bound when asked: on to the VAE
+    ],
+)
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_identity_conditioning_refuses_bad_values_before_any_work(native, changes, says):
+    refused(says, lambda: _encode(native, **changes), _pack_error("ConsisIDError"))
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_a_vae_that_is_not_cogvideox_is_refused_by_conditioning_and_decode(native):
+    import comfy.sd
+
+    pixels = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    says = "this VAE is a PixelspaceConversionVAE, not CogVideoX's"
+    refused(says, lambda: _encode(native, vae=pixels), _pack_error("ConsisIDError"))
+    decode = native.nodes.ConsisIDNativeVAEDecode().decode
+    refused(says, lambda: decode({"samples": torch.zeros(1, 16, 3, 8, 12)}, pixels), _pack_error("ConsisIDError"))
+
+
+@pytest.fixture(scope="module")
+def cogvideox_vae(vae_file):
+    import comfy.sd
+    import comfy.utils
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_file)))
+    vae.first_stage_model.float()
+    vae.vae_dtype = torch.float32
+    return vae
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+@pytest.mark.slow
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_grey_and_rgba_first_frames_are_taken_as_rgb(native, cogvideox_vae, channels):
+    rgb = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(1))
+    image = {1: rgb[..., :1], 2: torch.cat([rgb[..., :1], torch.ones(1, 64, 96, 1)], -1),
+             4: torch.cat([rgb, torch.ones(1, 64, 96, 1)], -1)}[channels]
+    expected = rgb if channels == 4 else rgb[..., :1].expand(1, 64, 96, 3)
+    got = _encode(native, cogvideox_vae, start_image=image)[0][0][1]["concat_latent_image"]
+    want = _encode(native, cogvideox_vae, start_image=expected.contiguous())[0][0][1]["concat_latent_image"]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "samples, says",
+    [
+        (torch.full((1, 16, 3, 8, 12), math.nan), "the LATENT: 'samples' holds NaN values: the sampling diverged; most often"),
+        (torch.full((1, 16, 3, 8, 12), math.inf), "the LATENT: 'samples' holds infinite values"),
+        (torch.zeros(0, 16, 3, 8, 12), "this LATENT (float32 [0, 16, 3, 8, 12]) is not a video latent [batch, channels, "
+                                       "frames, h, w] of 16 channels with a frame in it"),
+        (torch.zeros(1, 16, 8, 12), "this LATENT (float32 [1, 16, 8, 12]) is not a video latent"),
+        (torch.zeros(1, 4, 3, 8, 12), "this LATENT (float32 [1, 4, 3, 8, 12]) is not a video latent"),
+        (torch.zeros(1, 16, 3, 8, 12, dtype=torch.int32), "this LATENT (int32 [1, 16, 3, 8, 12]) is not"),
+        ("latent", "this LATENT (str) is not a video latent"),
+    ],
+    ids=["nan", "inf", "empty-batch", "4-dims", "4-channels", "int", "str"],
+)
+def test_native_vae_decode_refuses_what_it_cannot_decode(native, cogvideox_vae, samples, says):
+    decode = native.nodes.ConsisIDNativeVAEDecode().decode
+    refused(says, lambda: decode({"samples": samples}, cogvideox_vae), _pack_error("ConsisIDError"))
+
+
+def _sample(native, identity, model=None):
+    import comfy.samplers
+
+    positive, negative = native.nodes.identity_conditioned(
+        [[native.text.positive, {}]], [[native.text.negative, {}]], identity, torch.zeros(1, 16, 1, 8, 12))
+    empty = torch.zeros(1, 16, 3, 8, 12)
+    model = model or native.model
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(6.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2)
+    noise = native.parts.ReferenceNoise(1).generate_noise({"samples": empty})
+    return guider.sample(noise, empty, comfy.samplers.sampler_object("ddim"), sigmas, seed=1, disable_pbar=True)
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_an_identity_of_other_widths_is_refused_at_sampling_with_the_packs_error(native):
+    from consisid_pack.consisid_core.tiny import random_identity
+
+    other = random_identity({**native.config, "LFE_id_dim": 100}, seed=1)
+    refused("the identity does not fit this model: id_cond of width 100 and 5 hidden states", lambda: _sample(native, other),
+            _pack_error("IdentityError"))
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_a_step_that_turns_nan_is_named_not_sampled_on(native):
+    """Face modules gone bad in memory (an fp16 overflow does this): the first step's NaN output is
+    refused with its likely cause, not carried into a black video."""
+    assert torch.isfinite(_sample(native, native.identity)).all()
+    face = native.model.get_model_object("diffusion_model.consisid_face")
+    broken = native.model.clone()
+    bad = type(face)(face.config)
+    bad.load_state_dict(face.state_dict())
+    bad.perceiver_cross_attention[0].to_out.weight.data.fill_(math.nan)
+    broken.add_object_patch("diffusion_model.consisid_face", bad)
+    refused("ConsisID's transformer step: 'output' holds NaN values: the sampling diverged; most often half-precision",
+            lambda: _sample(native, native.identity, broken), _pack_error("ConsisIDError"))
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_seeds_and_strengths_given_by_a_script_are_checked(native):
+    error = _pack_error("ConsisIDError")
+    refused("noise_seed -1 must be a whole number from 0 to", lambda: native.nodes.ConsisIDNoise().get_noise(-1), error)
+    refused(f"noise_seed {2**64} must be", lambda: native.nodes.ConsisIDDPMSampler().get_sampler(2**64), error)
+    refused("LoRA strength nan must be a finite number",
+            lambda: native.nodes.ConsisIDNativeLoRA().apply(native.model, "x.safetensors", math.nan), error)
+    refused("text must be ConsisID Text Encode's output, found dict",
+            lambda: native.nodes.ConsisIDTextConditioning().convert({}), error)
+    refused("weight_dtype 'int8' is not one of default, fp32, bf16, fp16",
+            lambda: native.nodes.ConsisIDNativeModelLoader().load("tiny", "int8"), error)
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
+def test_cancel_reaches_the_face_modules_reader_through_comfyui(native, exported):
+    """ComfyUI's own Cancel flag stops ConsisID Face Modules at its first Cancel point (the reader's
+    between-tensors checks, `test_a_slow_build_stops_at_cancel`, are what make that point early)."""
+    import comfy.model_management
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", str(exported[1].parent))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            native.nodes.ConsisIDFaceModules().apply(native.model, exported[1].name)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)

@@ -237,8 +237,8 @@ class ConsisIDIdentityConditioning:
         if not isinstance(identity, Identity):
             raise ConsisIDError(f"identity must be a ConsisID identity (Face Embed, Load Identity), found "
                                 f"{type(identity).__name__}")
-        comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
         image = None if start_image is None else check_image(start_image, "start_image", FIRST_FRAME_FIX)
+        comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
         frame = first_frame(None if image is None else to_uint8(image[0]), identity)
         pixels = native.first_frame_pixels(frame, height, width)
         latent = comfy_parts.encode_first_frame(vae, pixels, seed)

@@ -510,3 +510,221 @@ def test_cancel_reaches_the_face_modules_reader_through_comfyui(native, exported
             native.nodes.ConsisIDFaceModules().apply(native.model, exported[1].name)
     finally:
         comfy.model_management.interrupt_current_processing(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through a real server's /prompt (ComfyUI v0.33.0): the cases a graph can bring
+
+NATIVE = "tiny_native"
+BAD_FACE_FILES = {
+    "no_config": ({}, {"config": None}),
+    "list_config": ({}, {"config": "[]"}),
+    "null_config": ({}, {"config": "null"}),
+    "bad_json_config": ({}, {"config": "{'"}),
+    "deep_config": ({}, {"LFE_depth": 10**9}),
+    "zero_interval": ({}, {"cross_attn_interval": 0}),
+    "nan_scaling": ({}, {"scaling_factor": "nan"}),
+    "inf_scaling": ({}, {"scaling_factor": "inf"}),
+    "zero_scaling": ({}, {"scaling_factor": "0"}),
+    "huge_channels": ({}, {"latent_channels": "1000000000"}),
+    "beta_end": ({}, {"beta_end": 1e300}),
+    "negative_timesteps": ({}, {"num_train_timesteps": -5}),
+    "nan_weights": ("nan", {}),
+    "huge_weights": ("huge", {}),
+}
+"""Face-modules files served to ConsisID Face Modules: (weights change, settings change), and what
+each is refused with."""
+BAD_FACE_SAYS = {
+    "no_config": "has no 'config' setting", "list_config": "'config' setting must be a JSON object, found list",
+    "null_config": "'config' setting must be a JSON object, found NoneType", "bad_json_config": "'config' setting is not JSON",
+    "deep_config": "'LFE_depth' 1000000000 must be a whole number from 1 to 256",
+    "zero_interval": "'cross_attn_interval' 0 must be a whole number from 1 to 512",
+    "nan_scaling": "'scaling_factor' setting nan must be a finite number", "inf_scaling": "'scaling_factor' setting inf must be",
+    "zero_scaling": "'scaling_factor' setting 0.0 must be", "huge_channels": "'latent_channels' setting 1000000000 must be",
+    "beta_end": "'beta_end' 1e+300 must be a finite number from 0 to 1",
+    "negative_timesteps": "'num_train_timesteps' -5 must be a whole number", "nan_weights": "holds NaN values",
+    "huge_weights": "holds absurdly large", "empty": "is not a readable .safetensors file", "garbage": "is not a readable",
+    "pickled": "is not a readable .safetensors file", "lying_header": "is not a readable .safetensors file",
+}
+
+
+def _served_face_files(folder, face) -> None:
+    config, scheduler = config_of(face), None
+    with safe_open(face, framework="pt") as f:
+        scheduler = json.loads(f.metadata()["scheduler"])
+    key, tensor = _one_key(face)
+    for name, (weights, settings) in BAD_FACE_FILES.items():
+        tensors = {key: torch.full_like(tensor, {"nan": math.nan, "huge": 1e30}[weights])} if weights else {}
+        meta = {k: v for k, v in settings.items() if k in ("config", "scaling_factor", "latent_channels")}
+        if set(settings) & set(config):
+            meta["config"] = json.dumps({**config, **settings})
+        if set(settings) & {"beta_end", "num_train_timesteps"}:
+            meta["scheduler"] = json.dumps({**scheduler, **settings})
+        face_file(folder / f"bad_{name}.safetensors", face, tensors, **meta)
+    header = json.dumps({"local_facial_extractor.latents": {"dtype": "F32", "shape": [10**6, 10**6],
+                                                             "data_offsets": [0, 16]}}).encode()
+    (folder / "bad_empty.safetensors").write_bytes(b"")
+    (folder / "bad_garbage.safetensors").write_bytes(bytes(range(256)) * 16)
+    (folder / "bad_lying_header.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    torch.save({"local_facial_extractor.latents": torch.zeros(1)}, folder / "bad_pickled.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, vae_file):
+    from consisid_core.identity import save_identity
+    from consisid_core.tiny import random_identity
+    from test_comfyui import running
+    from test_native_comfyui import TEXT_NODE
+    from workflow_tools import ROOT
+
+    base = tmp_path_factory.mktemp("adversarial_native")
+    tiny = make_native_tiny(base / "models" / "consisid" / NATIVE)
+    models = base / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    _, face = export(tiny, models, "tiny")
+    _served_face_files(models, face)
+    with safe_open(tiny / "transformer" / WEIGHTS, framework="pt") as f:
+        single = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**single, "proj_out.weight": torch.full_like(single["proj_out.weight"], math.nan)}, models / "nan_single.safetensors")
+    save_file({**single, "local_facial_extractor.layers.999999999.0.norm1.weight": torch.zeros(32)},
+              models / "deep_single.safetensors")
+    (base / "models" / "vae").mkdir()
+    (base / "models" / "vae" / "cogvideox_vae.safetensors").symlink_to(vae_file)
+    (base / "custom_nodes" / "consisid_test_text").mkdir(parents=True)
+    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "consisid_test_text" / "__init__.py").write_text(TEXT_NODE)
+    for folder in ("input", "user", "output"):
+        (base / folder).mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"positive": torch.randn(1, 226, 32, generator=g), "negative": torch.randn(1, 226, 32, generator=g)},
+              base / "input" / "text.safetensors")
+    config = Checkpoint.open(tiny).transformer_config
+    save_identity(random_identity(config, 3), base / "input" / "identity.safetensors")
+    save_identity(random_identity({**config, "LFE_id_dim": 100}, 3), base / "input" / "other_identity.safetensors")
+    for name, samples in (("nan", torch.full((1, 16, 3, 8, 12), math.nan)), ("empty", torch.zeros(0, 16, 3, 8, 12))):
+        save_file({"latent_tensor": samples, "latent_format_version_0": torch.tensor([])}, base / "input" / f"{name}.latent")
+    with running(base, ("--whitelist-custom-nodes", "consisid", "consisid_test_text")) as server:
+        yield server
+
+
+def _failed(server, prompt: dict, node_type: str, says: str, error: str = "ConsisIDError") -> str:
+    """The prompt runs and stops at `node_type` with the pack's `error` in one line saying `says`."""
+    result = server.run(prompt)
+    assert result["status"]["status_str"] == "error", result["status"]
+    failure = next(m for kind, m in result["status"]["messages"] if kind == "execution_error")
+    message = one_line(failure["exception_message"].strip())
+    assert failure["node_type"] == node_type and failure["exception_type"].endswith("." + error), failure
+    assert says in message, message
+    return message
+
+
+def _conditioning(identity="identity.safetensors", **inputs) -> dict:
+    return {
+        "conds": {"class_type": "TestTextConditioning", "inputs": {}},
+        "identity": {"class_type": "ConsisIDLoadIdentity", "inputs": {"identity_file": identity}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "cogvideox_vae.safetensors"}},
+        "cond": {"class_type": "ConsisIDIdentityConditioning",
+                 "inputs": {"positive": ["conds", 0], "negative": ["conds", 1], "identity": ["identity", 0],
+                            "vae": ["vae", 0], "width": 96, "height": 64, "length": 9, "identity_strength": 1.0,
+                            "start_percent": 0.0, "end_percent": 1.0, **inputs}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["cond", 2], "filename_prefix": "adversarial"}},
+    }
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+def test_a_size_past_its_declared_bound_is_one_error_on_its_own_field(server):
+    status, answer = server.post("/prompt", {"prompt": _conditioning(width=5000)})
+    assert status == 400, answer
+    (error,) = answer["node_errors"]["cond"]["errors"]
+    assert error["extra_info"]["input_name"] == "width" and error["type"] == "value_bigger_than_max", error
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+@pytest.mark.parametrize(
+    "inputs, says",
+    [
+        (dict(length=78), "length 78 does not fit this checkpoint: it must be 4·k + 1"),
+        (dict(width=4096, height=64), "width 4096 is over this checkpoint's maximum of 2880"),
+        (dict(identity_strength=math.nan), "identity_strength nan must be a finite number from 0 to 10"),
+        (dict(start_percent=math.nan), "start_percent nan must be a finite number from 0 to 1"),
+        (dict(start_percent=0.9, end_percent=0.1), "start_percent 0.9 is after end_percent 0.1; swap them"),
+    ],
+)
+def test_identity_conditioning_numbers_from_a_prompt(server, inputs, says):
+    _failed(server, _conditioning(**inputs), "ConsisIDIdentityConditioning", says)
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+def test_a_pixel_space_vae_is_refused_by_identity_conditioning(server):
+    prompt = _conditioning()
+    prompt["vae"]["inputs"]["vae_name"] = "pixel_space"
+    _failed(server, prompt, "ConsisIDIdentityConditioning", "this VAE is a PixelspaceConversionVAE, not CogVideoX's")
+
+
+def _face_modules(name: str) -> dict:
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_transformer.safetensors", "weight_dtype": "default"}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": name}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "simple", "steps": 2,
+                                                              "denoise": 1.0}},
+        "out": {"class_type": "PreviewAny", "inputs": {"source": ["sigmas", 0]}},
+    }
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+@pytest.mark.parametrize("name", sorted(BAD_FACE_SAYS))
+def test_a_bad_face_modules_file_from_a_prompt(server, name):
+    _failed(server, _face_modules(f"bad_{name}.safetensors"), "ConsisIDFaceModules", BAD_FACE_SAYS[name], "CheckpointError")
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+@pytest.mark.parametrize("name, says", [("nan_single", "'proj_out.weight' holds NaN values"),
+                                        ("deep_single", "'LFE_depth' 1000000000 must be a whole number from 1 to 256")])
+def test_a_bad_single_file_transformer_from_a_prompt(server, name, says):
+    prompt = _face_modules("tiny_face.safetensors")
+    prompt["model"] = {"class_type": "ConsisIDNativeModelLoader",
+                       "inputs": {"model": f"diffusion_models/{name}.safetensors", "weight_dtype": "fp32"}}
+    del prompt["unet"]
+    _failed(server, prompt, "ConsisIDNativeModelLoader", says, "CheckpointError")
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+@pytest.mark.parametrize("name, says", [("nan", "the LATENT: 'samples' holds NaN values: the sampling diverged"),
+                                        ("empty", "this LATENT (float32 [0, 16, 3, 8, 12]) is not a video latent")])
+def test_native_vae_decode_of_a_bad_latent_from_a_prompt(server, name, says):
+    prompt = {
+        "latent": {"class_type": "LoadLatent", "inputs": {"latent": f"{name}.latent"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "cogvideox_vae.safetensors"}},
+        "decode": {"class_type": "ConsisIDNativeVAEDecode", "inputs": {"samples": ["latent", 0], "vae": ["vae", 0]}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
+    }
+    _failed(server, prompt, "ConsisIDNativeVAEDecode", says)
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@NEEDS_NATIVE
+def test_an_identity_of_other_widths_from_a_prompt(server):
+    prompt = _conditioning("other_identity.safetensors") | {
+        "model": {"class_type": "ConsisIDNativeModelLoader", "inputs": {"model": NATIVE, "weight_dtype": "fp32"}},
+        "sample": {"class_type": "KSampler",
+                   "inputs": {"model": ["model", 0], "seed": 1, "steps": 1, "cfg": 6.0, "sampler_name": "euler",
+                              "scheduler": "simple", "positive": ["cond", 0], "negative": ["cond", 1],
+                              "latent_image": ["cond", 2], "denoise": 1.0}},
+    }
+    prompt["save"]["inputs"]["samples"] = ["sample", 0]
+    _failed(server, prompt, "KSampler", "the identity does not fit this model: id_cond of width 100", "IdentityError")
+    status, _ = server.post("/prompt", {"prompt": _conditioning()})
+    assert status == 200  # and the server takes the next prompt

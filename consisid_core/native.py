@@ -306,6 +306,7 @@ def read_face_file(path: str | os.PathLike, cancel: Callable[[], None] = lambda:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in FaceModules(info["config"], cancel).state_dict().items()}
     check_shapes(expected, shapes, f"the face-module weights in '{path}'", REEXPORT)
+    check_fits(path.stat().st_size, "cpu", f"reading the face modules in '{path}'", "free memory")
     return read_weights(path, cancel), info
 
 

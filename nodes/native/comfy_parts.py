@@ -20,6 +20,13 @@ x_t: right for a DDPM loop (core's VOID nodes), wrong for k-samplers (tests/test
 measures it). `ModelSamplingConsisID` is the same schedule (v-prediction, scaled-linear betas
 0.00085–0.012, zero terminal SNR, from diffusers' scheduler) in flow coordinates: finite at the
 zero-SNR end, Euler there is DDIM step for step, and `simple` picks the trailing timesteps.
+
+Guarded as the wrapper is (`nodes/fence.py`): every internal above is probed when the pack loads,
+each probe cheap (a signature, an attribute, the source line that calls it, a tiny block or sampler
+run), as one of `ASSUMPTIONS`' features. Where one differs, the log says so in one line and each
+node that needs it refuses in one line naming itself (`require`), or falls back (core's decode
+order, the posterior mean, latents on the CPU). What exists only on instances (the VAE's lambdas,
+the transformer's blocks) is checked where used (`instance_parts`).
 """
 
 from __future__ import annotations
@@ -153,6 +160,8 @@ def _transformer() -> list[str]:
         found.append("comfy.model_base.CogVideoX.extra_conds, .concat_cond(concat_latent_image=)")
     if "**extra_conds" not in _source(getattr(comfy.model_base.BaseModel, "_apply_model", None)):
         found.append("comfy.model_base.BaseModel._apply_model passing extra_conds to the diffusion model")
+    if not callable(getattr(comfy.model_base.BaseModel, "get_dtype", None)):
+        found.append("comfy.model_base.BaseModel.get_dtype")
     return found + _block_outputs()
 
 
@@ -606,9 +615,9 @@ def encode_first_frame(vae, pixels: torch.Tensor, seed: int | None) -> torch.Ten
     """The first frame's latent [1, C, 1, h, w] from an IMAGE [1, H, W, 3]: core VAE Encode's
     posterior mean, or with `seed` the posterior sampled as ConsisIDPipeline samples it for that
     seed (so ConsisID Noise with the same seed gives the reference's video)."""
-    if seed is None or not fence.works("native_first_frame_sample"):
+    encoder = getattr(vae.first_stage_model, "encoder", None)
+    if seed is None or encoder is None or not fence.works("native_first_frame_sample"):
         return vae.encode(pixels)
-    encoder = vae.first_stage_model.encoder
     x = vae.process_input(pixels).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, 1, H, W], as core's encode
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(x.shape, vae.vae_dtype))
     with torch.inference_mode():

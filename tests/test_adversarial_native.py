@@ -252,6 +252,19 @@ def test_a_slow_build_stops_at_cancel(exported, tmp_path):
 # The native loader's single-file transformer
 
 
+def test_the_native_loaders_read_stops_at_cancel(tiny_dir):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        source_weights(tiny_dir, cancel)
+    assert len(calls) == 3
+
+
 def _transformer_file(tiny_dir, tmp_path, **tensors) -> str:
     with safe_open(tiny_dir / "transformer" / WEIGHTS, framework="pt") as f:
         kept = {k: f.get_tensor(k) for k in f.keys()}
@@ -348,6 +361,7 @@ def _image(shape, dtype=torch.float32, fill=0.5):
         (dict(length=0), "length 0 does not fit this checkpoint"),
         (dict(length=393), "length 393 is over this checkpoint's maximum of 392 per pass (8 × its native 49); pass "
                            "allow_oversize"),
+        (dict(length=1025), "length 1025 is over this checkpoint's maximum of 392 per pass"),
         (dict(width=96.5), "width 96.5 must be a whole number"),
         (dict(width=100), "width 100 does not fit this checkpoint: it must be a positive multiple of 16"),
         (dict(width=4096, height=64), "width 4096 is over this checkpoint's maximum of 2880"),

@@ -471,6 +471,21 @@ def _sample(native, identity, model=None):
 
 @pytest.mark.comfyui
 @NEEDS_NATIVE
+@pytest.mark.slow
+def test_a_vae_lacking_what_the_native_nodes_use_is_refused_by_name(native, cogvideox_vae):
+    """The VAE's memory estimates are set on each instance (no probe sees them at load): checked where used."""
+    import copy
+
+    changed = copy.copy(cogvideox_vae)
+    del changed.memory_used_decode
+    refused("ConsisID Native VAE Decode needs ComfyUI internals that this ComfyUI", lambda: native.nodes.ConsisIDNativeVAEDecode()
+            .decode({"samples": torch.zeros(1, 16, 3, 8, 12)}, changed), _pack_error("ConsisIDError"))
+    refused("(comfy.sd.VAE lacks memory_used_decode)", lambda: native.nodes.ConsisIDNativeVAEDecode()
+            .decode({"samples": torch.zeros(1, 16, 3, 8, 12)}, changed), _pack_error("ConsisIDError"))
+
+
+@pytest.mark.comfyui
+@NEEDS_NATIVE
 def test_an_identity_of_other_widths_is_refused_at_sampling_with_the_packs_error(native):
     from consisid_pack.consisid_core.tiny import random_identity
 

@@ -440,10 +440,13 @@ IDENTITY_KEYS = ("consisid_id_cond", "consisid_id_vit_hidden")
 OPTION_KEYS = ("consisid_strength", "consisid_start", "consisid_end")
 
 
-def _extra_conds(model_base, **kwargs):
-    """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on)."""
+def _extra_conds(model_base, config, **kwargs):
+    """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on),
+    refused here, as the sampler takes the conditioning in, if the face modules of `config` cannot
+    take it."""
     out = type(model_base).extra_conds(model_base, **kwargs)
     if kwargs.get("consisid_id_cond") is not None:
+        check_identity_fits(config, kwargs["consisid_id_cond"], kwargs["consisid_id_vit_hidden"])
         for key in IDENTITY_KEYS:
             out[key] = comfy.conds.CONDRegular(kwargs[key])
         for key in OPTION_KEYS:
@@ -460,7 +463,6 @@ def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=
     if id_cond is None or not strength or not _active(model, transformer_options, start, end):
         return _finite(executor(x, timestep, context, ofs, transformer_options, **kwargs))
     face: FaceModules = model.consisid_face
-    check_identity_fits(face.config, id_cond, hidden)
     if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
         # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
         id_cond, hidden = id_cond[:1], hidden[:1]
@@ -556,7 +558,7 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
     patched.add_object_patch("model_sampling", sampling)
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
-    patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base))
+    patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base, config))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "consisid_face", _face_wrapper)
     patched.size = model.model_size() + _module_size(face)
     return patched

@@ -203,6 +203,9 @@ def dynamic_guidance(scale: float, timestep: float, steps: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Files: the transformer in ComfyUI's layout, the face modules on their own
 
+REEXPORT = "use the checkpoint's original file, or export it again with `python -m consisid_core export`"
+"""How to mend a weights file the native path refuses."""
+
 
 def source_weights(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
     """A ConsisID transformer's weights (diffusers key names) and config, from a ConsisID folder
@@ -248,9 +251,6 @@ def transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = ConsisIDTransformer3DModel.from_config(dict(config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-REEXPORT = "use the checkpoint's original file, or export it again with `python -m consisid_core export`"
 
 
 def read_weights(path: Path, cancel: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import diffusers_hooks as hooks
-from .checks import check_config, check_module_weights, check_tensors, class_defaults
+from .checks import check_config, check_face_rules, check_module_weights, check_tensors, class_defaults
 from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
 from .files import safetensors_header, shown
@@ -140,12 +140,7 @@ def _effective_config(config: Mapping, component: str, where) -> dict:
         _check_transformer_config(config, where)
     effective = check_config(config, cls.__name__, str(where), class_defaults(cls))
     if component == "transformer":  # what diffusers would fail on when building or sampling
-        for whole, part in (("LFE_depth", "LFE_num_scale"), ("num_layers", "cross_attn_interval")):
-            if effective[whole] % effective[part]:
-                raise CheckpointError(
-                    f"'{where}': {whole} {effective[whole]} is not a multiple of {part} {effective[part]}; "
-                    "use the checkpoint's original config.json"
-                )
+        check_face_rules(effective, str(where))
     if component == "vae":
         counts = {len(effective[k]) for k in ("block_out_channels", "down_block_types", "up_block_types")}
         if len(counts) != 1:

@@ -115,11 +115,46 @@ def decoded_frames(frames: int, temporal_compression: int) -> int:
     return frames if latent % 2 else latent * temporal_compression
 
 
+def check_video_size(
+    frames, height, width, native: tuple[int, int, int], multiple: int, temporal: int, least: int = 1,
+    allow_oversize: bool = False, names: tuple[str, str, str] = ("frame count", "height", "width"),
+) -> tuple[int, int, int]:
+    """(frames, height, width) as whole numbers that a model of `native` (frames, height, width) size
+    takes: sides positive multiples of `multiple`, frames `temporal`·k + 1 and at least `least`,
+    within `bounded_size` (lifted by `allow_oversize`). `names` are the inputs as the caller calls them."""
+    frames, height, width = (check_number(n, v, integer=True) for n, v in zip(names, (frames, height, width)))
+    native_frames, native_height, native_width = native
+    for name, value, native_side in ((names[1], height, native_height), (names[2], width, native_width)):
+        if value <= 0 or value % multiple:
+            raise ConsisIDError(
+                f"{name} {value} does not fit this checkpoint: it must be a positive multiple of {multiple} "
+                f"(the checkpoint's native {name} is {native_side})"
+            )
+    if frames < least or (frames - 1) % temporal:
+        lower = max(least, (frames - 1) // temporal * temporal + 1)
+        raise ConsisIDError(
+            f"{names[0]} {frames} does not fit this checkpoint: it must be {temporal}·k + 1 and at least {least} "
+            f"(e.g. {lower} or {lower + temporal}; the checkpoint's native count is {native_frames})"
+        )
+    bounded_size(frames, height, width, native, allow_oversize, names)
+    return frames, height, width
+
+
+def check_percent_range(start, end, names: tuple[str, str] = ("start_percent", "end_percent")) -> tuple[float, float]:
+    """A part of a sampling run, as percents of its steps (ComfyUI's start/end percent): 0 to 1, start first."""
+    start = check_number(names[0], start, 0, 1, "0 is the first step")
+    end = check_number(names[1], end, 0, 1, "1 is the last step")
+    if start > end:
+        raise ConsisIDError(f"{names[0]} {start:g} is after {names[1]} {end:g}; swap them")
+    return start, end
+
+
 def bounded_size(
-    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False
+    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False,
+    names: tuple[str, str, str] = ("frame count", "height", "width"),
 ) -> None:
     """Refuse a pass larger than `MAX_FRAMES_FACTOR` × the native frames or `MAX_PIXELS_FACTOR` ×
-    the native pixels (and sides), unless `allow_oversize`."""
+    the native pixels (and sides), unless `allow_oversize`; `names` as the caller calls the three."""
     native_frames, native_height, native_width = native
     if allow_oversize:
         return
@@ -127,11 +162,11 @@ def bounded_size(
     most_frames = MAX_FRAMES_FACTOR * native_frames
     if frames > most_frames:
         raise ConsisIDError(
-            f"frame count {frames} is over this checkpoint's maximum of {most_frames} per pass "
+            f"{names[0]} {frames} is over this checkpoint's maximum of {most_frames} per pass "
             f"({MAX_FRAMES_FACTOR} × its native {native_frames}){hint}"
         )
     side_factor = MAX_PIXELS_FACTOR
-    for name, value, native_side in (("height", height, native_height), ("width", width, native_width)):
+    for name, value, native_side in ((names[1], height, native_height), (names[2], width, native_width)):
         if value > side_factor * native_side:
             raise ConsisIDError(
                 f"{name} {value} is over this checkpoint's maximum of {side_factor * native_side} "
@@ -174,6 +209,75 @@ def _describe_value(value: float) -> str:
     if math.isinf(value):
         return "infinite"
     return f"absurdly large ({value:.3g})"
+
+
+def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], where: str, fix: str) -> None:
+    """Refuse weights whose keys or shapes differ from what their config builds: one line naming
+    the first few missing, unexpected and misshapen keys."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if tuple(expected[k]) != tuple(found[k]))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(shown(k) for k in missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(shown(k) for k in unexpected[:3])})")
+    if wrong:
+        shapes = ", ".join(f"{shown(k)}: {list(found[k])}, expected {list(expected[k])}" for k in wrong[:3])
+        problems.append(f"{len(wrong)} of the wrong shape ({shapes})")
+    if problems:
+        raise CheckpointError(f"{where} do not match their config: keys {'; '.join(problems)}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What nodes are given: images and latents
+
+MAX_IMAGE_CHANNELS = 4
+"""IMAGE batches have 3 channels; grey (1), grey and alpha (2) and RGBA (4) are taken as RGB."""
+LATENT_CAUSE = (
+    "the sampling diverged; most often half-precision (fp16) weights overflow (load the model in bf16 or fp32), "
+    "or a model, LoRA or face-modules file holds damaged weights"
+)
+"""Why a sampler's latents hold NaN or infinite values, as far as the pack can tell."""
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    return type(value).__name__
+
+
+def check_image(image, name: str, fix: str, error=ConsisIDError) -> torch.Tensor:
+    """An IMAGE as ComfyUI passes one (a float batch [images, height, width, channels] in 0..1) with at
+    least one pixel, 1 to `MAX_IMAGE_CHANNELS` channels and finite values, returned as RGB [N, H, W, 3]
+    (grey repeated, alpha dropped); else `error` in one line naming `name` and the `fix`."""
+    if (not isinstance(image, torch.Tensor) or not image.is_floating_point() or image.ndim != 4
+            or 0 in image.shape or image.shape[-1] > MAX_IMAGE_CHANNELS):
+        raise error(
+            f"the {name} ({_described(image)}) is not an IMAGE: a float batch [images, height, width, channels] "
+            f"with at least one pixel and 1 to {MAX_IMAGE_CHANNELS} channels; {fix}"
+        )
+    if not torch.isfinite(image).all():
+        raise error(f"the {name} holds NaN or infinite pixels; {fix}")
+    channels = image.shape[-1]
+    if channels >= 3:
+        return image[..., :3]
+    return image[..., :1].expand(*image.shape[:3], 3)
+
+
+def check_latent(latent, channels: int, channel_dim: int, fix: str) -> torch.Tensor:
+    """A video latent to decode: a float tensor of 5 dimensions, none empty, `channels` at
+    `channel_dim` (2: [batch, frames, channels, h, w], 1: ComfyUI's [batch, channels, frames, h, w]),
+    finite and below `MAX_MAGNITUDE` (else the likely cause, `LATENT_CAUSE`)."""
+    layout = "[batch, frames, channels, h, w]" if channel_dim == 2 else "[batch, channels, frames, h, w]"
+    if (not isinstance(latent, torch.Tensor) or not latent.is_floating_point() or latent.ndim != 5
+            or 0 in latent.shape or latent.shape[channel_dim] != channels):
+        raise ConsisIDError(
+            f"this LATENT ({_described(latent)}) is not a video latent {layout} of {channels} channels with a frame "
+            f"in it: {fix}"
+        )
+    check_tensors([("samples", latent)], "the LATENT", LATENT_CAUSE)
+    return latent
 
 
 def check_module_weights(module: torch.nn.Module, where: str) -> None:
@@ -280,6 +384,21 @@ def check_config(config, class_name: str, where: str, defaults: Mapping | None =
             raise CheckpointError(f"'{where}' has no '{key}': add it (the released checkpoint's config.json has it)")
         _check_config_value(effective[key], rule, key, where)
     return effective
+
+
+def check_face_rules(config: Mapping, where: str) -> None:
+    """What the face modules need of a transformer config's numbers beyond their bounds (diffusers
+    would fail on these only when it builds or samples)."""
+    fix = "use the checkpoint's original config.json"
+    for whole, part in (("LFE_depth", "LFE_num_scale"), ("num_layers", "cross_attn_interval")):
+        if config[whole] % config[part]:
+            raise CheckpointError(f"'{where}': {whole} {config[whole]} is not a multiple of {part} {config[part]}; {fix}")
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    if config["LFE_output_dim"] != int(inner / 3 * 2):
+        raise CheckpointError(
+            f"'{where}': LFE_output_dim {config['LFE_output_dim']} must be two thirds of the transformer's width "
+            f"{inner} ({int(inner / 3 * 2)}), which the face cross-attention takes; {fix}"
+        )
 
 
 def _check_config_value(value, rule: tuple, key: str, where: str) -> None:

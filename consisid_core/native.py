@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,17 +23,20 @@ from safetensors.torch import save_file
 
 from .checkpoint import (
     FACE_MODULES,
+    MAX_JSON_BYTES,
     RELEASED_SCHEDULER_CONFIG,
     Checkpoint,
+    check_float_weights,
     infer_transformer_config,
-    load_transformer_file,
     read_safetensors_shapes,
 )
+from .checks import CONFIG_RULES, check_config, check_face_rules, check_number, check_shapes, check_tensors, class_defaults
 from .diffusers_hooks import part
-from .errors import CheckpointError, ConsisIDError
-from .files import file_stem, output_folder, shown, write_all, write_atomically
+from .errors import CheckpointError, ConsisIDError, first_line
+from .files import file_stem, output_folder, safetensors_header, shown, write_all, write_atomically
 from .lora import LoRA, read_lora
 from .media import check_output
+from .memory import check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -103,22 +106,25 @@ class FaceModules(torch.nn.Module):
     """ConsisID's face modules as diffusers builds them (same key names): the Local Facial Extractor
     and one perceiver cross-attention after every `cross_attn_interval` transformer blocks."""
 
-    def __init__(self, config: Mapping):
+    def __init__(self, config: Mapping, cancel: Callable[[], None] = lambda: None):
+        """Built from a checked config (`read_face_file`, `source_weights`); `cancel` is called
+        between the modules and may raise to stop the build."""
         super().__init__()
         LocalFacialExtractor, PerceiverCrossAttention = part("LocalFacialExtractor"), part("PerceiverCrossAttention")
         c = dict(config)
         inner = c["num_attention_heads"] * c["attention_head_dim"]
         self.config = c
+        cancel()
         self.local_facial_extractor = LocalFacialExtractor(
             id_dim=c["LFE_id_dim"], vit_dim=c["LFE_vit_dim"], depth=c["LFE_depth"], dim_head=c["LFE_dim_head"],
             heads=c["LFE_num_heads"], num_id_token=c["LFE_num_id_token"], num_queries=c["LFE_num_querie"],
             output_dim=c["LFE_output_dim"], ff_mult=c["LFE_ff_mult"], num_scale=c["LFE_num_scale"],
         )
-        self.perceiver_cross_attention = torch.nn.ModuleList(
-            PerceiverCrossAttention(dim=inner, dim_head=c["cross_attn_dim_head"], heads=c["cross_attn_num_heads"],
-                                    kv_dim=int(inner / 3 * 2))
-            for _ in range(c["num_layers"] // c["cross_attn_interval"])
-        )
+        self.perceiver_cross_attention = torch.nn.ModuleList()
+        for _ in range(c["num_layers"] // c["cross_attn_interval"]):
+            cancel()
+            self.perceiver_cross_attention.append(PerceiverCrossAttention(
+                dim=inner, dim_head=c["cross_attn_dim_head"], heads=c["cross_attn_num_heads"], kv_dim=int(inner / 3 * 2)))
 
     def face_tokens(self, id_cond: torch.Tensor, id_vit_hidden: list[torch.Tensor]) -> torch.Tensor:
         """The Local Facial Extractor's output, in the face modules' dtype."""
@@ -199,25 +205,71 @@ def dynamic_guidance(scale: float, timestep: float, steps: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Files: the transformer in ComfyUI's layout, the face modules on their own
 
+REEXPORT = "use the checkpoint's original file, or export it again with `python -m consisid_core export`"
+"""How to mend a weights file the native path refuses."""
 
-def source_weights(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+
+def source_weights(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
     """A ConsisID transformer's weights (diffusers key names) and config, from a ConsisID folder
-    or a single .safetensors file (config inferred from the weights' shapes)."""
+    or a single .safetensors file (config inferred from the weights' shapes), read as a checkpoint
+    is: the config within `checks.CONFIG_RULES` and every key and shape against it before a tensor
+    is read (so a layer index beyond the config is refused unbuilt), then floats only, finite,
+    with `cancel` called between tensors."""
     path = Path(source)
     if path.is_dir():
-        checkpoint = Checkpoint.open(path)
-        config = checkpoint.transformer_config
+        config = dict(Checkpoint.open(path).transformer_config)
         files = sorted((path / "transformer").glob("*.safetensors"))
+        shapes = {k: v for file in files for k, v in read_safetensors_shapes(file).items()}
     else:
         if not path.is_file():
             raise CheckpointError(f"'{path}' is neither a ConsisID checkpoint folder nor a .safetensors file")
-        config = infer_transformer_config(read_safetensors_shapes(path), f"the weights in '{path}'")
+        shapes = read_safetensors_shapes(path)
+        inferred = infer_transformer_config(shapes, f"the weights in '{path}'")
+        config = checked_transformer_config(inferred, f"{path} (the config its keys and shapes make)")
         files = [path]
+    check_shapes(transformer_shapes(config), shapes, f"the transformer weights in '{path}'", REEXPORT)
+    check_fits(sum(file.stat().st_size for file in files), "cpu", f"reading the transformer in '{path}'",
+               "free memory, or use a smaller file (bf16 rather than fp32)")
     weights = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            weights |= {k: f.get_tensor(k) for k in f.keys()}
-    return weights, dict(config)
+        weights |= read_weights(file, cancel)
+    return weights, config
+
+
+def checked_transformer_config(config: Mapping, where: str) -> dict:
+    """A transformer config (or the face modules' part of one) within `checks.CONFIG_RULES` and
+    what the face modules need of its numbers (`checks.check_face_rules`), with diffusers' defaults."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    effective = check_config(config, "ConsisIDTransformer3DModel", where, class_defaults(ConsisIDTransformer3DModel))
+    check_face_rules(effective, where)
+    return effective
+
+
+def transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the diffusers ConsisID transformer `config` builds (built on the meta device)."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    with torch.device("meta"):
+        model = ConsisIDTransformer3DModel.from_config(dict(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_weights(path: Path, cancel: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file whose header was checked: floats only, each finite and
+    within `checks.MAX_MAGNITUDE`, `cancel` called before each."""
+    check_float_weights(path)
+    weights = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                cancel()
+                tensor = f.get_tensor(key)
+                check_tensors([(key, tensor)], f"'{path}'", f"the file is damaged; {REEXPORT}", CheckpointError)
+                weights[key] = tensor
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({first_line(e)})") from None
+    return weights
 
 
 def split_weights(weights: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -240,29 +292,87 @@ def face_file_metadata(config: Mapping, latent_channels: int, scaling_factor: fl
     }
 
 
-def read_face_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The face modules' weights and their metadata (config, latent channels, scaling factor,
-    scheduler) from a file `export` wrote."""
+def read_face_file(path: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
+    """The face modules' weights and their settings (config, latent channels, scaling factor,
+    scheduler) from a file `export` wrote, read as a checkpoint is: the header and every setting
+    checked (`face_file_settings`), the weights' keys and shapes against the config before a tensor
+    is read, then the weights themselves (`read_weights`, `cancel` called between them)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' does not exist")
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            if metadata.get("format") != FACE_FORMAT:
-                raise CheckpointError(
-                    f"'{path}' is not a ConsisID face-modules file (write one with `python -m consisid_core export`)"
-                )
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({e})") from None
-    info = {
-        "config": json.loads(metadata["config"]),
-        "latent_channels": int(metadata["latent_channels"]),
-        "scaling_factor": float(metadata["scaling_factor"]),
-        "scheduler": json.loads(metadata["scheduler"]),
+        shapes, metadata = safetensors_header(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable .safetensors file ({first_line(e)})") from None
+    info = face_file_settings(metadata, str(path))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FaceModules(info["config"], cancel).state_dict().items()}
+    check_shapes(expected, shapes, f"the face-module weights in '{path}'", REEXPORT)
+    check_fits(path.stat().st_size, "cpu", f"reading the face modules in '{path}'", "free memory")
+    return read_weights(path, cancel), info
+
+
+def face_file_settings(metadata: Mapping[str, str], where: str) -> dict:
+    """A face-modules file's settings from its metadata, each checked: the face config within
+    `checks.CONFIG_RULES`, the latent channels and scaling factor within a VAE config's bounds, the
+    scheduler config within the scheduler's (`checked_scheduler`)."""
+    if metadata.get("format") != FACE_FORMAT:
+        raise CheckpointError(f"'{where}' is not a ConsisID face-modules file (write one with `python -m consisid_core export`)")
+    config = face_config(checked_transformer_config(_json_setting(metadata, "config", where), f"{where} (config)"))
+    vae = CONFIG_RULES["AutoencoderKLCogVideoX"]
+    return {
+        "config": config,
+        "latent_channels": _number_setting(metadata, "latent_channels", where, vae["latent_channels"]),
+        "scaling_factor": _number_setting(metadata, "scaling_factor", where, vae["scaling_factor"]),
+        "scheduler": checked_scheduler(_json_setting(metadata, "scheduler", where), f"{where} (scheduler)"),
     }
-    return weights, info
+
+
+def _json_setting(metadata: Mapping[str, str], key: str, where: str) -> dict:
+    text = metadata.get(key)
+    fix = "export the face modules again with `python -m consisid_core export`"
+    if not isinstance(text, str) or len(text) > MAX_JSON_BYTES:
+        raise CheckpointError(f"'{where}' has no '{key}' setting of at most {MAX_JSON_BYTES // 1024} kB: {fix}")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"'{where}': its '{key}' setting is not JSON ({first_line(e)}): {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"'{where}': its '{key}' setting must be a JSON object, found {type(value).__name__}: {fix}")
+    return value
+
+
+def _number_setting(metadata: Mapping[str, str], key: str, where: str, rule: tuple) -> int | float:
+    kind, low, high = rule
+    text = metadata.get(key)
+    try:
+        value = int(text) if kind == "int" else float(text)
+    except (TypeError, ValueError, OverflowError):
+        value = text
+    try:
+        return check_number(f"its '{key}' setting", value, low, high, integer=kind == "int")
+    except ConsisIDError as e:
+        raise CheckpointError(f"'{where}': {e}; export the face modules again with `python -m consisid_core export`") from None
+
+
+def checked_scheduler(config: Mapping, where: str) -> dict:
+    """A scheduler config within `checks.CONFIG_RULES`, v-prediction (what the native MODEL
+    samples), whose schedule in flow coordinates (`flow_sigmas`) is finite and rising."""
+    from diffusers import CogVideoXDPMScheduler
+
+    fix = "use the checkpoint's original scheduler_config.json"
+    effective = check_config(config, "CogVideoXDPMScheduler", where, class_defaults(CogVideoXDPMScheduler))
+    if effective["prediction_type"] != "v_prediction":
+        raise CheckpointError(f"'{where}': prediction_type is '{effective['prediction_type']}'; ConsisID predicts "
+                              f"v (v_prediction): {fix}")
+    try:
+        sigmas = flow_sigmas(config)
+    except (ValueError, TypeError, ArithmeticError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"'{where}' makes no noise schedule ({first_line(e)}): {fix}") from None
+    if not torch.isfinite(sigmas).all() or (sigmas.diff() < 0).any() or not sigmas[0] < sigmas[-1]:
+        raise CheckpointError(f"'{where}' makes a noise schedule that is not finite and rising (betas "
+                              f"{effective['beta_start']} to {effective['beta_end']}): {fix}")
+    return dict(config)
 
 
 def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
@@ -274,51 +384,6 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
     return 16, 0.7
 
 
-def loaded_weights(source: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """A ConsisID transformer's weights (diffusers key names) and config, from a ConsisID folder or
-    a single .safetensors file, loaded as `generate` loads them (`Checkpoint.load_transformer`,
-    `load_transformer_file`): every tensor a float, every shape the config's, every value finite,
-    or one line saying what is wrong. In `dtype`; None: the precision the weights are stored in."""
-    path = Path(source)
-    if path.is_dir():
-        checkpoint = Checkpoint.open(path)
-        config = checkpoint.transformer_config
-        files = sorted((path / "transformer").glob("*.safetensors"))
-    elif path.is_file():
-        config = infer_transformer_config(read_safetensors_shapes(path), f"the weights in '{path}'")
-        files = [path]
-    else:
-        what = "does not exist" if not path.exists() else "is neither a folder nor a file"
-        raise CheckpointError(f"'{path}' {what}; give a ConsisID checkpoint folder or a transformer .safetensors file")
-    if config.get("is_kps"):
-        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
-    dtype = dtype or stored_dtype(files)
-    if path.is_dir():
-        transformer = checkpoint.load_transformer(dtype)
-    else:
-        transformer = load_transformer_file(path, dtype, config=config)
-    return transformer.state_dict(), dict(config)
-
-
-_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def stored_dtype(files) -> torch.dtype:
-    """The precision most of the weights in the .safetensors `files` are stored in, from their
-    headers (fp32 for another kind, e.g. fp8; a file that does not read is left to the loader)."""
-    counts: dict[str, int] = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    tensor = f.get_slice(key)
-                    counts[tensor.get_dtype()] = counts.get(tensor.get_dtype(), 0) + math.prod(tensor.get_shape())
-        except (SafetensorError, OSError):
-            continue
-    most = max(counts, key=counts.get, default="F32")
-    return _STORED_DTYPES.get(most, torch.float32)
-
-
 def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: str = "consisid",
            overwrite: bool = False, dtype: torch.dtype | None = None, loras=()) -> list[Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
@@ -327,8 +392,8 @@ def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: s
     it), to `out_dir`: all of them or none.
 
     Every refusal comes before the first byte is written: the folder (resolved once, no link), the
-    names (plain file names), every target (see `media.check_output`), the weights (loaded as
-    `generate` loads them) and the LoRAs (read as `generate` reads them)."""
+    names (plain file names), every target (see `media.check_output`), the weights (read as a
+    checkpoint is: `source_weights`) and the LoRAs (read as `generate` reads them)."""
     out = output_folder(out_dir)
     targets = _export_targets(out, file_stem(name, "--name") if source is not None else None, loras)
     for target in targets:
@@ -361,7 +426,11 @@ def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
 
 def _model_writes(source, dtype: torch.dtype | None, transformer_path: Path, face_path: Path) -> dict:
     """The transformer's and the face modules' files, each a write of `save_file` (weights checked)."""
-    weights, config = loaded_weights(source, dtype)
+    weights, config = source_weights(source)
+    if config.get("is_kps"):
+        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
     core, face = split_weights(weights)
     channels, scaling = vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
@@ -373,15 +442,14 @@ def _model_writes(source, dtype: torch.dtype | None, transformer_path: Path, fac
     }
 
 
-def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping) -> FaceModules:
-    """The face modules of `config` holding `weights` (diffusers key names), checked key by key."""
+def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping,
+                 cancel: Callable[[], None] = lambda: None) -> FaceModules:
+    """The face modules of a checked `config` holding `weights` (diffusers key names), checked key by
+    key; `cancel` is called between the modules built."""
     with torch.device("meta"):
-        modules = FaceModules(face_config(config))
+        modules = FaceModules(face_config(config), cancel)
     expected = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        wrong = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise CheckpointError(f"the face-module weights do not match their config (first differences: {wrong})")
+    check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "the face-module weights", REEXPORT)
     modules.load_state_dict(dict(weights), assign=True, strict=True)
     return modules.eval()
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import diffusers_hooks as hooks
 from .checkpoint import Checkpoint, ConsisIDModel
-from .checks import bounded_size, check_number, check_seed, check_steps, check_tensors, latent_frames
+from .checks import check_latent, check_number, check_seed, check_steps, check_tensors, check_video_size, latent_frames
 from .decoder import Tiling, spatial_scale, vae_options
 from .errors import ConsisIDError
 from .identity import Identity
@@ -64,27 +64,14 @@ def resolve_size(
     Needs only the configs, so a request fails before any weights load.
     """
     native_frames, native_height, native_width = native_size(transformer_config, vae_config)
-    frames = native_frames if frames is None else check_number("frame count", frames, integer=True)
-    height = native_height if height is None else check_number("height", height, integer=True)
-    width = native_width if width is None else check_number("width", width, integer=True)
-    frames, height, width = int(frames), int(height), int(width)
+    frames = native_frames if frames is None else frames
+    height = native_height if height is None else height
+    width = native_width if width is None else width
     multiple = spatial_scale(vae_config) * transformer_config["patch_size"]
-    for name, value, native in (("height", height, native_height), ("width", width, native_width)):
-        if value <= 0 or value % multiple:
-            raise ConsisIDError(
-                f"{name} {value} does not fit this checkpoint: it must be a positive multiple of {multiple} "
-                f"(the checkpoint's native {name} is {native})"
-            )
     t = vae_config["temporal_compression_ratio"]
     least = 2 * t + 1 if transformer_config.get("is_kps", False) else 1
-    if frames < least or (frames - 1) % t:
-        lower = max(least, (frames - 1) // t * t + 1)
-        raise ConsisIDError(
-            f"frame count {frames} does not fit this checkpoint: it must be {t}·k + 1 and at least {least} "
-            f"(e.g. {lower} or {lower + t}; the checkpoint's native count is {native_frames})"
-        )
-    bounded_size(frames, height, width, (native_frames, native_height, native_width), allow_oversize)
-    return frames, height, width
+    return check_video_size(frames, height, width, (native_frames, native_height, native_width), multiple, t, least,
+                            allow_oversize)
 
 
 def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
@@ -403,14 +390,7 @@ def check_run_fits(
 
 def check_latents(vae: torch.nn.Module, latents) -> None:
     """Latents this VAE can decode: [B, F, C, h, w] with its latent channels, finite."""
-    channels = vae.config.latent_channels
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels or 0 in latents.shape:
-        found = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ConsisIDError(
-            f"these latents ({found}) are not a ConsisID video latent [batch, frames, {channels}, h, w]: "
-            "decode the LATENT of ConsisID Sampler with the VAE of the same model"
-        )
-    check_tensors([("latents", latents)], "the latents", "decode the output of a run that finished")
+    check_latent(latents, vae.config.latent_channels, 2, "decode the LATENT of ConsisID Sampler with the VAE of the same model")
 
 
 def _weights_moved(vae: torch.nn.Module, device) -> int:

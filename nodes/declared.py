@@ -1,5 +1,10 @@
 """The checks ComfyUI skips: for every input a node's `VALIDATE_INPUTS` takes, ComfyUI no longer
-checks the declared minimum, maximum or list of choices, so the node does it here."""
+checks the declared minimum, maximum or list of choices, so the node does it here.
+
+ComfyUI shows what `VALIDATE_INPUTS` returns under every input it takes. The native nodes'
+`VALIDATE_INPUTS` therefore take one input each (a file name, whose message is that input's
+alone); their numbers are left to ComfyUI's own per-input bounds and checked again, NaN and all,
+when the node runs (`consisid_core.checks`), before any work."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..consisid_core.checks import check_image
 from ..consisid_core.errors import FaceError
 from ..consisid_core.face import extract_identity, load_face_models, onnxruntime_providers
 from ..consisid_core.files import shown
@@ -101,8 +102,7 @@ class ConsisIDFaceEmbed:
         }
 
     def embed(self, image: torch.Tensor, face_models, face_index: int):
-        if image.ndim != 4 or len(image) == 0:
-            raise FaceError(f"the image input holds no image (shape {list(image.shape)}); connect a photo")
+        image = check_image(image, "image input", "connect a photo (Load Image)", FaceError)
         owner = host.owner(face_models)
         if owner is not None:
             host.load([("face", owner.parts)], owner, load_device=face_models.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..consisid_core.checks import check_image
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.segments import ColourReference, check_segments
 from .declared import declared_error
@@ -65,12 +66,7 @@ class ConsisIDExtend:
 
     def extend(self, model, identity, text, previous, seed, steps, guidance, dynamic_cfg, scheduler, frames, width,
                height, identity_strength, colour_match, performance=None, allow_oversize=False):
-        if not isinstance(previous, torch.Tensor) or previous.ndim != 4 or len(previous) == 0 or previous.shape[-1] != 3:
-            found = list(previous.shape) if isinstance(previous, torch.Tensor) else type(previous).__name__
-            raise ConsisIDError(
-                f"the previous frames ({found}) are not an IMAGE batch [frames, height, width, 3] with a frame in it: "
-                "connect VAE Decode's frames or the previous Extend's video"
-            )
+        previous = check_image(previous, "previous frames", "connect VAE Decode's frames or the previous Extend's video")
         if tuple(previous.shape[1:3]) != (height, width):
             raise ConsisIDError(
                 f"the previous frames are {previous.shape[2]}×{previous.shape[1]}, this segment is {width}×{height}: "

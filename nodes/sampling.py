@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.checks import check_image
 from ..consisid_core.media import to_uint8
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
@@ -23,6 +21,8 @@ from . import host
 from .declared import declared_error
 
 logger = logging.getLogger(__name__)
+
+FIRST_FRAME_FIX = "connect a Load Image, or leave the input empty for the identity's face"
 
 
 def check_size(frames: int, width: int, height: int) -> str | bool:
@@ -95,12 +95,7 @@ class ConsisIDSampler:
         check_sampling_fits(model, frames, height, width, host.torch_device(), streamed, weights_moved=owner is None)
         first = None
         if image is not None:
-            if not isinstance(image, torch.Tensor) or image.ndim != 4 or len(image) == 0:
-                found = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ConsisIDError(
-                    f"the first-frame image ({found}) is not an IMAGE batch [N, H, W, 3] with an image in it: "
-                    "connect a Load Image, or leave the input empty for the identity's face"
-                )
+            image = check_image(image, "first-frame image", FIRST_FRAME_FIX)
             if len(image) > 1:
                 logger.info("the first-frame input is a batch of %d; using its first image", len(image))
             first = to_uint8(image[0])

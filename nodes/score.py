@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.checks import check_image
 from ..consisid_core.score import (
     DEFAULT_FRAMES_SAMPLED,
     MAX_FRAMES_SAMPLED,
@@ -67,9 +67,7 @@ class ConsisIDIdentityScore:
         }
 
     def score(self, frames: torch.Tensor, face_models, identity, frames_sampled: int, frames_per_segment: int = 0):
-        if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-            found = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-            raise ConsisIDError(f"the frames input holds no video frames ({found}); connect the frames of a video")
+        frames = check_image(frames, "frames input", "connect the frames of a video (VAE Decode's)")
         reference = identity_embedding(identity, face_models)
         bar = host.Progress(frames_sampled)
         result = score_video(face_models, reference, frames, frames_sampled, progress=bar.update)

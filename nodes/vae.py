@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..consisid_core.errors import ConsisIDError
+from ..consisid_core.checks import check_latent
 from ..consisid_core.memory import decode_memory
 from ..consisid_core.decoder import MAX_TILE, Tiling
-from ..consisid_core.sampling import check_latents, decode
+from ..consisid_core.sampling import decode
 from . import host
 
 TILES = Tiling()
 """The core's default tiles and overlaps (diffusers' for CogVideoX at 480x720)."""
 FRAMES_TOOLTIP = "The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another)."
 """The decoders' output (this node's and ConsisID Native VAE Decode's)."""
+LATENT_FIX = "connect the LATENT of ConsisID Sampler, and decode it with the same model"
 
 
 class ConsisIDVAEDecode:
@@ -55,14 +54,9 @@ class ConsisIDVAEDecode:
 
     def decode(self, model, latent, tiling, tile_height=TILES.tile_height, tile_width=TILES.tile_width,
                overlap_height=TILES.overlap_height, slicing=False, overlap_width=TILES.overlap_width):
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
-            found = list(samples.shape) if isinstance(samples, torch.Tensor) else "no samples tensor"
-            raise ConsisIDError(
-                f"this LATENT ({found}) is not a video latent: connect the LATENT of ConsisID Sampler"
-            )
+        samples = latent.get("samples") if isinstance(latent, dict) else latent
+        check_latent(samples, model.vae.config.latent_channels, 1, LATENT_FIX)
         latents = samples.permute(0, 2, 1, 3, 4)
-        check_latents(model.vae, latents)
         tiles = Tiling(tile_height, tile_width, overlap_height, overlap_width) if tiling else None
         work = decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles)
         device, move_models = host.load([("vae", model.vae)], host.owner(model), memory_required=work)

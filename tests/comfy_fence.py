@@ -5,7 +5,9 @@ ComfyUI release could break it. Each time the fence must name what differs in on
 feature must fall back (the same latents) or be refused with one line; where the fence is what
 saves the run, the same call without it is shown to fail ("without the fence: ...").
 
-Argument: a tiny checkpoint folder (made by make-tiny).
+Arguments: a tiny checkpoint folder (made by make-tiny); on a ComfyUI with native CogVideoX also a
+native tiny checkpoint folder and a CogVideoX VAE file of the released architecture, for the native
+path's assumptions (`comfy_parts.ASSUMPTIONS`), broken the same way at the end.
 """
 
 import contextlib
@@ -14,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-checkpoint_folder = sys.argv[1]
+checkpoint_folder, *native_files = sys.argv[1:]
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options  # noqa: E402
 
@@ -56,7 +58,8 @@ logging.getLogger("consisid_pack.nodes.fence").addHandler(Lines())
 @contextlib.contextmanager
 def broken(owner, name: str, value):
     """`owner.name` replaced by `value` (or deleted) for the block; the fence looks again."""
-    had, old = hasattr(owner, name), getattr(owner, name, None)
+    had = hasattr(owner, name)
+    old = vars(owner).get(name, getattr(owner, name, None))  # a class's own entry as it is (a classmethod)
     if value is DELETED:
         delattr(owner, name)
     else:
@@ -121,10 +124,12 @@ def core_latents(consisid_model) -> torch.Tensor:
     return latents.permute(0, 2, 1, 3, 4)
 
 
-# --- this ComfyUI is as the pack expects, and the node gives the core's latents
-quiet = {a.feature for a in fence.assumptions() if a.quiet}  # the native path before native CogVideoX
-differ = {f: found for f, found in fence.check().items() if found and f not in quiet and "(needs" not in found[0]}
-assert not differ, differ
+# --- this ComfyUI is as the pack expects (but the native path, on a ComfyUI without native CogVideoX), and
+# the node gives the core's latents
+from consisid_pack.nodes.native import comfy_parts  # noqa: E402
+
+NATIVE_OFF = set() if comfy_parts.AVAILABLE else {a.feature for a in comfy_parts.ASSUMPTIONS}
+assert all(not found for feature, found in fence.check().items() if feature not in NATIVE_OFF), fence.check()
 reference = core_latents(plain)
 assert torch.equal(node_latents(model()), reference)
 print("as expected: nothing differs")
@@ -280,4 +285,216 @@ if comfy_parts.AVAILABLE:
 else:
     assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
     print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
+
+# =============================================================================================
+# The native path: comfy_parts.ASSUMPTIONS, on a ComfyUI with native CogVideoX
+
+
+def refused(call, option: str, internal: str) -> str:
+    """`call` refused in one line naming the node (`option`) and the internal that differs."""
+    try:
+        call()
+    except fence.ComfyApiError as e:
+        message = str(e)
+        assert option in message and internal in message and "\n" not in message, (option, internal, message)
+        return message
+    raise AssertionError(f"{option} went on")
+
+
+def native_section(native_folder: str, vae_file: str) -> None:
+    import comfy.k_diffusion.sampling
+    import comfy.ldm.cogvideo.model as cogvideo
+    import comfy.ldm.cogvideo.vae as cogvideo_vae
+    import comfy.model_sampling
+    import comfy.patcher_extension
+    import comfy.samplers
+    import comfy.sd
+    import node_helpers
+
+    from consisid_pack.consisid_core.native import comfy_named
+    from consisid_pack.nodes.native import nodes as native
+
+    config = Checkpoint.open(native_folder).transformer_config
+    face = random_identity(config, seed=5)
+    g = torch.Generator().manual_seed(1)
+    words = TextEmbeddings(torch.randn(1, 226, config["text_embed_dim"], generator=g),
+                           torch.randn(1, 226, config["text_embed_dim"], generator=g))
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_file))
+    vae.first_stage_model.float()
+    nmodel = native.native_model(native_folder, torch.float32)
+
+    def latents(model, sampler="ddim", start=0.0, end=1.0):
+        first = torch.zeros(1, 16, 1, 8, 12)
+        positive, negative = native.identity_conditioned([[words.positive, {}]], [[words.negative, {}]], face, first,
+                                                         1.0, start, end)
+        empty = torch.zeros(1, 16, 3, 8, 12)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(6.0)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2)
+        sampler = comfy.samplers.sampler_object(sampler) if isinstance(sampler, str) else sampler
+        noise = comfy_parts.ReferenceNoise(3).generate_noise({"samples": empty})
+        return guider.sample(noise, empty, sampler, sigmas, seed=3, disable_pbar=True)
+
+    def encode(**options):
+        return native.ConsisIDIdentityConditioning().encode(
+            [[words.positive, {}]], [[words.negative, {}]], face, vae, 96, 64, 9, 1.0,
+            options.get("start", 0.0), options.get("end", 1.0), first_frame_seed=options.get("seed", -1))
+
+    reference = latents(nmodel)
+    assert all(not found for found in fence.check().values()), fence.check()
+    print("native: as expected")
+
+    # --- the Native Model Loader's call into core
+    def load_renamed(sd, options=None):
+        raise AssertionError("must not be called")
+
+    with broken(comfy.sd, "load_diffusion_model_state_dict", load_renamed):
+        said("native_load", "load_diffusion_model_state_dict")
+        print("  refused:", refused(lambda: native.ConsisIDNativeModelLoader().load("tiny", "fp32"),
+                                    "ConsisID Native Model Loader", "load_diffusion_model_state_dict"))
+        print("  without the fence:", failing(lambda: native.native_model(native_folder, torch.float32)))
+
+    # --- the transformer: a block's outputs, the rotary embedding's signature
+    block_forward = cogvideo.CogVideoXBlock.forward
+
+    def three_outputs(self, *args, **kwargs):
+        return (*block_forward(self, *args, **kwargs), None)
+
+    with broken(cogvideo.CogVideoXBlock, "forward", three_outputs):
+        said("native_transformer", "CogVideoXBlock")
+        print("  refused:", refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"),
+                                    "ConsisID Face Modules", "CogVideoXBlock"))
+        print("  without the fence:", failing(lambda: latents(nmodel)))
+
+    def rotary_scaled(self, h, w, t, device, scale=1.0):
+        raise AssertionError("must not be called")
+
+    with broken(cogvideo.CogVideoXTransformer3DModel, "_get_rotary_emb", rotary_scaled):
+        said("native_transformer", "_get_rotary_emb(self, h, w, t, device)")
+        refused(lambda: native.ConsisIDNativeModelLoader().load("tiny", "fp32"), "ConsisID Native Model Loader",
+                "_get_rotary_emb")
+
+    # --- model sampling: reshape_sigma's signature
+    with broken(comfy.model_sampling, "reshape_sigma", lambda sigma: sigma):
+        said("native_model_sampling", "reshape_sigma")
+        refused(lambda: native.ConsisIDNativeModelLoader().load("tiny", "fp32"), "ConsisID Native Model Loader",
+                "reshape_sigma")
+        print("  refused; without the fence:", failing(lambda: latents(nmodel)))
+
+    # --- the DIFFUSION_MODEL wrapper: its executor no longer carries the model (class_obj)
+    def classless(cls, original, class_obj, wrappers, idx=0):
+        return cls(original, None, wrappers, idx=idx)
+
+    with broken(comfy.patcher_extension.WrapperExecutor, "new_class_executor", classmethod(classless)):
+        said("native_patches", "class_obj")
+        refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"), "ConsisID Face Modules",
+                "WrappersMP.DIFFUSION_MODEL")
+        print("  refused; without the fence:", failing(lambda: latents(nmodel)))
+
+    # --- conditioning: core's helper changes the conditioning it is given
+    def in_place(conditioning, values={}, append=False):  # noqa: B006 - core's signature
+        for entry in conditioning:
+            entry[1].update(values)
+        return conditioning
+
+    with broken(node_helpers, "conditioning_set_values", in_place):
+        said("native_conds", "conditioning_set_values")
+        refused(lambda: encode(), "ConsisID Identity Conditioning", "conditioning_set_values")
+
+        def untouched():
+            given = [[words.positive, {}]]
+            native.identity_conditioned(given, given, face, torch.zeros(1, 16, 1, 8, 12))
+            assert given[0][1] == {}, "the conditioning given was changed"
+
+        print("  refused; without the fence:", failing(untouched))
+
+    # --- start/end percent: the samplers no longer tell the model its sigma
+    calc = comfy.samplers._calc_cond_batch
+
+    def sigma_unsaid(model, conds, x_in, timestep, model_options):
+        return calc(model, conds, x_in, timestep, model_options)
+
+    with broken(comfy.samplers, "_calc_cond_batch", sigma_unsaid):
+        said("native_percent", "_calc_cond_batch")
+        refused(lambda: encode(start=0.2), "start_percent and end_percent", "_calc_cond_batch")
+        encode()  # the whole range needs no sigma
+        print("  a part of the steps refused, all of them taken")
+
+    # --- dynamic CFG: cfg_function's args renamed
+    cfg = comfy.samplers.cfg_function
+
+    def renamed_args(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_options={}, cond=None, uncond=None):  # noqa: B006
+        if "sampler_cfg_function" not in model_options:
+            return cfg(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_options, cond, uncond)
+        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "scale": cond_scale, "timestep": timestep,
+                "model": model, "model_options": model_options}
+        return x - model_options["sampler_cfg_function"](args)
+
+    with broken(comfy.samplers, "cfg_function", renamed_args):
+        said("native_dynamic_cfg", "cfg_function")
+        refused(lambda: native.ConsisIDDynamicCFG().patch(nmodel), "ConsisID Dynamic CFG", "cfg_function")
+        print("  refused; without the fence:", failing(lambda: latents(comfy_parts.with_dynamic_cfg(nmodel))))
+
+    # --- the DPM sampler: core's DPM-Solver++(2M) SDE without its noise_sampler keyword
+    def older_dpm(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0):
+        raise AssertionError("must not be called")
+
+    with broken(comfy.k_diffusion.sampling, "sample_dpmpp_2m_sde", older_dpm):
+        said("native_dpm", "sample_dpmpp_2m_sde")
+        refused(lambda: native.ConsisIDDPMSampler().get_sampler(3), "ConsisID DPM Sampler", "sample_dpmpp_2m_sde")
+        print("  refused; without the fence:", failing(lambda: latents(nmodel, comfy_parts.reference_dpm_sampler(3))))
+
+    # --- LoRA: load_lora no longer maps the keys the native LoRA gives it
+    folder = Path(tempfile.mkdtemp())
+    g = torch.Generator().manual_seed(2)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, width, generator=g),
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(width, 2, generator=g)},
+              folder / "native_lora.safetensors")
+    native_lora = comfy_named(read_lora(folder / "native_lora.safetensors"))
+    assert not torch.equal(latents(comfy_parts.with_lora(nmodel, native_lora, 1.0)), reference)
+    with broken(comfy.lora, "load_lora", lambda lora, to_load, log_missing=True: {}):
+        said("native_lora", "comfy.lora.load_lora")
+        refused(lambda: native.ConsisIDNativeLoRA().apply(nmodel, "x.safetensors", 1.0), "ConsisID Native LoRA",
+                "load_lora")
+
+        def dropped():
+            assert not torch.equal(latents(comfy_parts.with_lora(nmodel, native_lora, 1.0)), reference), "LoRA left out"
+
+        print("  refused; without the fence:", failing(dropped))
+
+    # --- the VAE: its class gone; then its batched decode, its encoder's conv_cache
+    frames = torch.zeros(1, 16, 3, 8, 12)
+    with broken(cogvideo_vae, "AutoencoderKLCogVideoX", DELETED):
+        said("native_vae", "AutoencoderKLCogVideoX")
+        assert fence.check()["native_reference_decode"] == ["(needs native_vae)"]
+        refused(lambda: native.ConsisIDNativeVAEDecode().decode({"samples": frames}, vae), "ConsisID Native VAE Decode",
+                "AutoencoderKLCogVideoX")
+        refused(lambda: encode(), "ConsisID Identity Conditioning", "AutoencoderKLCogVideoX")
+        print("  Identity Conditioning and Native VAE Decode refused")
+    with broken(cogvideo_vae.AutoencoderKLCogVideoX, "_decode_batched", DELETED):
+        said("native_reference_decode", "_decode_batched")
+        (decoded,) = native.ConsisIDNativeVAEDecode().decode({"samples": frames}, vae)
+        assert torch.equal(decoded, vae.decode(frames).reshape(-1, 64, 96, 3))
+        print("  decoded in core's order")
+    class Encoder3D(torch.nn.Module):  # an encoder that takes no cache
+        def forward(self, x):
+            return x
+
+    with broken(cogvideo_vae, "Encoder3D", Encoder3D):
+        said("native_first_frame_sample", "Encoder3D.forward(x, conv_cache=)")
+        assert torch.equal(encode(seed=5)[0][0][1]["concat_latent_image"], encode()[0][0][1]["concat_latent_image"])
+        print("  the posterior mean, whatever the seed")
+    assert not torch.equal(encode(seed=5)[0][0][1]["concat_latent_image"], encode()[0][0][1]["concat_latent_image"])
+
+    # --- where latents are kept
+    with broken(comfy.model_management, "intermediate_device", DELETED):
+        said("native_devices", "intermediate_device")
+        assert encode()[2]["samples"].device == torch.device("cpu")
+        print("  on the CPU")
+
+
+if comfy_parts.AVAILABLE:
+    native_section(*native_files)
 print("fence: every assumption checked")

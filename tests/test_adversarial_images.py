@@ -184,3 +184,53 @@ def test_odd_arrays_are_refused_and_plain_ones_read():
         assert str(info.value).startswith("the face image: ") and str(info.value).endswith(says)
     assert to_rgb_uint8(np.full((2, 2, 3), 0.5, np.float32)).tolist() == [[[128] * 3] * 2] * 2
     assert to_rgb_uint8(torch.ones(1, 2, 2, 4)).tolist() == [[[255] * 3] * 2] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's IMAGE, as every node that takes one checks it (`checks.check_image`)
+
+from consisid_core.checks import check_image  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "image, found",
+    [
+        (torch.zeros(0, 8, 8, 3), "float32 [0, 8, 8, 3]"),
+        (torch.zeros(1, 0, 0, 3), "float32 [1, 0, 0, 3]"),
+        (torch.zeros(1, 8, 8, 0), "float32 [1, 8, 8, 0]"),
+        (torch.zeros(1, 8, 8, 5), "float32 [1, 8, 8, 5]"),
+        (torch.zeros(8, 8, 3), "float32 [8, 8, 3]"),
+        (torch.tensor(0.5), "float32 []"),
+        (torch.zeros(1, 8, 8, 3, dtype=torch.uint8), "uint8 [1, 8, 8, 3]"),
+        (torch.ones(1, 8, 8, 3, dtype=torch.bool), "bool [1, 8, 8, 3]"),
+        (torch.zeros(1, 8, 8, 3, dtype=torch.complex64), "complex64 [1, 8, 8, 3]"),
+        (np.zeros((1, 8, 8, 3), np.float32), "ndarray"),
+        (None, "NoneType"),
+    ],
+)
+def test_what_is_no_image_batch_is_refused_in_one_line(image, found):
+    with pytest.raises(FaceError) as info:
+        check_image(image, "photo input", "connect a Load Image", FaceError)
+    assert str(info.value) == (
+        f"the photo input ({found}) is not an IMAGE: a float batch [images, height, width, channels] with at least one "
+        "pixel and 1 to 4 channels; connect a Load Image"
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_an_image_batch_with_nan_or_infinity_is_refused(bad, dtype):
+    image = torch.rand(2, 8, 8, 3).to(dtype)
+    image[1, 2, 3, 1] = bad
+    with pytest.raises(ConsisIDError) as info:
+        check_image(image, "frames input", "connect a video's frames")
+    assert str(info.value) == "the frames input holds NaN or infinite pixels; connect a video's frames"
+
+
+def test_grey_grey_alpha_and_rgba_batches_are_taken_as_rgb():
+    rgb = torch.rand(2, 4, 5, 3)
+    grey = rgb[..., :1]
+    assert torch.equal(check_image(rgb, "image", ""), rgb)
+    assert torch.equal(check_image(torch.cat([rgb, torch.ones(2, 4, 5, 1)], -1), "image", ""), rgb)
+    assert torch.equal(check_image(grey, "image", ""), grey.expand(2, 4, 5, 3))
+    assert torch.equal(check_image(torch.cat([grey, torch.zeros(2, 4, 5, 1)], -1), "image", ""), grey.expand(2, 4, 5, 3))

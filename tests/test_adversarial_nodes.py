@@ -315,13 +315,14 @@ def test_face_models_loader_refuses_an_unknown_face_encoder(home):
 def test_face_embed_refuses_an_empty_or_broken_image(home):
     (face_models,) = FACE_LOADER().load("tiny", "cpu", "cpu")
     message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(0, 64, 64, 3), face_models, -1)
-    assert message == "the image input holds no image (shape [0, 64, 64, 3]); connect a photo"
+    assert message == ("the image input (float32 [0, 64, 64, 3]) is not an IMAGE: a float batch [images, height, "
+                       "width, channels] with at least one pixel and 1 to 4 channels; connect a photo (Load Image)")
     message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(64, 64, 3), face_models, -1)
-    assert message == "the image input holds no image (shape [64, 64, 3]); connect a photo"
+    assert message.startswith("the image input (float32 [64, 64, 3]) is not an IMAGE")
     image = torch.rand(1, 32, 32, 3)
     image[0, 3, 4, 0] = math.nan
     message = refusal(FaceError, FACE_EMBED().embed, image, face_models, -1)
-    assert message == "the input image: the image has NaN or infinite values"
+    assert message == "the image input holds NaN or infinite pixels; connect a photo (Load Image)"
     message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(1, 1, 1, 3), face_models, -1)  # (the tiny detector's answer)
     assert message.startswith("no face found in the input image (1×1 after resizing): use a clearer")
 
@@ -383,9 +384,9 @@ def nan_image() -> torch.Tensor:
         (dict(frames=401), "frame count 401 is over this checkpoint's maximum of 72"),
         (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),
         (dict(frames=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
-        (dict(image=nan_image()), "the image holds NaN or infinite pixels; give a normal image"),
-        (dict(image=torch.zeros(0, 64, 96, 3)), "the first-frame image ([0, 64, 96, 3]) is not an IMAGE batch"),
-        (dict(image=torch.zeros(64, 96, 3)), "the first-frame image ([64, 96, 3]) is not an IMAGE batch"),
+        (dict(image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
+        (dict(image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
+        (dict(image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
     ],
 )
 def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):
@@ -407,16 +408,17 @@ def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
     "latent, says",
     [
         ({"samples": torch.zeros(1, 4, 8, 12)},
-         "this LATENT ([1, 4, 8, 12]) is not a video latent: connect the LATENT of ConsisID Sampler"),
-        ({"samples": torch.zeros(1, 16, 3, 8, 12)},
-         "these latents ([1, 3, 16, 8, 12]) are not a ConsisID video latent [batch, frames, 4, h, w]"),
-        ({"samples": torch.zeros(0, 4, 3, 8, 12)}, "these latents ([0, 3, 4, 8, 12]) are not a ConsisID video latent"),
+         "this LATENT (float32 [1, 4, 8, 12]) is not a video latent [batch, channels, frames, h, w] of 4 channels "
+         "with a frame in it: connect the LATENT of ConsisID Sampler"),
+        ({"samples": torch.zeros(1, 16, 3, 8, 12)}, "this LATENT (float32 [1, 16, 3, 8, 12]) is not a video latent"),
+        ({"samples": torch.zeros(0, 4, 3, 8, 12)}, "this LATENT (float32 [0, 4, 3, 8, 12]) is not a video latent"),
+        ({"samples": torch.zeros(1, 4, 3, 8, 12, dtype=torch.int64)}, "this LATENT (int64 [1, 4, 3, 8, 12]) is not"),
         ({"samples": torch.full((1, 4, 3, 8, 12), math.nan)},
-         "the latents: 'latents' holds NaN values: decode the output of a run that finished"),
-        ({"samples": torch.full((1, 4, 3, 8, 12), -math.inf)}, "the latents: 'latents' holds infinite values"),
-        ({}, "this LATENT (no samples tensor) is not a video latent"),
-        ({"samples": [[0.0]]}, "this LATENT (no samples tensor) is not a video latent"),
-        ("not a latent", "this LATENT (no samples tensor) is not a video latent"),
+         "the LATENT: 'samples' holds NaN values: the sampling diverged; most often half-precision (fp16) weights"),
+        ({"samples": torch.full((1, 4, 3, 8, 12), -math.inf)}, "the LATENT: 'samples' holds infinite values"),
+        ({}, "this LATENT (NoneType) is not a video latent"),
+        ({"samples": [[0.0]]}, "this LATENT (list) is not a video latent"),
+        ("not a latent", "this LATENT (str) is not a video latent"),
     ],
 )
 def test_vae_decode_refuses_what_is_not_a_consisid_latent(model, calls, latent, says):

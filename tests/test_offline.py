@@ -172,15 +172,14 @@ def test_the_namespace_sees_a_lookup_from_native_code():
 NATIVE_GRAPH = """
 import numpy as np
 import torch
-from native_tools import import_comfyui, make_native_tiny
-from consisid_core.face import write_tiny_face_encoder
+from native_tools import import_comfyui
 from consisid_core.media import read_image
 import_comfyui()
 import comfy.sample, folder_paths
 from consisid_pack.nodes.faces import ConsisIDFaceEmbed, ConsisIDFaceModelsLoader
 from consisid_pack.nodes.native.nodes import ConsisIDNativeModelLoader, identity_conditioned
-folder = make_native_tiny(models / "tiny")
-write_tiny_face_encoder(folder / "face_encoder")
+models.mkdir(parents=True)
+(models / "tiny").symlink_to(tiny, target_is_directory=True)
 folder_paths.add_model_folder_path("consisid", str(models))
 def native_graph():
     (faces,) = ConsisIDFaceModelsLoader().load("tiny", "cpu", "cpu")
@@ -207,8 +206,8 @@ def comfyui():
 
 @pytest.mark.slow
 @pytest.mark.comfyui
-def test_a_native_graph_makes_no_network_call_that_python_sees(comfyui, photo, tmp_path):
-    scope = {"models": tmp_path / "consisid", "photo": photo}
+def test_a_native_graph_makes_no_network_call_that_python_sees(comfyui, native_tiny_dir, photo, tmp_path):
+    scope = {"models": tmp_path / "consisid", "photo": photo, "tiny": native_tiny_dir}
     exec(NATIVE_GRAPH, scope)  # noqa: S102 - the graph shared with the namespace test below
     with _NoNetwork():
         scope["native_graph"]()
@@ -217,8 +216,9 @@ def test_a_native_graph_makes_no_network_call_that_python_sees(comfyui, photo, t
 @pytest.mark.slow
 @pytest.mark.comfyui
 @NEEDS_NAMESPACE
-def test_a_native_graph_makes_no_network_call_from_any_thread(comfyui, photo, tmp_path):
-    setup = f"from pathlib import Path\nmodels, photo = Path({str(tmp_path / 'consisid')!r}), Path({str(photo)!r})\n"
+def test_a_native_graph_makes_no_network_call_from_any_thread(comfyui, native_tiny_dir, photo, tmp_path):
+    setup = (f"from pathlib import Path\nmodels, photo = Path({str(tmp_path / 'consisid')!r}), Path({str(photo)!r})\n"
+             f"tiny = Path({str(native_tiny_dir)!r})\n")
     found = _in_namespace(setup + NATIVE_GRAPH + "native_graph()\nstatus = 0")
     assert found["code"] == 0, found
     assert found["seen"] == [], found["seen"]

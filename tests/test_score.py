@@ -424,7 +424,7 @@ def test_identity_score_node(models, photo_identity):
     assert plain[0] == mean and "segment" not in plain[1]
     with pytest.raises(IdentityError, match="does not fit these face models"):
         node.score(frames, models, random_identity(OTHER_CHECKPOINT), 8)
-    with pytest.raises(ConsisIDError, match="holds no video frames"):
+    with pytest.raises(ConsisIDError, match=r"the frames input \(float32 \[0, 8, 8, 3\]\) is not an IMAGE"):
         node.score(torch.zeros(0, 8, 8, 3), models, identity, 8)
     with pytest.raises(ConsisIDError, match="NaN or infinite pixels"):
         node.score(torch.full((3, 8, 8, 3), float("nan")), models, identity, 8)

@@ -224,7 +224,7 @@ def test_extend_refuses_previous_frames_it_cannot_continue(home, tiny_model, ide
     run = extend().extend
     with pytest.raises(ValueError, match="the previous frames are 192×128, this segment is 96×64: every segment"):
         run(tiny_model, identity, text, torch.rand(9, 128, 192, 3), 43, 1, 6.0, False, "dpm", F, 96, 64, 1.0, False)
-    with pytest.raises(ValueError, match=r"the previous frames \(\[0, 64, 96, 3\]\) are not an IMAGE batch"):
+    with pytest.raises(ValueError, match=r"the previous frames \(float32 \[0, 64, 96, 3\]\) is not an IMAGE"):
         run(tiny_model, identity, text, torch.rand(0, 64, 96, 3), 43, 1, 6.0, False, "dpm", F, 96, 64, 1.0, False)
     with pytest.raises(ValueError, match="segments of 1 frame add nothing"):
         run(tiny_model, identity, text, torch.rand(9, 64, 96, 3), 43, 1, 6.0, False, "dpm", 1, 96, 64, 1.0, False)

@@ -317,7 +317,7 @@ def _native(specs: dict) -> dict:
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
     model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
-    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, -1,
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, -1, False,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     latent = g.add("KSampler", 42, "fixed", 50, 6.0, "ddim", "simple", 1.0, model=(model, 0),
                    positive=(conditioned, 0), negative=(conditioned, 1), latent_image=(conditioned, 2))
@@ -336,7 +336,7 @@ def _native_lora(specs: dict) -> dict:
     model = g.add("UNETLoader", transformer, "default")
     model = g.add("ConsisIDFaceModules", face, model=(model, 0))
     model = g.add("LoraLoaderModelOnly", NATIVE_LORA, 1.0, model=(model, 0))
-    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, 42,
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, 42, False,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))
     noise = g.add("ConsisIDNoise", 42, "fixed")

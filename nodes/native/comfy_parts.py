@@ -23,16 +23,27 @@ x_t: right for a DDPM loop (core's VOID nodes), wrong for k-samplers (tests/test
 measures it). `ModelSamplingConsisID` is the same schedule (v-prediction, scaled-linear betas
 0.00085–0.012, zero terminal SNR, from diffusers' scheduler) in flow coordinates: finite at the
 zero-SNR end, Euler there is DDIM step for step, and `simple` picks the trailing timesteps.
+
+Guarded as the wrapper is (`nodes/fence.py`): every internal above is probed when the pack loads,
+each probe cheap (a signature, an attribute, the source line that calls it, a tiny block or sampler
+run), as one of `ASSUMPTIONS`' features. Where one differs, the log says so in one line and each
+node that needs it refuses in one line naming itself (`require`), or falls back (core's decode
+order, the posterior mean, latents on the CPU). What exists only on instances (the VAE's lambdas,
+the transformer's blocks) is checked where used (`instance_parts`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import sys
+import types
 
 import torch
 
-from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.checks import LATENT_CAUSE, check_latent, check_tensors
+from ...consisid_core.errors import ConsisIDError, IdentityError
 from ...consisid_core.lora import LoRA, check_lora_fits
 from ...consisid_core.native import (
     FaceModules,
@@ -51,58 +62,257 @@ try:
     import comfy.conds
     import comfy.k_diffusion.sampling
     import comfy.latent_formats
+    import comfy.lora
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.model_sampling
+    import comfy.ops
     import comfy.patcher_extension
     import comfy.samplers
-    import comfy.ldm.cogvideo.vae
     import comfy.sd
+    import comfy.utils
     import node_helpers
-    from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
-    from comfy.ldm.cogvideo.vae import AutoencoderKLCogVideoX
+    import comfy.ldm.cogvideo.model as cogvideo
 except ImportError:  # outside ComfyUI, or a ComfyUI without native CogVideoX (before v0.21)
-    CogVideoXTransformer3DModel = None
+    cogvideo = None
+try:
+    import comfy.ldm.cogvideo.vae as cogvideo_vae
+except ImportError:
+    cogvideo_vae = None
 
 logger = logging.getLogger(__name__)
 
+CogVideoXTransformer3DModel = getattr(cogvideo, "CogVideoXTransformer3DModel", None)
 AVAILABLE = CogVideoXTransformer3DModel is not None
 UNAVAILABLE = (
     "the native ConsisID nodes need ComfyUI's own CogVideoX (comfy.ldm.cogvideo, ComfyUI v0.21 or later); "
     "update ComfyUI, or use the ConsisID wrapper nodes (ConsisID Model Loader, ConsisID Sampler)"
 )
-COMFY_INTERNALS = (
-    "comfy.sd.load_diffusion_model_state_dict",
-    "comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel (._get_rotary_emb, .blocks, ._forward's kwargs)",
-    "comfy.model_base.CogVideoX (.extra_conds, .concat_cond with concat_latent_image, .latent_format, "
-    ".get_dtype_inference, else .get_dtype)",
-    "comfy.model_sampling.ModelSamplingDiscrete (.set_sigmas, .timestep, .percent_to_sigma), comfy.model_sampling.CONST, "
-    "comfy.model_sampling.reshape_sigma",
-    "comfy.latent_formats.CogVideoX",
-    "comfy.conds.CONDRegular, comfy.conds.CONDConstant",
-    "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL (the executor's .class_obj)",
-    "comfy.model_patcher.ModelPatcher (.clone, .add_object_patch, .add_wrapper_with_key, "
-    ".set_model_sampler_cfg_function, .model_size, .size, .get_model_object)",
-    "comfy.model_management.intermediate_device",
-    "comfy.sd.VAE (.encode of [N, H, W, 3], .decode, .latent_channels, .first_stage_model, .patcher, .device, "
-    ".vae_dtype, .output_device, .memory_used_decode, .process_output)",
-    "comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls)",
-    "comfy.model_management.load_models_gpu, .throw_exception_if_processing_interrupted, .soft_empty_cache",
-    "comfy.samplers.KSAMPLER, comfy.k_diffusion.sampling.sample_dpmpp_2m_sde (noise_sampler, solver_type)",
-    "node_helpers.conditioning_set_values",
-    "samplers: model_options['transformer_options']['sample_sigmas'], transformer_options['sigmas'], "
-    "sampler_cfg_function's args (cond, uncond, cond_scale, sigma, model, model_options)",
-)
-"""The internals not yet probed by an `ASSUMPTIONS` entry (each moves into one)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes: each returns what differs of what the native path uses (empty when all is as expected)
 
 
 def _native_cogvideox() -> list[str]:
     return [] if AVAILABLE else ["comfy.ldm.cogvideo"]
 
 
+def _source(function) -> str:
+    """A function's source ('' where there is none to read), to see what ComfyUI's own code calls."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def _params(function) -> list[str]:
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _takes_keywords(function) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
+def _missing(owner, names: tuple[str, ...], where: str) -> list[str]:
+    return [f"{where}.{n}" for n in names if not callable(getattr(owner, n, None))]
+
+
+def _load() -> list[str]:
+    load = getattr(comfy.sd, "load_diffusion_model_state_dict", None)
+    return [] if fence.takes(load, "sd", "model_options") else ["comfy.sd.load_diffusion_model_state_dict(sd, model_options=)"]
+
+
+def _block_outputs() -> list[str]:
+    """A tiny CogVideoX block, run once: its output must be (hidden states, text states), each shaped as given."""
+    where = "comfy.ldm.cogvideo.model.CogVideoXBlock(...) -> (hidden_states, encoder_hidden_states)"
+    try:
+        block = cogvideo.CogVideoXBlock(8, 2, 4, 8, operations=comfy.ops.manual_cast)
+        generator = torch.Generator().manual_seed(0)
+        for parameter in block.parameters():
+            parameter.data = torch.randn(parameter.shape, generator=generator)
+        hidden, text, temb = (torch.randn(shape, generator=generator) for shape in ((1, 3, 8), (1, 2, 8), (1, 8)))
+        with torch.no_grad():
+            out = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=None,
+                        transformer_options={})
+    except Exception as e:  # any way a changed block can fail is a mismatch, said in the log
+        return [f"{where} ({type(e).__name__}: {str(e)[:80]})"]
+    shaped = isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+    return [] if shaped and out[0].shape == hidden.shape and out[1].shape == text.shape else [where]
+
+
+def _transformer() -> list[str]:
+    model = CogVideoXTransformer3DModel
+    found = []
+    if _params(getattr(model, "_get_rotary_emb", None)) != ["self", "h", "w", "t", "device"]:
+        found.append("CogVideoXTransformer3DModel._get_rotary_emb(self, h, w, t, device)")
+    forward = _source(getattr(model, "_forward", None))
+    if "self._get_rotary_emb(" not in forward or "self.blocks" not in forward:
+        found.append("CogVideoXTransformer3DModel._forward calling self._get_rotary_emb and self.blocks")
+    if not all(_takes_keywords(getattr(model, n, None)) for n in ("forward", "_forward")):
+        found.append("CogVideoXTransformer3DModel.forward/_forward(..., **kwargs)")
+    base = getattr(comfy.model_base, "CogVideoX", None)
+    if not callable(getattr(base, "extra_conds", None)) or "concat_latent_image" not in _source(getattr(base, "concat_cond", None)):
+        found.append("comfy.model_base.CogVideoX.extra_conds, .concat_cond(concat_latent_image=)")
+    if "**extra_conds" not in _source(getattr(comfy.model_base.BaseModel, "_apply_model", None)):
+        found.append("comfy.model_base.BaseModel._apply_model passing extra_conds to the diffusion model")
+    if not callable(getattr(comfy.model_base.BaseModel, "get_dtype", None)):
+        found.append("comfy.model_base.BaseModel.get_dtype")
+    return found + _block_outputs()
+
+
+def _model_sampling() -> list[str]:
+    where = "comfy.model_sampling.ModelSamplingDiscrete/CONST/reshape_sigma, comfy.latent_formats.CogVideoX"
+    if not all(hasattr(comfy.model_sampling, n) for n in ("ModelSamplingDiscrete", "CONST", "reshape_sigma")) or \
+            not hasattr(comfy.latent_formats, "CogVideoX"):
+        return [where]
+    try:
+        sampling = ModelSamplingConsisID()
+        sigma = sampling.percent_to_sigma(0.5) * torch.ones(1)
+        x = torch.ones(1, 2, 1, 2, 2)
+        steps = sampling.timestep(sigma), sampling.calculate_input(sigma, x), sampling.calculate_denoised(sigma, x, x)
+        ConsisIDLatent(16, 0.7)
+    except Exception as e:  # a changed class fails in many ways: said in the log
+        return [f"{where} ({type(e).__name__}: {str(e)[:80]})"]
+    return [] if all(torch.isfinite(t).all() for t in steps) and steps[1].shape == x.shape else [where]
+
+
+def _patches() -> list[str]:
+    found = _missing(comfy.model_patcher.ModelPatcher, (
+        "clone", "add_object_patch", "add_wrapper_with_key", "model_size", "get_model_object"), "ModelPatcher")
+    holder = types.SimpleNamespace(part=types.SimpleNamespace())
+    try:  # how ModelPatcher sets an object patch: one the model lacks is added, then taken away again
+        before = comfy.utils.set_attr(holder, "part.consisid_probe", 1)
+        comfy.utils.set_attr(holder, "part.consisid_probe", before)
+        added = before is comfy.utils.ATTR_UNSET and not hasattr(holder.part, "consisid_probe")
+    except Exception:  # a changed set_attr: said below
+        added = False
+    if not added:
+        found.append("comfy.utils.set_attr with ATTR_UNSET (object patches adding attributes)")
+    seen = []
+
+    def wrapper(executor, *args, **kwargs):
+        seen.append(executor.class_obj)
+        return executor(*args, **kwargs)
+
+    try:
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(lambda *a, **k: (a, k), holder, [wrapper])
+        called = executor.execute(1, key=2) == ((1,), {"key": 2}) and seen == [holder]
+    except Exception:  # a changed executor: said below
+        called = False
+    kind = getattr(getattr(comfy.patcher_extension, "WrappersMP", None), "DIFFUSION_MODEL", None)
+    if not called or not isinstance(kind, str) or "WrappersMP.DIFFUSION_MODEL" not in _source(CogVideoXTransformer3DModel.forward):
+        found.append("comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL around CogVideoX (the executor's class_obj)")
+    return found
+
+
+def _conds() -> list[str]:
+    found = [f"comfy.conds.{n}" for n in ("CONDRegular", "CONDConstant") if not callable(getattr(comfy.conds, n, None))]
+    given = [[torch.zeros(1), {"a": 1}]]
+    try:
+        out = node_helpers.conditioning_set_values(given, {"b": 2})
+        kept = out[0][1] == {"a": 1, "b": 2} and given[0][1] == {"a": 1}
+    except Exception:  # a changed helper: said below
+        kept = False
+    return found + ([] if kept else ["node_helpers.conditioning_set_values(conditioning, values)"])
+
+
+def _percent() -> list[str]:
+    setting = _source(getattr(comfy.samplers, "_calc_cond_batch", None))
+    return [] if 'transformer_options["sigmas"] = ' in setting else [
+        'comfy.samplers._calc_cond_batch setting transformer_options["sigmas"]']
+
+
+def _dynamic_cfg() -> list[str]:
+    found = []
+    if not fence.takes(getattr(comfy.model_patcher.ModelPatcher, "set_model_sampler_cfg_function", None),
+                       "sampler_cfg_function", "disable_cfg1_optimization"):
+        found.append("ModelPatcher.set_model_sampler_cfg_function(sampler_cfg_function, disable_cfg1_optimization=)")
+    seen = {}
+
+    def cfg(args):
+        seen.update(args)
+        return args["cond"]
+
+    x = torch.ones(1)
+    try:
+        comfy.samplers.cfg_function(None, x, x, 2.0, x, x, {"sampler_cfg_function": cfg})
+    except Exception:  # a changed function: said below
+        pass
+    if not {"cond", "uncond", "cond_scale", "sigma", "model", "model_options"} <= set(seen):
+        found.append("comfy.samplers.cfg_function's sampler_cfg_function args (cond, uncond, cond_scale, sigma, model, model_options)")
+    if '["sample_sigmas"] = ' not in _source(getattr(getattr(comfy.samplers, "CFGGuider", None), "inner_sample", None)):
+        found.append('comfy.samplers.CFGGuider.inner_sample setting transformer_options["sample_sigmas"]')
+    return found
+
+
+def _dpm() -> list[str]:
+    if not fence.takes(getattr(comfy.samplers, "KSAMPLER", None), "sampler_function", "extra_options"):
+        return ["comfy.samplers.KSAMPLER(sampler_function, extra_options=)"]
+    drawn = []
+
+    def noise(_sigma, _next):
+        drawn.append(1)
+        return torch.zeros(1, 1)
+
+    class Denoiser:  # what samplers are given: the model's prediction, and the MODEL it comes from
+        inner_model = types.SimpleNamespace(model_patcher=types.SimpleNamespace(get_model_object=lambda _name: sampling))
+
+        def __call__(self, x, _sigma, **_):
+            return x * 0.5
+
+    where = "comfy.k_diffusion.sampling.sample_dpmpp_2m_sde(..., eta=, s_noise=, noise_sampler=, solver_type=)"
+    try:
+        sampling = ModelSamplingConsisID()
+        comfy.k_diffusion.sampling.sample_dpmpp_2m_sde(
+            Denoiser(), torch.ones(1, 1), torch.tensor([0.8, 0.4, 0.0]), {}, None, True,
+            eta=1.0, s_noise=1.0, noise_sampler=noise, solver_type="midpoint")
+    except Exception as e:  # a changed sampler: said in the log
+        return [f"{where} ({type(e).__name__}: {str(e)[:80]})"]
+    return [] if drawn else [where]
+
+
+def _lora() -> list[str]:
+    found = []
+    if not fence.takes(getattr(comfy.sd, "load_lora_for_models", None), "model", "clip", "lora", "strength_model", "strength_clip"):
+        found.append("comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)")
+    weights = {"diffusion_model.m.lora_A.weight": torch.ones(1, 2), "diffusion_model.m.lora_B.weight": torch.ones(2, 1),
+               "diffusion_model.m.alpha": torch.tensor(1.0)}
+    try:
+        patches = comfy.lora.load_lora(weights, {"diffusion_model.m": "diffusion_model.m.weight"}, log_missing=False)
+    except Exception:  # a changed loader: said below
+        patches = {}
+    if list(patches) != ["diffusion_model.m.weight"] or not callable(getattr(comfy.lora, "model_lora_keys_unet", None)):
+        found.append("comfy.lora.load_lora of diffusion_model.<layer>.lora_A/lora_B/alpha, model_lora_keys_unet")
+    return found
+
+
+def _vae_class():
+    return getattr(cogvideo_vae, "AutoencoderKLCogVideoX", None)
+
+
+def _vae() -> list[str]:
+    return [] if isinstance(_vae_class(), type) else ["comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX"]
+
+
+def _loads_with_memory() -> list[str]:
+    load = getattr(comfy.model_management, "load_models_gpu", None)
+    return [] if fence.takes(load, "models", "memory_required") else ["comfy.model_management.load_models_gpu(models, memory_required=)"]
+
+
 def _reference_decode() -> list[str]:
-    return [] if callable(getattr(AutoencoderKLCogVideoX, "_decode_batched", None)) else [
+    found = [] if callable(getattr(_vae_class(), "_decode_batched", None)) else [
         "comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX._decode_batched"]
+    if not callable(getattr(comfy.model_management, "soft_empty_cache", None)):
+        found.append("comfy.model_management.soft_empty_cache")
+    return found + _loads_with_memory()
 
 
 def _face_patcher() -> list[str]:
@@ -111,38 +321,90 @@ def _face_patcher() -> list[str]:
 
 
 def _first_frame_sample() -> list[str]:
-    encoder = getattr(comfy.ldm.cogvideo.vae, "Encoder3D", None)
-    return [] if fence.takes(getattr(encoder, "forward", None), "x", "conv_cache") else [
+    encoder = getattr(cogvideo_vae, "Encoder3D", None)
+    found = [] if fence.takes(getattr(encoder, "forward", None), "x", "conv_cache") else [
         "comfy.ldm.cogvideo.vae.Encoder3D.forward(x, conv_cache=)"]
+    return found + _loads_with_memory()
 
 
+def _devices() -> list[str]:
+    return _missing(comfy.model_management, ("intermediate_device",), "comfy.model_management")
+
+
+_FACE_MODEL = "ConsisID Native Model Loader and ConsisID Face Modules refuse"
 ASSUMPTIONS = (
     fence.Assumption("native_cogvideox", "the native ConsisID nodes", UNAVAILABLE, _native_cogvideox, quiet=True),
+    fence.Assumption("native_load", "ConsisID Native Model Loader (core's CogVideoX from ConsisID's weights)",
+                     "the Native Model Loader refuses (Load Diffusion Model of the exported transformer with ConsisID "
+                     "Face Modules may still work)", _load, needs="native_cogvideox"),
+    fence.Assumption("native_transformer", "the face modules in ComfyUI's CogVideoX transformer", _FACE_MODEL,
+                     _transformer, needs="native_cogvideox"),
+    fence.Assumption("native_model_sampling", "ConsisID's schedule and latent format on the MODEL", _FACE_MODEL,
+                     _model_sampling, needs="native_cogvideox"),
+    fence.Assumption("native_patches", "the face modules as patches on a MODEL", _FACE_MODEL, _patches,
+                     needs="native_cogvideox"),
+    fence.Assumption("native_conds", "Identity Conditioning's identity on the conditioning",
+                     "ConsisID Identity Conditioning refuses", _conds, needs="native_cogvideox"),
+    fence.Assumption("native_percent", "Identity Conditioning's start_percent and end_percent",
+                     "Identity Conditioning refuses a start_percent above 0 or an end_percent below 1", _percent,
+                     needs="native_cogvideox"),
+    fence.Assumption("native_dynamic_cfg", "ConsisID Dynamic CFG", "ConsisID Dynamic CFG refuses", _dynamic_cfg,
+                     needs="native_cogvideox"),
+    fence.Assumption("native_dpm", "ConsisID DPM Sampler", "ConsisID DPM Sampler refuses", _dpm, needs="native_cogvideox"),
+    fence.Assumption("native_lora", "ConsisID Native LoRA", "ConsisID Native LoRA refuses (core's LoRA loaders of the "
+                     "exported LoRA may still work)", _lora, needs="native_cogvideox"),
+    fence.Assumption("native_vae", "ComfyUI's CogVideoX VAE", "ConsisID Identity Conditioning and Native VAE Decode refuse",
+                     _vae, needs="native_cogvideox"),
     fence.Assumption("native_reference_decode", "ConsisID Native VAE Decode's reference order",
                      "it decodes as core VAE Decode does, and the frames differ a little from the reference's",
-                     _reference_decode, needs="native_cogvideox"),
+                     _reference_decode, needs="native_vae"),
     fence.Assumption("native_first_frame_sample", "Identity Conditioning's first_frame_seed",
                      "the first frame's latent is the posterior mean (as core VAE Encode), whatever the seed",
-                     _first_frame_sample, needs="native_cogvideox"),
+                     _first_frame_sample, needs="native_vae"),
     fence.Assumption("native_face_patcher", "the native MODEL's face modules, loaded beside it",
                      "ConsisID Native Model Loader and Face Modules refuse in one line", _face_patcher,
                      needs="native_cogvideox"),
+    fence.Assumption("native_devices", "where the native nodes keep latents",
+                     "latents are kept on the CPU", _devices,
+                     needs="native_cogvideox"),
 )
 """What the native path assumes of ComfyUI, checked with the wrapper's by `fence.check`."""
+FACE_MODEL = ("native_transformer", "native_model_sampling", "native_patches")
+"""What a ConsisID MODEL (face modules on core's CogVideoX) needs."""
 
 
-def require(feature: str = "native_cogvideox", option: str = "this native ConsisID node") -> None:
-    """Refuse `option` in one line on a ComfyUI without native CogVideoX, or where `feature` differs."""
+def require(feature: str | tuple[str, ...] = "native_cogvideox", option: str = "this native ConsisID node") -> None:
+    """Refuse `option` in one line on a ComfyUI without native CogVideoX, or where a `feature` differs."""
     if not AVAILABLE:
         raise fence.ComfyApiError(UNAVAILABLE)
-    fence.require(feature, option)
+    for one in (feature,) if isinstance(feature, str) else feature:
+        fence.require(one, option)
+
+
+def instance_parts(owner, names: tuple[str, ...], what: str, option: str) -> None:
+    """Refuse `option` in one line when `owner` (an object ComfyUI made, e.g. its VAE) lacks one of
+    the attributes the native path uses: these exist only on instances, so no probe sees them at load."""
+    missing = [n for n in names if not hasattr(owner, n)]
+    if missing:
+        raise fence.ComfyApiError(
+            f"{option} needs ComfyUI internals that this ComfyUI ({fence.comfyui_version()}) does not have as expected "
+            f"({what} lacks {', '.join(missing)}): use a ComfyUI version this pack declares (see its README)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Model sampling
 
 
-class VPredictionFlow(comfy.model_sampling.CONST if AVAILABLE else object):
+def _core_class(path: str) -> tuple[type, ...]:
+    """A core class to build on, as a tuple of bases: empty outside ComfyUI or where it is gone
+    (`native_model_sampling` says so, and the nodes that need it refuse)."""
+    module, _, name = path.rpartition(".")
+    found = getattr(sys.modules.get(module), name, None) if AVAILABLE else None
+    return (found,) if isinstance(found, type) else ()
+
+
+class VPredictionFlow(*_core_class("comfy.model_sampling.CONST")):
     """v-prediction of a DDPM model, sampled in flow coordinates x = (1-σ)·x0 + σ·ε (so CONST's
     noise scaling, and the RF branches of ComfyUI's ancestral samplers, are right as they are)."""
 
@@ -157,7 +419,7 @@ class VPredictionFlow(comfy.model_sampling.CONST if AVAILABLE else object):
         return (1 - sigma) * scale * scale * model_input - sigma * scale * model_output
 
 
-class ModelSamplingConsisID(*((comfy.model_sampling.ModelSamplingDiscrete,) if AVAILABLE else ()), VPredictionFlow):
+class ModelSamplingConsisID(*_core_class("comfy.model_sampling.ModelSamplingDiscrete"), VPredictionFlow):
     """ConsisID's schedule (the checkpoint's scheduler config, as diffusers computes ᾱ) as ComfyUI
     model sampling: 1000 discrete timesteps, σ_999 = 1."""
 
@@ -170,7 +432,7 @@ class ModelSamplingConsisID(*((comfy.model_sampling.ModelSamplingDiscrete,) if A
         self.sigma_data = 1.0
 
 
-class ConsisIDLatent(comfy.latent_formats.CogVideoX if AVAILABLE else object):
+class ConsisIDLatent(*_core_class("comfy.latent_formats.CogVideoX")):
     """The checkpoint's own latent channels and scaling factor (0.7 and 16 for the released one)."""
 
     def __init__(self, channels: int, scale_factor: float):
@@ -191,10 +453,13 @@ IDENTITY_KEYS = ("consisid_id_cond", "consisid_id_vit_hidden")
 OPTION_KEYS = ("consisid_strength", "consisid_start", "consisid_end")
 
 
-def _extra_conds(model_base, **kwargs):
-    """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on)."""
+def _extra_conds(model_base, config, **kwargs):
+    """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on),
+    refused here, as the sampler takes the conditioning in, if the face modules of `config` cannot
+    take it."""
     out = type(model_base).extra_conds(model_base, **kwargs)
     if kwargs.get("consisid_id_cond") is not None:
+        check_identity_fits(config, kwargs["consisid_id_cond"], kwargs["consisid_id_vit_hidden"])
         for key in IDENTITY_KEYS:
             out[key] = comfy.conds.CONDRegular(kwargs[key])
         for key in OPTION_KEYS:
@@ -204,20 +469,13 @@ def _extra_conds(model_base, **kwargs):
 
 def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, ofs=None, transformer_options=None,
                   **kwargs):
-    """Around the transformer's `_forward`: the identity's cross-attention after its blocks."""
+    """Around the transformer's `_forward`: the identity's cross-attention after its blocks, and
+    the output checked finite (a NaN step is named here, not found as a black video)."""
     id_cond, hidden = (kwargs.pop(key, None) for key in IDENTITY_KEYS)
     strength, start, end = (kwargs.pop(key, None) for key in OPTION_KEYS)
     model = executor.class_obj
     if id_cond is None or not strength or not _active(sampling, transformer_options, start, end):
-        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
-    config = face.config
-    found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
-    if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
-        raise ValueError(
-            f"the identity does not fit this model: id_cond of width {found[0]} and {found[1]} hidden states of "
-            f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
-            f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
-        )
+        return _finite(executor(x, timestep, context, ofs, transformer_options, **kwargs))
     if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
         # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
         id_cond, hidden = id_cond[:1], hidden[:1]
@@ -233,10 +491,27 @@ def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, o
         if face.after_block(i) is not None
     ]
     try:
-        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+        return _finite(executor(x, timestep, context, ofs, transformer_options, **kwargs))
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def check_identity_fits(config, id_cond: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Refuse an identity (id_cond [B, D], hidden states [B, scales, tokens, width]) that the face
+    modules of `config` cannot take."""
+    found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
+    if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
+        raise IdentityError(
+            f"the identity does not fit this model: id_cond of width {found[0]} and {found[1]} hidden states of "
+            f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
+            f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
+        )
+
+
+def _finite(output: torch.Tensor) -> torch.Tensor:
+    check_tensors([("output", output)], "ConsisID's transformer step", LATENT_CAUSE, limit=float("inf"))
+    return output
 
 
 def _active(sampling, transformer_options, start: float, end: float) -> bool:
@@ -251,30 +526,39 @@ def _active(sampling, transformer_options, start: float, end: float) -> bool:
     return sampling.percent_to_sigma(end) <= sigma <= sampling.percent_to_sigma(start)
 
 
-def _cogvideox(model):
+TRANSFORMER_PARTS = ("blocks", "dim", "attention_head_dim", "out_channels")
+"""What the face modules use of core's CogVideoX transformer instance."""
+
+
+def _cogvideox(model, option: str):
     """The CogVideoX transformer of a MODEL (`ModelPatcher`), refused in one line if it has none."""
     core = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(core, CogVideoXTransformer3DModel):
         found = type(core if core is not None else model).__name__
-        raise ValueError(f"this MODEL is a {found}, not ComfyUI's CogVideoX: connect ConsisID Native Model Loader's "
-                         "MODEL, or the exported ConsisID transformer from Load Diffusion Model")
+        raise ConsisIDError(f"this MODEL is a {found}, not ComfyUI's CogVideoX: connect ConsisID Native Model Loader's "
+                            "MODEL, or the exported ConsisID transformer from Load Diffusion Model")
+    instance_parts(core, TRANSFORMER_PARTS, "CogVideoXTransformer3DModel", option)
     return core
 
 
-def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None):
+def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None,
+                      option: str = "ConsisID Face Modules"):
     """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
     embedding, model sampling, latent format and identity conditioning added as patches."""
-    require("native_face_patcher", "adding ConsisID's face modules to a MODEL")
-    core = _cogvideox(model)
+    require((*FACE_MODEL, "native_face_patcher"), option)
+    core = _cogvideox(model, option)
     base = model.model
     config = face.config
     width = config["num_attention_heads"] * config["attention_head_dim"]
     if core.dim != width or len(core.blocks) != config["num_layers"] or core.attention_head_dim != config["attention_head_dim"]:
-        raise ValueError(
+        raise ConsisIDError(
             f"these face modules are for a transformer {width} wide with {config['num_layers']} blocks of "
             f"{config['attention_head_dim']}-wide heads; this MODEL is {core.dim} wide with {len(core.blocks)} blocks of "
             f"{core.attention_head_dim}-wide heads: use the face file exported with this transformer"
         )
+    if latent_channels != core.out_channels:
+        raise ConsisIDError(f"the face modules' settings give {latent_channels} latent channels, this MODEL makes "
+                            f"{core.out_channels}: use the face file exported with this transformer")
     sampling = ModelSamplingConsisID(scheduler_config)
     patched = model.clone()
     # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as
@@ -284,7 +568,7 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
     patched.add_object_patch("model_sampling", sampling)
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
-    patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base))
+    patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base, config))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
                                  functools.partial(_face_wrapper, face, sampling))
     return patched
@@ -302,11 +586,11 @@ def _rotary(config, height, width, frames, device=None):
 
 def load_cogvideox(state_dict: dict, dtype: torch.dtype | None):
     """Core's own CogVideoX MODEL from weights in its key layout (what UNETLoader does)."""
-    require()
+    require("native_load", "ConsisID Native Model Loader")
     options = {} if dtype is None else {"dtype": dtype}
     model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options)
     if model is None:
-        raise ValueError("ComfyUI did not recognise these weights as CogVideoX")
+        raise ConsisIDError("ComfyUI did not recognise these weights as CogVideoX: use a ConsisID checkpoint")
     return model
 
 
@@ -322,14 +606,30 @@ def identity_conditioning(conditioning, image_latent, id_cond, id_vit_hidden, st
     })
 
 
+ENCODE_PARTS = ("encode", "process_input", "memory_used_encode", "vae_dtype", "device", "output_device", "patcher",
+                "latent_channels")
+DECODE_PARTS = ("decode", "memory_used_decode", "process_output", "vae_dtype", "device", "output_device", "patcher",
+                "latent_channels")
+"""What the native nodes use of core's VAE (`comfy.sd.VAE`): set on each instance, checked where used."""
+
+
+def check_vae(vae, parts: tuple[str, ...], option: str) -> None:
+    """Refuse a VAE that is not CogVideoX's (core Load VAE of the checkpoint's VAE), or lacks what `option` uses."""
+    require("native_vae", option)
+    module = getattr(vae, "first_stage_model", None)
+    if not isinstance(module, _vae_class()):
+        raise ConsisIDError(f"this VAE is a {type(module if module is not None else vae).__name__}, not CogVideoX's: "
+                            "load the ConsisID checkpoint's vae/diffusion_pytorch_model.safetensors with Load VAE")
+    instance_parts(vae, parts, "comfy.sd.VAE", option)
+
+
 def encode_first_frame(vae, pixels: torch.Tensor, seed: int | None) -> torch.Tensor:
     """The first frame's latent [1, C, 1, h, w] from an IMAGE [1, H, W, 3]: core VAE Encode's
     posterior mean, or with `seed` the posterior sampled as ConsisIDPipeline samples it for that
     seed (so ConsisID Noise with the same seed gives the reference's video)."""
-    module = vae.first_stage_model
-    if seed is None or not isinstance(module, AutoencoderKLCogVideoX) or not fence.works("native_first_frame_sample"):
+    encoder = getattr(vae.first_stage_model, "encoder", None)
+    if seed is None or encoder is None or not fence.works("native_first_frame_sample"):
         return vae.encode(pixels)
-    encoder = module.encoder
     x = vae.process_input(pixels).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 3, 1, H, W], as core's encode
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(x.shape, vae.vae_dtype))
     with torch.inference_mode():
@@ -342,7 +642,7 @@ def latent_channels(vae) -> int:
 
 
 def intermediate_device():
-    return comfy.model_management.intermediate_device()
+    return comfy.model_management.intermediate_device() if fence.works("native_devices") else torch.device("cpu")
 
 
 class ReferenceNoise:
@@ -383,11 +683,13 @@ def _shifted(callback, step: dict):
 def reference_dpm_sampler(noise_seed: int):
     """The reference's `dpm` as a SAMPLER: core's DPM-Solver++(2M) SDE (midpoint, eta 1), which is
     CogVideoXDPMScheduler's update, given the noise that scheduler draws for the seed at each step."""
+    require("native_dpm", "ConsisID DPM Sampler")
     return comfy.samplers.KSAMPLER(_reference_dpm, extra_options={"noise_seed": noise_seed})
 
 
 def with_dynamic_cfg(model):
     """A clone of `model` whose CFG scale follows the reference's cosine schedule each step."""
+    require("native_dynamic_cfg", "ConsisID Dynamic CFG")
     patched = model.clone()
 
     def dynamic(args):
@@ -409,7 +711,8 @@ def with_lora(model, lora: LoRA, strength: float):
     """`model` with a `native.comfy_named` LoRA, through core LoraLoaderModelOnly's own call
     (`comfy.sd.load_lora_for_models`): the same weight patches as core's loader would make of the
     exported file, stacking with theirs in any order."""
-    check_lora_fits(lora, _cogvideox(model))
+    require("native_lora", "ConsisID Native LoRA")
+    check_lora_fits(lora, _cogvideox(model, "ConsisID Native LoRA"))
     patched, _ = comfy.sd.load_lora_for_models(model, None, comfy_lora_tensors(lora), strength, 0)
     return patched
 
@@ -419,19 +722,15 @@ def decode_in_reference_order(vae, samples: torch.Tensor) -> torch.Tensor:
     the order diffusers (and CogVideoX's own code) decodes: two latent frames at a time, the odd
     one with the first. Core's `decode` runs the temporal layers on the whole video and the rest in
     chunks of four frames, so its group norms see other frames and the pixels differ. Returns an
-    IMAGE [B·F, H, W, 3]; one video at a time, Cancel checked between them."""
-    module = getattr(vae, "first_stage_model", None)
-    if not isinstance(module, AutoencoderKLCogVideoX):
-        raise ConsisIDError(f"this VAE is a {type(module).__name__}, not CogVideoX's: load the ConsisID checkpoint's "
-                            "vae/diffusion_pytorch_model.safetensors with Load VAE")
-    if samples.ndim != 5 or samples.shape[1] != vae.latent_channels:
-        raise ConsisIDError(f"this LATENT {list(samples.shape)} is not a video latent of {vae.latent_channels} "
-                            "channels: connect the sampler's LATENT")
+    IMAGE [B·F, H, W, 3]; one video at a time, Cancel checked between them. The latent is checked
+    (`checks.check_latent`) before any of it."""
+    check_vae(vae, DECODE_PARTS, "ConsisID Native VAE Decode")
+    check_latent(samples, vae.latent_channels, 1, "connect the LATENT of a sampler on a native ConsisID MODEL")
     if not fence.works("native_reference_decode"):
         images = vae.decode(samples)
     else:
         try:
-            images = _decode_videos(vae, module._decode_batched, samples)
+            images = _decode_videos(vae, vae.first_stage_model._decode_batched, samples)
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
             raise ConsisIDError(f"out of memory decoding {samples.shape[2]} latent frames of {samples.shape[3] * 8}x"
@@ -446,7 +745,7 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
     videos = []
     with torch.inference_mode():
         for video in samples.split(1):
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            host.check_interrupted()
             pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
             videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
     return torch.cat(videos)

@@ -11,38 +11,61 @@ from pathlib import Path
 import torch
 
 from ...consisid_core import native
-from ...consisid_core.checkpoint import Checkpoint
+from ...consisid_core.checkpoint import RELEASED_TRANSFORMER_CONFIG, Checkpoint
+from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
 from ...consisid_core.lora import MAX_STRENGTH, check_strength, read_lora
 from ...consisid_core.media import to_uint8
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
+from ...consisid_core.text import TextEmbeddings
 from .. import host
 from ..declared import declared_error
-from ..sampling import check_size
+from ..sampling import FIRST_FRAME_FIX
 from ..vae import FRAMES_TOOLTIP
 from . import comfy_parts
 
 SINGLE_FILE = "diffusion_models/"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RELEASED_SIZE = tuple(RELEASED_TRANSFORMER_CONFIG[k] * s for k, s in (("sample_frames", 1), ("sample_height", 8),
+                                                                          ("sample_width", 8)))
+"""(frames, height, width) ConsisID was trained at, (49, 480, 720): what Identity Conditioning's
+work is bounded by (`checks.bounded_size`), as ConsisID Sampler's is by its checkpoint's."""
 
 
 def _sources() -> list[str]:
     return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
+LOADER = "ConsisID Native Model Loader"
+
+
 def native_model(source, dtype: torch.dtype | None):
     """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
-    core's CogVideoX (its key layout) with the face modules added."""
-    comfy_parts.require()
-    weights, config = native.source_weights(source)
+    core's CogVideoX (its key layout) with the face modules added. Every file is read as a
+    checkpoint is (`native.source_weights`), the scheduler config checked, Cancel between tensors
+    and modules."""
+    comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
+    weights, config = native.source_weights(source, host.check_interrupted)
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
-    core, face = native.split_weights(weights)
-    model = comfy_parts.load_cogvideox(core, dtype)
     channels, scaling = native.vae_settings(source)
-    scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
-    return comfy_parts.with_face_modules(model, native.face_modules(face, config), channels, scaling, scheduler)
+    scheduler = None
+    if Path(source).is_dir():
+        scheduler = native.checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
+    core, face = native.split_weights(weights)
+    face = native.face_modules(face, config, host.check_interrupted)
+    host.check_interrupted()
+    model = comfy_parts.load_cogvideox(core, dtype)
+    return comfy_parts.with_face_modules(model, face, channels, scaling, scheduler, LOADER)
+
+
+def _model_file(kind: str, name: str) -> Path:
+    try:
+        return host.file_path(kind, name)
+    except FileNotFoundError as e:
+        raise ConsisIDError(str(e)) from None
 
 
 class ConsisIDNativeModelLoader:
@@ -71,17 +94,22 @@ class ConsisIDNativeModelLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, weight_dtype: str):
-        return declared_error(cls, model=model, weight_dtype=weight_dtype) or True
+    def VALIDATE_INPUTS(cls, model: str):
+        return declared_error(cls, model=model) or True
 
     def load(self, model: str, weight_dtype: str):
-        comfy_parts.require()
+        comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
+        if not isinstance(weight_dtype, str) or weight_dtype not in WEIGHT_DTYPES:
+            raise ConsisIDError(f"weight_dtype '{shown(weight_dtype)}' is not one of {', '.join(WEIGHT_DTYPES)}")
+        if not isinstance(model, str):
+            raise ConsisIDError(f"model must be a name from the list, found {type(model).__name__}")
         if model.startswith(SINGLE_FILE):
-            source = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
+            source = _model_file("diffusion_models", model.removeprefix(SINGLE_FILE))
         else:
             folders = host.pipeline_folders()
             if model not in folders:
-                raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
+                raise ConsisIDError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; "
+                                    "refresh the list")
             source = folders[model]
         return (native_model(source, WEIGHT_DTYPES[weight_dtype]),)
 
@@ -113,9 +141,10 @@ class ConsisIDFaceModules:
         return declared_error(cls, face_modules=face_modules) or True
 
     def apply(self, model, face_modules: str):
-        comfy_parts.require()
-        weights, info = native.read_face_file(host.file_path("diffusion_models", face_modules))
-        face = native.face_modules(weights, info["config"])
+        comfy_parts.require(comfy_parts.FACE_MODEL, "ConsisID Face Modules")
+        path = _model_file("diffusion_models", face_modules)
+        weights, info = native.read_face_file(path, host.check_interrupted)
+        face = native.face_modules(weights, info["config"], host.check_interrupted)
         return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
@@ -135,7 +164,12 @@ class ConsisIDTextConditioning:
         return {"required": {"text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."})}}
 
     def convert(self, text):
+        if not isinstance(text, TextEmbeddings):
+            raise ConsisIDError(f"text must be ConsisID Text Encode's output, found {type(text).__name__}")
         return ([[text.positive, {}]], [[text.negative, {}]])
+
+
+CONDITIONING = "ConsisID Identity Conditioning"
 
 
 class ConsisIDIdentityConditioning:
@@ -183,26 +217,32 @@ class ConsisIDIdentityConditioning:
                                                         "core VAE Encode). A seed: the posterior sampled as the "
                                                         "reference does for that seed; with ConsisID Noise at the same "
                                                         "seed the video is the command line's and ConsisID Sampler's."}),
+                "allow_oversize": ("BOOLEAN", {"default": False,
+                                               "tooltip": "Allow more than 8x ConsisID's 49 frames or 4x its 720x480 "
+                                                          "pixels per frame (runs that cannot fit in memory still fail)."}),
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width: int, height: int, length: int):
-        return declared_error(cls, width=width, height=height, length=length) or check_size(length, width, height)
-
     def encode(self, positive, negative, identity: Identity, vae, width: int, height: int, length: int,
                identity_strength: float, start_percent: float, end_percent: float, start_image=None,
-               first_frame_seed: int = -1):
-        comfy_parts.require()
-        problem = check_size(length, width, height)
-        if problem is not True:
-            raise ConsisIDError(problem)
-        if start_percent > end_percent:
-            raise ConsisIDError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them")
-        frame = first_frame(None if start_image is None else to_uint8(start_image[0]), identity)
+               first_frame_seed: int = -1, allow_oversize: bool = False):
+        comfy_parts.require("native_conds", CONDITIONING)
+        length, height, width = check_video_size(length, height, width, RELEASED_SIZE, 16, 4,
+                                                 allow_oversize=allow_oversize is True, names=("length", "height", "width"))
+        strength = check_number("identity_strength", identity_strength, 0, MAX_IDENTITY_STRENGTH, "1 as trained")
+        start, end = check_percent_range(start_percent, end_percent)
+        if start > 0 or end < 1:
+            comfy_parts.require("native_percent", f"{CONDITIONING}'s start_percent and end_percent")
+        seed = None if first_frame_seed == -1 else check_seed(first_frame_seed, "first_frame_seed")
+        if not isinstance(identity, Identity):
+            raise ConsisIDError(f"identity must be a ConsisID identity (Face Embed, Load Identity), found "
+                                f"{type(identity).__name__}")
+        image = None if start_image is None else check_image(start_image, "start_image", FIRST_FRAME_FIX)
+        comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
+        frame = first_frame(None if image is None else to_uint8(image[0]), identity)
         pixels = native.first_frame_pixels(frame, height, width)
-        latent = comfy_parts.encode_first_frame(vae, pixels, None if first_frame_seed < 0 else first_frame_seed)
-        return (*identity_conditioned(positive, negative, identity, latent, identity_strength, start_percent, end_percent),
+        latent = comfy_parts.encode_first_frame(vae, pixels, seed)
+        return (*identity_conditioned(positive, negative, identity, latent, strength, start, end),
                 {"samples": torch.zeros([1, comfy_parts.latent_channels(vae), (length - 1) // 4 + 1, height // 8, width // 8],
                                         device=comfy_parts.intermediate_device())})
 
@@ -239,7 +279,7 @@ class ConsisIDNoise:
         }
 
     def get_noise(self, noise_seed: int):
-        return (comfy_parts.ReferenceNoise(noise_seed),)
+        return (comfy_parts.ReferenceNoise(check_seed(noise_seed, "noise_seed")),)
 
 
 class ConsisIDDPMSampler:
@@ -264,8 +304,8 @@ class ConsisIDDPMSampler:
         }
 
     def get_sampler(self, noise_seed: int):
-        comfy_parts.require()
-        return (comfy_parts.reference_dpm_sampler(noise_seed),)
+        comfy_parts.require("native_dpm", "ConsisID DPM Sampler")
+        return (comfy_parts.reference_dpm_sampler(check_seed(noise_seed, "noise_seed")),)
 
 
 class ConsisIDNativeLoRA:
@@ -295,13 +335,14 @@ class ConsisIDNativeLoRA:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name: str, strength_model: float):
-        return declared_error(cls, lora_name=lora_name, strength_model=strength_model) or True
+    def VALIDATE_INPUTS(cls, lora_name: str):
+        return declared_error(cls, lora_name=lora_name) or True
 
     def apply(self, model, lora_name: str, strength_model: float):
-        comfy_parts.require()
-        lora = native.comfy_named(read_lora(host.file_path("loras", lora_name)))
-        return (comfy_parts.with_lora(model, lora, check_strength(strength_model)),)
+        comfy_parts.require("native_lora", "ConsisID Native LoRA")
+        strength = check_strength(strength_model)
+        lora = native.comfy_named(read_lora(_model_file("loras", lora_name)))
+        return (comfy_parts.with_lora(model, lora, strength),)
 
 
 class ConsisIDNativeVAEDecode:
@@ -326,10 +367,8 @@ class ConsisIDNativeVAEDecode:
         }
 
     def decode(self, samples, vae):
-        comfy_parts.require()
-        latent = samples.get("samples") if isinstance(samples, dict) else None
-        if not isinstance(latent, torch.Tensor):
-            raise ConsisIDError("this LATENT has no samples tensor: connect the sampler's LATENT")
+        comfy_parts.require("native_vae", "ConsisID Native VAE Decode")
+        latent = samples.get("samples") if isinstance(samples, dict) else samples
         return (comfy_parts.decode_in_reference_order(vae, latent),)
 
 
@@ -349,7 +388,7 @@ class ConsisIDDynamicCFG:
         return {"required": {"model": ("MODEL", {"tooltip": "A native ConsisID MODEL."})}}
 
     def patch(self, model):
-        comfy_parts.require()
+        comfy_parts.require("native_dynamic_cfg", "ConsisID Dynamic CFG")
         return (comfy_parts.with_dynamic_cfg(model),)
 
 

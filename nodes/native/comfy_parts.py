@@ -134,7 +134,9 @@ def _block_outputs() -> list[str]:
     """A tiny CogVideoX block, run once: its output must be (hidden states, text states), each shaped as given."""
     where = "comfy.ldm.cogvideo.model.CogVideoXBlock(...) -> (hidden_states, encoder_hidden_states)"
     try:
-        block = cogvideo.CogVideoXBlock(8, 2, 4, 8, operations=comfy.ops.manual_cast)
+        # torch's own layers (comfy.ops' leave their weights unset when dynamic VRAM is on), built on the meta
+        # device and filled from a generator of its own (torch's init would draw from the global one)
+        block = cogvideo.CogVideoXBlock(8, 2, 4, 8, device="meta", operations=torch.nn).to_empty(device="cpu")
         generator = torch.Generator().manual_seed(0)
         for parameter in block.parameters():
             parameter.data = torch.randn(parameter.shape, generator=generator)

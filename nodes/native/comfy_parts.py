@@ -24,8 +24,11 @@ zero-SNR end, Euler there is DDIM step for step, and `simple` picks the trailing
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import logging
+import weakref
 
 import torch
 
@@ -41,7 +44,10 @@ from ...consisid_core.native import (
     posterior_sample,
     reference_noise,
     rotary_embedding,
+    source_weights,
+    split_weights,
 )
+from ...consisid_core.performance import StepCacheStats, TeaCacheState
 from .. import fence, host
 
 try:
@@ -49,7 +55,9 @@ try:
     import comfy.k_diffusion.sampling
     import comfy.latent_formats
     import comfy.model_management
+    import comfy.model_patcher
     import comfy.model_sampling
+    import comfy.ops
     import comfy.patcher_extension
     import comfy.samplers
     import comfy.ldm.cogvideo.vae
@@ -208,7 +216,7 @@ def _face_wrapper(executor, x, timestep, context, ofs=None, transformer_options=
     if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
         # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
         id_cond, hidden = id_cond[:1], hidden[:1]
-    tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
+    tokens = face_tokens_once(face, id_cond, hidden, transformer_options)
 
     def add(which, _block, _args, output):
         hidden_states, encoder_hidden_states = output
@@ -276,6 +284,8 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
     patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "consisid_face", _face_wrapper)
+    per_run_state(patched)
+    on_several_devices(patched)
     patched.size = model.model_size() + comfy.model_management.module_size(face)
     return patched
 
@@ -434,3 +444,273 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
             pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
             videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
     return torch.cat(videos)
+
+
+# =============================================================================================
+# What the wrapper has, on the native MODEL: face tokens once per run, the step cache, several
+# GPUs (MultiGPU CFG Split's deep clones), the reference's seed in one place.
+
+RUN_STATE = "consisid_run"
+STEP_CACHE = "consisid_step_cache"
+
+
+class RunState:
+    """What one sampling run of a native ConsisID MODEL keeps between its model calls: the
+    identity's face tokens per device (the Local Facial Extractor's output, the same at every step,
+    as the reference computes it once). Made afresh for each run by `_per_run`, dropped after it."""
+
+    def __init__(self):
+        self.tokens: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _per_run(key: str, make, executor, *args, **kwargs):
+    """An OUTER_SAMPLE wrapper: `make(sigmas)` (the run's sigmas) in the guider's transformer_options
+    under `key` for this run, on a copy of its model options put back after the run."""
+    guider = executor.class_obj
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    guider.model_options.setdefault("transformer_options", {})[key] = make(sigmas)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+
+
+def per_run_state(model) -> None:
+    """`model` (a clone being made ConsisID) keeps a `RunState` for each sampling run."""
+    if fence.works("native_per_run"):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "consisid_face",
+                                   functools.partial(_per_run, RUN_STATE, lambda _sigmas: RunState()))
+
+
+def face_tokens_once(face: FaceModules, id_cond: torch.Tensor, hidden: torch.Tensor, transformer_options) -> torch.Tensor:
+    """The face tokens of the identity (`id_cond`, `hidden` as the conditioning carries them),
+    computed once per run and device: later calls with the same identity reuse them."""
+    run = (transformer_options or {}).get(RUN_STATE)
+    known = None if run is None else run.tokens.get(id_cond.device)
+    if known is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(known, (id_cond, hidden))):
+        return known[2]
+    tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
+    if run is not None:
+        run.tokens[id_cond.device] = (id_cond, hidden, tokens)
+    return tokens
+
+
+class StepCacheRun:
+    """The step cache in one sampling run: the wrapper's TeaCache decision (`TeaCacheState`, ConsisID's
+    coefficients) once per step, and per batch of conditionings the residual the transformer's
+    blocks (and the face cross-attention between them) added to the video tokens when last computed."""
+
+    def __init__(self, threshold: float, sigmas: torch.Tensor):
+        self.stats = StepCacheStats()
+        self.state = TeaCacheState(threshold, len(sigmas) - 1, self.stats)
+        self.sigma: float | None = None
+        self.residuals: dict[tuple, torch.Tensor] = {}
+
+    def decide(self, sigma: float, emb: torch.Tensor) -> None:
+        """At the first call of a step (a new sigma), the decision for every call of that step."""
+        if sigma != self.sigma:
+            self.sigma = sigma
+            self.state.decide(emb)
+
+
+class _CachedCall:
+    """One transformer call under the step cache: forward hooks on core CogVideoX's time embedding
+    (this step's embedding), first block (the video tokens going in) and final norm (the video
+    tokens after all blocks); a skipped call runs no block, its final norm gets the residual."""
+
+    def __init__(self, model, run: StepCacheRun, key: tuple, sigma: float):
+        self.model, self.run, self.key, self.sigma = model, run, key, sigma
+        self.blocks = model.blocks
+        self.skipped = False
+        self.start: torch.Tensor | None = None
+
+    def __enter__(self):
+        self.hooks = [
+            self.model.time_embedding_linear_2.register_forward_hook(self._embedded),
+            self.blocks[0].register_forward_pre_hook(self._entering, with_kwargs=True),
+            self.model.norm_final.register_forward_pre_hook(self._leaving),
+        ]
+        return self
+
+    def __exit__(self, *_exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.model.blocks = self.blocks
+
+    def _embedded(self, _module, _args, emb):
+        self.run.decide(self.sigma, emb)
+        self.skipped = self.run.state.skip and self.key in self.run.residuals
+        if self.skipped:
+            self.model.blocks = torch.nn.ModuleList()  # this call only (put back on exit)
+
+    def _entering(self, _module, args, kwargs):
+        self.start = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _leaving(self, _module, args):
+        hidden_states, *rest = args
+        if self.skipped:
+            return (hidden_states + self.run.residuals[self.key], *rest)
+        self.run.residuals[self.key] = hidden_states - self.start
+        self.run.state.residual = self.run.residuals
+        return None
+
+
+def _step_cache_wrapper(executor, x, timestep, context, ofs=None, transformer_options=None, **kwargs):
+    """Around the transformer's `_forward`: the blocks skipped when the step cache says so."""
+    run: StepCacheRun | None = (transformer_options or {}).get(STEP_CACHE)
+    if run is None or not fence.works("native_step_cache"):
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    key = (tuple(transformer_options.get("uuids") or ()), tuple(x.shape))
+    sigma = float(transformer_options["sigmas"].flatten()[0])
+    with _CachedCall(executor.class_obj, run, key, sigma):
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+
+
+def _step_cache_run(threshold: float, executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a fresh `StepCacheRun` for the run, and what it did logged after it."""
+    runs = []
+
+    def make(sigmas):
+        runs.append(StepCacheRun(threshold, sigmas))
+        return runs[-1]
+
+    try:
+        return _per_run(STEP_CACHE, make, executor, *args, **kwargs)
+    finally:
+        if runs:
+            stats = runs[0].stats
+            logger.info("ConsisID Step Cache: %d transformer steps computed, %d skipped", stats.computed, stats.skipped)
+
+
+def with_step_cache(model, threshold: float):
+    """A clone of a native ConsisID MODEL whose sampling runs skip the transformer's blocks on the
+    steps TeaCache (ConsisID's coefficients, the wrapper's `step_cache`) finds close to the last
+    computed one. Threshold 0 is off: the clone is unpatched."""
+    _cogvideox(model)
+    patched = model.clone()
+    if threshold > 0:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, STEP_CACHE,
+                                     functools.partial(_step_cache_run, threshold))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STEP_CACHE, _step_cache_wrapper)
+    return patched
+
+
+
+_DEVICE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per model of a MultiGPU clone: its own copies of the module-holding object patches, by the id of
+the primary's object (so the clone's copy outlives each re-clone of the clone)."""
+OWN_ON_EACH_DEVICE = ("diffusion_model.consisid_face", "diffusion_model.consisid_sampling", "model_sampling")
+"""Object patches that hold weights or buffers, which a model on another device needs its own copy of."""
+
+
+def _own_copies(primary, clone) -> None:
+    """ON_DEEPCLONE_MULTIGPU / ON_MATCH_MULTIGPU_CLONES: a MultiGPU clone has a model of its own (for
+    another device); it gets its own copy of the face modules and model sampling too, which its
+    object patches would otherwise share with the primary's across devices, and its `extra_conds`
+    reads its own model (with its own latent format patched in)."""
+    if clone.model is primary.model:
+        return
+    if "extra_conds" in clone.object_patches:
+        clone.object_patches["extra_conds"] = functools.partial(_extra_conds, clone.model)
+    copies = _DEVICE_COPIES.setdefault(clone.model, {})
+    for key in OWN_ON_EACH_DEVICE:
+        shared = clone.object_patches.get(key)
+        if shared is not None:
+            if id(shared) not in copies:
+                copies[id(shared)] = copy.deepcopy(shared)
+            clone.object_patches[key] = copies[id(shared)]
+
+
+def on_several_devices(model) -> None:
+    """`model` (a clone being made ConsisID) gives MultiGPU CFG Split's clones their own face modules."""
+    if fence.works("native_multigpu"):
+        for event in (comfy.patcher_extension.CallbacksMP.ON_DEEPCLONE_MULTIGPU,
+                      comfy.patcher_extension.CallbacksMP.ON_MATCH_MULTIGPU_CLONES):
+            model.add_callback(event, _own_copies)
+
+
+def _reload_cogvideox(source: str, dtype: torch.dtype | None, disable_dynamic: bool = False):
+    core, _ = split_weights(source_weights(source)[0])
+    options = {} if dtype is None else {"dtype": dtype}
+    return comfy.sd.load_diffusion_model_state_dict(core, model_options=options, disable_dynamic=disable_dynamic)
+
+
+def reloadable(model, source, dtype: torch.dtype | None) -> None:
+    """Give core's CogVideoX MODEL loaded from `source` by the native loader what UNETLoader's MODELs
+    have: the factory ComfyUI reloads it with for another device (MultiGPU CFG Split) or without
+    dynamic VRAM (`cached_patcher_init`)."""
+    if fence.works("native_multigpu"):
+        model.cached_patcher_init = (_reload_cogvideox, (str(source), dtype))
+
+
+def _multigpu() -> list[str]:
+    found = [f"comfy.patcher_extension.CallbacksMP.{n}" for n in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
+             if not hasattr(comfy.patcher_extension.CallbacksMP, n)]
+    patcher = comfy.model_patcher.ModelPatcher
+    if not fence.takes(getattr(patcher, "deepclone_multigpu", None), "new_load_device"):
+        found.append("comfy.model_patcher.ModelPatcher.deepclone_multigpu(new_load_device=)")
+    if not fence.takes(comfy.sd.load_diffusion_model_state_dict, "sd", "model_options", "disable_dynamic"):
+        found.append("comfy.sd.load_diffusion_model_state_dict(sd, model_options=, disable_dynamic=)")
+    return found
+
+def _tiny_cogvideox():
+    """Core's CogVideoX at a few numbers wide, with small random weights (the probes' model)."""
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=1, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=8,
+        num_layers=2, sample_width=4, sample_height=4, sample_frames=1, use_rotary_positional_embeddings=True,
+        operations=comfy.ops.disable_weight_init,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def _step_cache_probe() -> list[str]:
+    """Two calls of a tiny core CogVideoX under the step cache, the second a step that it skips: the
+    hooks it sets fire in the order `_CachedCall` needs, and the skipped call runs no block and
+    gives the first call's output (the same input)."""
+    model = _tiny_cogvideox()
+    x, timestep, context = torch.randn(1, 4, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 2, 8)
+    run = StepCacheRun(10.0, torch.ones(4))
+    ran = []
+    counting = model.blocks[0].register_forward_hook(lambda *_: ran.append(1))
+    outputs = []
+    try:
+        for sigma in (1.0, 0.5):
+            with torch.no_grad(), _CachedCall(model, run, (), sigma):
+                outputs.append(model(x, timestep, context))
+    except Exception as e:  # what differs is reported, not raised
+        return [f"comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel._forward's layers ({type(e).__name__}: {e})"]
+    finally:
+        counting.remove()
+    if len(ran) != 1 or run.stats.skipped != 1 or not torch.allclose(outputs[0], outputs[1], atol=1e-6):
+        return ["comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel._forward's order (time_embedding_linear_2, "
+                "blocks, norm_final)"]
+    return []
+
+
+def _outer_sample() -> list[str]:
+    parameters = list(inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters)
+    found = [] if parameters[1:5] == ["noise", "latent_image", "sampler", "sigmas"] else [
+        "comfy.samplers.CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, …)"]
+    if not callable(getattr(comfy.model_patcher, "create_model_options_clone", None)):
+        found.append("comfy.model_patcher.create_model_options_clone")
+    return found + [f"comfy.patcher_extension.WrappersMP.{n}" for n in ("OUTER_SAMPLE", "DIFFUSION_MODEL")
+                    if not hasattr(comfy.patcher_extension.WrappersMP, n)]
+
+
+ASSUMPTIONS += (
+    fence.Assumption("native_per_run", "the native MODEL's face tokens once per run",
+                     "the face tokens are computed at every step (same video, slower)", _outer_sample,
+                     needs="native_cogvideox"),
+    fence.Assumption("native_step_cache", "ConsisID Step Cache", "ConsisID Step Cache computes every step",
+                     _step_cache_probe, needs="native_per_run"),
+    fence.Assumption("native_multigpu", "MultiGPU CFG Split on the native MODEL",
+                     "the native MODEL runs on one device (MultiGPU CFG Split refuses ConsisID Native Model Loader's "
+                     "MODEL, and shares the face modules of Load Diffusion Model's between devices)", _multigpu,
+                     needs="native_cogvideox"),
+)

@@ -40,6 +40,7 @@ def native_model(source, dtype: torch.dtype | None):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
     core, face = native.split_weights(weights)
     model = comfy_parts.load_cogvideox(core, dtype)
+    comfy_parts.reloadable(model, source, dtype)
     channels, scaling = native.vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
     return comfy_parts.with_face_modules(model, native.face_modules(face, config), channels, scaling, scheduler)

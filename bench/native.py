@@ -1,7 +1,9 @@
 """`python -m bench.native --size medium [--steps N] [--what speed|cache] [--checkpoint DIR] [--out FILE]`:
 the native path (ConsisID as a ComfyUI MODEL, SamplerCustomAdvanced's work with ddim + simple) on
-the same random checkpoint, same steps, one process per row (run by this script), seconds per
-denoising step.
+the same random checkpoint, inputs and first-frame latent, same steps, one process per row (run by
+this script): seconds per denoising step (steps 2 to N), wall-clock and the process's CPU time. On a
+CPU shared with other work the wall time grows with that work and the CPU time far less; with
+`--threads 1` (no threads waiting on each other) the CPU time is the steadiest measure.
 
 - `speed` (section native-SIZE): against our Sampler (`ddim`); the native path with the attention
   ComfyUI picks on a CPU (sub-quadratic) and with --use-pytorch-cross-attention (PyTorch's SDPA,
@@ -43,10 +45,12 @@ d = wrapper.config.text_embed_dim
 text = TextEmbeddings(torch.randn(1, 226, d, generator=g), torch.randn(1, 226, d, generator=g))
 identity = random_identity(wrapper.config, seed=1)
 stamps, skipped = [], None
+def stamp(*_):
+    stamps.append((time.perf_counter(), time.process_time()))
 if path == "ours":
     from consisid_core.sampling import sample
     out = sample(wrapper, identity, text, seed=1, steps=steps, guidance_scale=6.0, scheduler="ddim", frames=frames,
-                 height=height, width=width, device="cpu", callback=lambda i, n, x: stamps.append(time.perf_counter()))
+                 height=height, width=width, device="cpu", callback=lambda i, n, x: stamp())
     out = out.permute(0, 2, 1, 3, 4) / wrapper.vae.config.scaling_factor  # the native LATENT's layout and scale
 else:
     from native_tools import import_comfyui
@@ -54,7 +58,14 @@ else:
     import comfy.samplers
     from consisid_pack.nodes.native.nodes import identity_conditioned, native_model
     from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, with_step_cache
-    del wrapper
+    from consisid_core.sampling import _pipeline, first_frame
+    # the first frame's latent as our Sampler makes it (the VAE posterior sampled from the seed's generator)
+    pipe = _pipeline(wrapper.vae)
+    image = pipe.video_processor.preprocess(first_frame(None, identity), height=height, width=width)
+    _, first = pipe.prepare_latents(image.float(), 1, 16, frames, height, width, torch.float32, torch.device("cpu"),
+                                    torch.Generator("cpu").manual_seed(1), None)
+    first = first[:, :1].permute(0, 2, 1, 3, 4) / wrapper.vae.config.scaling_factor
+    del wrapper, pipe
     model = native_model(folder, torch.float32)
     if patch:
         kind, threshold = patch.split(":")
@@ -64,7 +75,6 @@ else:
             from comfy_extras.nodes_easycache import EasyCacheNode
             model = EasyCacheNode.execute(model, float(threshold), 0.15, 0.95, False).result[0]
     h, w, t = height // 8, width // 8, (frames - 1) // 4 + 1
-    first = torch.zeros(1, 16, 1, h, w)
     positive, negative = identity_conditioned([[text.positive, {{}}]], [[text.negative, {{}}]], identity, first)
     latent = torch.zeros(1, 16, t, h, w)
     guider = comfy.samplers.CFGGuider(model)
@@ -76,11 +86,13 @@ else:
     counting = core.blocks[0].register_forward_hook(lambda *a: calls.append(1))
     out = guider.sample(ReferenceNoise(1).generate_noise({{"samples": latent}}), latent,
                         comfy.samplers.sampler_object("ddim"), sigmas, seed=1, disable_pbar=True,
-                        callback=lambda *a: stamps.append(time.perf_counter()))
+                        callback=stamp)
     counting.remove()
     skipped = steps - len(calls)
 torch.save(out, {latents!r})
-print(json.dumps({{"per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "skipped": skipped}}))
+steps_timed = len(stamps) - 1  # from the end of step 1 on: steps 2 to N, each path's warm-up left out
+print(json.dumps({{"wall": (stamps[-1][0] - stamps[0][0]) / steps_timed, "cpu": (stamps[-1][1] - stamps[0][1]) / steps_timed,
+                  "skipped": skipped}}))
 """
 
 SPEED = (("ours", "", "our Sampler (diffusers, SDPA)"), ("native", "", "native, ComfyUI's CPU attention (sub-quadratic)"),
@@ -127,13 +139,13 @@ def main() -> None:
     lines = [f"`COMFYUI_DIR=… python -m bench.native --size {size.name} --what {args.what}` on {datetime.date.today()}: "
              f"{size.frames} frames of {size.width}×{size.height}, {steps} steps of ddim, CFG 6, fp32 on the CPU, "
              f"{args.threads} threads, one process per row, load average {os.getloadavg()[0]:.1f} at the end", "",
-             f"| path | steps skipped | s/step | ÷ {rows[0][2]} | max \\|Δ\\| latents vs {rows[0][2]} |",
-             "|---|---:|---:|---:|---:|"]
+             f"| path | steps skipped | s/step (wall) | CPU s/step | ÷ {rows[0][2]} (CPU) | max \\|Δ\\| latents vs {rows[0][2]} |",
+             "|---|---:|---:|---:|---:|---:|"]
     for (_, _, label), result in zip(rows, results):
         skipped = "—" if result["skipped"] is None else f"{result['skipped']} of {steps}"
         diff = (result["latents"] - base["latents"]).abs().max().item()
-        lines.append(f"| {label} | {skipped} | {result['per_step']:.2f} | {result['per_step'] / base['per_step']:.2f} | "
-                     f"{diff:.1e} |")
+        lines.append(f"| {label} | {skipped} | {result['wall']:.2f} | {result['cpu']:.2f} | "
+                     f"{result['cpu'] / base['cpu']:.2f} | {diff:.1e} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

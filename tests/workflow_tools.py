@@ -166,13 +166,23 @@ class Graph:
         return link_id
 
     def link(self, source: tuple[int, int], target: int, name: str) -> None:
-        """Connect an output to a widget of a node already added (a widget turned into an input,
-        as the frontend saves it); the widget keeps its value in widgets_values."""
+        """Connect an output to a widget of a node already added; the widget keeps its value in
+        widgets_values."""
         node = self._node(target)
-        kind = next(kind for n, kind, _ in _declared(self.specs[node["type"]]) if n == name)
-        link_id = self._link(*source, target, len(node["inputs"]))
-        node["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": link_id})
+        node["_widget_links"][name] = self._link(*source, target, None)
         node["_depth"] = max(node["_depth"], self._node(source[0])["_depth"] + 1)
+
+    def _widget_inputs(self, node: dict) -> None:
+        """A node with a linked widget gets the widgets' inputs as the frontend saves them: after the
+        other inputs, one per widget in declared order, the linked ones with their link."""
+        linked = node.pop("_widget_links")
+        if not linked:
+            return
+        for name, kind, options in _declared(self.specs[node["type"]]):
+            if kind in WIDGET_TYPES and not options.get("forceInput"):
+                if name in linked:
+                    self.links[linked[name] - 1][4] = len(node["inputs"])
+                node["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": linked.get(name)})
 
     def add(self, node_type: str, *widgets, **sockets) -> int:
         spec = self.specs[node_type]
@@ -180,13 +190,16 @@ class Graph:
         node_id = self.last_id
         depth = 0
         inputs = []
+        widget_links = {}
         for name, kind, _ in _declared(spec):
             if name in sockets:
                 source, slot = sockets.pop(name)
-                link_id = self._link(source, slot, node_id, len(inputs))
-                inputs.append({"name": name, "type": kind, "link": link_id}
-                              | ({"widget": {"name": name}} if kind in WIDGET_TYPES else {}))
                 depth = max(depth, self._node(source)["_depth"] + 1)
+                if kind in WIDGET_TYPES:
+                    widget_links[name] = self._link(source, slot, node_id, None)
+                    continue
+                link_id = self._link(source, slot, node_id, len(inputs))
+                inputs.append({"name": name, "type": kind, "link": link_id})
             elif kind not in WIDGET_TYPES:
                 inputs.append({"name": name, "type": kind, "link": None})
         assert not sockets, f"{node_type} has no inputs {sorted(sockets)}"
@@ -214,6 +227,7 @@ class Graph:
                 | ({"cnr_id": THIRD_PARTY[node_type]} if node_type in THIRD_PARTY else {}),
                 "widgets_values": list(widgets),
                 "_depth": depth,
+                "_widget_links": widget_links,
             }
         )
         return node_id
@@ -221,6 +235,7 @@ class Graph:
     def to_json(self) -> dict:
         rows: dict[int, int] = {}
         for order, node in enumerate(self.nodes):
+            self._widget_inputs(node)
             depth = node.pop("_depth")
             node["order"] = order
             node["pos"] = [40 + 420 * depth, 40 + rows.get(depth, 0)]

@@ -58,9 +58,9 @@ else:
     import comfy.samplers
     from consisid_pack.nodes.native.nodes import identity_conditioned, native_model
     from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, with_step_cache
-    from consisid_core.sampling import _pipeline, first_frame
+    from consisid_core.sampling import _pipeline, first_frame, make_scheduler
     # the first frame's latent as our Sampler makes it (the VAE posterior sampled from the seed's generator)
-    pipe = _pipeline(wrapper.vae)
+    pipe = _pipeline(wrapper.vae, scheduler=make_scheduler(wrapper, "ddim"))
     image = pipe.video_processor.preprocess(first_frame(None, identity), height=height, width=width)
     _, first = pipe.prepare_latents(image.float(), 1, 16, frames, height, width, torch.float32, torch.device("cpu"),
                                     torch.Generator("cpu").manual_seed(1), None)

@@ -138,7 +138,7 @@ def test_a_cogvideox_whose_layers_differ_turns_the_step_cache_off_in_one_line(mo
             ConsisIDStepCache().patch(None, 0.2)
         monkeypatch.undo()
     assert "differs in what the pack uses for ConsisID Step Cache (" in caplog.text
-    assert "ConsisID Step Cache computes every step" in caplog.text
+    assert "ConsisID Step Cache is refused in one line" in caplog.text
 
 
 def test_the_face_tokens_are_computed_once_per_run(setup, monkeypatch):

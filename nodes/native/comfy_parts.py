@@ -448,7 +448,7 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
 
 # =============================================================================================
 # What the wrapper has, on the native MODEL: face tokens once per run, the step cache, several
-# GPUs (MultiGPU CFG Split's deep clones), the reference's seed in one place.
+# GPUs (MultiGPU CFG Split's deep clones).
 
 RUN_STATE = "consisid_run"
 STEP_CACHE = "consisid_step_cache"
@@ -559,12 +559,12 @@ class _CachedCall:
 
 def _step_cache_wrapper(executor, x, timestep, context, ofs=None, transformer_options=None, **kwargs):
     """Around the transformer's `_forward`: the blocks skipped when the step cache says so."""
-    run: StepCacheRun | None = (transformer_options or {}).get(STEP_CACHE)
-    if run is None or not fence.works("native_step_cache"):
+    options = transformer_options or {}
+    run: StepCacheRun | None = options.get(STEP_CACHE)
+    if run is None or options.get("sigmas") is None or not fence.works("native_step_cache"):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
-    key = (tuple(transformer_options.get("uuids") or ()), tuple(x.shape))
-    sigma = float(transformer_options["sigmas"].flatten()[0])
-    with _CachedCall(executor.class_obj, run, key, sigma):
+    key = (tuple(options.get("uuids") or ()), tuple(x.shape))
+    with _CachedCall(executor.class_obj, run, key, float(options["sigmas"].flatten()[0])):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
 
 
@@ -595,7 +595,6 @@ def with_step_cache(model, threshold: float):
                                      functools.partial(_step_cache_run, threshold))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STEP_CACHE, _step_cache_wrapper)
     return patched
-
 
 
 _DEVICE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -655,6 +654,7 @@ def _multigpu() -> list[str]:
         found.append("comfy.sd.load_diffusion_model_state_dict(sd, model_options=, disable_dynamic=)")
     return found
 
+
 def _tiny_cogvideox():
     """Core's CogVideoX at a few numbers wide, with small random weights (the probes' model)."""
     model = CogVideoXTransformer3DModel(
@@ -707,7 +707,7 @@ ASSUMPTIONS += (
     fence.Assumption("native_per_run", "the native MODEL's face tokens once per run",
                      "the face tokens are computed at every step (same video, slower)", _outer_sample,
                      needs="native_cogvideox"),
-    fence.Assumption("native_step_cache", "ConsisID Step Cache", "ConsisID Step Cache computes every step",
+    fence.Assumption("native_step_cache", "ConsisID Step Cache", "ConsisID Step Cache is refused in one line",
                      _step_cache_probe, needs="native_per_run"),
     fence.Assumption("native_multigpu", "MultiGPU CFG Split on the native MODEL",
                      "the native MODEL runs on one device (MultiGPU CFG Split refuses ConsisID Native Model Loader's "

@@ -5,9 +5,10 @@ this script): seconds per denoising step (steps 2 to N), wall-clock and the proc
 CPU shared with other work the wall time grows with that work and the CPU time far less; with
 `--threads 1` (no threads waiting on each other) the CPU time is the steadiest measure.
 
-- `speed` (section native-SIZE): against our Sampler (`ddim`); the native path with the attention
-  ComfyUI picks on a CPU (sub-quadratic) and with --use-pytorch-cross-attention (PyTorch's SDPA,
-  which diffusers uses); the latents' max |Δ| against our Sampler's.
+- `speed` (section native-SIZE): against our Sampler (`ddim`); the native path as it runs by default
+  (on a CPU the MODEL attends with PyTorch's SDPA, as diffusers, where ComfyUI would pick its
+  sub-quadratic attention), and with --use-quad-cross-attention (ComfyUI's sub-quadratic attention,
+  asked for); the latents' max |Δ| against our Sampler's.
 - `cache` (section native-cache-SIZE): ConsisID Step Cache at ConsisID Performance's thresholds
   against core's EasyCache (its defaults, and the same thresholds), each against the uncached
   native run: steps skipped, s/step, max |Δ| of the latents.
@@ -54,8 +55,10 @@ if path == "ours":
     out = out.permute(0, 2, 1, 3, 4) / wrapper.vae.config.scaling_factor  # the native LATENT's layout and scale
 else:
     from native_tools import import_comfyui
-    import_comfyui(pytorch_attention=path == "native-sdpa")
+    import_comfyui()
+    import comfy.cli_args
     import comfy.samplers
+    comfy.cli_args.args.use_quad_cross_attention = path == "native-subquad"
     from consisid_pack.nodes.native.nodes import identity_conditioned, native_model
     from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, with_step_cache
     from consisid_core.sampling import _pipeline, first_frame, make_scheduler
@@ -95,8 +98,8 @@ print(json.dumps({{"wall": (stamps[-1][0] - stamps[0][0]) / steps_timed, "cpu": 
                   "skipped": skipped}}))
 """
 
-SPEED = (("ours", "", "our Sampler (diffusers, SDPA)"), ("native", "", "native, ComfyUI's CPU attention (sub-quadratic)"),
-         ("native-sdpa", "", "native, --use-pytorch-cross-attention"))
+SPEED = (("ours", "", "our Sampler (diffusers, SDPA)"), ("native", "", "native (SDPA on a CPU)"),
+         ("native-subquad", "", "native, --use-quad-cross-attention (ComfyUI's sub-quadratic)"))
 CACHE = (("native", "", "native, no cache"),) + tuple(
     ("native", f"{kind}:{threshold}", f"{label} {threshold}")
     for kind, label in (("step_cache", "ConsisID Step Cache"), ("easycache", "core EasyCache"))

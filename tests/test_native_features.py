@@ -261,3 +261,37 @@ def test_append_segment_joins_without_the_shared_frame_and_matches_colour_as_ext
     ):
         with pytest.raises(ConsisIDError, match=message):
             append(video_in, segment, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed on a CPU: PyTorch's SDPA where ComfyUI chose its sub-quadratic attention by default
+
+
+def test_on_a_cpu_the_native_model_attends_with_sdpa_unless_sub_quadratic_was_asked_for(setup, monkeypatch, caplog):
+    import comfy.cli_args
+    import comfy.ldm.cogvideo.model
+    import comfy.ldm.modules.attention
+    import comfy.model_patcher
+    import comfy.ops
+    from consisid_pack.nodes.native.nodes import native_model
+
+    assert comfy.ldm.cogvideo.model.optimized_attention is comfy.ldm.modules.attention.attention_sub_quad
+    calls = []
+    sdpa = comfy.ops.scaled_dot_product_attention
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    default = _native(setup, 2)
+    assert len(calls) == 2 * 2  # both blocks of the tiny transformer, both steps
+    monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", True)
+    asked = _native(setup, 2, model=native_model(setup["folder"], torch.float32))
+    assert len(calls) == 4
+    diff = (default - asked).abs().max().item()
+    print(f"SDPA against ComfyUI's sub-quadratic attention: max |Δ| {diff:.1e}")
+    assert diff <= SAME_MODEL
+    monkeypatch.undo()
+    # a ComfyUI without the per-model attention override: the attention ComfyUI chose, said in one line
+    monkeypatch.delattr(comfy.model_patcher.ModelPatcher, "set_model_optimized_attention")
+    with _fence_looks_again(), caplog.at_level(logging.WARNING):
+        fallback = native_model(setup["folder"], torch.float32)
+        monkeypatch.undo()
+        assert "optimized_attention_override" not in fallback.model_options["transformer_options"]
+    assert "the native MODEL's attention on a CPU (comfy.model_patcher.ModelPatcher.set_model_optimized_attention)" in caplog.text

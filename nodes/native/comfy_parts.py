@@ -51,6 +51,7 @@ from ...consisid_core.performance import StepCacheStats, TeaCacheState
 from .. import fence, host
 
 try:
+    import comfy.cli_args
     import comfy.conds
     import comfy.k_diffusion.sampling
     import comfy.latent_formats
@@ -60,7 +61,9 @@ try:
     import comfy.ops
     import comfy.patcher_extension
     import comfy.samplers
+    import comfy.ldm.cogvideo.model
     import comfy.ldm.cogvideo.vae
+    import comfy.ldm.modules.attention
     import comfy.sd
     import node_helpers
     from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
@@ -286,6 +289,7 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "consisid_face", _face_wrapper)
     per_run_state(patched)
     on_several_devices(patched)
+    cpu_attention(patched)
     patched.size = model.model_size() + comfy.model_management.module_size(face)
     return patched
 
@@ -655,6 +659,18 @@ def _multigpu() -> list[str]:
     return found
 
 
+
+def cpu_attention(model) -> None:
+    """On a CPU where ComfyUI chose its sub-quadratic attention by default (not asked for with
+    --use-quad-cross-attention), `model` (a clone being made ConsisID) attends with PyTorch's SDPA,
+    as diffusers and our Sampler do: its flash kernel needs no more memory there, and ComfyUI's
+    chunked attention made a step take about a fifth longer (bench/RESULTS.md, native-medium)."""
+    attention = comfy.ldm.modules.attention
+    chosen = getattr(comfy.ldm.cogvideo.model, "optimized_attention", None)
+    if (model.load_device.type == "cpu" and chosen is attention.attention_sub_quad
+            and not comfy.cli_args.args.use_quad_cross_attention and fence.works("native_cpu_attention")):
+        model.set_model_optimized_attention(attention.attention_pytorch)
+
 def _tiny_cogvideox():
     """Core's CogVideoX at a few numbers wide, with small random weights (the probes' model)."""
     model = CogVideoXTransformer3DModel(
@@ -693,6 +709,23 @@ def _step_cache_probe() -> list[str]:
     return []
 
 
+def _attention_override() -> list[str]:
+    """A tiny core CogVideoX given an attention override in its transformer_options (what
+    ModelPatcher.set_model_optimized_attention sets) calls it in its blocks."""
+    attention = comfy.ldm.modules.attention
+    found = [f"comfy.ldm.modules.attention.{n}" for n in ("attention_pytorch", "attention_sub_quad")
+             if not callable(getattr(attention, n, None))]
+    if not callable(getattr(comfy.model_patcher.ModelPatcher, "set_model_optimized_attention", None)):
+        found.append("comfy.model_patcher.ModelPatcher.set_model_optimized_attention")
+    if found:
+        return found
+    calls = []
+    options = {"optimized_attention_override": lambda real, *a, **k: calls.append(1) or real(*a, **k)}
+    with torch.no_grad():
+        _tiny_cogvideox()(torch.randn(1, 4, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 2, 8), transformer_options=options)
+    return [] if len(calls) == 2 else ["the attention override in comfy.ldm.cogvideo.model's blocks (transformer_options)"]
+
+
 def _outer_sample() -> list[str]:
     parameters = list(inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters)
     found = [] if parameters[1:5] == ["noise", "latent_image", "sampler", "sigmas"] else [
@@ -709,6 +742,9 @@ ASSUMPTIONS += (
                      needs="native_cogvideox"),
     fence.Assumption("native_step_cache", "ConsisID Step Cache", "ConsisID Step Cache is refused in one line",
                      _step_cache_probe, needs="native_per_run"),
+    fence.Assumption("native_cpu_attention", "the native MODEL's attention on a CPU",
+                     "it uses the attention ComfyUI chose (its sub-quadratic one by default on a CPU: slower)",
+                     _attention_override, needs="native_cogvideox"),
     fence.Assumption("native_multigpu", "MultiGPU CFG Split on the native MODEL",
                      "the native MODEL runs on one device (MultiGPU CFG Split refuses ConsisID Native Model Loader's "
                      "MODEL, and shares the face modules of Load Diffusion Model's between devices)", _multigpu,

@@ -139,9 +139,9 @@ def main() -> None:
         folder = target if (target / "model_index.json").is_file() else build_checkpoint(size, target)
         results = [_run(args, size, folder, Path(tmp), i, path, patch, steps) for i, (path, patch, _) in enumerate(rows)]
     base = results[0]
-    lines = [f"`COMFYUI_DIR=… python -m bench.native --size {size.name} --what {args.what}` on {datetime.date.today()}: "
-             f"{size.frames} frames of {size.width}×{size.height}, {steps} steps of ddim, CFG 6, fp32 on the CPU, "
-             f"{args.threads} threads, one process per row, load average {os.getloadavg()[0]:.1f} at the end", "",
+    lines = [f"`COMFYUI_DIR=… python -m bench.native --size {size.name} --what {args.what} --threads {args.threads} "
+             f"--steps {steps}` on {datetime.date.today()}: {size.frames} frames of {size.width}×{size.height}, ddim, "
+             f"CFG 6, fp32 on the CPU, one process per row, load average {os.getloadavg()[0]:.1f} at the end", "",
              f"| path | steps skipped | s/step (wall) | CPU s/step | ÷ {rows[0][2]} (CPU) | max \\|Δ\\| latents vs {rows[0][2]} |",
              "|---|---:|---:|---:|---:|---:|"]
     for (_, _, label), result in zip(rows, results):

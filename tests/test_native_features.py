@@ -217,6 +217,20 @@ def test_multigpu_cfg_split_keeps_its_clones_face_modules_their_own(setup):
     assert torch.equal(_native(setup, 3, model=split), _native(setup, 3))
 
 
+
+def test_a_comfyui_without_multigpu_deep_clones_leaves_the_model_on_one_device_and_says_so(setup, monkeypatch, caplog):
+    import comfy.patcher_extension
+    from consisid_pack.nodes.native.nodes import native_model
+
+    monkeypatch.delattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU")
+    with _fence_looks_again(), caplog.at_level(logging.WARNING):
+        model = native_model(setup["folder"], torch.float32)
+        monkeypatch.undo()
+    assert model.cached_patcher_init is None and not model.callbacks.get("on_deepclone_multigpu")
+    assert ("MultiGPU CFG Split on the native MODEL (comfy.patcher_extension.CallbacksMP.ON_DEEPCLONE_MULTIGPU): "
+            "the native MODEL runs on one device") in caplog.text
+    assert torch.equal(_native(setup, 2, model=model), _native(setup, 2))
+
 # ---------------------------------------------------------------------------------------------
 # One seed; long videos
 

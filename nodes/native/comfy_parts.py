@@ -28,6 +28,7 @@ import copy
 import functools
 import inspect
 import logging
+import threading
 import weakref
 
 import torch
@@ -511,12 +512,14 @@ class StepCacheRun:
         self.state = TeaCacheState(threshold, len(sigmas) - 1, self.stats)
         self.sigma: float | None = None
         self.residuals: dict[tuple, torch.Tensor] = {}
+        self.lock = threading.Lock()  # MultiGPU CFG Split calls the model from one thread per device
 
     def decide(self, sigma: float, emb: torch.Tensor) -> None:
         """At the first call of a step (a new sigma), the decision for every call of that step."""
-        if sigma != self.sigma:
-            self.sigma = sigma
-            self.state.decide(emb)
+        with self.lock:
+            if sigma != self.sigma:
+                self.sigma = sigma
+                self.state.decide(emb)
 
 
 class _CachedCall:
@@ -567,7 +570,7 @@ def _step_cache_wrapper(executor, x, timestep, context, ofs=None, transformer_op
     run: StepCacheRun | None = options.get(STEP_CACHE)
     if run is None or options.get("sigmas") is None or not fence.works("native_step_cache"):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
-    key = (tuple(options.get("uuids") or ()), tuple(x.shape))
+    key = (tuple(options.get("uuids") or ()), tuple(x.shape), x.device)  # per batch of conds, per device
     with _CachedCall(executor.class_obj, run, key, float(options["sigmas"].flatten()[0])):
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
 

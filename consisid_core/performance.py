@@ -86,7 +86,11 @@ def _once_per_run_hook():
     return OncePerRun()
 
 
-class _TeaCacheState:
+class TeaCacheState:
+    """TeaCache's decision at each step of one run, with ConsisID's coefficients: whether the
+    transformer's blocks are skipped and their last computed residual reused. The caller keeps that
+    residual in `residual` (None until a step is computed); `decide` is called once per step."""
+
     def __init__(self, threshold: float, steps: int, stats: StepCacheStats):
         self.threshold, self.steps, self.stats = threshold, steps, stats
         self.rescale = np.poly1d(TEACACHE_COEFFICIENTS)
@@ -117,7 +121,7 @@ class _TeaCacheState:
             self.stats.computed += 1
 
 
-def _teacache_hooks(transformer: torch.nn.Module, state: _TeaCacheState) -> list[tuple[torch.nn.Module, object]]:
+def _teacache_hooks(transformer: torch.nn.Module, state: TeaCacheState) -> list[tuple[torch.nn.Module, object]]:
     """Hooks that make the transformer skip its blocks (and the face cross-attention between them)
     when `state` says so, reusing the last computed residual: TeaCache without rewriting forward."""
     ModelHook = hooks.hook_base()
@@ -255,7 +259,7 @@ def applied(
         else:
             pairs.append((transformer.local_facial_extractor, _once_per_run_hook()))
     if options.step_cache > 0:
-        pairs += _teacache_hooks(transformer, _TeaCacheState(options.step_cache, steps, stats))
+        pairs += _teacache_hooks(transformer, TeaCacheState(options.step_cache, steps, stats))
     if options.attention == "sage":
         target = torch.device(device) if device is not None else home_device(transformer)
         kernel = sage_kernel(target, model.dtype, transformer.config.attention_head_dim)

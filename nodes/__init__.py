@@ -5,10 +5,12 @@
 
 from . import faces, identity_files, long_video, lora, models, sampling, score, text, vae
 from .native import nodes as native
+from .native import long_video as native_long_video
+from .native import seed, step_cache
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (faces, identity_files, models, lora, text, sampling, vae, long_video, score, native):
+for _module in (faces, identity_files, models, lora, text, sampling, vae, long_video, score, native, step_cache, seed, native_long_video):
     NODE_CLASS_MAPPINGS.update(_module.NODES)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NAMES)
 

@@ -310,18 +310,19 @@ class ConsisIDFaceModules(Held):
     pass
 
 
-def held_beside(model, module: torch.nn.Module):
+def held_beside(model, module: torch.nn.Module, disable_dynamic: bool = False):
     """`module` (the native MODEL's face modules) in a patcher of its own, taken along by `model`'s
     loads: ComfyUI's sampling loads a MODEL's additional models with it, partly when they do not
     fit, and evicts and unloads them with it. The patcher is the MODEL's kind: core's dynamic one
     when the MODEL is dynamic (its layers then paged through dynamic VRAM), else the classic one.
     Its layers are castable as core's own, so what stays in RAM is cast per call. They are not an
     object patch of the MODEL: a dynamic patcher's full unload takes its object patches off before
-    it puts back the weights it moved, and would then not find theirs."""
+    it puts back the weights it moved, and would then not find theirs. `disable_dynamic`: the
+    classic patcher whatever the MODEL's (core asks its reload factories for that)."""
     castable = fence.works("partial_load")
     if not castable:
         patcher_class = WholeModelPatcher  # the fence has said so: loaded whole
-    elif fence.works("dynamic_vram") and model.is_dynamic():
+    elif fence.works("dynamic_vram") and model.is_dynamic() and not disable_dynamic:
         patcher_class = comfy.model_patcher.CoreModelPatcher
     else:
         patcher_class = comfy.model_patcher.ModelPatcher

@@ -18,6 +18,7 @@ EXPECTED = {
     "ConsisIDIdentityScore", "ConsisIDExtend", "ConsisIDLoRA",
     "ConsisIDNativeModelLoader", "ConsisIDFaceModules", "ConsisIDTextConditioning", "ConsisIDIdentityConditioning",
     "ConsisIDNoise", "ConsisIDDPMSampler", "ConsisIDDynamicCFG", "ConsisIDNativeLoRA", "ConsisIDNativeVAEDecode",
+    "ConsisIDStepCache", "ConsisIDSeed", "ConsisIDAppendSegment",
 }
 
 

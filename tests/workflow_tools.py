@@ -148,21 +148,58 @@ class Graph:
         self.specs = specs
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.last_id = 0
+
+    def _node(self, node_id: int) -> dict:
+        return next(n for n in self.nodes if n["id"] == node_id)
+
+    def skip(self) -> None:
+        """Leave the next node id unused (a node a workflow no longer has keeps its id retired,
+        so the others keep theirs)."""
+        self.last_id += 1
+
+    def _link(self, source: int, slot: int, target: int, target_slot: int) -> int:
+        link_id = len(self.links) + 1
+        origin = self._node(source)
+        self.links.append([link_id, source, slot, target, target_slot, origin["outputs"][slot]["type"]])
+        origin["outputs"][slot]["links"].append(link_id)
+        return link_id
+
+    def link(self, source: tuple[int, int], target: int, name: str) -> None:
+        """Connect an output to a widget of a node already added; the widget keeps its value in
+        widgets_values."""
+        node = self._node(target)
+        node["_widget_links"][name] = self._link(*source, target, None)
+        node["_depth"] = max(node["_depth"], self._node(source[0])["_depth"] + 1)
+
+    def _widget_inputs(self, node: dict) -> None:
+        """A node with a linked widget gets the widgets' inputs as the frontend saves them: after the
+        other inputs, one per widget in declared order, the linked ones with their link."""
+        linked = node.pop("_widget_links")
+        if not linked:
+            return
+        for name, kind, options in _declared(self.specs[node["type"]]):
+            if kind in WIDGET_TYPES and not options.get("forceInput"):
+                if name in linked:
+                    self.links[linked[name] - 1][4] = len(node["inputs"])
+                node["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": linked.get(name)})
 
     def add(self, node_type: str, *widgets, **sockets) -> int:
         spec = self.specs[node_type]
-        node_id = len(self.nodes) + 1
+        self.last_id += 1
+        node_id = self.last_id
         depth = 0
         inputs = []
+        widget_links = {}
         for name, kind, _ in _declared(spec):
             if name in sockets:
                 source, slot = sockets.pop(name)
-                link_id = len(self.links) + 1
-                origin = self.nodes[source - 1]
-                self.links.append([link_id, source, slot, node_id, len(inputs), origin["outputs"][slot]["type"]])
-                origin["outputs"][slot]["links"].append(link_id)
+                depth = max(depth, self._node(source)["_depth"] + 1)
+                if kind in WIDGET_TYPES:
+                    widget_links[name] = self._link(source, slot, node_id, None)
+                    continue
+                link_id = self._link(source, slot, node_id, len(inputs))
                 inputs.append({"name": name, "type": kind, "link": link_id})
-                depth = max(depth, origin["_depth"] + 1)
             elif kind not in WIDGET_TYPES:
                 inputs.append({"name": name, "type": kind, "link": None})
         assert not sockets, f"{node_type} has no inputs {sorted(sockets)}"
@@ -190,6 +227,7 @@ class Graph:
                 | ({"cnr_id": THIRD_PARTY[node_type]} if node_type in THIRD_PARTY else {}),
                 "widgets_values": list(widgets),
                 "_depth": depth,
+                "_widget_links": widget_links,
             }
         )
         return node_id
@@ -197,12 +235,13 @@ class Graph:
     def to_json(self) -> dict:
         rows: dict[int, int] = {}
         for order, node in enumerate(self.nodes):
+            self._widget_inputs(node)
             depth = node.pop("_depth")
             node["order"] = order
             node["pos"] = [40 + 420 * depth, 40 + rows.get(depth, 0)]
             rows[depth] = rows.get(depth, 0) + node["size"][1] + 60
         return {
-            "last_node_id": len(self.nodes),
+            "last_node_id": self.last_id,
             "last_link_id": len(self.links),
             "nodes": self.nodes,
             "links": self.links,
@@ -327,9 +366,10 @@ def _native(specs: dict) -> dict:
 
 def _native_lora(specs: dict) -> dict:
     """The exported transformer through core Load Diffusion Model, its face modules, a LoRA through
-    core LoraLoaderModelOnly, the first frame sampled for the seed, SamplerCustomAdvanced with the
-    reference's noise and dpm sampler for the seed, and ConsisID Native VAE Decode (the reference's
-    decode order): the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA."""
+    core LoraLoaderModelOnly, and one seed (ConsisID Seed) for the first frame, SamplerCustomAdvanced's
+    noise and the reference's dpm sampler, then ConsisID Native VAE Decode (the reference's decode
+    order): the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA. (Node 14, the
+    DPM Sampler of the three-seed version, is retired so that the other ids stay.)"""
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
     transformer, face = NATIVE_FILES
@@ -339,12 +379,46 @@ def _native_lora(specs: dict) -> dict:
     conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, 42, False,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))
-    noise = g.add("ConsisIDNoise", 42, "fixed")
-    sampler = g.add("ConsisIDDPMSampler", 42, "fixed")
+    seed = g.add("ConsisIDSeed", 42, "fixed")
+    g.link((seed, 2), conditioned, "first_frame_seed")
+    g.skip()
     sigmas = g.add("BasicScheduler", "simple", 50, 1.0, model=(model, 0))
-    latent = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
+    latent = g.add("SamplerCustomAdvanced", noise=(seed, 0), guider=(guider, 0), sampler=(seed, 1),
                    sigmas=(sigmas, 0), latent_image=(conditioned, 2))
     _native_tail(g, (latent, 0), vae, decode="ConsisIDNativeVAEDecode")
+    return g.to_json()
+
+
+def _native_segment(g: Graph, head: tuple, model: int, sigmas: int, seed: int, start=None) -> int:
+    """One segment of a native long video: its own seed, Identity Conditioning (from `start`, an
+    IMAGE, when given), SamplerCustomAdvanced and ConsisID Native VAE Decode; returns the decode."""
+    positive, negative, identity, vae = head
+    seeds = g.add("ConsisIDSeed", seed, "fixed")
+    first = {} if start is None else {"start_image": start}
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, seed,
+                        positive=positive, negative=negative, identity=identity, vae=vae, **first)
+    g.link((seeds, 2), conditioned, "first_frame_seed")
+    guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))
+    latent = g.add("SamplerCustomAdvanced", noise=(seeds, 0), guider=(guider, 0), sampler=(seeds, 1),
+                   sigmas=(sigmas, 0), latent_image=(conditioned, 2))
+    return g.add("ConsisIDNativeVAEDecode", samples=(latent, 0), vae=vae)
+
+
+def _native_long_video(specs: dict) -> dict:
+    """Three segments on the native MODEL, each from the last frame of the video so far (core Image
+    From Batch at -1), seeds 42, 43, 44 (`generate --segments 3 --seed 42`), joined by ConsisID Append
+    Segment, then Create Video and Save Video."""
+    g = Graph(specs)
+    head = _native_head(g)
+    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
+    sigmas = g.add("BasicScheduler", "simple", 50, 1.0, model=(model, 0))
+    video = (_native_segment(g, head, model, sigmas, 42), 0)
+    for seed in (43, 44):
+        last = g.add("ImageFromBatch", -1, 1, image=video)
+        segment = _native_segment(g, head, model, sigmas, seed, start=(last, 0))
+        video = (g.add("ConsisIDAppendSegment", False, video=video, segment=(segment, 0)), 0)
+    clip = g.add("CreateVideo", 8.0, images=video)
+    g.add("SaveVideo", "consisid/ConsisID_native_long", "mp4", "h264", video=(clip, 0))
     return g.to_json()
 
 
@@ -360,6 +434,7 @@ def build(specs: dict | None = None) -> dict[str, dict]:
         "consisid_lora.json": _face_graph(specs, loras=LORAS),
         "consisid_native.json": _native(specs),
         "consisid_native_lora.json": _native_lora(specs),
+        "consisid_native_long_video.json": _native_long_video(specs),
     }
 
 

@@ -34,11 +34,14 @@ the transformer's blocks) is checked where used (`instance_parts`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
 import sys
+import threading
 import types
+import weakref
 
 import torch
 
@@ -55,10 +58,14 @@ from ...consisid_core.native import (
     posterior_sample,
     reference_noise,
     rotary_embedding,
+    source_weights,
+    split_weights,
 )
+from ...consisid_core.performance import StepCacheStats, TeaCacheState
 from .. import fence, host
 
 try:
+    import comfy.cli_args
     import comfy.conds
     import comfy.k_diffusion.sampling
     import comfy.latent_formats
@@ -70,6 +77,7 @@ try:
     import comfy.ops
     import comfy.patcher_extension
     import comfy.samplers
+    import comfy.ldm.modules.attention
     import comfy.sd
     import comfy.utils
     import node_helpers
@@ -481,7 +489,7 @@ def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, o
     if all(torch.equal(t, t[:1].expand_as(t)) for t in (id_cond, hidden)):
         # one identity on every CFG pass (as the reference): its tokens once, broadcast in the cross-attention
         id_cond, hidden = id_cond[:1], hidden[:1]
-    tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
+    tokens = face_tokens_once(face, id_cond, hidden, transformer_options)
 
     def add(which, _block, _args, output):
         hidden_states, encoder_hidden_states = output
@@ -573,6 +581,9 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base, config))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
                                  functools.partial(_face_wrapper, face, sampling))
+    per_run_state(patched)
+    on_several_devices(patched)
+    cpu_attention(patched)
     return patched
 
 
@@ -751,3 +762,307 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
             pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
             videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
     return torch.cat(videos)
+
+
+# =============================================================================================
+# What the wrapper has, on the native MODEL: face tokens once per run, the step cache, several
+# GPUs (MultiGPU CFG Split's deep clones).
+
+RUN_STATE = "consisid_run"
+STEP_CACHE = "consisid_step_cache"
+
+
+class RunState:
+    """What one sampling run of a native ConsisID MODEL keeps between its model calls: the
+    identity's face tokens per device (the Local Facial Extractor's output, the same at every step,
+    as the reference computes it once). Made afresh for each run by `_per_run`, dropped after it."""
+
+    def __init__(self):
+        self.tokens: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _per_run(key: str, make, executor, *args, **kwargs):
+    """An OUTER_SAMPLE wrapper: `make(sigmas)` (the run's sigmas) in the guider's transformer_options
+    under `key` for this run, on a copy of its model options put back after the run."""
+    guider = executor.class_obj
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    guider.model_options.setdefault("transformer_options", {})[key] = make(sigmas)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+
+
+def per_run_state(model) -> None:
+    """`model` (a clone being made ConsisID) keeps a `RunState` for each sampling run."""
+    if fence.works("native_per_run"):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "consisid_face",
+                                   functools.partial(_per_run, RUN_STATE, lambda _sigmas: RunState()))
+
+
+def face_tokens_once(face: FaceModules, id_cond: torch.Tensor, hidden: torch.Tensor, transformer_options) -> torch.Tensor:
+    """The face tokens of the identity (`id_cond`, `hidden` as the conditioning carries them),
+    computed once per run and device: later calls with the same identity reuse them."""
+    run = (transformer_options or {}).get(RUN_STATE)
+    known = None if run is None else run.tokens.get(id_cond.device)
+    if known is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(known, (id_cond, hidden))):
+        return known[2]
+    tokens = face.face_tokens(id_cond, list(hidden.unbind(1)))
+    if run is not None:
+        run.tokens[id_cond.device] = (id_cond, hidden, tokens)
+    return tokens
+
+
+class StepCacheRun:
+    """The step cache in one sampling run: the wrapper's TeaCache decision (`TeaCacheState`, ConsisID's
+    coefficients) once per step, and per batch of conditionings the residual the transformer's
+    blocks (and the face cross-attention between them) added to the video tokens when last computed."""
+
+    def __init__(self, threshold: float, sigmas: torch.Tensor):
+        self.stats = StepCacheStats()
+        self.state = TeaCacheState(threshold, len(sigmas) - 1, self.stats)
+        self.sigma: float | None = None
+        self.residuals: dict[tuple, torch.Tensor] = {}
+        self.lock = threading.Lock()  # MultiGPU CFG Split calls the model from one thread per device
+
+    def decide(self, sigma: float, emb: torch.Tensor) -> None:
+        """At the first call of a step (a new sigma), the decision for every call of that step."""
+        with self.lock:
+            if sigma != self.sigma:
+                self.sigma = sigma
+                self.state.decide(emb)
+
+
+class _CachedCall:
+    """One transformer call under the step cache: forward hooks on core CogVideoX's time embedding
+    (this step's embedding), first block (the video tokens going in) and final norm (the video
+    tokens after all blocks); a skipped call runs no block, its final norm gets the residual."""
+
+    def __init__(self, model, run: StepCacheRun, key: tuple, sigma: float):
+        self.model, self.run, self.key, self.sigma = model, run, key, sigma
+        self.blocks = model.blocks
+        self.skipped = False
+        self.start: torch.Tensor | None = None
+
+    def __enter__(self):
+        self.hooks = [
+            self.model.time_embedding_linear_2.register_forward_hook(self._embedded),
+            self.blocks[0].register_forward_pre_hook(self._entering, with_kwargs=True),
+            self.model.norm_final.register_forward_pre_hook(self._leaving),
+        ]
+        return self
+
+    def __exit__(self, *_exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.model.blocks = self.blocks
+
+    def _embedded(self, _module, _args, emb):
+        self.run.decide(self.sigma, emb)
+        self.skipped = self.run.state.skip and self.key in self.run.residuals
+        if self.skipped:
+            self.model.blocks = torch.nn.ModuleList()  # this call only (put back on exit)
+
+    def _entering(self, _module, args, kwargs):
+        self.start = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _leaving(self, _module, args):
+        hidden_states, *rest = args
+        if self.skipped:
+            return (hidden_states + self.run.residuals[self.key], *rest)
+        self.run.residuals[self.key] = hidden_states - self.start
+        self.run.state.residual = self.run.residuals
+        return None
+
+
+def _step_cache_wrapper(executor, x, timestep, context, ofs=None, transformer_options=None, **kwargs):
+    """Around the transformer's `_forward`: the blocks skipped when the step cache says so."""
+    options = transformer_options or {}
+    run: StepCacheRun | None = options.get(STEP_CACHE)
+    if run is None or options.get("sigmas") is None or not fence.works("native_step_cache"):
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    key = (tuple(options.get("uuids") or ()), tuple(x.shape), x.device)  # per batch of conds, per device
+    with _CachedCall(executor.class_obj, run, key, float(options["sigmas"].flatten()[0])):
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+
+
+def _step_cache_run(threshold: float, executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a fresh `StepCacheRun` for the run, and what it did logged after it."""
+    runs = []
+
+    def make(sigmas):
+        runs.append(StepCacheRun(threshold, sigmas))
+        return runs[-1]
+
+    try:
+        return _per_run(STEP_CACHE, make, executor, *args, **kwargs)
+    finally:
+        if runs:
+            stats = runs[0].stats
+            logger.info("ConsisID Step Cache: %d transformer steps computed, %d skipped", stats.computed, stats.skipped)
+
+
+def with_step_cache(model, threshold: float):
+    """A clone of a native ConsisID MODEL whose sampling runs skip the transformer's blocks on the
+    steps TeaCache (ConsisID's coefficients, the wrapper's `step_cache`) finds close to the last
+    computed one. Threshold 0 is off: the clone is unpatched."""
+    _cogvideox(model, "ConsisID Step Cache")
+    patched = model.clone()
+    if threshold > 0:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, STEP_CACHE,
+                                     functools.partial(_step_cache_run, threshold))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STEP_CACHE, _step_cache_wrapper)
+    return patched
+
+
+def _own_copies(primary, clone) -> None:
+    """ON_DEEPCLONE_MULTIGPU / ON_MATCH_MULTIGPU_CLONES: a MultiGPU clone has a model of its own (for
+    another device), and core gave it its own face-modules patcher (`face_patcher`, deep-cloned from
+    the factory `with_face_modules` set). Its face wrapper, model sampling and `extra_conds` are made
+    to use its own: shared with the primary's, they would compute on the primary's device."""
+    if clone.model is primary.model:
+        return
+    face = face_patcher(clone).model.module
+    _, sampling = clone.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)[0].args
+    sampling = copy.deepcopy(sampling)
+    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
+                               functools.partial(_face_wrapper, face, sampling))
+    clone.object_patches["model_sampling"] = sampling
+    clone.object_patches["extra_conds"] = functools.partial(_extra_conds, clone.model, face.config)
+
+
+def on_several_devices(model) -> None:
+    """`model` (a clone being made ConsisID) gives MultiGPU CFG Split's clones their own face modules:
+    core deep-clones its face patcher from a factory of fresh copies, and `_own_copies` rewires them."""
+    if fence.works("native_multigpu"):
+        patcher = face_patcher(model)
+        patcher.cached_patcher_init = (_face_copy, (model, patcher.model.module))
+        for event in (comfy.patcher_extension.CallbacksMP.ON_DEEPCLONE_MULTIGPU,
+                      comfy.patcher_extension.CallbacksMP.ON_MATCH_MULTIGPU_CLONES):
+            model.add_callback(event, _own_copies)
+
+
+def _face_copy(model, face: FaceModules, disable_dynamic: bool = False):
+    """A patcher of its own for a copy of `face` (what core reloads an additional model with)."""
+    return host.held_beside(model, copy.deepcopy(face), disable_dynamic)
+
+
+def _reload_cogvideox(source: str, dtype: torch.dtype | None, disable_dynamic: bool = False):
+    core, _ = split_weights(source_weights(source)[0])
+    options = {} if dtype is None else {"dtype": dtype}
+    return comfy.sd.load_diffusion_model_state_dict(core, model_options=options, disable_dynamic=disable_dynamic)
+
+
+def reloadable(model, source, dtype: torch.dtype | None) -> None:
+    """Give core's CogVideoX MODEL loaded from `source` by the native loader what UNETLoader's MODELs
+    have: the factory ComfyUI reloads it with for another device (MultiGPU CFG Split) or without
+    dynamic VRAM (`cached_patcher_init`)."""
+    if fence.works("native_multigpu"):
+        model.cached_patcher_init = (_reload_cogvideox, (str(source), dtype))
+
+
+def _multigpu() -> list[str]:
+    found = [f"comfy.patcher_extension.CallbacksMP.{n}" for n in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
+             if not hasattr(comfy.patcher_extension.CallbacksMP, n)]
+    patcher = comfy.model_patcher.ModelPatcher
+    if not fence.takes(getattr(patcher, "deepclone_multigpu", None), "new_load_device"):
+        found.append("comfy.model_patcher.ModelPatcher.deepclone_multigpu(new_load_device=)")
+    if not fence.takes(comfy.sd.load_diffusion_model_state_dict, "sd", "model_options", "disable_dynamic"):
+        found.append("comfy.sd.load_diffusion_model_state_dict(sd, model_options=, disable_dynamic=)")
+    return found
+
+
+
+def cpu_attention(model) -> None:
+    """On a CPU where ComfyUI chose its sub-quadratic attention by default (not asked for with
+    --use-quad-cross-attention), `model` (a clone being made ConsisID) attends with PyTorch's SDPA,
+    as diffusers and our Sampler do: its flash kernel needs no more memory there, and ComfyUI's
+    chunked attention made a step take about a fifth longer (bench/RESULTS.md, native-medium)."""
+    attention = comfy.ldm.modules.attention
+    chosen = getattr(comfy.ldm.cogvideo.model, "optimized_attention", None)
+    if (model.load_device.type == "cpu" and chosen is attention.attention_sub_quad
+            and not comfy.cli_args.args.use_quad_cross_attention and fence.works("native_cpu_attention")):
+        model.set_model_optimized_attention(attention.attention_pytorch)
+
+def _tiny_cogvideox():
+    """Core's CogVideoX at a few numbers wide, with small random weights (the probes' model)."""
+    model = CogVideoXTransformer3DModel(  # torch's own layers: see `_block_outputs`
+        num_attention_heads=1, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=8,
+        num_layers=2, sample_width=4, sample_height=4, sample_frames=1, use_rotary_positional_embeddings=True,
+        device="meta", operations=torch.nn,
+    ).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def _step_cache_probe() -> list[str]:
+    """Two calls of a tiny core CogVideoX under the step cache, the second a step that it skips: the
+    hooks it sets fire in the order `_CachedCall` needs, and the skipped call runs no block and
+    gives the first call's output (the same input)."""
+    model = _tiny_cogvideox()
+    x, timestep, context = torch.randn(1, 4, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 2, 8)
+    run = StepCacheRun(10.0, torch.ones(4))
+    ran = []
+    counting = model.blocks[0].register_forward_hook(lambda *_: ran.append(1))
+    outputs = []
+    try:
+        for sigma in (1.0, 0.5):
+            with torch.no_grad(), _CachedCall(model, run, (), sigma):
+                outputs.append(model(x, timestep, context))
+    except Exception as e:  # what differs is reported, not raised
+        return [f"comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel._forward's layers ({type(e).__name__}: {e})"]
+    finally:
+        counting.remove()
+    if len(ran) != 1 or run.stats.skipped != 1 or not torch.allclose(outputs[0], outputs[1], atol=1e-6):
+        return ["comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel._forward's order (time_embedding_linear_2, "
+                "blocks, norm_final)"]
+    return []
+
+
+def _attention_override() -> list[str]:
+    """A tiny core CogVideoX given an attention override in its transformer_options (what
+    ModelPatcher.set_model_optimized_attention sets) calls it in its blocks."""
+    attention = comfy.ldm.modules.attention
+    found = [f"comfy.ldm.modules.attention.{n}" for n in ("attention_pytorch", "attention_sub_quad")
+             if not callable(getattr(attention, n, None))]
+    if not callable(getattr(comfy.model_patcher.ModelPatcher, "set_model_optimized_attention", None)):
+        found.append("comfy.model_patcher.ModelPatcher.set_model_optimized_attention")
+    if found:
+        return found
+    calls = []
+    options = {"optimized_attention_override": lambda real, *a, **k: calls.append(1) or real(*a, **k)}
+    with torch.no_grad():
+        _tiny_cogvideox()(torch.randn(1, 4, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 2, 8), transformer_options=options)
+    return [] if len(calls) == 2 else ["the attention override in comfy.ldm.cogvideo.model's blocks (transformer_options)"]
+
+
+def _outer_sample() -> list[str]:
+    parameters = list(inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters)
+    found = [] if parameters[1:5] == ["noise", "latent_image", "sampler", "sigmas"] else [
+        "comfy.samplers.CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, …)"]
+    if not callable(getattr(comfy.model_patcher, "create_model_options_clone", None)):
+        found.append("comfy.model_patcher.create_model_options_clone")
+    return found + [f"comfy.patcher_extension.WrappersMP.{n}" for n in ("OUTER_SAMPLE", "DIFFUSION_MODEL")
+                    if not hasattr(comfy.patcher_extension.WrappersMP, n)]
+
+
+ASSUMPTIONS += (
+    fence.Assumption("native_per_run", "the native MODEL's face tokens once per run",
+                     "the face tokens are computed at every step (same video, slower)", _outer_sample,
+                     needs="native_cogvideox"),
+    fence.Assumption("native_step_cache", "ConsisID Step Cache", "ConsisID Step Cache is refused in one line",
+                     _step_cache_probe, needs="native_per_run"),
+    fence.Assumption("native_cpu_attention", "the native MODEL's attention on a CPU",
+                     "it uses the attention ComfyUI chose (its sub-quadratic one by default on a CPU: slower)",
+                     _attention_override, needs="native_cogvideox"),
+    fence.Assumption("native_multigpu", "MultiGPU CFG Split on the native MODEL",
+                     "the native MODEL runs on one device (MultiGPU CFG Split refuses ConsisID Native Model Loader's "
+                     "MODEL, and shares the face modules of Load Diffusion Model's between devices)", _multigpu,
+                     needs="native_cogvideox"),
+)

@@ -58,6 +58,7 @@ def native_model(source, dtype: torch.dtype | None):
     face = native.face_modules(face, config, host.check_interrupted)
     host.check_interrupted()
     model = comfy_parts.load_cogvideox(core, dtype)
+    comfy_parts.reloadable(model, source, dtype)
     return comfy_parts.with_face_modules(model, face, channels, scaling, scheduler, LOADER)
 
 

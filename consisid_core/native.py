@@ -20,17 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import (
-    FACE_MODULES,
-    RELEASED_SCHEDULER_CONFIG,
-    Checkpoint,
-    infer_transformer_config,
-    read_safetensors_shapes,
-)
+from .checkpoint import FACE_MODULES, Checkpoint
 from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError
 from .files import write_atomically
 from .lora import LoRA, read_lora
+from .single_file import RELEASED_SCHEDULER_CONFIG, infer_transformer_config, read_safetensors_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import torch
 
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.memory import decode_memory
-from ..consisid_core.decoder import MAX_TILE, Tiling
+from ..consisid_core.tiling import MAX_TILE, Tiling
 from ..consisid_core.sampling import check_latents, decode
 from . import host
 

@@ -353,7 +353,7 @@ def _warn(problem: str) -> None:
 def speed_up_decoder(vae: torch.nn.Module) -> torch.nn.Module:
     """Rebuild `vae.decoder`'s modules as the subclasses above (the parameters are shared, not
     copied; the state dict's keys do not change), check the result against diffusers' own decoder
-    (the module docstring), and keep diffusers' modules with one warning if anything differs.
+    (docs/dev/architecture.md), and keep diffusers' modules with one warning if anything differs.
     Returns `vae`."""
     problem = _unmet_assumption(vae.decoder)
     if problem is not None:

@@ -124,8 +124,8 @@ def generate_segments(
     callback: SegmentCallback | None = None,
     **changes,
 ) -> Iterator[torch.Tensor]:
-    """One segment per text in `texts` (`segment_prompts` makes the list), chained as the module
-    says: `run_segments` of the run `sampling.prepare_run` prepares. `image` is segment 1's first
+    """One segment per text in `texts` (`segment_prompts` makes the list), chained on their last
+    frames: `run_segments` of the run `sampling.prepare_run` prepares. `image` is segment 1's first
     frame (default: the identity's aligned face). `options` are `sample`'s (`sampling.RunOptions`,
     or its fields as keywords: steps, guidance_scale, frames, device, performance, tiling, …) and
     apply to every segment, its seed to segment 1.

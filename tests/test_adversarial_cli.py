@@ -67,6 +67,8 @@ def _refused(capsys, args: list[str], message: str) -> str:
         (["--guidance", "nan"], "--guidance nan must be a finite number from 0 to 100"),
         (["--guidance", "inf"], "--guidance inf must be a finite number"),
         (["--guidance", "-3"], "--guidance -3.0 must be a finite number from 0 to 100"),
+        (["--identity-strength", "11"], "--identity-strength 11.0 must be a finite number from 0 to 10"),
+        (["--identity-strength", "nan"], "--identity-strength nan must be a finite number"),
         (["--fps", "100000"], "--fps 100000 must be a whole number from 1 to 240"),
         (["--step-cache", "nan"], "step cache threshold nan"),
         (["--device", "meta"], "device 'meta' is not one to run on; use auto, cpu, cuda or cuda:N"),
@@ -252,6 +254,8 @@ def test_checkpoint_open_alone_refuses_before_weights(tmp_path, tiny_dir):
         (["generate", "--model", "m", "--prompt", "p", "--seed", "abc", "--out", "o"], "argument --seed: invalid int value: 'abc'"),
         (["generate", "--model", "m", "--out", "o"], "the following arguments are required: --prompt"),
         (["generate", "--model", "m", "--prompt", "p", "--dtype", "fp4", "--out", "o"], "argument --dtype: invalid choice: 'fp4'"),
+        (["generate", "--model", "m", "--prompt", "p", "--scheduler", "euler", "--out", "o"],
+         "argument --scheduler: invalid choice: 'euler'"),
         (["paint"], "argument command: invalid choice: 'paint'"),
     ],
 )

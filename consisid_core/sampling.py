@@ -264,9 +264,14 @@ class Run:
         return text
 
     def placed(self, device: torch.device | str | None, move_models: bool, merge_loras: bool) -> Run:
-        """The run where ComfyUI's model management put the models, after `with_model` checked the room."""
-        return replace(self, options=replace(self.options, device=device, move_models=move_models,
-                                             merge_loras=merge_loras))
+        """The run where ComfyUI's model management put the models. The room for sampling, which
+        `with_model` checked for the placement expected then, is checked again only where this
+        placement is another."""
+        o = self.options
+        expected = (None if o.device is None else torch.device(o.device), o.move_models)
+        if (None if device is None else torch.device(device), move_models) != expected:
+            check_sampling_fits(self.model, *self.size, device, o.performance.offload == "sequential", move_models)
+        return replace(self, options=replace(o, device=device, move_models=move_models, merge_loras=merge_loras))
 
     def continued(self, seed: int, frame: np.ndarray | torch.Tensor) -> Run:
         """The run from another seed and first frame, both its own (a long video's next segment:

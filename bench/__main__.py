@@ -27,9 +27,9 @@ import torch
 from consisid_core.checkpoint import DTYPES
 from consisid_core.sampling import resolve_size
 
-from .harness import (
-    MODES, default_modes, make_inputs, quiet_diffusers, run_bench, table, write_section,
-)
+from .contenders import MODES, default_modes, make_inputs
+from .harness import quiet_diffusers, run_bench
+from .report import table, write_section
 from .sizes import (
     SIZES, TEXT_MODES, build_checkpoint, folder_megabytes, t5_config, t5_parameters, transformer_parameters,
 )

@@ -2,26 +2,8 @@
 
     python -m bench.gpu_memory --size real [--dtype bf16] [--out bench/RESULTS.md]
 
-Each phase runs for real on PyTorch's meta device (shapes only, nothing computed) while the bytes
-of the live tensors are counted; the peak of a phase is the most that were alive at once, on top
-of the weights the phase keeps on the GPU. Attention is counted as a fused kernel's (output and
-log-sum-exp, as flash attention on a GPU), not as the CPU path's materialised score matrix.
-
-Phases, ours as the CLI and the nodes run them (the T5 released before the transformer comes in,
-the transformer back on the CPU before the decode) and diffusers' at its defaults after
-`pipe.to("cuda")` (T5, transformer and VAE all on the GPU for the whole run):
-
-- text: the T5 encodes the prompt and the negative prompt (226 tokens each);
-- sampling: the first frame's VAE encode, and one transformer forward of the guided batch of 2;
-- decode: the VAE decode of the whole video, whole frames or in half-frame tiles (ours with the
-  decoder our loaders return, diffusers' with its own).
-
-The transformer forward's FLOPs are counted the same way (`torch.utils.flop_counter`) and set
-against an H100's bf16 peak.
-
-An estimate, not a measurement: it leaves out the CUDA context (about 0.5 GB), the caching
-allocator's rounding and fragmentation, and cuDNN's convolution workspaces, so a measured
-`max_memory_allocated` will be somewhat above it. `python -m bench --size real` measures.
+Each phase runs on PyTorch's meta device while the bytes of the live tensors are counted
+(bench/README.md, "GPU memory, estimated on the CPU", says what is counted and what is left out).
 """
 
 from __future__ import annotations
@@ -41,10 +23,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from consisid_core.checkpoint import DTYPES
-from consisid_core.decoder import Tiling, speed_up_decoder, vae_options
+from consisid_core.decoder import speed_up_decoder
 from consisid_core.text import MAX_SEQUENCE_LENGTH
+from consisid_core.tiling import Tiling, vae_options
 
-from .harness import write_section
+from .report import write_section
 from .sizes import SIZES, Size, t5_config
 
 logger = logging.getLogger("bench")

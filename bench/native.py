@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import write_section
+from .report import write_section
 from .sizes import SIZES, build_checkpoint
 
 ONE_RUN = r"""

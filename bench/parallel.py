@@ -50,7 +50,7 @@ def worker(args, checkpoint: Path, split: str, result: Path) -> None:
     from consisid_core.checkpoint import Checkpoint
     from consisid_core.sampling import sample
 
-    from .harness import make_inputs
+    from .contenders import make_inputs
     from .sizes import SIZES
 
     size = SIZES[args.size]
@@ -89,7 +89,7 @@ def _launch(args, checkpoint: Path, split: str, result: Path, threads: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     from .__main__ import environment
-    from .harness import write_section
+    from .report import write_section
     from .sizes import SIZES, build_checkpoint
 
     args = _parser().parse_args(argv)

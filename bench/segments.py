@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .harness import write_section
+from .report import write_section
 from .peak_memory import NEGATIVE, PROMPT, SEED, STEPS, _status
 
 SECTION = "segments-memory"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from consisid_core.checkpoint import RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
+from consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
 from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, random_components, save_components, tokenizer
 
 logger = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_number, check_prompt, check_seed, check_steps, decoded_frames
+from .checks import check_number, check_prompt, decoded_frames
 from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
-from .native import EXPORT_DTYPES, export, export_lora
+from .native import EXPORT_DTYPES, export
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .lora import Stack
     from .parallel import Parallel
     from .performance import Performance
+    from .sampling import Run
     from .score import SampledFrames
     from .text import TextEmbeddings
 
@@ -125,6 +126,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate(gen: argparse.ArgumentParser) -> None:
+    from .sampling import MAX_IDENTITY_STRENGTH, SCHEDULERS
+
     _common(gen)
     who = gen.add_mutually_exclusive_group()
     who.add_argument("--face", type=Path, help="a photo of the person")
@@ -137,6 +140,11 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     gen.add_argument("--dynamic-cfg", action="store_true", help="the reference's cosine guidance schedule")
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="dpm",
+                     help="dpm: CogVideoX DPM, as the reference; ddim: CogVideoX DDIM")
+    gen.add_argument("--identity-strength", type=float,
+                     help=f"scale of the face features, 0 to {MAX_IDENTITY_STRENGTH:g} (default: the checkpoint's "
+                          "local_face_scale, 1 as trained)")
     gen.add_argument("--frames", type=int, help="frame count, 4k+1; 8k+1 decode to exactly as many (default: the checkpoint's, 49)")
     gen.add_argument("--height", type=int, help="multiple of 16 (default: the checkpoint's, 480)")
     gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
@@ -264,7 +272,7 @@ class _Plan:
     loaded yet, and under --parallel the same on every rank, before the ranks meet."""
 
     checkpoint: Checkpoint
-    size: tuple[int, int, int]
+    run: Run
     loras: Stack
     scored: SampledFrames | None
 
@@ -280,8 +288,8 @@ def _generate(args) -> None:
     with _checkpoint_folder(args.model) as folder:
         plan = _preflight(args, request, Checkpoint.open(folder))
         with session(request.spec, request.device):
-            identity = _identity(args, request, plan)
-            written = _write(args, request, plan, identity, _texts(args, request, plan))
+            run = _identity(args, request, plan)
+            written = _write(args, request, plan, run, _texts(args, request, plan))
     if written:
         logger.info("wrote %d frames to %s", written, args.out)
         print(args.out)
@@ -293,7 +301,6 @@ def _checked_request(args) -> _Request:
     from .media import check_output, read_image
     from .parallel import Parallel, rank_device
     from .performance import Performance
-    from .sampling import MAX_GUIDANCE
     from .segments import segment_prompts
 
     device = _device(args.device)
@@ -305,9 +312,7 @@ def _checked_request(args) -> _Request:
         check_prompt(prompt)
     prompts = segment_prompts(args.prompt, args.segments)
     check_prompt(args.negative_prompt, "negative prompt")
-    check_seed(args.seed, "--seed")
     check_number("--fps", args.fps, 1, MAX_FPS, integer=True)
-    check_number("--guidance", args.guidance, 0, MAX_GUIDANCE, "the reference uses 6")
     identity = load_identity(args.identity) if args.identity else None
     if args.face:
         read_image(args.face)
@@ -320,51 +325,58 @@ def _checked_request(args) -> _Request:
 
 
 def _preflight(args, request: _Request, checkpoint: Checkpoint) -> _Plan:
-    from .parallel import check_parallel
     from .performance import sage_kernel
-    from .sampling import check_run_fits, resolve_size
+    from .sampling import Run, RunOptions
     from .segments import check_segments
-    from .text import MAX_SEQUENCE_LENGTH
+    from .tiling import Tiling
 
-    check_steps(args.steps, checkpoint.scheduler_config.get("num_train_timesteps", 1000), "--steps")
-    size = resolve_size(
-        checkpoint.transformer_config, checkpoint.vae_config, args.frames, args.height, args.width, args.allow_oversize
+    options = RunOptions(
+        seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
+        frames=args.frames, height=args.height, width=args.width, scheduler=args.scheduler,
+        identity_strength=args.identity_strength, device=request.device, performance=request.performance,
+        allow_oversize=args.allow_oversize, parallel=request.spec, tiling=Tiling() if args.vae_tiling else None,
     )
-    check_segments(args.segments, size[0])
+    labels = {
+        "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "identity strength": "--identity-strength"
+    }
+    if args.identity is not None:
+        labels["identity"] = f"'{args.identity}'"
+    run = Run.prepare(checkpoint.transformer_config, checkpoint.vae_config, checkpoint.scheduler_config,
+                      request.dtype, options, labels=labels)
+    check_segments(args.segments, run.options.frames)
     # an even latent frame count decodes to more frames than asked: the frames the score will see
-    decoded = decoded_frames(size[0], checkpoint.vae_config["temporal_compression_ratio"])
+    decoded = decoded_frames(run.options.frames, checkpoint.vae_config["temporal_compression_ratio"])
     scored = _score_keeper(args, checkpoint, decoded)
     loras = read_loras(args.lora, checkpoint.transformer_config)
-    check_run_fits(checkpoint, request.dtype, *size, request.device, args.offload == "sequential", args.fp8)
+    run = run.check_room(checkpoint, args.fp8)
     if request.performance.attention == "sage":  # refused before any work, not at the first step
         sage_kernel(request.device, request.dtype, checkpoint.transformer_config["attention_head_dim"])
-    if request.spec is not None:
-        check_parallel(request.spec, checkpoint.transformer_config, checkpoint.vae_config, size, args.guidance,
-                       request.performance, request.device, request.dtype, MAX_SEQUENCE_LENGTH)
     if request.identity is not None:
-        request.identity.check_compatible(checkpoint.transformer_config, f"'{args.identity}'")
+        run = run.with_identity(request.identity, request.image)
     elif args.face is None and args.model != "tiny":
         raise ConsisIDError("give the person as --face PHOTO or --identity FILE")
-    return _Plan(checkpoint, size, loras, scored)
+    return _Plan(checkpoint, run, loras, scored)
 
 
-def _identity(args, request: _Request, plan: _Plan) -> Identity:
-    """The person: from the identity file, from the face photo (under --parallel, rank 0 alone
-    loads the face models and sends the identity to the others), or random for the tiny demo."""
+def _identity(args, request: _Request, plan: _Plan) -> Run:
+    """The run with its person: from the identity file, from the face photo (under --parallel,
+    rank 0 alone loads the face models and sends the identity to the others), or random for the
+    tiny demo."""
     from .identity import Identity
     from .parallel import from_rank0
 
-    if request.identity is not None:
-        return request.identity
+    if plan.run.identity is not None:
+        return plan.run
     if args.face is None:
         from .tiny import random_identity
 
         logger.info("no --face or --identity: the tiny demo uses a random identity")
-        return random_identity(plan.checkpoint.transformer_config)
+        return plan.run.with_identity(random_identity(plan.checkpoint.transformer_config), request.image)
+
     def embed() -> list[torch.Tensor]:
         return _embed_photo(plan.checkpoint, args.face, args, request.device).tensors()
 
-    return Identity.from_tensors(from_rank0(request.spec, embed))
+    return plan.run.with_identity(Identity.from_tensors(from_rank0(request.spec, embed)), request.image)
 
 
 def _texts(args, request: _Request, plan: _Plan) -> list[TextEmbeddings]:
@@ -382,34 +394,29 @@ def _texts(args, request: _Request, plan: _Plan) -> list[TextEmbeddings]:
     return [TextEmbeddings(positive, negative) for positive, negative in zip(values[::2], values[1::2])]
 
 
-def _write(args, request: _Request, plan: _Plan, identity: Identity, texts: list[TextEmbeddings]) -> int:
+def _write(args, request: _Request, plan: _Plan, run: Run, texts: list[TextEmbeddings]) -> int:
     """Sample, decode and write the video, segment after segment; the frames written (0 on the
     ranks of --parallel that write nothing: all but rank 0)."""
     from .media import FrameWriter
     from .parallel import is_writer
-    from .decoder import Tiling
-    from .segments import generate_segments
+    from .segments import run_segments
 
-    frames, height, width = plan.size
     writes = is_writer()
     progress = _segment_progress(args.segments, args.steps) if writes else contextlib.nullcontext()
     writer = FrameWriter(args.out, args.fps, args.overwrite) if writes else _Discarded()
     with writer, progress as bar:
         # the generator holds the only reference to the model: the transformer is released before the
         # last segment's decode (diffusers' hook registries hold reference cycles: it collects them)
-        segments = generate_segments(
-            with_loras(plan.checkpoint.load_model(request.dtype, fp8=args.fp8), plan.loras), identity, texts,
-            request.image, seed=args.seed, colour_match=args.colour_match,
-            tiling=Tiling() if args.vae_tiling else None, steps=args.steps, guidance_scale=args.guidance,
-            dynamic_cfg=args.dynamic_cfg, frames=frames, height=height, width=width, device=request.device,
-            performance=request.performance, allow_oversize=args.allow_oversize, callback=bar, parallel=request.spec,
+        segments = run_segments(
+            run.with_model(with_loras(plan.checkpoint.load_model(request.dtype, fp8=args.fp8), plan.loras)), texts,
+            colour_match=args.colour_match, callback=bar,
         )
         for video in segments:  # each segment's new frames, as soon as decoded
             writer.write(video)
             if plan.scored is not None:
                 plan.scored.add(video)  # keeps only the frames the score samples
         if plan.scored is not None and writes:  # before the video is published: a failure leaves nothing
-            _log_scores(plan.scored, plan.checkpoint, identity, args.provider)
+            _log_scores(plan.scored, plan.checkpoint, run.identity, args.provider)
     return writer.count if writes else 0
 
 
@@ -458,7 +465,7 @@ def _score_keeper(args, checkpoint, frames: int):
             "add the face_encoder folder of the ConsisID checkpoint, or leave out --score"
         )
     resolve_providers(args.provider)
-    return SampledFrames(args.segments, frames)
+    return SampledFrames.of_segments(args.segments, frames)
 
 
 def _log_scores(scored, checkpoint, identity, provider: str) -> None:

@@ -1,54 +1,10 @@
-"""The CogVideoX VAE decoder: a faster one with the same results (`speed_up_decoder(vae)`,
-checked at load), the VAE's latent grid (`spatial_scale`) and its tiled decode (`Tiling`,
-`vae_options`).
+"""The CogVideoX VAE decoder, rebuilt faster with the same results (`speed_up_decoder(vae)`).
 
-This is the one module for the VAE decoder's private internals: nothing else in the pack imports
-diffusers' private CogVideoX classes (`CogVideoXCausalConv3d`, `CogVideoXSpatialNorm3D`,
-`CogVideoXResnetBlock3D`, `CogVideoXUpsample3D`) or relies on their `conv_cache` behaviour and
-padding. The loaders rebuild three kinds of the decoder's modules as the subclasses below (same
-parameters, same outputs within float32 rounding) and make its resnets' SiLU work in place:
-
-- `SpatialNorm3D`: diffusers upsamples the latent (nearest) to every feature map's size and runs
-  two 1×1×1 convolutions on the result; a 1×1×1 convolution commutes with nearest upsampling, so
-  this one runs them at the latent's size and broadcasts their outputs into the normalized map.
-  Identical operations per pixel: the same results in every dtype.
-- `Upsample3D`: nearest 2× upsampling then a 3×3 convolution is four 2×2 convolutions of the
-  un-upsampled frames (one per output pixel phase, with summed taps): 4/9 of the work, and frames
-  that diffusers doubles in time are convolved once.
-- `CausalConv3d`: in the first frame batch diffusers pads time by repeating the first frame, so
-  the first outputs convolve that frame with several temporal taps; those taps are summed into
-  one 2D kernel per output frame. It hands on the same `conv_cache` (the last frames) as diffusers.
-
-The last two sum weights, which is exact to float32 rounding but in bf16/fp16 rounds the sums
-(measured on the tiny VAE in bf16: each gave 2-3 % more error against an fp32 decode than
-diffusers' own half-precision decode), so in half precision they run diffusers' forward.
-
-Checked at every load, so that a diffusers upgrade can never silently change a frame:
-
-1. up front, that each private class still imports from where it did, that the methods called
-   or overridden here take exactly the parameters they did, and that the decoder's instances have
-   the attributes read here (`_PRIVATE`). A class that does not import leaves a stand-in here
-   (importing this module never fails because of it);
-2. after rebuilding, `CHECK_LATENT` (a random latent of 5 frames, so two frame batches with the
-   temporal caches handed between them, an odd and an even one, at 1×2 latent pixels) is decoded
-   with the stock modules and with the rebuilt ones on the VAE's own device and dtype (the
-   causal convolutions folding also where the CPU would hand so small an input to diffusers;
-   cuDNN's TF32 off): float32 frames must agree within 1e-4 of their largest magnitude,
-   bf16/fp16 frames bit for bit.
-
-On any difference, or any exception from the rebuilt path, the stock modules are put back and
-one warning names the diffusers version and what differed: the frames are then diffusers' own.
-
-The VAE's tiling and slicing settings (`TILING_ATTRIBUTES`, `enable_tiling`'s parameters) that
-`vae_options` sets for one decode are checked where they are used: a VAE that keeps them
-otherwise gets one line refusing tiling and slicing, never a decode with other tiles.
-
-What `speed_up_decoder` costs at load, the check's two decodes (17 frames of 8×16 pixels)
-included, measured on the 2-core CPU here (best of several): the tiny VAE 0.08 s in fp32 and in
-bf16; the real VAE's architecture (random weights) 1.2 s in fp32 and 0.4 s in bf16 on that CPU,
-which is where the loaders put it. On a GPU: 41 GFLOP and about 2,000 operator calls per decode,
-so an estimated 50 ms (not measured: no GPU was lent). A VAE on the meta device (memory estimates) has no values to compare: it is
-rebuilt unchecked.
+The loaders rebuild three kinds of the decoder's modules as the subclasses below (same parameters,
+same outputs within float32 rounding) and check the rebuilt decoder against diffusers' own at every
+load; on any difference the stock modules are put back with one warning. This is the one module
+that relies on diffusers' private CogVideoX VAE classes. How each rebuild works and what the check
+compares: docs/dev/architecture.md, "The faster VAE decoder".
 """
 
 from __future__ import annotations
@@ -57,16 +13,13 @@ import contextlib
 import importlib
 import inspect
 import logging
-import math
 import operator
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .checks import check_number
-from .errors import ConsisIDError, first_line
+from .errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +353,7 @@ def _warn(problem: str) -> None:
 def speed_up_decoder(vae: torch.nn.Module) -> torch.nn.Module:
     """Rebuild `vae.decoder`'s modules as the subclasses above (the parameters are shared, not
     copied; the state dict's keys do not change), check the result against diffusers' own decoder
-    (the module docstring), and keep diffusers' modules with one warning if anything differs.
+    (docs/dev/architecture.md), and keep diffusers' modules with one warning if anything differs.
     Returns `vae`."""
     problem = _unmet_assumption(vae.decoder)
     if problem is not None:
@@ -435,129 +388,3 @@ def speed_up_decoder(vae: torch.nn.Module) -> torch.nn.Module:
         _restore(swaps)
         _warn(problem)
     return vae
-
-
-def spatial_scale(vae_config: Mapping) -> int:
-    """Pixels per latent pixel, each way: 8 for the CogVideoX VAE (2 per down block after the first)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Decode in overlapping spatial tiles (pixels): less memory at large sizes, seams blended.
-
-    The defaults are diffusers' for CogVideoX at 480x720: 240x360 tiles overlapping 40 and 72 px.
-    """
-
-    tile_height: int = 240
-    tile_width: int = 360
-    overlap_height: int = 40
-    overlap_width: int = 72
-
-    @classmethod
-    def halves(cls, height: int, width: int, scale: int = 8) -> Tiling:
-        """Tiles a little over half the frame each way (2×2 tiles for a frame of height × width px),
-        overlapping by the nearest amount that diffusers' tiled decode steps exactly."""
-
-        def tile(size: int) -> tuple[int, int]:
-            wanted = scale if size <= 16 * scale else 2 * scale * (size // 240 + 1)
-            length = ((size + wanted) // 2 + scale - 1) // scale * scale
-            fits = [o for o in range(0, length, scale) if _grid_factor(length, o, scale) is not None]
-            return length, min(fits, key=lambda o: abs(o - wanted))
-
-        (tile_height, overlap_height), (tile_width, overlap_width) = tile(height), tile(width)
-        return cls(tile_height, tile_width, overlap_height, overlap_width)
-
-    def factors(self, scale: int) -> tuple[float, float]:
-        """Overlap factors for diffusers, checked to land on the VAE's latent grid."""
-        result = []
-        for name, tile, overlap in (
-            ("height", self.tile_height, self.overlap_height),
-            ("width", self.tile_width, self.overlap_width),
-        ):
-            check_number(f"tile {name}", tile, 1, MAX_TILE, integer=True)
-            check_number(f"tile overlap ({name})", overlap, 0, MAX_TILE, integer=True)
-            if tile < 2 * scale or tile % scale or overlap < 0 or overlap >= tile or (tile - overlap) % scale:
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap does not fit the VAE's {scale}-px latent "
-                    f"grid: the tile must be a multiple of {scale}, the overlap smaller than the tile, and "
-                    f"tile - overlap a multiple of {scale} (e.g. tile 240, overlap 40)"
-                )
-            factor = _grid_factor(tile, overlap, scale)
-            if factor is None:
-                fits = [o for o in range(0, tile, scale) if _grid_factor(tile, o, scale) is not None]
-                nearest = sorted(fits, key=lambda o: abs(o - overlap))[:3]
-                raise ConsisIDError(
-                    f"tile {name} {tile} px with {overlap} px overlap cannot be decoded exactly by diffusers' "
-                    f"tiling (rounding); overlaps that work with this tile: {', '.join(map(str, sorted(nearest)))}"
-                )
-            result.append(factor)
-        return result[0], result[1]
-
-
-MAX_TILE = 4096
-
-
-def _grid_factor(tile: int, overlap: int, scale: int) -> float | None:
-    """The overlap factor for which diffusers' tiled decode (latent stride int(tile/scale * (1 - f)),
-    crop tile - int(tile * f)) steps exactly tile - overlap pixels, or None where floating point
-    rounding leaves no such factor."""
-    exact = overlap / tile
-    for factor in sorted({exact, *(math.nextafter(exact, d) for d in (0.0, 1.0))}):
-        if int(tile // scale * (1 - factor)) * scale == tile - int(tile * factor) == tile - overlap:
-            return factor
-    return None
-
-
-TILING_ATTRIBUTES = (
-    "use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height",
-    "tile_latent_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
-)
-"""The VAE's tiling and slicing settings, which `vae_options` sets for one decode and restores."""
-_TILING_PARAMETERS = (
-    "tile_sample_min_height", "tile_sample_min_width", "tile_overlap_factor_height", "tile_overlap_factor_width",
-)
-
-
-def tiling_problem(vae: torch.nn.Module) -> str | None:
-    """What differs from the tiling settings `vae_options` relies on, or None."""
-    missing = [n for n in TILING_ATTRIBUTES if not hasattr(vae, n)]
-    try:
-        parameters = inspect.signature(vae.enable_tiling).parameters
-    except (AttributeError, TypeError, ValueError):
-        parameters = {}
-    missing += [f"enable_tiling({n}=…)" for n in _TILING_PARAMETERS if n not in parameters]
-    return ", ".join(missing) or None
-
-
-@contextlib.contextmanager
-def vae_options(vae: torch.nn.Module, tiling: Tiling | None, slicing: bool) -> Iterator[None]:
-    """Turn on tiling (a `Tiling`) and/or slicing for one decode and restore the VAE's
-    own settings after. Refused with one line if this diffusers' VAE keeps them otherwise."""
-    if tiling is None and not slicing:
-        yield
-        return
-    problem = tiling_problem(vae)
-    if problem:
-        import diffusers
-
-        raise ConsisIDError(
-            f"VAE tiling and slicing are built on the VAE's settings ({problem}), which this diffusers "
-            f"({diffusers.__version__}) does not have: decode without them, or install a diffusers version this "
-            "pack declares"
-        )
-    saved = {n: getattr(vae, n) for n in TILING_ATTRIBUTES}
-    try:
-        if tiling is not None:
-            factor_height, factor_width = tiling.factors(spatial_scale(vae.config))
-            vae.enable_tiling(
-                tile_sample_min_height=tiling.tile_height,
-                tile_sample_min_width=tiling.tile_width,
-                tile_overlap_factor_height=factor_height,
-                tile_overlap_factor_width=factor_width,
-            )
-        vae.use_slicing = slicing or saved["use_slicing"]
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(vae, n, v)

@@ -1,31 +1,8 @@
 """The one module for the diffusers (and torch) internals the per-run options stand on: no other
 module imports a private diffusers name or writes an undocumented attribute of a diffusers model
-(`decoder.py`'s self-checked rebuild of the VAE decoder aside; tests/test_private_names.py checks).
-
-`performance` applies each option as hooks for one run. What it relies on, beyond diffusers'
-public API, sits here and is checked where it is used (`check`):
-
-- `diffusers.hooks.HookRegistry`: `check_if_exists_or_initialize(module)`, `register_hook(hook,
-  name)`, `remove_hook(name, recurse)`, and the registry kept at `module._diffusers_hook`;
-- `diffusers.hooks.ModelHook`: `new_forward`, `pre_forward`, `post_forward`, and the
-  `fn_ref.original_forward` a registry sets on a hook it registers;
-- group offloading's hook names (`_GROUP_OFFLOADING`, `_LAYER_EXECUTION_TRACKER`,
-  `_LAZY_PREFETCH_GROUP_OFFLOADING` in `diffusers.hooks.group_offloading`), to take it off again;
-- the ConsisID transformer's parts and call signatures that the hooks wrap: `time_embedding`,
-  `transformer_blocks` (`forward(hidden_states, encoder_hidden_states, …)` returning both),
-  `perceiver_cross_attention` (`forward(image_embeds, hidden_states)`), `norm_final`,
-  `local_facial_extractor`, each block's `attn1`;
-- torch's `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets);
-- the transformer's `local_face_scale` attribute, set for one run as the identity strength
-  (`face_scale`), and the modules fp8 storage keeps in their dtype (`fp8_skip_patterns`);
-- for `--parallel` (`parallel.py`): diffusers' context parallelism (`context_parallel_api`), the one
-  `scaled_dot_product_attention` call of ConsisID's self-attention (`sdpa_calls`) and torch's CPU
-  flash kernel with its log-sum-exp (`attention_with_lse`, `cpu_lse_problems`).
-
-If a diffusers release changes any of these, an option that needs it is refused with one line
-naming the diffusers version and the option to turn off (`HookApiError`), and the always-on
-identity-token cache falls back to diffusers' own forward (the same frames, a little slower)
-with one warning: an upgrade can never silently change a frame.
+(`decoder.py` and `tiling.py` aside; tests/test_private_names.py checks). Each internal is checked
+where it is used (`check`); what they are and what happens when one differs:
+docs/dev/architecture.md, "The diffusers internals".
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from .checks import latent_frames
-from .decoder import Tiling, spatial_scale
+from .tiling import Tiling, spatial_scale
 from .errors import ConsisIDError
 
 DECODE_BYTES_PER_LATENT = 307_000 * 4

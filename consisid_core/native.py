@@ -21,15 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import (
-    FACE_MODULES,
-    MAX_JSON_BYTES,
-    RELEASED_SCHEDULER_CONFIG,
-    Checkpoint,
-    check_float_weights,
-    infer_transformer_config,
-    read_safetensors_shapes,
-)
+from .checkpoint import FACE_MODULES, MAX_JSON_BYTES, Checkpoint, check_float_weights
 from .checks import CONFIG_RULES, check_config, check_face_rules, check_number, check_shapes, check_tensors, class_defaults
 from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError, first_line
@@ -37,6 +29,7 @@ from .files import file_stem, output_folder, safetensors_header, shown, write_al
 from .lora import LoRA, read_lora
 from .media import check_output
 from .memory import check_fits
+from .single_file import RELEASED_SCHEDULER_CONFIG, infer_transformer_config, read_safetensors_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -1,34 +1,8 @@
 """One video on several GPUs (or CPU processes): sequence and CFG parallelism over torch.distributed.
 
 Launched by `torchrun` (one process, a "rank", per GPU), `sample(..., parallel=Parallel.parse(
-"ulysses=2,cfg=2"))` splits each transformer forward over the ranks:
-
-- `ulysses=U`: each rank holds 1/U of the text tokens and of the video tokens from the first
-  transformer block to the last; in each self-attention an all-to-all trades the token split for a
-  head split and back (diffusers' Ulysses attention): four all-to-alls of the block's q, k, v and
-  output per block. U must divide the attention heads (48 in ConsisID-preview).
-- `ring=R`: each rank keeps its tokens and all heads; the keys and values of the other ranks are
-  all-gathered and attended to one chunk at a time, the partial results merged by their
-  log-sum-exp (diffusers' ring attention): one all-gather of k and v per block.
-- `cfg=2`: the unconditional and the conditional halves of the guided batch run on two groups of
-  ranks; one all-gather of the transformer's output per step joins them.
-
-They compose: the ranks form a (cfg, ring, ulysses) mesh, ulysses innermost, so the chattiest
-groups are neighbouring ranks (one machine's GPUs first). 4 ranks = `ulysses=2,cfg=2`.
-
-What stays whole on every rank: the Local Facial Extractor (its input is the identity, not the
-video) and the face cross-attention's keys (the identity tokens; its queries are the rank's video
-tokens); the scheduler, the noise and the guidance (every rank has the whole latents after each
-step, the same on every rank). The plan for diffusers' context-parallel hooks (`plan`) splits the
-text and video tokens at the first block, the rotary embeddings at every block, and gathers both
-after the last; the self-attention's one `scaled_dot_product_attention` call goes through
-diffusers' `dispatch_attention_fn` with the parallel config (the same per-block hook as
-`--attention sage`). The diffusers internals this stands on are checked in `diffusers_hooks`.
-
-The ranks that split the tokens must share them equally (diffusers' equal split; its "anything"
-variants for uneven shares need uneven all-gathers, which gloo lacks, so they are not tested here).
-ConsisID's 226 text tokens are 2 × 113: ulysses × ring is 1 or 2 for it, so 4 ranks at most with
-cfg=2.
+"ulysses=2,cfg=2"))` splits each transformer forward over the ranks. How each split works and
+what stays whole: docs/dev/architecture.md, "Several processes"; for users: docs/several-gpus.md.
 """
 
 from __future__ import annotations
@@ -46,7 +20,7 @@ import torch
 
 from . import diffusers_hooks as hooks
 from .checks import latent_frames
-from .decoder import spatial_scale
+from .tiling import spatial_scale
 from .errors import ConsisIDError, RankError, first_line
 from .files import shown
 

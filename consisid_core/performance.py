@@ -1,26 +1,6 @@
-"""Speed and memory options for one run, applied as diffusers hooks and removed after the run.
-
-Always on (same results): the Local Facial Extractor runs once per run instead of once per step
-(its input, the identity, does not change between steps).
-
-Options (`Performance`):
-- `compile`: `torch.compile` each transformer block for this run (the compiled code is cached by
-  torch, so a later run with the same shapes does not compile again).
-- `offload`: `model` (the default) runs the transformer and the VAE on the GPU: `sample` moves
-  them there for the run and back to where they were after it (in ComfyUI, ComfyUI places them,
-  whole or partly, and keeps them there between runs); `sequential` keeps the transformer where
-  it is (RAM) and streams its layers to the GPU one at a time as they run (diffusers' leaf-level
-  group offloading): the least GPU memory, slower.
-- `attention`: `sdpa` (PyTorch's scaled_dot_product_attention, as diffusers) or `sage`
-  (SageAttention's quantized kernel for the transformer's attention, when the `sageattention`
-  package is installed: CUDA GPUs, bf16/fp16 models only; faster, results move slightly).
-- `step_cache`: TeaCache for ConsisID: when the timestep embedding changed little since the last
-  computed step (accumulated, rescaled relative L1 change below this threshold), the transformer's
-  blocks are skipped and their last residual reused. 0 turns it off; 0.1 / 0.15 / 0.2 gave 1.6× /
-  2.1× / 2.7× on an H100 in the TeaCache4ConsisID write-up.
-
-fp8 weight storage is a loading option (`checkpoint.enable_fp8_storage`), not a per-run one:
-casting weights down is not undone by casting them back.
+"""Speed and memory options for one run (`Performance`), applied as diffusers hooks and removed
+after the run; always on, with the same results, the Local Facial Extractor runs once per run.
+What each option does: docs/dev/architecture.md, "Per-run options".
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from PIL import Image
 from . import diffusers_hooks as hooks
 from .checkpoint import Checkpoint, ConsisIDModel
 from .checks import check_latent, check_number, check_seed, check_steps, check_tensors, check_video_size, latent_frames
-from .decoder import Tiling, spatial_scale, vae_options
 from .errors import ConsisIDError
 from .identity import Identity
 from .lora import merged
@@ -39,7 +38,8 @@ from .memory import (
 )
 from .parallel import Parallel, check_parallel, split_over_ranks
 from .performance import Performance, StepCacheStats, applied as performance_applied, check_options
-from .text import TextEmbeddings, encode_with_checkpoint
+from .text import MAX_SEQUENCE_LENGTH, TextEmbeddings, encode_with_checkpoint
+from .tiling import Tiling, spatial_scale, vae_options
 
 logger = logging.getLogger(__name__)
 
@@ -85,29 +85,6 @@ MAX_GUIDANCE = 100.0
 MAX_IDENTITY_STRENGTH = 10.0
 
 
-def check_inputs(
-    model: ConsisIDModel,
-    identity: Identity,
-    text: TextEmbeddings | None,
-    steps: int,
-    seed: int = 0,
-    guidance_scale: float = 6.0,
-    identity_strength: float | None = None,
-) -> None:
-    """Every argument of a run that the inputs alone decide, before any work."""
-    check_steps(steps, model.scheduler_config.get("num_train_timesteps", 1000))
-    check_seed(seed)
-    check_number("guidance", guidance_scale, 0, MAX_GUIDANCE, "the reference uses 6; 1 or less turns guidance off")
-    if identity_strength is not None:
-        check_number("identity strength", identity_strength, 0, MAX_IDENTITY_STRENGTH, "1 is the trained strength")
-    identity.check_compatible(model.config)
-    if text is not None and text.positive.shape[-1] != model.config.text_embed_dim:
-        raise ConsisIDError(
-            f"the text embeddings are {text.positive.shape[-1]} wide, this transformer takes "
-            f"{model.config.text_embed_dim}: encode the prompt with the T5 that goes with this checkpoint"
-        )
-
-
 def first_frame(image: Image.Image | np.ndarray | torch.Tensor | None, identity: Identity) -> Image.Image:
     """The conditioning frame as RGB PIL: `image` (uint8 [H,W,3] or PIL), else the identity's face."""
     if image is None:
@@ -124,8 +101,6 @@ def make_scheduler(model: ConsisIDModel, name: str):
     from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
     classes = {"dpm": CogVideoXDPMScheduler, "ddim": CogVideoXDDIMScheduler}
-    if name not in classes:
-        raise ConsisIDError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}")
     return classes[name].from_config(dict(model.scheduler_config))
 
 
@@ -183,7 +158,154 @@ class RunOptions:
         return replace(options or cls(), **changes)
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Run:
+    """One run, checked once: each check is made when what it needs arrives, and never again.
+
+    `Run.prepare` checks what the options and the model's configs decide (the size, resolved from
+    the checkpoint's defaults; steps, seed, guidance, identity strength, scheduler; the split over
+    ranks), so a command can refuse before any weights load; `with_identity` checks the identity
+    and takes the first frame; `with_model` checks what needs the loaded model (the performance
+    options' diffusers internals, the room on the device, unless `check_room` checked the whole
+    run's before the load); `check_text` checks a text. `prepare_run` does all of these for a
+    loaded model. `sample` then runs with nothing left to check.
+    """
+
+    options: RunOptions
+    """`frames`, `height` and `width` resolved."""
+    transformer_config: Mapping
+    vae_config: Mapping
+    dtype: torch.dtype
+    labels: Mapping[str, str]
+    """What the messages call the seed, steps, guidance, identity strength and identity (a command's
+    option names)."""
+    model: ConsisIDModel | None = None
+    identity: Identity | None = None
+    frame: Image.Image | None = None
+    room_checked: bool = False
+
+    @classmethod
+    def prepare(
+        cls, transformer_config: Mapping, vae_config: Mapping, scheduler_config: Mapping, dtype: torch.dtype,
+        options: RunOptions | None = None, *, labels: Mapping[str, str] | None = None, **changes,
+    ) -> Run:
+        """The checks the options and the configs decide; needs no weights."""
+        options = RunOptions.of(options, changes)
+        labels = dict(labels or {})
+        size = resolve_size(
+            transformer_config, vae_config, options.frames, options.height, options.width, options.allow_oversize
+        )
+        check_steps(options.steps, scheduler_config.get("num_train_timesteps", 1000), labels.get("steps", "steps"))
+        check_seed(options.seed, labels.get("seed", "seed"))
+        check_number(labels.get("guidance", "guidance"), options.guidance_scale, 0, MAX_GUIDANCE,
+                     "the reference uses 6; 1 or less turns guidance off")
+        if options.identity_strength is not None:
+            check_number(labels.get("identity strength", "identity strength"), options.identity_strength, 0,
+                         MAX_IDENTITY_STRENGTH, "1 is the trained strength")
+        if options.scheduler not in SCHEDULERS:
+            raise ConsisIDError(f"scheduler '{options.scheduler}' is not one of {', '.join(SCHEDULERS)}")
+        if options.parallel is not None:
+            check_parallel(options.parallel, transformer_config, vae_config, size, options.guidance_scale,
+                           options.performance, options.device, dtype, MAX_SEQUENCE_LENGTH)
+        frames, height, width = size
+        sized = replace(options, frames=frames, height=height, width=width)
+        return cls(sized, transformer_config, vae_config, dtype, labels)
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        return self.options.frames, self.options.height, self.options.width
+
+    def check_room(self, checkpoint: Checkpoint, fp8: bool = False) -> Run:
+        """Before any weights load: the whole run's room on the device (T5, sampling, a decode),
+        from `checkpoint`'s parameter counts (`check_run_fits`)."""
+        o = self.options
+        check_run_fits(checkpoint, self.dtype, *self.size, o.device, o.performance.offload == "sequential", fp8)
+        return replace(self, room_checked=True)
+
+    def with_identity(self, identity: Identity, image: Image.Image | np.ndarray | torch.Tensor | None = None) -> Run:
+        """The run for `identity`, its first frame `image` (default: the identity's aligned face)."""
+        identity.check_compatible(self.transformer_config, self.labels.get("identity", "the identity"))
+        return replace(self, identity=identity, frame=first_frame(image, identity))
+
+    def with_model(self, model: ConsisIDModel) -> Run:
+        """The run on `model`, loaded from the configs it was prepared with (a size that is not the
+        checkpoint's is said here, once the run is sure to start)."""
+        o = self.options
+        check_options(model.transformer, o.performance)
+        if not self.room_checked:
+            check_sampling_fits(model, *self.size, o.device, o.performance.offload == "sequential", o.move_models)
+        _warn_of_size(self.transformer_config, self.vae_config, self.size)
+        return replace(self, model=model, room_checked=True)
+
+    def check_text(self, text: TextEmbeddings) -> TextEmbeddings:
+        width = self.transformer_config["text_embed_dim"]
+        if text.positive.shape[-1] != width:
+            raise ConsisIDError(
+                f"the text embeddings are {text.positive.shape[-1]} wide, this transformer takes {width}: "
+                "encode the prompt with the T5 that goes with this checkpoint"
+            )
+        o = self.options
+        if o.parallel is not None and text.positive.shape[1] != MAX_SEQUENCE_LENGTH:  # the split was checked for those
+            check_parallel(o.parallel, self.transformer_config, self.vae_config, self.size, o.guidance_scale,
+                           o.performance, o.device, self.dtype, text.positive.shape[1])
+        return text
+
+    def placed(self, device: torch.device | str | None, move_models: bool, merge_loras: bool) -> Run:
+        """The run where ComfyUI's model management put the models. The room for sampling, which
+        `with_model` checked for the placement expected then, is checked again only where this
+        placement is another."""
+        o = self.options
+        expected = (None if o.device is None else torch.device(o.device), o.move_models)
+        if (None if device is None else torch.device(device), move_models) != expected:
+            check_sampling_fits(self.model, *self.size, device, o.performance.offload == "sequential", move_models)
+        return replace(self, options=replace(o, device=device, move_models=move_models, merge_loras=merge_loras))
+
+    def continued(self, seed: int, frame: np.ndarray | torch.Tensor) -> Run:
+        """The run from another seed and first frame, both its own (a long video's next segment:
+        the seed wrapped by `segments.segment_seed`, the frame the previous segment decoded)."""
+        return replace(self, options=replace(self.options, seed=seed), frame=first_frame(frame, self.identity))
+
+    @torch.no_grad()
+    def sample(
+        self, text: TextEmbeddings, *, callback: StepCallback | None = None,
+        step_cache_stats: StepCacheStats | None = None,
+    ) -> torch.Tensor:
+        """Latents [1, latent_frames, channels, h, w] on the CPU, for a `text` that `check_text`
+        passed. What the step cache did is counted into `step_cache_stats` if given."""
+        model, options = self.model, self.options
+        if model is None or self.identity is None:
+            raise ConsisIDError("this run has no model or no identity yet: give them with with_model and with_identity")
+        pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, options.scheduler), options.progress_bar)
+        with _applied(model, options, step_cache_stats):
+            latents = _denoise(pipe, model, self.identity, text, self.frame, self.size, options, callback)
+        fix = ("its numbers overflowed (fp16 does with this model): load it as bf16 or fp32"
+               if model.dtype == torch.float16
+               else "its numbers overflowed: check the model's weights and the LoRAs applied to it")
+        check_tensors([("latents", latents)], "this run", fix)
+        return latents.cpu()
+
+    def decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` with the run's device, tiling, slicing and placement."""
+        o = self.options
+        return decode(vae, latents, o.device, o.tiling, o.slicing, o.move_models)
+
+
+def prepare_run(
+    model: ConsisIDModel,
+    identity: Identity,
+    text: TextEmbeddings | None = None,
+    image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    options: RunOptions | None = None,
+    **changes,
+) -> Run:
+    """A run on a loaded model with every check made (`Run`); `text` may come later (`Run.check_text`)."""
+    run = Run.prepare(model.config, model.vae.config, model.scheduler_config, model.dtype, options, **changes)
+    run = run.with_identity(identity, image)
+    if text is not None:
+        run.check_text(text)
+    return run.with_model(model)
+
+
 def sample(
     model: ConsisIDModel,
     identity: Identity,
@@ -197,55 +319,29 @@ def sample(
 ) -> torch.Tensor:
     """Denoise a video as `options` say (`RunOptions`; its fields may also be given as keywords);
     returns latents [1, latent_frames, channels, h, w] on the CPU. Everything is checked before any
-    work, and a run that cannot fit the device is refused. What the step cache did (transformer
-    forwards computed and skipped) is counted into `step_cache_stats` if given.
+    work (`prepare_run`), and a run that cannot fit the device is refused. What the step cache did
+    (transformer forwards computed and skipped) is counted into `step_cache_stats` if given.
     """
-    options = RunOptions.of(options, changes)
-    size = _checked_size(model, options)
-    check_inputs(model, identity, text, options.steps, options.seed, options.guidance_scale, options.identity_strength)
-    frame = first_frame(image, identity)
-    _check_resources(model, text, size, options)
-    pipe = _pipeline(model.vae, model.transformer, make_scheduler(model, options.scheduler), options.progress_bar)
-    with _applied(model, options, step_cache_stats):
-        latents = _denoise(pipe, model, identity, text, frame, size, options, callback)
-    fix = ("its numbers overflowed (fp16 does with this model): load it as bf16 or fp32" if model.dtype == torch.float16
-           else "its numbers overflowed: check the model's weights and the LoRAs applied to it")
-    check_tensors([("latents", latents)], "this run", fix)
-    return latents.cpu()
+    run = prepare_run(model, identity, text, image, options, **changes)
+    return run.sample(text, callback=callback, step_cache_stats=step_cache_stats)
 
 
-def _checked_size(model: ConsisIDModel, options: RunOptions) -> tuple[int, int, int]:
-    """The run's (frames, height, width), checked, with a warning for what is not the checkpoint's."""
-    frames, height, width = resolve_size(
-        model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize
-    )
-    native = native_size(model.config, model.vae.config)
+def _warn_of_size(transformer_config: Mapping, vae_config: Mapping, size: tuple[int, int, int]) -> None:
+    """A warning for a size that is not the checkpoint's, and for frames the VAE decodes to more."""
+    frames, height, width = size
+    native = native_size(transformer_config, vae_config)
     if (frames, height, width) != native:
         logger.warning(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
             frames, width, height, *native,
         )
-    t = model.vae.config["temporal_compression_ratio"]
+    t = vae_config["temporal_compression_ratio"]
     if latent_frames(frames, t) % 2 == 0:
         logger.warning(
             "%d frames are %d latent frames, an even number: the CogVideoX VAE decodes them to more frames than "
             "asked (as diffusers' pipeline does); %d·k + 1 frames (%d, %d, …) decode to exactly as many",
             frames, latent_frames(frames, t), 2 * t, 2 * t + 1, 4 * t + 1,
         )
-    return frames, height, width
-
-
-def _check_resources(model: ConsisIDModel, text: TextEmbeddings, size: tuple[int, int, int], options: RunOptions):
-    """Refuse options this diffusers cannot apply, a split over ranks that cannot work, or a run
-    that cannot fit the device."""
-    performance = options.performance
-    check_options(model.transformer, performance)
-    if options.parallel is not None:
-        check_parallel(
-            options.parallel, model.config, model.vae.config, size, options.guidance_scale, performance,
-            options.device, model.dtype, text.positive.shape[1],
-        )
-    check_sampling_fits(model, *size, options.device, performance.offload == "sequential", options.move_models)
 
 
 @contextlib.contextmanager
@@ -436,12 +532,11 @@ def generate(
     """`sample` then `decode`: frames [F, H, W, 3] float32 in 0..1. `options` as for `sample`; the
     decode takes its device, tiling, slicing and move_models. A prompt given as text is encoded
     with the checkpoint's own T5, loaded for it and released after."""
-    options = RunOptions.of(options, changes)
-    resolve_size(model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize)
-    check_inputs(model, identity, None, options.steps, options.seed, options.guidance_scale, options.identity_strength)
-    if isinstance(prompt, str):
-        text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, options.device)
-    else:
-        text = prompt
-    latents = sample(model, identity, text, image, options, callback=callback, step_cache_stats=step_cache_stats)
-    return decode(model.vae, latents, options.device, options.tiling, options.slicing, options.move_models)
+    given = None if isinstance(prompt, str) else prompt
+    run = prepare_run(model, identity, given, image, options, **changes)
+    if given is None:
+        given = run.check_text(
+            encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, run.options.device)
+        )
+    latents = run.sample(given, callback=callback, step_cache_stats=step_cache_stats)
+    return run.decode(model.vae, latents)

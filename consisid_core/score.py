@@ -1,20 +1,7 @@
-"""FaceSim-Arc: how well a video keeps a face, measured as ConsisID's own evaluation does.
-
-The protocol is the one of ConsisID's `eval/get_facesim_fid.py` (its "arc score"):
-
-- `frames_sampled` frames (16) at `numpy.linspace(0, count - 1, frames_sampled, dtype=int)`, so
-  a video shorter than that counts some frames twice, as there;
-- in each frame, insightface's detector at a 320 × 320 input (`FaceAnalysis.prepare(det_size=
-  (320, 320))`, threshold 0.5); the largest face (box area); where none is found, the frame is
-  searched again with a grey (128) border of a quarter of its size on each side;
-- that face's recognition embedding (the recogniser on the face aligned by its five keypoints);
-- the frame's score: the cosine similarity with the reference embedding, clipped at 0;
-- frames without a face are skipped (and reported here); the video's score is the mean over the
-  frames with a face, 0 for a video without any.
-
-The models are the checkpoint's antelopev2 detector and recogniser (`FaceModels.detector`,
-`.recognizer`). The reference embedding is either an identity's (`id_cond` begins with the
-antelopev2 embedding the face models made of its photo) or a photo's, found as in a frame.
+"""FaceSim-Arc: how well a video keeps a face, measured as ConsisID's own evaluation
+(`eval/get_facesim_fid.py`, its "arc score") does, with the checkpoint's antelopev2 detector and
+recogniser; and the one definition of a long video's segment scores (`segment_indices`). The
+protocol, step by step: docs/identity-score.md.
 """
 
 from __future__ import annotations
@@ -202,49 +189,6 @@ def score_video(
     return score_frames(face_models, reference, pixels, indices, len(frames), progress)
 
 
-class SampledFrames:
-    """Keeps, of a video arriving piece by piece (as a long video is written, segment after
-    segment), only the frames the protocol samples: those of each segment, scored as a video of
-    its own, and those of the whole video. Segments of `frames_per_segment` frames are chained:
-    each begins with the previous one's last frame, which the video holds once (`segment_starts`).
-    """
-
-    def __init__(self, segments: int, frames_per_segment: int, frames_sampled: int = DEFAULT_FRAMES_SAMPLED):
-        check_frames_sampled(frames_sampled)
-        self.count = segments * frames_per_segment - (segments - 1)
-        step = frames_per_segment - 1
-        self.segments = [
-            [k * step + i for i in sample_indices(frames_per_segment, frames_sampled)] for k in range(segments)
-        ]
-        self.whole = sample_indices(self.count, frames_sampled)
-        self._wanted = set(self.whole).union(*self.segments)
-        self._kept: dict[int, np.ndarray] = {}
-        self._seen = 0
-
-    def add(self, frames: torch.Tensor) -> None:
-        """The video's next frames, [F, H, W, 3] float 0..1 (as they are written)."""
-        for j in range(len(frames)):
-            if self._seen + j in self._wanted:
-                self._kept[self._seen + j] = to_uint8(frames[j : j + 1])[0]
-        self._seen += len(frames)
-
-    def scores(self, face_models, reference: np.ndarray) -> tuple[list[IdentityScore], IdentityScore]:
-        """(each segment's score, the whole video's score); every frame is looked at once."""
-        if self._seen != self.count:
-            raise ConsisIDError(f"{self._seen} frames were added, the video has {self.count}")
-        everything = sorted(self._wanted)
-        frames = np.stack([self._kept[i] for i in everything])
-        result = score_frames(face_models, reference, frames, everything, self.count)
-        by_index = {f.index: f for f in result.frames}
-
-        def of(indices: list[int], count: int, offset: int) -> IdentityScore:
-            return IdentityScore(tuple(FrameScore(i - offset, by_index[i].score) for i in indices), count)
-
-        step = (self.count - 1) // len(self.segments)
-        parts = [of(indices, step + 1, k * step) for k, indices in enumerate(self.segments)]
-        return parts, of(self.whole, self.count, 0)
-
-
 def segment_starts(count: int, frames_per_segment: int) -> list[int]:
     """Where segments 2, 3, … begin in a video joined as chained segments are (each segment of
     `frames_per_segment` frames begins with the previous one's last frame, which appears once):
@@ -253,6 +197,78 @@ def segment_starts(count: int, frames_per_segment: int) -> list[int]:
         return []
     step = frames_per_segment - 1
     return list(range(step, count - 1, step))
+
+
+def segment_bounds(count: int, frames_per_segment: int) -> list[tuple[int, int]]:
+    """(first, last) frame of each segment of a `count`-frame long video whose segments of
+    `frames_per_segment` frames are chained (each begins with the previous one's last frame, which
+    the video holds once); the last segment may be shorter. One segment below 2 frames per segment."""
+    starts = [0, *segment_starts(count, frames_per_segment)]
+    return list(zip(starts, [*starts[1:], count - 1]))
+
+
+def segment_indices(
+    count: int, frames_per_segment: int, frames_sampled: int = DEFAULT_FRAMES_SAMPLED
+) -> list[list[int]]:
+    """The frames that score each segment of a long video (`segment_bounds`), as positions in the
+    whole video. A segment's score is the protocol's score of the segment as a video of its own:
+    `frames_sampled` frames sampled from its own frames (`sample_indices`)."""
+    return [
+        [first + i for i in sample_indices(last - first + 1, frames_sampled)]
+        for first, last in segment_bounds(count, frames_per_segment)
+    ]
+
+
+class SampledFrames:
+    """Keeps, of a video of `count` frames arriving piece by piece (as a long video is written,
+    segment after segment) or whole, only the frames the protocol samples: those of each segment
+    of `frames_per_segment` frames (`segment_indices`) and those of the whole video.
+    """
+
+    def __init__(self, count: int, frames_per_segment: int = 0, frames_sampled: int = DEFAULT_FRAMES_SAMPLED):
+        check_frames_sampled(frames_sampled)
+        self.count = count
+        self.bounds = segment_bounds(count, frames_per_segment)
+        self.segments = segment_indices(count, frames_per_segment, frames_sampled)
+        self.whole = sample_indices(count, frames_sampled)
+        self._wanted = set(self.whole).union(*self.segments)
+        self._kept: dict[int, np.ndarray] = {}
+        self._seen = 0
+
+    @classmethod
+    def of_segments(cls, segments: int, frames_per_segment: int, frames_sampled: int = DEFAULT_FRAMES_SAMPLED):
+        """For `segments` chained segments of `frames_per_segment` frames each."""
+        return cls(segments * frames_per_segment - (segments - 1), frames_per_segment, frames_sampled)
+
+    @property
+    def looked_at(self) -> int:
+        """How many frames `scores` looks at (each sampled frame once)."""
+        return len(self._wanted)
+
+    def add(self, frames: torch.Tensor) -> None:
+        """The video's next frames, [F, H, W, 3] float 0..1 (as they are written)."""
+        for j in range(len(frames)):
+            if self._seen + j in self._wanted:
+                self._kept[self._seen + j] = to_uint8(frames[j : j + 1])[0]
+        self._seen += len(frames)
+
+    def scores(
+        self, face_models, reference: np.ndarray, progress: Callable[[int], None] | None = None
+    ) -> tuple[list[IdentityScore], IdentityScore]:
+        """(each segment's score, the whole video's score); every frame is looked at once.
+        `progress(k)` after each frame (it may raise to stop)."""
+        if self._seen != self.count:
+            raise ConsisIDError(f"{self._seen} frames were added, the video has {self.count}")
+        everything = sorted(self._wanted)
+        frames = np.stack([self._kept[i] for i in everything])
+        result = score_frames(face_models, reference, frames, everything, self.count, progress)
+        by_index = {f.index: f for f in result.frames}
+
+        def of(indices: list[int], count: int, offset: int) -> IdentityScore:
+            return IdentityScore(tuple(FrameScore(i - offset, by_index[i].score) for i in indices), count)
+
+        parts = [of(indices, last - first + 1, first) for indices, (first, last) in zip(self.segments, self.bounds)]
+        return parts, of(self.whole, self.count, 0)
 
 
 def plot(result: IdentityScore, boundaries: Sequence[int] = (), size: tuple[int, int] = (512, 256)):

@@ -1,21 +1,7 @@
-"""Long videos: segments chained on their last frame.
-
-ConsisID is an image-to-video model conditioned on a first frame and the identity, so a video
-continues from its own last frame, with the identity applied afresh in every segment:
-
-- segment 1 is a plain run (its first frame the given image, or the identity's aligned face);
-- segment k + 1 starts from segment k's last frame as written (rounded to uint8, after colour
-  matching if on), with the same identity and the same text, or its own when one text per
-  segment is given;
-- segment k (counted from 1) uses the seed (seed + k − 1) mod 2⁶⁴, so segment 1 is exactly the
-  plain run with the run's seed (`segment_seed`);
-- the frame two segments share appears once: n segments of F frames give n·F − (n − 1) frames.
-
-Each segment is decoded as soon as it is sampled and handed to the caller (`generate_segments`
-yields it), so memory holds one segment's work and one segment's frames, whatever the count.
-Colour matching (off by default) gives every later segment the per-channel mean and standard
-deviation of segment 1 in CIELAB (`ColourReference`), against the slow colour drift of chained
-image-to-video.
+"""Long videos: segments chained on their last frame (`generate_segments`, `run_segments`), each
+decoded and handed on as soon as it is sampled; their seeds (`segment_seed`) and colour matching
+(`ColourReference`). How the segments chain: docs/long-videos.md and docs/dev/architecture.md,
+"Long videos".
 """
 
 from __future__ import annotations
@@ -23,18 +9,18 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .checkpoint import ConsisIDModel
-from .checks import MAX_SEED, check_number, check_seed
+from .checks import MAX_SEED, check_number
 from .errors import ConsisIDError
 from .identity import Identity
 from .media import to_uint8
-from .sampling import RunOptions, decode, resolve_size, sample
+from .sampling import Run, RunOptions, decode, prepare_run
 from .text import TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -138,35 +124,45 @@ def generate_segments(
     callback: SegmentCallback | None = None,
     **changes,
 ) -> Iterator[torch.Tensor]:
-    """One segment per text in `texts` (`segment_prompts` makes the list), chained as the module
-    says; yields each segment's new frames [F', H, W, 3] float32 in 0..1 on the CPU as soon as it
-    is decoded: segment 1 whole, every later one without its first frame (the previous one's last).
-
-    `image` is segment 1's first frame (default: the identity's aligned face). `options` are
-    `sample`'s (`sampling.RunOptions`, or its fields as keywords: steps, guidance_scale, frames,
-    device, performance, tiling, …) and apply to every segment, its seed to segment 1. Before the
-    last segment's decode the generator lets go of `model`, so that a caller holding no other
-    reference to it (the command line) frees the transformer before the decode's peak, as a
-    one-pass run does. (No `torch.no_grad` decorator here: its generator wrapper would keep the
-    arguments, `model` included; `sample` and `decode` run without gradients themselves.)
+    """One segment per text in `texts` (`segment_prompts` makes the list), chained on their last
+    frames: `run_segments` of the run `sampling.prepare_run` prepares. `image` is segment 1's first
+    frame (default: the identity's aligned face). `options` are `sample`'s (`sampling.RunOptions`,
+    or its fields as keywords: steps, guidance_scale, frames, device, performance, tiling, …) and
+    apply to every segment, its seed to segment 1.
     """
-    options = RunOptions.of(options, changes)
-    frames = resolve_size(
-        model.config, model.vae.config, options.frames, options.height, options.width, options.allow_oversize
-    )[0]
-    count = check_segments(len(texts), frames)
-    check_seed(options.seed)  # before segment_seed wraps it
-    reference = None
-    first = image
+    segments = run_segments(prepare_run(model, identity, None, image, options, **changes), texts,
+                            colour_match=colour_match, callback=callback)
+    model = None  # the run holds the model: run_segments lets go of it before the last decode
+    yield from segments
+
+
+def run_segments(
+    run: Run, texts: Sequence[TextEmbeddings], *, colour_match: bool = False, callback: SegmentCallback | None = None,
+) -> Iterator[torch.Tensor]:
+    """One segment of `run` (prepared, with its model and identity) per text in `texts`; yields
+    each segment's new frames [F', H, W, 3] float32 in 0..1 on the CPU as soon as it is decoded:
+    segment 1 whole, every later one without its first frame (the previous one's last).
+
+    Before the last segment's decode the generator lets go of `run` and its model, so that a
+    caller holding no other reference to it (the command line) frees the transformer before the
+    decode's peak, as a one-pass run does. (No `torch.no_grad` decorator here: its generator
+    wrapper would keep the arguments; `sample` and `decode` run without gradients themselves.)
+    """
+    options = run.options
+    count = check_segments(len(texts), options.frames)
+    for text in texts:
+        run.check_text(text)
+    reference = first = None
+    vae = run.model.vae
     for segment, text in enumerate(texts, 1):
         if callback is not None:
             callback(segment, 0, options.steps, None)  # a Cancel point between segments too
         step = None if callback is None else (lambda done, total, latents, k=segment: callback(k, done, total, latents))
-        run = replace(options, seed=segment_seed(options.seed, segment))
-        latents = sample(model, identity, text, first, run, callback=step)
-        vae = model.vae
+        if segment > 1:
+            run = run.continued(segment_seed(options.seed, segment), first)
+        latents = run.sample(text, callback=step)
         if segment == count:
-            model = None  # the transformer is done: released (if the caller holds it no more) before the decode
+            run = None  # the transformer is done: released (if the caller holds it no more) before the decode
             gc.collect()
         video = decode(vae, latents, options.device, options.tiling, options.slicing, options.move_models)
         del latents

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FACE_ENCODER, RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
+from .checkpoint import FACE_ENCODER
 from .errors import ConsisIDError
 from .face.tiny import write_tiny_face_encoder
 from .identity import Identity
+from .single_file import RELEASED_SCHEDULER_CONFIG, RELEASED_TRANSFORMER_CONFIG, RELEASED_VAE_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ TINY_TRANSFORMER = dict(
     LFE_ff_mult=1,
 )
 """Heads split as the released checkpoint's (64-d LFE heads, 128-d cross-attention heads), so
-`checkpoint.infer_transformer_config` recovers this config from the weights alone."""
+`single_file.infer_transformer_config` recovers this config from the weights alone."""
 
 TINY_VAE = dict(  # 32 norm groups and 4x temporal compression as released: inferable from shapes
     in_channels=3,

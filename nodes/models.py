@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel, load_vae_file, model_from_files
+from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel
+from ..consisid_core.single_file import load_vae_file, model_from_files
 from . import host
 from ..consisid_core.files import shown
 from .declared import declared_error

@@ -8,15 +8,7 @@ from ..consisid_core.checks import check_image
 from ..consisid_core.media import to_uint8
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
-from ..consisid_core.sampling import (
-    MAX_GUIDANCE,
-    MAX_IDENTITY_STRENGTH,
-    SCHEDULERS,
-    check_inputs,
-    check_sampling_fits,
-    resolve_size,
-    sample,
-)
+from ..consisid_core.sampling import MAX_GUIDANCE, MAX_IDENTITY_STRENGTH, SCHEDULERS, prepare_run
 from . import host
 from .declared import declared_error
 
@@ -26,7 +18,8 @@ FIRST_FRAME_FIX = "connect a Load Image, or leave the input empty for the identi
 
 
 def check_size(frames: int, width: int, height: int) -> str | bool:
-    """ComfyUI-side check before a run (the core checks again against the model)."""
+    """ComfyUI's validation before a run, from the inputs alone, with no model (the prepared run
+    checks the size against the model's configs)."""
     if frames < 1 or (frames - 1) % 4:
         return f"frames {frames} must be 4·k + 1 (49 for ConsisID; e.g. {max(1, (frames - 1) // 4 * 4 + 1)})"
     for name, value in (("width", width), ("height", height)):
@@ -87,36 +80,33 @@ class ConsisIDSampler:
 
     def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
                identity_strength, image=None, performance=None, allow_oversize=False):
-        # everything the inputs decide, before ComfyUI is asked for room
-        frames, height, width = resolve_size(model.config, model.vae.config, frames, height, width, allow_oversize)
-        check_inputs(model, identity, text, steps, seed, guidance, identity_strength)
-        owner = host.owner(model)
-        streamed = performance is not None and performance.offload == "sequential"
-        check_sampling_fits(model, frames, height, width, host.torch_device(), streamed, weights_moved=owner is None)
         first = None
         if image is not None:
             image = check_image(image, "first-frame image", FIRST_FRAME_FIX)
             if len(image) > 1:
                 logger.info("the first-frame input is a batch of %d; using its first image", len(image))
             first = to_uint8(image[0])
+        owner = host.owner(model)
+        # every check of the run, before ComfyUI is asked for room
+        run = prepare_run(
+            model, identity, text, first,
+            seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+            frames=frames, height=height, width=width, identity_strength=identity_strength,
+            device=host.torch_device(), performance=performance, allow_oversize=allow_oversize,
+            move_models=owner is None,
+        )
+        streamed = run.options.performance.offload == "sequential"
         progress = host.Progress(steps)
         if streamed:  # the core streams the transformer's layers itself, from where ComfyUI keeps it
             host.unload(owner, model.transformer)
         parts = ([] if streamed else [("transformer", model.transformer)]) + [("vae", model.vae)]
-        work = sampling_memory(model.config, model.vae.config, model.dtype, frames, height, width)
+        work = sampling_memory(model.config, model.vae.config, model.dtype, *run.size)
         device, move_models = host.load(parts, owner, memory_required=work)
+        # else ComfyUI patched the LoRAs in when it loaded the transformer
+        merge_loras = move_models or streamed or not host.merges_loras_itself()
         try:
-            latents = sample(
-                model, identity, text, first,
-                seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
-                frames=frames, height=height, width=width, identity_strength=identity_strength,
-                callback=lambda step, total, latents: progress.update(step, latents),
-                device=device,
-                performance=performance,
-                allow_oversize=allow_oversize,
-                move_models=move_models,
-                # else ComfyUI patched them in when it loaded the transformer
-                merge_loras=move_models or streamed or not host.merges_loras_itself(),
+            latents = run.placed(device, move_models, merge_loras).sample(
+                text, callback=lambda step, total, latents: progress.update(step, latents)
             )
         finally:
             host.after_run()

@@ -6,14 +6,7 @@ import numpy as np
 import torch
 
 from ..consisid_core.checks import check_image
-from ..consisid_core.score import (
-    DEFAULT_FRAMES_SAMPLED,
-    MAX_FRAMES_SAMPLED,
-    identity_embedding,
-    plot,
-    score_video,
-    segment_starts,
-)
+from ..consisid_core.score import DEFAULT_FRAMES_SAMPLED, MAX_FRAMES_SAMPLED, SampledFrames, identity_embedding, plot
 from . import host
 
 MAX_FRAMES_PER_SEGMENT = 10_000
@@ -69,19 +62,16 @@ class ConsisIDIdentityScore:
     def score(self, frames: torch.Tensor, face_models, identity, frames_sampled: int, frames_per_segment: int = 0):
         frames = check_image(frames, "frames input", "connect the frames of a video (VAE Decode's)")
         reference = identity_embedding(identity, face_models)
-        bar = host.Progress(frames_sampled)
-        result = score_video(face_models, reference, frames, frames_sampled, progress=bar.update)
-        starts = segment_starts(len(frames), frames_per_segment)
+        kept = SampledFrames(len(frames), frames_per_segment, frames_sampled)
+        kept.add(frames)
+        bar = host.Progress(kept.looked_at)
+        parts, result = kept.scores(face_models, reference, progress=bar.update)
         lines = [result.summary()]
-        if starts:
-            bounds = [0, *starts, len(frames)]
-            for k in range(len(bounds) - 1):
-                faced = [f.score for f in result.frames if bounds[k] <= f.index < bounds[k + 1] and f.score is not None]
-                mean = f"{np.mean(faced):.4f}" if faced else "no face"
-                lines.append(f"segment {k + 1} (frames {bounds[k]}-{min(bounds[k + 1], len(frames) - 1)}): "
-                             f"{mean} over {len(faced)} sampled frames with a face")
+        if len(parts) > 1:
+            lines += [f"segment {k} (frames {first}-{last}): {part.summary()}"
+                      for k, (part, (first, last)) in enumerate(zip(parts, kept.bounds), 1)]
         lines.append(result.per_frame())
-        picture = np.asarray(plot(result, starts), dtype=np.float32) / 255.0
+        picture = np.asarray(plot(result, [first for first, _ in kept.bounds[1:]]), dtype=np.float32) / 255.0
         text = "\n".join(lines)
         return {"ui": {"text": [text]}, "result": (result.mean, text, torch.from_numpy(picture).unsqueeze(0))}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..consisid_core.checks import check_latent
 from ..consisid_core.memory import decode_memory
-from ..consisid_core.decoder import MAX_TILE, Tiling
+from ..consisid_core.tiling import MAX_TILE, Tiling
 from ..consisid_core.sampling import decode
 from . import host
 

@@ -50,7 +50,8 @@ from workflow_tools import import_pack  # noqa: E402
 if mode == "dynamic":
     turn_on_gpu()
 import_pack()
-from consisid_pack.consisid_core.checkpoint import RELEASED_TRANSFORMER_CONFIG, Checkpoint  # noqa: E402
+from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
+from consisid_pack.consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import host  # noqa: E402

@@ -126,8 +126,6 @@ def core_latents(consisid_model) -> torch.Tensor:
 
 # --- this ComfyUI is as the pack expects (but the native path, on a ComfyUI without native CogVideoX), and
 # the node gives the core's latents
-from consisid_pack.nodes.native import comfy_parts  # noqa: E402
-
 NATIVE_OFF = set() if comfy_parts.AVAILABLE else {a.feature for a in comfy_parts.ASSUMPTIONS}
 assert all(not found for feature, found in fence.check().items() if feature not in NATIVE_OFF), fence.check()
 reference = core_latents(plain)

@@ -24,16 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from consisid_core.checkpoint import (
-    MAX_JSON_BYTES,
-    Checkpoint,
-    load_transformer_file,
-    load_vae_file,
-    model_from_files,
-)
+from consisid_core.checkpoint import MAX_JSON_BYTES, Checkpoint
 from consisid_core.checks import class_defaults
 from consisid_core.errors import CheckpointError, FaceError
 from consisid_core.face import load_face_models
+from consisid_core.single_file import load_transformer_file, load_vae_file, model_from_files
 from consisid_core.text import load_text_encoder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -763,14 +758,14 @@ def test_onnx_models_swapped(faces, fname, other, task, found):
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 20: weights that diffusers would load into a broken model, said as what they are
+# weights that diffusers would load into a broken model, said as what they are
 
 
 @pytest.mark.parametrize("dtype,named", [(torch.int32, "I32"), (torch.int8, "I8"), (torch.bool, "BOOL")])
 @pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder"])
 def test_integer_weights_are_refused_at_load(ckpt, component, dtype, named):
-    """diffusers and transformers cast them to the model's floats: a model of meaningless weights,
-    which overflowed after sampling and was blamed on fp16."""
+    """Integer or boolean weights, which diffusers and transformers would cast to the model's
+    floats (a model of meaningless weights), are refused at load, naming the tensor and its dtype."""
     path = ckpt / component / WEIGHT_FILES[component]
     state = load_file(path)
     key = sorted(k for k, v in state.items() if v.ndim >= 2)[0]

@@ -67,6 +67,8 @@ def _refused(capsys, args: list[str], message: str) -> str:
         (["--guidance", "nan"], "--guidance nan must be a finite number from 0 to 100"),
         (["--guidance", "inf"], "--guidance inf must be a finite number"),
         (["--guidance", "-3"], "--guidance -3.0 must be a finite number from 0 to 100"),
+        (["--identity-strength", "11"], "--identity-strength 11.0 must be a finite number from 0 to 10"),
+        (["--identity-strength", "nan"], "--identity-strength nan must be a finite number"),
         (["--fps", "100000"], "--fps 100000 must be a whole number from 1 to 240"),
         (["--step-cache", "nan"], "step cache threshold nan"),
         (["--device", "meta"], "device 'meta' is not one to run on; use auto, cpu, cuda or cuda:N"),
@@ -252,6 +254,8 @@ def test_checkpoint_open_alone_refuses_before_weights(tmp_path, tiny_dir):
         (["generate", "--model", "m", "--prompt", "p", "--seed", "abc", "--out", "o"], "argument --seed: invalid int value: 'abc'"),
         (["generate", "--model", "m", "--out", "o"], "the following arguments are required: --prompt"),
         (["generate", "--model", "m", "--prompt", "p", "--dtype", "fp4", "--out", "o"], "argument --dtype: invalid choice: 'fp4'"),
+        (["generate", "--model", "m", "--prompt", "p", "--scheduler", "euler", "--out", "o"],
+         "argument --scheduler: invalid choice: 'euler'"),
         (["paint"], "argument command: invalid choice: 'paint'"),
     ],
 )
@@ -263,7 +267,7 @@ def test_malformed_command_lines_get_one_line_too(capsys, args, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "--help" in err
 
 
-# --- the last rough edges found by attack (issue 20) ---------------------------------------------
+# --- ranks, signals and LoRAs: refusals in one line ---------------------------------------------
 
 
 def _generate_args(tiny_dir, identity_file, *extra) -> list[str]:
@@ -384,8 +388,8 @@ def test_parallel_without_the_address_of_rank_0(tiny_dir, identity_file, tmp_pat
 
 @pytest.mark.slow
 def test_parallel_ranks_that_never_meet_time_out(tiny_dir, identity_file, tmp_path, rank0_of_two):
-    """Rank 0 waited for a second rank forever; now for `RENDEZVOUS_SECONDS` (2 here, in a process
-    of its own: torch's wait stays behind in a thread until the process ends)."""
+    """Rank 0 waits for a second rank `RENDEZVOUS_SECONDS` (2 here, in a process of its own: torch's
+    wait stays behind in a thread until the process ends), then stops with one line."""
     out = tmp_path / "v.mp4"
     args = _generate_args(tiny_dir, identity_file, "--parallel", "cfg=2", "--out", str(out))
     code = f"from consisid_core import cli, parallel; parallel.RENDEZVOUS_SECONDS = 2; raise SystemExit(cli.main({args!r}))"
@@ -404,8 +408,8 @@ def test_parallel_ranks_that_never_meet_time_out(tiny_dir, identity_file, tmp_pa
 
 @pytest.mark.slow
 def test_sigterm_while_waiting_for_the_other_ranks(tiny_dir, identity_file, tmp_path, rank0_of_two):
-    """torch waits for the other ranks inside C++, where Python's signal handlers never ran: SIGTERM
-    was ignored until SIGKILL. Now it stops the wait at once, with one line."""
+    """SIGTERM stops the wait for the other ranks (which torch makes inside C++, where Python's
+    signal handlers do not run) at once, with one line."""
     import socket
 
     out = tmp_path / "v.mp4"
@@ -450,8 +454,8 @@ def _lora(tmp_path, tiny_model, how: str) -> Path:
                                               ("tensor", "'transformer.transformer_blocks.0.attn1.to_q.alpha'", "2.5e+06")])
 def test_a_lora_alpha_that_would_overflow_the_run(tiny_dir, tiny_model, identity_file, tmp_path, capsys, how, source,
                                                   scale):
-    """Blamed on fp16 after sampling, even in fp32; now refused when the LoRA is read, before any
-    weights load (against a transformer built on the meta device), naming the LoRA."""
+    """A LoRA alpha that would overflow the run is refused when the LoRA is read, before any weights
+    load (against a transformer built on the meta device), naming the LoRA."""
     lora = _lora(tmp_path, tiny_model, how)
     out = tmp_path / "v.mp4"
     _refused(capsys, _generate_args(tiny_dir, identity_file, "--lora", str(lora), "--out", str(out)),

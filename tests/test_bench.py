@@ -117,7 +117,7 @@ def test_the_nodes_memory_requests_agree_with_the_estimate_at_the_real_size():
     from bench.gpu_memory import FORWARD, meta_models, phase_peaks
     from bench.sizes import SIZES
     from consisid_core.memory import decode_memory, sampling_memory
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     size = SIZES["real"]
     models = meta_models(size, torch.bfloat16)

@@ -9,13 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from consisid_core.checkpoint import (
-    Checkpoint,
-    infer_transformer_config,
-    load_transformer_file,
-    read_safetensors_shapes,
-)
+from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import CheckpointError, ConsisIDError
+from consisid_core.single_file import infer_transformer_config, load_transformer_file, read_safetensors_shapes
 from consisid_core.text import load_text_encoder
 from consisid_core.tiny import make_tiny
 
@@ -226,7 +222,7 @@ def test_single_file_with_unexpected_and_wrong_keys(single_file, tmp_path, tiny_
 
 
 def test_vae_single_file_loads_the_same_weights_with_an_inferred_config(tiny_dir):
-    from consisid_core.checkpoint import load_vae_file
+    from consisid_core.single_file import load_vae_file
 
     reference = Checkpoint.open(tiny_dir).load_vae("fp32")
     loaded = load_vae_file(tiny_dir / "vae" / "diffusion_pytorch_model.safetensors", "fp32")
@@ -237,14 +233,14 @@ def test_vae_single_file_loads_the_same_weights_with_an_inferred_config(tiny_dir
 
 
 def test_vae_single_file_of_something_else(single_file):
-    from consisid_core.checkpoint import load_vae_file
+    from consisid_core.single_file import load_vae_file
 
     with pytest.raises(CheckpointError, match="not a CogVideoX VAE with diffusers key names"):
         load_vae_file(single_file)
 
 
 def test_model_from_two_files(tiny_dir):
-    from consisid_core.checkpoint import model_from_files
+    from consisid_core.single_file import model_from_files
 
     model = model_from_files(
         tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors",
@@ -262,7 +258,7 @@ def test_model_from_two_files(tiny_dir):
 
 
 def test_a_vae_that_does_not_fit_the_transformer(tiny_dir, tmp_path):
-    from consisid_core.checkpoint import model_from_files
+    from consisid_core.single_file import model_from_files
     from consisid_core.tiny import TINY_VAE
     from diffusers import AutoencoderKLCogVideoX
 

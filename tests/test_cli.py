@@ -42,6 +42,20 @@ def test_generate_png_frames_are_the_lossless_frames(tiny_dir, tiny_model, ident
 
 
 @pytest.mark.slow
+def test_generate_takes_the_samplers_scheduler_and_identity_strength(tiny_dir, tiny_model, identity_file, tmp_path):
+    out = tmp_path / "frames"
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]
+    assert main(args + ["--steps", "2", "--scheduler", "ddim", "--identity-strength", "0.5", "--out", str(out)]) == 0
+    from consisid_core.identity import load_identity
+
+    expected = to_uint8(generate(tiny_model, load_identity(identity_file), "a man walking", steps=2,
+                                 scheduler="ddim", identity_strength=0.5))
+    plain = to_uint8(generate(tiny_model, load_identity(identity_file), "a man walking", steps=2))
+    written = np.stack([np.asarray(Image.open(f)) for f in sorted(out.iterdir())])
+    assert np.array_equal(written, expected) and not np.array_equal(written, plain)
+
+
+@pytest.mark.slow
 def test_generate_mp4(tiny_dir, identity_file, tmp_path):
     out = tmp_path / "video.mp4"
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "a man walking"]

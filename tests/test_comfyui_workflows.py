@@ -19,7 +19,6 @@ where they are not `FRAMES`, `HEIGHT`, `WIDTH`, and in `base` any file it names 
 
 import json
 import os
-import shutil
 
 import pytest
 import torch

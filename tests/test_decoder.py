@@ -18,10 +18,10 @@ import textwrap
 import pytest
 import torch
 
-from consisid_core.checkpoint import load_vae_file
 from consisid_core.decoder import CausalConv3d, SpatialNorm3D, Upsample3D, speed_up_decoder
-from consisid_core.decoder import Tiling
 from consisid_core.sampling import decode
+from consisid_core.single_file import load_vae_file
+from consisid_core.tiling import Tiling
 from consisid_core.tiny import TINY_VAE
 
 TOLERANCE = 1e-4
@@ -333,7 +333,7 @@ def test_a_private_class_that_does_not_import_leaves_the_package_importable(vae_
             import diffusers.models.upsampling
             del diffusers.models.upsampling.CogVideoXUpsample3D
             from diffusers import AutoencoderKLCogVideoX
-            from consisid_core.checkpoint import load_vae_file
+            from consisid_core.single_file import load_vae_file
             from consisid_core.sampling import decode
 
             warnings = []

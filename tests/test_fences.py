@@ -90,7 +90,7 @@ def test_a_torch_without_compiled_call_impl_refuses_compile(tiny_model, identity
 
 
 def test_a_vae_without_the_tiling_settings_refuses_tiling_in_one_line(tiny_model, monkeypatch):
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
     from consisid_core.sampling import decode
 
     latents = torch.randn(1, 3, 4, 8, 12)

@@ -126,5 +126,5 @@ def test_the_native_workflows_are_the_graphs_docs_native_md_describes():
         "ddim", "simple", 50)
     lora = types("consisid_native_lora.json")
     assert lora.index("UNETLoader") < lora.index("ConsisIDFaceModules") < lora.index("LoraLoaderModelOnly")
-    assert {"SamplerCustomAdvanced", "ConsisIDNoise", "ConsisIDDPMSampler", "CFGGuider"} <= set(lora)
+    assert {"SamplerCustomAdvanced", "ConsisIDSeed", "CFGGuider"} <= set(lora)
     assert lora[-3:] == ["ConsisIDNativeVAEDecode", "CreateVideo", "SaveVideo"]

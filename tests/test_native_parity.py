@@ -331,7 +331,7 @@ def test_native_vae_decode_gives_our_frames_and_core_vae_decode_its_own(setup, v
     import comfy.sd
     import comfy.utils
     from comfy.ldm.cogvideo.vae import AutoencoderKLCogVideoX
-    from consisid_core.checkpoint import load_vae_file
+    from consisid_core.single_file import load_vae_file
     from consisid_core.sampling import decode
     from consisid_pack.nodes import fence
     from consisid_pack.nodes.native.nodes import ConsisIDNativeVAEDecode
@@ -414,7 +414,7 @@ def test_a_first_frame_seed_gives_the_reference_pipelines_posterior_sample(vae_f
 
     import comfy.sd
     import comfy.utils
-    from consisid_core.checkpoint import load_vae_file
+    from consisid_core.single_file import load_vae_file
     import comfy.ldm.cogvideo.vae
     from consisid_pack.nodes import fence
     from consisid_pack.nodes.native.comfy_parts import encode_first_frame

@@ -188,3 +188,34 @@ def test_performance_node_feeds_the_sampler(home):
     (cached,) = n["ConsisIDPerformance"]().options(False, "model", 5.0)
     skipped = n["ConsisIDSampler"]().sample(*args[:4], 8, *args[5:], performance=cached)[0]["samples"]
     assert skipped.shape == plain.shape
+
+
+@pytest.mark.slow
+def test_the_sampler_checks_its_run_once(home, monkeypatch):
+    """ConsisID Sampler prepares its run once, before ComfyUI is asked for room: each check once."""
+    import collections
+
+    from consisid_pack.consisid_core import sampling
+    from consisid_pack.consisid_core.identity import Identity
+    from consisid_pack.consisid_core.text import TextEmbeddings
+    from consisid_pack.consisid_core.tiny import random_identity
+
+    calls = collections.Counter()
+
+    def counted(name, original):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in ("resolve_size", "check_steps", "check_seed", "check_options", "check_sampling_fits"):
+        monkeypatch.setattr(sampling, name, counted(name, getattr(sampling, name)))
+    monkeypatch.setattr(Identity, "check_compatible", counted("check_compatible", Identity.check_compatible))
+    (model,) = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
+    width = model.config.text_embed_dim
+    text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))
+    NODE_CLASS_MAPPINGS["ConsisIDSampler"]().sample(
+        model, random_identity(model.config), text, 1, 1, 6.0, False, "ddim", 9, 96, 64, 1.0)
+    assert calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
+                     "check_sampling_fits": 1}

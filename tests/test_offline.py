@@ -155,14 +155,22 @@ def test_the_commands_make_no_network_call_from_any_thread(tiny_dir, photo, lora
     assert found["seen"] == [], found["seen"]
 
 
+NATIVE_LOOKUP = """
+import ctypes
+answer = ctypes.c_void_p()
+ctypes.CDLL(None).getaddrinfo(b"consisid-witness.example.org", b"443", None, ctypes.byref(answer))
+status = 0
+"""
+
+
 @pytest.mark.slow
 @NEEDS_NAMESPACE
 def test_the_namespace_sees_a_lookup_from_native_code():
-    """The witness works: ONNX Runtime imported with its telemetry on looks its server up from its
-    own threads, unseen by the audit hooks, and the listeners get it."""
-    pytest.importorskip("onnxruntime")
-    found = _in_namespace("import os\nos.environ.pop('ORT_DISABLE_TELEMETRY', None)\nimport onnxruntime\nstatus = 0")
-    assert any(seen.startswith("udp 53") for seen in found["seen"]), found
+    """The witness works: a name lookup made by the C library itself (as ONNX Runtime's telemetry made
+    one from its own threads), unseen by the audit hooks, reaches the listeners."""
+    found = _in_namespace(NATIVE_LOOKUP)
+    assert found["code"] == 0, found
+    assert any(seen.startswith("udp 53") and "consisid-witness" in seen for seen in found["seen"]), found
 
 
 # ---------------------------------------------------------------------------------------------

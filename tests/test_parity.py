@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import ConsisIDPipeline
 
-from consisid_core.checkpoint import Checkpoint, load_transformer_file
+from consisid_core.checkpoint import Checkpoint
 from consisid_core.sampling import generate
+from consisid_core.single_file import load_transformer_file
 from consisid_core.text import encode_text, load_text_encoder
 from consisid_core.tiny import random_identity
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCES = {"consisid_core/diffusers_hooks.py", "consisid_core/decoder.py"}
+FENCES = {"consisid_core/diffusers_hooks.py", "consisid_core/decoder.py", "consisid_core/tiling.py"}
 PUBLIC_MODULES = {"diffusers", "diffusers.hooks"}
 MODELS = {"transformer", "vae", "pipe", "pipeline", "scheduler", "text_encoder", "tokenizer"}
 """Names under which the code holds diffusers' (and transformers') models and pipelines."""

@@ -129,7 +129,7 @@ def test_an_even_latent_count_decodes_to_more_frames_and_says_so(tiny_model, ide
 
 @pytest.mark.slow
 def test_tiled_and_sliced_decode_is_close_and_does_not_stick(tiny_model, identity, text):
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     latents = sample(tiny_model, identity, text, steps=2, seed=3)
     plain = decode(tiny_model.vae, latents)
@@ -152,7 +152,7 @@ def test_decode_a_batch_of_videos(tiny_model, identity, text):
 
 @pytest.mark.parametrize("tiling", [(30, 48, 8, 16), (32, 48, 12, 16), (32, 48, 32, 16)])
 def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     latents = torch.zeros(1, 3, 4, 8, 12)
     with pytest.raises(ConsisIDError, match="px overlap does not fit the VAE's 8-px latent grid"):
@@ -163,7 +163,7 @@ def test_tiles_off_the_latent_grid_are_refused(tiny_model, tiling):
 def test_accepted_tilings_land_exactly_on_the_latent_grid():
     """What diffusers' tiled decode does with the factors: stride and crop agree, for every tile
     and overlap accepted; the rest are refused with overlaps that work."""
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     accepted = 0
     for tile in range(16, 513, 8):
@@ -183,7 +183,7 @@ def test_accepted_tilings_land_exactly_on_the_latent_grid():
 def test_half_frame_tiles_fit_every_size():
     """`Tiling.halves` (the out-of-memory retry's and the bench's tiles) cuts each side in two,
     with overlaps diffusers' tiled decode steps exactly, at every size the sampler accepts."""
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     for size in range(32, 2049, 16):  # 16 px is a single 2×2 latent: nothing to cut
         tiling = Tiling.halves(size, size)
@@ -208,7 +208,7 @@ class OutOfMemoryUntiled:
 
 @pytest.mark.slow
 def test_out_of_memory_decodes_again_in_tiles(tiny_model, identity, text, caplog):
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     latents = sample(tiny_model, identity, text, steps=1, seed=3)
     tiled = decode(tiny_model.vae, latents, tiling=Tiling.halves(64, 96))
@@ -230,7 +230,7 @@ def test_decode_memory_follows_frame_batches_tiles_and_dtype(tiny_model):
     """The room the VAE Decode node asks ComfyUI for: diffusers decodes 3 latent frames at a time,
     and one tile at a time with tiling."""
     from consisid_core.memory import decode_memory
-    from consisid_core.decoder import Tiling
+    from consisid_core.tiling import Tiling
 
     vae = tiny_model.vae.config, torch.float32
     whole = decode_memory(*vae, (1, 13, 4, 60, 90))
@@ -264,3 +264,50 @@ def test_latents_that_overflow_in_fp32_are_refused_without_blaming_fp16(tiny_dir
     with pytest.raises(ConsisIDError, match="overflowed") as refused:
         sample(model, identity, text, steps=1, seed=1)
     assert "fp16" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+CHECKS = ("resolve_size", "check_steps", "check_seed", "check_options", "check_sampling_fits", "check_run_fits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sample", "generate", "segments", "cli"])
+def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, tmp_path, monkeypatch, how):
+    """Following a run from its options to its latents, each check is made once: by `Run.prepare`,
+    `with_identity`, `with_model`, `check_text` (a long video's every segment included)."""
+    import collections
+
+    from consisid_core import sampling
+    from consisid_core.cli import main
+    from consisid_core.identity import Identity, save_identity
+    from consisid_core.sampling import generate
+    from consisid_core.segments import generate_segments
+
+    calls = collections.Counter()
+
+    def counted(name, original):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in CHECKS:
+        monkeypatch.setattr(sampling, name, counted(name, getattr(sampling, name)))
+    for name in ("check_compatible",):
+        monkeypatch.setattr(Identity, name, counted(name, getattr(Identity, name)))
+    monkeypatch.setattr(sampling.Run, "check_text", counted("check_text", sampling.Run.check_text))
+    if how == "sample":
+        sample(tiny_model, identity, text, steps=1)
+    elif how == "generate":
+        generate(tiny_model, identity, text, steps=1)
+    elif how == "segments":
+        list(generate_segments(tiny_model, identity, [text] * 3, steps=1))
+    else:
+        save_identity(identity, tmp_path / "me.safetensors")
+        assert main(["generate", "--model", str(tiny_dir), "--identity", str(tmp_path / "me.safetensors"),
+                     "--prompt", "a", "--prompt", "b", "--segments", "2", "--steps", "1", "--device", "cpu",
+                     "--out", str(tmp_path / "frames")]) == 0
+    texts = {"segments": 3, "cli": 2}.get(how, 1)
+    room = {"check_run_fits": 1} if how == "cli" else {"check_sampling_fits": 1}  # before the load, or after
+    assert calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
+                     "check_text": texts, **room}

@@ -32,6 +32,8 @@ from consisid_core.score import (
     sample_indices,
     score_frames,
     score_video,
+    segment_bounds,
+    segment_indices,
     segment_starts,
 )
 from consisid_core.tiny import random_identity
@@ -229,7 +231,7 @@ def test_sampled_frames_of_a_streamed_long_video_score_each_segment_and_the_whol
     reference = photo_embedding(models, photo, "photo")
     pixels = video_frames(17)  # two segments of 9 frames sharing frame 8
     frames = torch.from_numpy(pixels).float() / 255
-    kept = SampledFrames(2, 9, 4)
+    kept = SampledFrames.of_segments(2, 9, 4)
     kept.add(frames[:9])
     kept.add(frames[9:])  # the second segment's new frames, as generate writes them
     assert len(kept._kept) == len({0, 2, 5, 8, 10, 13, 16} | set(sample_indices(17, 4)))  # only what is sampled
@@ -238,6 +240,15 @@ def test_sampled_frames_of_a_streamed_long_video_score_each_segment_and_the_whol
     assert second == score_video(models, reference, frames[8:], 4)
     assert whole == score_video(models, reference, frames, 4)
     assert segment_starts(145, 49) == [48, 96] and segment_starts(17, 9) == [8] and segment_starts(49, 0) == []
+
+
+def test_segments_of_a_long_video_and_the_frames_that_score_each():
+    assert segment_bounds(17, 9) == [(0, 8), (8, 16)]
+    assert segment_bounds(20, 9) == [(0, 8), (8, 16), (16, 19)]  # the last segment shorter
+    assert segment_bounds(49, 0) == segment_bounds(49, 49) == [(0, 48)]
+    # each segment sampled as a video of its own, at its positions in the whole video
+    assert segment_indices(17, 9, 4) == [[0, 2, 5, 8], [8, 10, 13, 16]]
+    assert segment_indices(20, 9, 4) == [[0, 2, 5, 8], [8, 10, 13, 16], [16, 17, 18, 19]]
 
 
 def test_identity_of_other_face_models_is_refused(models):
@@ -416,7 +427,10 @@ def test_identity_score_node(models, photo_identity):
     assert isinstance(mean, float) and mean == expected.mean
     lines = text.splitlines()
     assert lines[0] == expected.summary()
-    assert lines[1].startswith("segment 1 (frames 0-8): ") and lines[2].startswith("segment 2 (frames 8-16): ")
+    reference = identity_embedding(identity, models)
+    # a segment's score is the core's: the segment scored as a video of its own, as generate --score gives it
+    assert lines[1] == f"segment 1 (frames 0-8): {score_video(models, reference, frames[:9], 8).summary()}"
+    assert lines[2] == f"segment 2 (frames 8-16): {score_video(models, reference, frames[8:], 8).summary()}"
     assert lines[3:] == expected.per_frame().splitlines()
     assert picture.shape == (1, 256, 512, 3) and picture.dtype == torch.float32
     assert 0 <= picture.min() <= picture.max() <= 1

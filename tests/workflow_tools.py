@@ -395,7 +395,7 @@ def _native_segment(g: Graph, head: tuple, model: int, sigmas: int, seed: int, s
     positive, negative, identity, vae = head
     seeds = g.add("ConsisIDSeed", seed, "fixed")
     first = {} if start is None else {"start_image": start}
-    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, seed,
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, seed, False,
                         positive=positive, negative=negative, identity=identity, vae=vae, **first)
     g.link((seeds, 2), conditioned, "first_frame_seed")
     guider = g.add("CFGGuider", 6.0, model=(model, 0), positive=(conditioned, 0), negative=(conditioned, 1))

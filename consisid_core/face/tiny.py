@@ -1,24 +1,6 @@
-"""A tiny `face_encoder/` folder in the real file formats, for tests and the offline demo.
-
-Every file loads through the same code as the released ones (`load_face_models`):
-
-- `models/antelopev2/scrfd_10g_bnkps.onnx`: an SCRFD-format detector (9 outputs: scores, box distances
-  and keypoint offsets for strides 8, 16, 32, two anchors each) whose weights are set by hand, so that
-  insightface's own decoding gives known faces. Only stride 32 fires: an anchor at canvas pixel
-  (32c, 32r) is a face when that pixel's grey level is above `SCRFD_MIN_GRAY`; the face's size grows
-  with the grey level (`scrfd_face_size`), its five keypoints sit at `CANONICAL_KPS` × size.
-- `models/antelopev2/glintr100.onnx`: an ArcFace-format recogniser (112×112 input, 512-d output):
-  8×8 average pooling then a seeded random linear map.
-- `detection_Resnet50_Final.pth`: facexlib RetinaFace weights (the mobilenet0.25 architecture, which
-  facexlib also ships) set by hand the same way: a pixel at a stride-32 prior centre (32c+16, 32r+16)
-  brighter than `RETINA_MIN_GRAY` is a face of size `RETINA_FACE_SIZE`.
-- `parsing_bisenet.pth`: facexlib BiSeNet, real architecture, seeded random weights (float16 to halve
-  the file; they load into the float32 model unchanged).
-- `EVA02_CLIP_L_336_psz14_s6B.pt`: an original-format EVA-CLIP state dict (`visual.*`, `logit_scale`)
-  of `TINY_EVA` sizes: width 32, 24 blocks, 2 heads, projection 32, 336 px, patch 14.
-
-So a real photo gives faces wherever it is bright, a dark picture gives none, and tests can place
-faces exactly with bright squares on black.
+"""A tiny `face_encoder/` folder in the real file formats, for tests and the offline demo: every
+file loads through the same code as the released ones (`load_face_models`), and a bright pixel
+makes a face. How each model is built: docs/dev/architecture.md, "The tiny face encoder".
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ import logging
 import sys
 import threading
 import types
-import weakref
 
 import torch
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ...consisid_core import native
-from ...consisid_core.checkpoint import RELEASED_TRANSFORMER_CONFIG, Checkpoint
+from ...consisid_core.checkpoint import Checkpoint
+from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.files import shown

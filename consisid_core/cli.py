@@ -30,6 +30,7 @@ from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
 from .native import EXPORT_DTYPES, export, export_lora
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
+from .quant import FORMATS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -99,6 +100,9 @@ def _add_export(sub) -> None:
                                     "(e.g. ComfyUI/models/diffusion_models)")
     export_parser.add_argument("--name", default="consisid", help="file name prefix (default: consisid)")
     export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep", help="weights' precision")
+    export_parser.add_argument("--quant", metavar="FORMAT",
+                               help="store the transformer's block linear layers in a ComfyUI core quantized format "
+                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face modules stay full precision")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
@@ -110,7 +114,7 @@ def _export(args) -> None:
         raise ConsisIDError(f"output folder '{args.out}' does not exist")
     written = []
     if args.model is not None:
-        written += export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype])
+        written += export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.quant)
     for lora in args.lora:
         written.append(export_lora(lora, args.out / f"{lora.stem}_comfy.safetensors", args.overwrite))
     for path in written:

@@ -31,6 +31,7 @@ from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError
 from .files import write_atomically
 from .lora import LoRA, read_lora
+from .quant import check_format, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +273,13 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
 
 
 def export(source: str | os.PathLike, out_dir: str | os.PathLike, name: str = "consisid", overwrite: bool = False,
-           dtype: torch.dtype | None = None) -> tuple[Path, Path]:
+           dtype: torch.dtype | None = None, quant: str | None = None) -> tuple[Path, Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
-    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) to `out_dir`."""
+    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) to `out_dir`.
+    With `quant` (a `quant.FORMATS` name) the transformer's block linear layers are stored in that
+    core format; the face modules stay in full precision."""
+    if quant is not None:
+        check_format(quant)
     out = Path(out_dir)
     if not out.is_dir():
         raise ConsisIDError(f"output folder '{out}' does not exist")
@@ -285,6 +290,8 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, name: str = "c
     if dtype is not None:
         core = {k: v.to(dtype) if v.is_floating_point() else v for k, v in core.items()}
         face = {k: v.to(dtype) if v.is_floating_point() else v for k, v in face.items()}
+    if quant is not None:
+        core = quantize(core, quant)
     channels, scaling = vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
     transformer_path, face_path = out / f"{name}_transformer.safetensors", out / f"{name}_face.safetensors"

@@ -251,4 +251,38 @@ for clip in (OldClip(), OtherTokens()):
         print("t5_tokens: refused:", e)
     else:
         raise AssertionError(f"{type(clip).__name__}'s tokens were taken")
+
+
+# --- the native path: core's quantized formats (a format core's registry lacks is refused alone)
+from consisid_pack.consisid_core import quant  # noqa: E402
+from consisid_pack.nodes.native import comfy_parts  # noqa: E402
+
+algos = comfy.ops.QUANT_ALGOS  # the dict core's mixed-precision Linear reads (comfy.quant_ops's own)
+mxfp8 = algos.pop("mxfp8")
+fence.check.cache_clear()
+lines.clear()
+try:
+    said("native_quant", "QUANT_ALGOS has no 'mxfp8'")
+    comfy_parts.require_format("nvfp4")  # the others load as before
+    try:
+        comfy_parts.require_format("mxfp8")
+    except fence.ComfyApiError as e:
+        assert "'mxfp8'" in str(e) and "nvfp4" in str(e) and "\n" not in str(e), e
+        print("  refused:", e)
+    else:
+        raise AssertionError("mxfp8 was taken without core's reader for it")
+    layer = comfy.ops.mixed_precision_ops({"mixed_ops": True}, torch.float32).Linear(256, 32, bias=False)
+    holder = torch.nn.Module()
+    holder.q = layer
+    stored = quant.quantize({"blocks.1.q.weight": torch.randn(32, 256)}, "mxfp8")
+    try:
+        holder.load_state_dict({k.removeprefix("blocks.1."): v for k, v in stored.items()})
+    except KeyError as e:
+        print(f"  without the fence: KeyError: {e}")
+    else:
+        raise AssertionError("core loaded mxfp8 without its registry entry")
+finally:
+    algos["mxfp8"] = mxfp8
+    fence.check.cache_clear()
+assert not fence.check()["native_quant"]
 print("fence: every assumption checked")

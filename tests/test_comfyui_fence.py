@@ -30,6 +30,6 @@ def test_each_broken_comfyui_internal_is_named_once_and_falls_back_or_is_refused
     said = [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")]
     assert said == [
         "as expected", "partial_load", "lora_patches", "model_management", "unload_one", "progress", "previews",
-        "cancel", "folders", "t5_tokens", "t5_tokens", "fence",
+        "cancel", "folders", "t5_tokens", "t5_tokens", "native_quant", "fence",
     ], result.stdout
-    assert result.stdout.count("without the fence:") == 4, result.stdout
+    assert result.stdout.count("without the fence:") == 5, result.stdout

@@ -29,6 +29,7 @@ import logging
 
 import torch
 
+from ...consisid_core import quant
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.lora import LoRA, check_lora_fits
 from ...consisid_core.native import (
@@ -434,3 +435,68 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
             pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
             videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
     return torch.cat(videos)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Core's quantized formats: what ConsisID Native Model Loader's quantize-on-load (and a file of
+# `export --quant`) relies on. The math is `consisid_core.quant`; core's Load Diffusion Model reads
+# the result (`comfy.utils.detect_layer_quantization`, `comfy.ops.mixed_precision_ops`).
+
+
+def _read_back(ops, name: str) -> float:
+    """A random 32 × 256 weight in format `name`, loaded by core's mixed-precision Linear and
+    dequantized: its relative error."""
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
+    stored = quant.quantize({"blocks.1.q.weight": weight}, name)
+    holder = torch.nn.Module()
+    holder.q = ops.mixed_precision_ops({"mixed_ops": True}, torch.float32).Linear(256, 32, bias=False)
+    holder.load_state_dict({k.removeprefix("blocks.1."): v for k, v in stored.items()})
+    back = holder.q.weight.dequantize().float()
+    return ((back - weight).norm() / weight.norm()).item()
+
+
+def _quant_problem(ops, algos: dict, name: str) -> str | None:
+    if name not in algos:
+        return f"comfy.quant_ops.QUANT_ALGOS has no '{name}'"
+    try:
+        error = _read_back(ops, name)
+    except Exception as e:  # noqa: BLE001 -- whatever core's reader raises is what the probe reports
+        return f"core's {name} reader fails ({type(e).__name__}: {str(e)[:60]})"
+    limit = quant.FORMATS[name].relative_error
+    return None if error <= limit else f"core reads {name} back {error:.2f} off (expected within {limit})"
+
+
+def quant_problems() -> dict[str, str]:
+    """The formats of `quant.FORMATS` this ComfyUI does not read as the pack writes them, with why:
+    each is written for a tiny layer, loaded by core's mixed-precision Linear and read back (a few
+    milliseconds in all)."""
+    try:
+        import comfy.ops
+        import comfy.quant_ops
+    except ImportError:  # a ComfyUI from before its quantized formats
+        return {name: "no comfy.quant_ops" for name in quant.FORMATS}
+    if not callable(getattr(comfy.ops, "mixed_precision_ops", None)):
+        return {name: "no comfy.ops.mixed_precision_ops" for name in quant.FORMATS}
+    algos = getattr(comfy.quant_ops, "QUANT_ALGOS", {})
+    found = {name: _quant_problem(comfy.ops, algos, name) for name in quant.FORMATS}
+    return {name: problem for name, problem in found.items() if problem}
+
+
+ASSUMPTIONS += (
+    fence.Assumption("native_quant", "core's quantized formats (quantize-on-load, export --quant files)",
+                     "those formats are refused in one line; the others and full precision load as before",
+                     lambda: list(quant_problems().values()), needs="native_cogvideox"),
+)
+
+
+def require_format(name: str) -> None:
+    """Refuse, in one line, a quantized format this ComfyUI does not read as the pack writes it."""
+    require()
+    quant.check_format(name)
+    problems = quant_problems()
+    if name in problems:
+        readable = [n for n in quant.FORMATS if n not in problems]
+        raise fence.ComfyApiError(
+            f"this ComfyUI ({fence.comfyui_version()}) does not read the quantized format '{name}' as the pack "
+            f"writes it ({problems[name]}): pick {', '.join(readable) or 'off'}, or update ComfyUI and comfy-kitchen")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...consisid_core import native
+from ...consisid_core import native, quant
 from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.identity import Identity
@@ -31,14 +31,19 @@ def _sources() -> list[str]:
     return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
-def native_model(source, dtype: torch.dtype | None):
+def native_model(source, dtype: torch.dtype | None, quantize: str | None = None):
     """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
-    core's CogVideoX (its key layout) with the face modules added."""
+    core's CogVideoX (its key layout) with the face modules added; with `quantize` (a
+    `quant.FORMATS` name) its block linear layers in that core format, as `export --quant` writes them."""
     comfy_parts.require()
+    if quantize is not None:
+        comfy_parts.require_format(quantize)
     weights, config = native.source_weights(source)
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
     core, face = native.split_weights(weights)
+    if quantize is not None:
+        core = quant.quantize(core, quantize)
     model = comfy_parts.load_cogvideox(core, dtype)
     channels, scaling = native.vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
@@ -67,14 +72,22 @@ class ConsisIDNativeModelLoader:
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
                                                        "tooltip": "Weights' precision; default lets ComfyUI choose "
                                                                   "for the device (fp32 on CPU)."}),
-            }
+            },
+            "optional": {
+                "quantize": (["off", *quant.FORMATS], {
+                    "default": "off",
+                    "tooltip": "Store the transformer's block linear layers in one of ComfyUI's quantized formats as "
+                               "it loads (what `export --quant` writes): 8-bit float8_e4m3fn, float8_e5m2, mxfp8, "
+                               "int8_tensorwise; 4-bit nvfp4, convrot_w4a4, asym_w4a8_int8. The face modules stay "
+                               "in full precision."}),
+            },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, weight_dtype: str):
-        return declared_error(cls, model=model, weight_dtype=weight_dtype) or True
+    def VALIDATE_INPUTS(cls, model: str, weight_dtype: str, quantize: str = "off"):
+        return declared_error(cls, model=model, weight_dtype=weight_dtype, quantize=quantize) or True
 
-    def load(self, model: str, weight_dtype: str):
+    def load(self, model: str, weight_dtype: str, quantize: str = "off"):
         comfy_parts.require()
         if model.startswith(SINGLE_FILE):
             source = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
@@ -83,7 +96,7 @@ class ConsisIDNativeModelLoader:
             if model not in folders:
                 raise FileNotFoundError(f"checkpoint '{model}' is not in models/consisid or models/diffusers; refresh the list")
             source = folders[model]
-        return (native_model(source, WEIGHT_DTYPES[weight_dtype]),)
+        return (native_model(source, WEIGHT_DTYPES[weight_dtype], None if quantize == "off" else quantize),)
 
 
 class ConsisIDFaceModules:

@@ -84,10 +84,10 @@ def check_layer(key: str, weight: torch.Tensor, fmt: Format) -> None:
         raise ConsisIDError(f"layer '{layer}' is not a 2-D floating-point weight ({weight.dtype}, {tuple(weight.shape)})")
     rows, columns = weight.shape
     if columns % fmt.columns or rows % fmt.rows:
-        raise ConsisIDError(
-            f"layer '{layer}' ({rows} × {columns}) cannot be stored as {fmt.name}: it needs input features a multiple of "
-            f"{fmt.columns} and output features a multiple of {fmt.rows}; pick another format "
-            f"(float8_e4m3fn and int8_tensorwise take every shape)")
+        needs = f"input features a multiple of {fmt.columns}" + (
+            f" and output features a multiple of {fmt.rows}" if fmt.rows > 1 else "")
+        raise ConsisIDError(f"layer '{layer}' ({rows} × {columns}) cannot be stored as {fmt.name}: it needs {needs}; "
+                            "pick another format (float8_e4m3fn and int8_tensorwise take every shape)")
     if not torch.isfinite(weight).all():
         raise ConsisIDError(f"layer '{layer}' has non-finite weights (inf or NaN): nothing to quantize")
 

@@ -169,3 +169,17 @@ def test_quantize_refuses_what_it_cannot_hold():
         quant.quantize({"proj_out.weight": torch.ones(4, 4)}, "int8_tensorwise")
     with pytest.raises(ConsisIDError, match="output features a multiple of 16"):
         quant.quantize({"blocks.1.q.weight": torch.ones(8, 16)}, "nvfp4")
+
+
+def test_native_model_loaders_quantize_input_is_validated_before_a_run(home):
+    from workflow_tools import import_pack
+
+    import_pack()
+    from consisid_pack.nodes.native.nodes import ConsisIDNativeModelLoader
+
+    loader = ConsisIDNativeModelLoader
+    assert loader.INPUT_TYPES()["optional"]["quantize"][0] == ["off", *quant.FORMATS]
+    assert loader.VALIDATE_INPUTS(model="tiny", weight_dtype="default") is True
+    assert loader.VALIDATE_INPUTS(model="tiny", weight_dtype="default", quantize="nvfp4") is True
+    message = loader.VALIDATE_INPUTS(model="tiny", weight_dtype="default", quantize="q4_k")
+    assert message.startswith("quantize 'q4_k' is not one of the choices") and "\n" not in message

@@ -8,7 +8,8 @@ Modules, Identity Conditioning, CFG 6 with ddim and the simple schedule from Con
 (KSampler's work), one process each, timed per step, with its peak RSS above the start while
 loading and sampling (VmHWM reset at the start). The latents are decoded by the checkpoint's VAE
 (the same for all), and the frames compared with fp32's (max and mean |Δ|, 0..1 pixels) and
-scored with `python -m consisid_core score` against the identity (the checkpoint's face models).
+scored with `python -m consisid_core score` against the identity's recognition embedding (make-tiny's
+face models: the bench's checkpoints have none).
 
 Needs COMFYUI_DIR (a ComfyUI with native CogVideoX and core's quantized formats, v0.33.0) and is
 run with that ComfyUI's Python. Prints a Markdown table; `--out` writes it into a file's
@@ -35,11 +36,10 @@ from safetensors.torch import load_file, save_file
 from consisid_core import native, quant
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main as cli
-from consisid_core.face.tiny import write_tiny_face_encoder
 from consisid_core.identity import save_identity
 from consisid_core.media import write_frames
 from consisid_core.sampling import decode
-from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, random_identity
+from consisid_core.tiny import TINY_TRANSFORMER, TINY_VAE, make_tiny, random_identity
 
 from .harness import write_section
 from .sizes import SIZES, Size, build_checkpoint
@@ -124,31 +124,38 @@ def run_worker(size: Size, steps: int, threads: int, files: tuple[Path, Path], i
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def identity_score(folder: Path, identity: Path, video: Path) -> float:
+def identity_score(score_models: Path, identity: Path, video: Path) -> float:
     """FaceSim-Arc as `python -m consisid_core score --json -` gives it."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = cli(["score", "--model", str(folder), "--identity", str(identity), "--video", str(video), "--json", "-"])
+        code = cli(["score", "--model", str(score_models), "--identity", str(identity), "--video", str(video),
+                    "--json", "-"])
     if code:
         sys.exit(f"score failed on {video}")
     return json.loads(stdout.getvalue())["facesim_arc"]
 
 
-def make_inputs(size: Size, folder: Path) -> dict[str, Path]:
-    """The run's text embeddings and identity files, and the checkpoint's (tiny) face models for the score."""
+def make_inputs(folder: Path) -> dict[str, Path]:
+    """The run's text embeddings and identity files, and what `score` takes: make-tiny's checkpoint
+    (its face models) and an identity for it that carries the run identity's recognition embedding
+    (the 512 values of id_cond the score compares; the rest fits make-tiny's face models)."""
     config = Checkpoint.open(folder).transformer_config
     g = torch.Generator().manual_seed(0)
     width = config["text_embed_dim"]
     text = {"positive": torch.randn(1, 226, width, generator=g), "negative": torch.randn(1, 226, width, generator=g)}
     save_file(text, folder.parent / "text.safetensors")
-    identity = save_identity(random_identity(config, seed=3), folder.parent / "identity.safetensors")
-    write_tiny_face_encoder(folder / "face_encoder")
-    return {"text": folder.parent / "text.safetensors", "identity": identity}
+    run = random_identity(config, seed=3)
+    identity = save_identity(run, folder.parent / "identity.safetensors")
+    score_models = make_tiny(folder.parent / "score_models")
+    scored = random_identity(Checkpoint.open(score_models).transformer_config, seed=3)
+    scored = replace(scored, id_cond=torch.cat([run.id_cond[:, :512], scored.id_cond[:, 512:]], dim=1))
+    return {"text": folder.parent / "text.safetensors", "identity": identity, "score_models": score_models,
+            "score_identity": save_identity(scored, folder.parent / "score_identity.safetensors")}
 
 
 def measure(size: Size, steps: int, threads: int, formats: list[str], work: Path) -> dict[str, dict]:
     folder = build_checkpoint(size, work / size.name)
-    inputs = make_inputs(size, folder)
+    inputs = make_inputs(folder)
     files = export_variants(folder, work, formats)
     vae = Checkpoint.open(folder).load_vae("fp32")
     scaling = vae.config.scaling_factor
@@ -161,7 +168,7 @@ def measure(size: Size, steps: int, threads: int, formats: list[str], work: Path
         video = write_frames(frames, work / f"{variant}_frames")
         result |= {"file_mb": pair[0].stat().st_size / 2**20, "max_delta": (frames - reference).abs().max().item(),
                    "mean_delta": (frames - reference).abs().mean().item(),
-                   "score": identity_score(folder, inputs["identity"], video)}
+                   "score": identity_score(inputs["score_models"], inputs["score_identity"], video)}
         results[variant] = result
         print(f"{variant}: {result}", file=sys.stderr)
     return results
@@ -176,8 +183,8 @@ def table(size: Size, steps: int, threads: int, results: dict[str, dict]) -> str
         f"`COMFYUI_DIR=<ComfyUI v0.33.0> python -m bench.quant --size {size.name} --steps {steps}` on "
         f"{date.today().isoformat()}: each file in a fresh process ({threads} threads) through core's Load Diffusion "
         f"Model, ConsisID Face Modules and Identity Conditioning, sampled from the same seed; frames decoded by the "
-        f"checkpoint's VAE and compared with fp32's (0..1); FaceSim-Arc by `python -m consisid_core score` with the "
-        f"checkpoint's face models. {size.describe()}.",
+        f"checkpoint's VAE and compared with fp32's (0..1); FaceSim-Arc by `python -m consisid_core score` with "
+        f"make-tiny's face models against the identity's recognition embedding. {size.describe()}.",
         "",
         "| weights | bits | transformer file MB | ÷ fp32 | peak RSS MB (load + sample) | ÷ fp32 | s/step | ÷ fp32 | "
         "frames max abs Δ | mean abs Δ | FaceSim-Arc |",

@@ -22,7 +22,7 @@ from .errors import ConsisIDError
 
 QUANTIZED_LAYERS = re.compile(r"blocks\.[0-9]+\.(q|k|v|attn_out|ff_proj|ff_out|norm1\.linear|norm2\.linear)\.weight")
 """The weights quantized: every linear layer of the transformer blocks (attention, feed-forward and
-the adaptive norms' modulation), about 99 % of ConsisID's transformer parameters, but `KEPT`."""
+the adaptive norms' modulation): 99.5 % of ConsisID-preview's transformer parameters, but `KEPT`."""
 
 KEPT = "blocks.0.norm1.linear.weight"
 """Stays as it is: core's CogVideoX detection reads the model's sizes from its shape, which a
@@ -46,19 +46,16 @@ class Format:
     """Output features must be a multiple of this."""
     relative_error: float
     """A bound on ‖dequantized − W‖ / ‖W‖ for a Gaussian weight, with room to spare."""
-    summary: str
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("float8_e4m3fn", 8, 1, 1, 0.05, "FP8 (e4m3) with one scale per layer"),
-    Format("float8_e5m2", 8, 1, 1, 0.1, "FP8 (e5m2) with one scale per layer"),
-    Format("mxfp8", 8, 32, 32, 0.05, "FP8 (e4m3) with a power-of-two scale per 32 weights"),
-    Format("int8_tensorwise", 8, 1, 1, 0.05, "INT8 with one scale per layer; activations quantized to INT8 per row"),
-    Format("nvfp4", 4, 16, 16, 0.15, "FP4 (e2m1) with an FP8 scale per 16 weights and one per layer"),
-    Format("convrot_w4a4", 4, CONVROT_GROUP, 1, 0.2,
-           "INT4 after a Hadamard rotation, one scale per row; activations quantized to INT4"),
-    Format("asym_w4a8_int8", 4, CONVROT_GROUP, 1, 0.2,
-           "INT4 after a Hadamard rotation, an FP8 scale per 16 weights; activations quantized to INT8"),
+    Format("float8_e4m3fn", 8, 1, 1, 0.05),  # FP8 e4m3, one scale per layer
+    Format("float8_e5m2", 8, 1, 1, 0.1),  # FP8 e5m2, one scale per layer
+    Format("mxfp8", 8, 32, 32, 0.05),  # FP8 e4m3, a power-of-two scale per 32 weights
+    Format("int8_tensorwise", 8, 1, 1, 0.02),  # INT8, one scale per layer (activations INT8 too)
+    Format("nvfp4", 4, 16, 16, 0.15),  # FP4 e2m1, an FP8 scale per 16 weights and one per layer
+    Format("convrot_w4a4", 4, CONVROT_GROUP, 1, 0.2),  # INT4, Hadamard-rotated, a scale per row (activations INT4)
+    Format("asym_w4a8_int8", 4, CONVROT_GROUP, 1, 0.15),  # INT4, rotated, an FP8 scale per 16 (activations INT8)
 )}
 """The formats written, by core's names: those ComfyUI v0.33's Load Diffusion Model reads and samples."""
 
@@ -110,10 +107,6 @@ def quantize(weights: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.
         out |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in stored.items()}
         out[f"{layer}.comfy_quant"] = quant_entry({"format": name} | config)
     return out
-
-
-def is_quantized(weights: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.endswith(".comfy_quant") for k in weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,9 +89,11 @@ def check_layer(key: str, weight: torch.Tensor, fmt: Format) -> None:
         raise ConsisIDError(f"layer '{layer}' has non-finite weights (inf or NaN): nothing to quantize")
 
 
-def quantize(weights: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def quantize(weights: Mapping[str, torch.Tensor], name: str, release: bool = False) -> dict[str, torch.Tensor]:
     """`weights` (ComfyUI's CogVideoX layout) with the `QUANTIZED_LAYERS` in format `name`; the
-    other tensors as they are. Every layer is checked before any is quantized."""
+    other tensors as they are. Every layer is checked before any is quantized. With `release`
+    (`weights` a dict of the caller's that it no longer needs) each full-precision weight is taken
+    out of `weights` as it is quantized, so both are never held whole at once."""
     fmt = check_format(name)
     chosen = [k for k in weights if QUANTIZED_LAYERS.fullmatch(k) and k != KEPT]
     if not chosen:
@@ -103,7 +105,7 @@ def quantize(weights: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.
     for key in chosen:
         layer = key.removesuffix(".weight")
         del out[key]
-        stored, config = _QUANTIZERS[name](weights[key].float())
+        stored, config = _QUANTIZERS[name]((weights.pop(key) if release else weights[key]).float())
         out |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in stored.items()}
         out[f"{layer}.comfy_quant"] = quant_entry({"format": name} | config)
     return out

@@ -183,3 +183,12 @@ def test_native_model_loaders_quantize_input_is_validated_before_a_run(home):
     assert loader.VALIDATE_INPUTS(model="tiny", weight_dtype="default", quantize="nvfp4") is True
     message = loader.VALIDATE_INPUTS(model="tiny", weight_dtype="default", quantize="q4_k")
     assert message.startswith("quantize 'q4_k' is not one of the choices") and "\n" not in message
+
+
+def test_quantize_with_release_takes_each_weight_out_as_it_goes(folder):
+    core, _ = native.split_weights(native.source_weights(folder)[0])
+    expected = quant.quantize(core, "int8_tensorwise")
+    mine = dict(core)
+    stored = quant.quantize(mine, "int8_tensorwise", release=True)
+    assert stored.keys() == expected.keys() and all(torch.equal(stored[k], expected[k]) for k in stored)
+    assert "blocks.1.q.weight" not in mine and quant.KEPT in mine and "blocks.1.q.weight" in core

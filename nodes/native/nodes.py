@@ -42,8 +42,9 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
     core, face = native.split_weights(weights)
+    del weights
     if quantize is not None:
-        core = quant.quantize(core, quantize)
+        core = quant.quantize(core, quantize, release=True)
     model = comfy_parts.load_cogvideox(core, dtype)
     channels, scaling = native.vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
@@ -54,8 +55,9 @@ class ConsisIDNativeModelLoader:
     DESCRIPTION = (
         "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
         "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
-        "models/consisid or a single transformer .safetensors with diffusers key names. Condition it with "
-        "ConsisID Identity Conditioning."
+        "models/consisid or a single transformer .safetensors with diffusers key names; `quantize` stores the "
+        "transformer in one of ComfyUI's quantized formats as it loads. Condition it with ConsisID Identity "
+        "Conditioning."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "load"

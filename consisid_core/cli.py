@@ -30,6 +30,7 @@ from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument, read_loras, with_loras
 from .native import EXPORT_DTYPES, export
 from .performance import ATTENTION_BACKENDS, OFFLOAD_MODES
+from .quant import FORMATS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,6 +107,9 @@ def _add_export(sub) -> None:
                                help="the files' name prefix, a plain file name without a path (default: consisid)")
     export_parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="keep",
                                help="weights' precision (keep: as most of them are stored)")
+    export_parser.add_argument("--quant", metavar="FORMAT",
+                               help="store the transformer's block linear layers in a ComfyUI core quantized format "
+                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face modules stay as they are")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
@@ -113,7 +117,10 @@ def _export(args) -> None:
     """The files written, one path a line on stdout: all of them, or none."""
     if args.model is None and not args.lora:
         raise ConsisIDError("export needs --model, --lora or both")
-    for path in export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora):
+    if args.quant is not None and args.model is None:
+        raise ConsisIDError(f"--quant {args.quant} stores a transformer in that format: give --model too")
+    for path in export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora,
+                       args.quant):
         print(path)
 
 

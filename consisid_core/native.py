@@ -29,6 +29,7 @@ from .files import file_stem, output_folder, safetensors_header, shown, write_al
 from .lora import LoRA, read_lora
 from .media import check_output
 from .memory import check_fits
+from .quant import check_format, quantize
 from .single_file import RELEASED_SCHEDULER_CONFIG, infer_transformer_config, read_safetensors_shapes
 
 logger = logging.getLogger(__name__)
@@ -378,22 +379,25 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
 
 
 def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: str = "consisid",
-           overwrite: bool = False, dtype: torch.dtype | None = None, loras=()) -> list[Path]:
+           overwrite: bool = False, dtype: torch.dtype | None = None, loras=(), quant: str | None = None) -> list[Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
     it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) of `source`
     (None: neither), and `<stem>_comfy.safetensors` of each LoRA in `loras` (as `export_lora` writes
-    it), to `out_dir`: all of them or none.
+    it), to `out_dir`: all of them or none. With `quant` (a `quant.FORMATS` name) the transformer's
+    block linear layers are stored in that core format; the face modules stay as they are.
 
     Every refusal comes before the first byte is written: the folder (resolved once, no link), the
     names (plain file names), every target (see `media.check_output`), the weights (read as a
     checkpoint is: `source_weights`) and the LoRAs (read as `generate` reads them)."""
+    if quant is not None:
+        check_format(quant)
     out = output_folder(out_dir)
     targets = _export_targets(out, file_stem(name, "--name") if source is not None else None, loras)
     for target in targets:
         check_output(target, overwrite, suffixes=(".safetensors",))
     writes = {}
     if source is not None:
-        writes |= _model_writes(source, dtype, *targets[:2])
+        writes |= _model_writes(source, dtype, quant, *targets[:2])
     for lora, target in zip(loras, targets[len(targets) - len(loras):]):
         writes[target] = _lora_write(lora)
     return write_all(writes, overwrite)
@@ -417,14 +421,17 @@ def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
     return targets
 
 
-def _model_writes(source, dtype: torch.dtype | None, transformer_path: Path, face_path: Path) -> dict:
-    """The transformer's and the face modules' files, each a write of `save_file` (weights checked)."""
+def _model_writes(source, dtype: torch.dtype | None, quant: str | None, transformer_path: Path, face_path: Path) -> dict:
+    """The transformer's and the face modules' files, each a write of `save_file` (weights checked;
+    the transformer's in `quant`'s format, when given)."""
     weights, config = source_weights(source)
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
     if dtype is not None:
         weights = {k: v.to(dtype) for k, v in weights.items()}
     core, face = split_weights(weights)
+    if quant is not None:
+        core = quantize(core, quant)
     channels, scaling = vae_settings(source)
     scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
     metadata = face_file_metadata(config, channels, scaling, scheduler)

@@ -34,6 +34,7 @@ from safetensors.torch import save_file  # noqa: E402
 from workflow_tools import import_pack  # noqa: E402
 
 import_pack()
+from consisid_pack.consisid_core import quant  # noqa: E402
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
 from consisid_pack.consisid_core.lora import read_lora, with_loras  # noqa: E402
 from consisid_pack.consisid_core.sampling import sample  # noqa: E402
@@ -491,6 +492,29 @@ def native_section(native_folder: str, vae_file: str) -> None:
         said("native_devices", "intermediate_device")
         assert encode()[2]["samples"].device == torch.device("cpu")
         print("  on the CPU")
+
+    # --- core's quantized formats: one gone from core's registry is refused alone
+    if not hasattr(comfy.ops, "QUANT_ALGOS"):
+        assert fence.check()["native_quant"]
+        print("native_quant: this ComfyUI has no quantized formats, each refused in one line")
+        return
+    algos = comfy.ops.QUANT_ALGOS  # the dict core's mixed-precision Linear reads (comfy.quant_ops's own)
+    mxfp8 = algos.pop("mxfp8")
+    fence.check.cache_clear()
+    lines.clear()
+    try:
+        said("native_quant", "QUANT_ALGOS has no 'mxfp8'")
+        comfy_parts.require_format("nvfp4")  # the others load as before
+        refused(lambda: comfy_parts.require_format("mxfp8"), "'mxfp8'", "nvfp4")
+        holder = torch.nn.Module()
+        holder.q = comfy.ops.mixed_precision_ops({"mixed_ops": True}, torch.float32).Linear(256, 32, bias=False)
+        stored = quant.quantize({"blocks.1.q.weight": torch.randn(32, 256)}, "mxfp8")
+        print("  refused; without the fence:",
+              failing(lambda: holder.load_state_dict({k.removeprefix("blocks.1."): v for k, v in stored.items()})))
+    finally:
+        algos["mxfp8"] = mxfp8
+        fence.check.cache_clear()
+    assert not fence.check()["native_quant"]
 
 
 if comfy_parts.AVAILABLE:

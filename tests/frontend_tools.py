@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from test_comfyui import running
-from workflow_tools import LORAS, NATIVE_FILES, NATIVE_LORA, NATIVE_VAE, ROOT, SNAPSHOT, THIRD_PARTY, WORKFLOWS
+from workflow_tools import (LORAS, NATIVE_FILES, NATIVE_FP8_FILES, NATIVE_LORA, NATIVE_VAE, ROOT, SNAPSHOT, THIRD_PARTY,
+                            WORKFLOWS)
 
 log = logging.getLogger("frontend_tools")
 
@@ -67,7 +68,7 @@ def chromium_path() -> str | None:
 
 NAMED_FILES = {
     "models/loras": [name for name, _ in LORAS] + [NATIVE_LORA],
-    "models/diffusion_models": list(NATIVE_FILES),
+    "models/diffusion_models": list(NATIVE_FILES) + list(NATIVE_FP8_FILES),
     "models/vae": [NATIVE_VAE],
     "models/text_encoders": ["t5xxl_fp16.safetensors"],
     "models/upscale_models": ["RealESRGAN_x2.pth"],

@@ -525,6 +525,8 @@ def test_seeds_and_strengths_given_by_a_script_are_checked(native):
             lambda: native.nodes.ConsisIDTextConditioning().convert({}), error)
     refused("weight_dtype 'int8' is not one of default, fp32, bf16, fp16",
             lambda: native.nodes.ConsisIDNativeModelLoader().load("tiny", "int8"), error)
+    refused("quantize 'q4_k' is not one of off, float8_e4m3fn",
+            lambda: native.nodes.ConsisIDNativeModelLoader().load("tiny", "default", "q4_k"), error)
 
 
 @pytest.mark.comfyui

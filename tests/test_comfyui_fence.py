@@ -21,7 +21,7 @@ WRAPPER = ["as expected", "partial_load", "lora_patches", "model_management", "u
            "cancel", "folders", "t5_tokens", "t5_tokens", "dynamic_vram", "native_face_patcher"]
 NATIVE = ["native", "native_load", "native_transformer", "native_transformer", "native_model_sampling", "native_patches",
           "native_conds", "native_percent", "native_dynamic_cfg", "native_dpm", "native_lora", "native_vae",
-          "native_reference_decode", "native_first_frame_sample", "native_devices"]
+          "native_reference_decode", "native_first_frame_sample", "native_devices", "native_quant"]
 """What comfy_fence.py says, one line each: the wrapper path's features, then (on a ComfyUI with native
 CogVideoX) the native path's."""
 
@@ -43,4 +43,4 @@ def test_each_broken_comfyui_internal_is_named_once_and_falls_back_or_is_refused
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     said = [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")]
     assert said == WRAPPER + (NATIVE if NATIVE_COGVIDEOX else []) + ["fence"], result.stdout
-    assert result.stdout.count("without the fence:") == 4 + (8 if NATIVE_COGVIDEOX else 0), result.stdout
+    assert result.stdout.count("without the fence:") == 4 + (9 if NATIVE_COGVIDEOX else 0), result.stdout

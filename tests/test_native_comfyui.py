@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from native_tools import COMFYUI_DIR, NEEDS_NATIVE, vae_file, write_lora, write_q8_gguf
+from native_tools import NEEDS_NATIVE, vae_file, write_lora, write_q8_gguf
 from test_comfyui import running
 from workflow_tools import ROOT
 

@@ -3,7 +3,6 @@ path's assumptions, all off), the wrapper nodes are there, and each native node 
 when used. Runs when COMFYUI_DIR names such a ComfyUI
 source folder (run with a Python that has its requirements); skipped otherwise."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

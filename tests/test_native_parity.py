@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from native_tools import COMFYUI_DIR, NEEDS_NATIVE, import_comfyui, vae_file as checkpoint_vae
+from native_tools import NEEDS_NATIVE, import_comfyui, vae_file as checkpoint_vae
 
 pytestmark = [pytest.mark.comfyui, NEEDS_NATIVE]
 

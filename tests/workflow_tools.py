@@ -355,7 +355,7 @@ def _native(specs: dict) -> dict:
     """ConsisID as a native MODEL in core KSampler (ddim + simple: the reference's ddim)."""
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)
-    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
+    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default", "off")
     conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, -1, False,
                         positive=positive, negative=negative, identity=identity, vae=vae)
     latent = g.add("KSampler", 42, "fixed", 50, 6.0, "ddim", "simple", 1.0, model=(model, 0),
@@ -410,7 +410,7 @@ def _native_long_video(specs: dict) -> dict:
     Segment, then Create Video and Save Video."""
     g = Graph(specs)
     head = _native_head(g)
-    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default")
+    model = g.add("ConsisIDNativeModelLoader", CHECKPOINT, "default", "off")
     sigmas = g.add("BasicScheduler", "simple", 50, 1.0, model=(model, 0))
     video = (_native_segment(g, head, model, sigmas, 42), 0)
     for seed in (43, 44):
@@ -419,6 +419,30 @@ def _native_long_video(specs: dict) -> dict:
         video = (g.add("ConsisIDAppendSegment", False, video=video, segment=(segment, 0)), 0)
     clip = g.add("CreateVideo", 8.0, images=video)
     g.add("SaveVideo", "consisid/ConsisID_native_long", "mp4", "h264", video=(clip, 0))
+    return g.to_json()
+
+
+NATIVE_FP8_FILES = ("consisid_fp8_transformer.safetensors", "consisid_fp8_face.safetensors")
+"""What `python -m consisid_core export --model ConsisID-preview --out models/diffusion_models --name consisid_fp8
+--quant float8_e4m3fn` writes."""
+
+
+def _native_lowvram(specs: dict) -> dict:
+    """For small cards: the transformer quantized by `export --quant float8_e4m3fn` through core Load
+    Diffusion Model, its face modules, core KSampler, and core VAE Decode (Tiled), which decodes in
+    256-pixel tiles."""
+    g = Graph(specs)
+    positive, negative, identity, vae = _native_head(g)
+    transformer, face = NATIVE_FP8_FILES
+    model = g.add("UNETLoader", transformer, "default")
+    model = g.add("ConsisIDFaceModules", face, model=(model, 0))
+    conditioned = g.add("ConsisIDIdentityConditioning", 720, 480, 49, 1.0, 0.0, 1.0, -1, False,
+                        positive=positive, negative=negative, identity=identity, vae=vae)
+    latent = g.add("KSampler", 42, "fixed", 50, 6.0, "ddim", "simple", 1.0, model=(model, 0),
+                   positive=(conditioned, 0), negative=(conditioned, 1), latent_image=(conditioned, 2))
+    frames = g.add("VAEDecodeTiled", 256, 64, 64, 8, samples=(latent, 0), vae=vae)
+    video = g.add("CreateVideo", 8.0, images=(frames, 0))
+    g.add("SaveVideo", "consisid/ConsisID_lowvram", "mp4", "h264", video=(video, 0))
     return g.to_json()
 
 
@@ -435,6 +459,7 @@ def build(specs: dict | None = None) -> dict[str, dict]:
         "consisid_native.json": _native(specs),
         "consisid_native_lora.json": _native_lora(specs),
         "consisid_native_long_video.json": _native_long_video(specs),
+        "consisid_native_lowvram.json": _native_lowvram(specs),
     }
 
 

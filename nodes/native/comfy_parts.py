@@ -44,6 +44,7 @@ import types
 
 import torch
 
+from ...consisid_core import quant
 from ...consisid_core.checks import LATENT_CAUSE, check_latent, check_tensors
 from ...consisid_core.errors import ConsisIDError, IdentityError
 from ...consisid_core.lora import LoRA, check_lora_fits
@@ -949,18 +950,20 @@ def _face_copy(model, face: FaceModules, disable_dynamic: bool = False):
     return host.held_beside(model, copy.deepcopy(face), disable_dynamic)
 
 
-def _reload_cogvideox(source: str, dtype: torch.dtype | None, disable_dynamic: bool = False):
+def _reload_cogvideox(source: str, dtype: torch.dtype | None, quantize: str | None, disable_dynamic: bool = False):
     core, _ = split_weights(source_weights(source)[0])
+    if quantize is not None:
+        core = quant.quantize(core, quantize, release=True)
     options = {} if dtype is None else {"dtype": dtype}
     return comfy.sd.load_diffusion_model_state_dict(core, model_options=options, disable_dynamic=disable_dynamic)
 
 
-def reloadable(model, source, dtype: torch.dtype | None) -> None:
+def reloadable(model, source, dtype: torch.dtype | None, quantize: str | None) -> None:
     """Give core's CogVideoX MODEL loaded from `source` by the native loader what UNETLoader's MODELs
     have: the factory ComfyUI reloads it with for another device (MultiGPU CFG Split) or without
     dynamic VRAM (`cached_patcher_init`)."""
     if fence.works("native_multigpu"):
-        model.cached_patcher_init = (_reload_cogvideox, (str(source), dtype))
+        model.cached_patcher_init = (_reload_cogvideox, (str(source), dtype, quantize))
 
 
 def _multigpu() -> list[str]:
@@ -1065,3 +1068,66 @@ ASSUMPTIONS += (
                      "MODEL, and shares the face modules of Load Diffusion Model's between devices)", _multigpu,
                      needs="native_cogvideox"),
 )
+
+# ---------------------------------------------------------------------------------------------
+# Core's quantized formats: what ConsisID Native Model Loader's quantize-on-load (and a file of
+# `export --quant`) relies on. The math is `consisid_core.quant`; core's Load Diffusion Model reads
+# the result (`comfy.utils.detect_layer_quantization`, `comfy.ops.mixed_precision_ops`).
+
+
+def _read_back(ops, name: str) -> float:
+    """A random 32 × 256 weight in format `name`, loaded by core's mixed-precision Linear and
+    dequantized: its relative error."""
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
+    stored = quant.quantize({"blocks.1.q.weight": weight}, name)
+    holder = torch.nn.Module()
+    holder.q = ops.mixed_precision_ops({"mixed_ops": True}, torch.float32).Linear(256, 32, bias=False)
+    holder.load_state_dict({k.removeprefix("blocks.1."): v for k, v in stored.items()})
+    back = holder.q.weight.dequantize().float()
+    return ((back - weight).norm() / weight.norm()).item()
+
+
+def _quant_problem(ops, algos: dict, name: str) -> str | None:
+    if name not in algos:
+        return f"comfy.quant_ops.QUANT_ALGOS has no '{name}'"
+    try:
+        error = _read_back(ops, name)
+    except Exception as e:  # noqa: BLE001 -- whatever core's reader raises is what the probe reports
+        return f"core's {name} reader fails ({type(e).__name__}: {str(e)[:60]})"
+    limit = quant.FORMATS[name].relative_error
+    return None if error <= limit else f"core reads {name} back {error:.2f} off (expected within {limit})"
+
+
+def quant_problems() -> dict[str, str]:
+    """The formats of `quant.FORMATS` this ComfyUI does not read as the pack writes them, with why:
+    each is written for a tiny layer, loaded by core's mixed-precision Linear and read back (a few
+    milliseconds in all)."""
+    try:
+        import comfy.ops
+        import comfy.quant_ops
+    except ImportError:  # a ComfyUI from before its quantized formats
+        return {name: "no comfy.quant_ops" for name in quant.FORMATS}
+    if not callable(getattr(comfy.ops, "mixed_precision_ops", None)):
+        return {name: "no comfy.ops.mixed_precision_ops" for name in quant.FORMATS}
+    algos = getattr(comfy.quant_ops, "QUANT_ALGOS", {})
+    found = {name: _quant_problem(comfy.ops, algos, name) for name in quant.FORMATS}
+    return {name: problem for name, problem in found.items() if problem}
+
+
+ASSUMPTIONS += (
+    fence.Assumption("native_quant", "core's quantized formats (quantize-on-load, export --quant files)",
+                     "those formats are refused in one line; the others and full precision load as before",
+                     lambda: list(quant_problems().values()), needs="native_cogvideox"),
+)
+
+
+def require_format(name: str) -> None:
+    """Refuse, in one line, a quantized format this ComfyUI does not read as the pack writes it."""
+    require("native_load", "ConsisID Native Model Loader's quantize")
+    quant.check_format(name)
+    problems = quant_problems()
+    if name in problems:
+        readable = [n for n in quant.FORMATS if n not in problems]
+        raise fence.ComfyApiError(
+            f"this ComfyUI ({fence.comfyui_version()}) does not read the quantized format '{name}' as the pack "
+            f"writes it ({problems[name]}): pick {', '.join(readable) or 'off'}, or update ComfyUI and comfy-kitchen")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...consisid_core import native
+from ...consisid_core import native, quant
 from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
@@ -42,12 +42,15 @@ def _sources() -> list[str]:
 LOADER = "ConsisID Native Model Loader"
 
 
-def native_model(source, dtype: torch.dtype | None):
+def native_model(source, dtype: torch.dtype | None, quantize: str | None = None):
     """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
-    core's CogVideoX (its key layout) with the face modules added. Every file is read as a
-    checkpoint is (`native.source_weights`), the scheduler config checked, Cancel between tensors
-    and modules."""
+    core's CogVideoX (its key layout) with the face modules added; with `quantize` (a
+    `quant.FORMATS` name) its block linear layers in that core format, as `export --quant` writes
+    them. Every file is read as a checkpoint is (`native.source_weights`), the scheduler config
+    checked, Cancel between tensors and modules."""
     comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
+    if quantize is not None:
+        comfy_parts.require_format(quantize)
     weights, config = native.source_weights(source, host.check_interrupted)
     if config.get("is_kps"):
         raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
@@ -56,10 +59,13 @@ def native_model(source, dtype: torch.dtype | None):
     if Path(source).is_dir():
         scheduler = native.checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
     core, face = native.split_weights(weights)
+    del weights
     face = native.face_modules(face, config, host.check_interrupted)
     host.check_interrupted()
+    if quantize is not None:
+        core = quant.quantize(core, quantize, release=True)
     model = comfy_parts.load_cogvideox(core, dtype)
-    comfy_parts.reloadable(model, source, dtype)
+    comfy_parts.reloadable(model, source, dtype, quantize)
     return comfy_parts.with_face_modules(model, face, channels, scaling, scheduler, LOADER)
 
 
@@ -74,8 +80,9 @@ class ConsisIDNativeModelLoader:
     DESCRIPTION = (
         "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
         "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
-        "models/consisid or a single transformer .safetensors with diffusers key names. Condition it with "
-        "ConsisID Identity Conditioning."
+        "models/consisid or a single transformer .safetensors with diffusers key names; `quantize` stores the "
+        "transformer in one of ComfyUI's quantized formats as it loads. Condition it with ConsisID Identity "
+        "Conditioning."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "load"
@@ -92,17 +99,27 @@ class ConsisIDNativeModelLoader:
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
                                                        "tooltip": "Weights' precision; default lets ComfyUI choose "
                                                                   "for the device (fp32 on CPU)."}),
-            }
+            },
+            "optional": {
+                "quantize": (["off", *quant.FORMATS], {
+                    "default": "off",
+                    "tooltip": "Store the transformer's block linear layers in one of ComfyUI's quantized formats as "
+                               "it loads (what `export --quant` writes): 8-bit float8_e4m3fn, float8_e5m2, mxfp8, "
+                               "int8_tensorwise; 4-bit nvfp4, convrot_w4a4, asym_w4a8_int8. The face modules stay "
+                               "in full precision."}),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, model: str):
         return declared_error(cls, model=model) or True
 
-    def load(self, model: str, weight_dtype: str):
+    def load(self, model: str, weight_dtype: str, quantize: str = "off"):
         comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
         if not isinstance(weight_dtype, str) or weight_dtype not in WEIGHT_DTYPES:
             raise ConsisIDError(f"weight_dtype '{shown(weight_dtype)}' is not one of {', '.join(WEIGHT_DTYPES)}")
+        if not isinstance(quantize, str) or quantize not in ("off", *quant.FORMATS):
+            raise ConsisIDError(f"quantize '{shown(quantize)}' is not one of off, {', '.join(quant.FORMATS)}")
         if not isinstance(model, str):
             raise ConsisIDError(f"model must be a name from the list, found {type(model).__name__}")
         if model.startswith(SINGLE_FILE):
@@ -113,7 +130,7 @@ class ConsisIDNativeModelLoader:
                 raise ConsisIDError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; "
                                     "refresh the list")
             source = folders[model]
-        return (native_model(source, WEIGHT_DTYPES[weight_dtype]),)
+        return (native_model(source, WEIGHT_DTYPES[weight_dtype], None if quantize == "off" else quantize),)
 
 
 class ConsisIDFaceModules:

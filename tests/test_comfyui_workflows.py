@@ -25,7 +25,8 @@ import torch
 
 from native_tools import NATIVE_COGVIDEOX, vae_file, write_lora
 from test_comfyui import _api, _frames, running
-from workflow_tools import CHECKPOINT, LORAS, NATIVE_FILES, NATIVE_LORA, NATIVE_VAE, ROOT, WORKFLOWS, import_pack
+from workflow_tools import (CHECKPOINT, LORAS, NATIVE_FILES, NATIVE_FP8_FILES, NATIVE_LORA, NATIVE_VAE, ROOT, WORKFLOWS,
+                            import_pack)
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [
@@ -49,6 +50,7 @@ OVERRIDES: dict[str, dict[str, dict]] = {}
 VIDEOS = {
     "consisid_upscale_interpolate.json": (2 * FRAMES, 2 * HEIGHT, 2 * WIDTH),  # upscaled ×2, frames doubled
     "consisid_long_video.json": (2 * (3 * FRAMES - 2), HEIGHT, WIDTH),  # three segments, seams once; doubled
+    "consisid_native_long_video.json": (3 * FRAMES - 2, HEIGHT, WIDTH),  # three segments, seams once
 }
 """Workflow file name -> (frames, height, width) of each video it saves, where not (FRAMES, HEIGHT, WIDTH)."""
 T5_LOADER = {"model": CHECKPOINT, "vae": "(from checkpoint)", "dtype": "fp32", "fp8_weights": False}
@@ -78,7 +80,7 @@ def _write_upscale_model(path) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, native_tiny_dir):
     """The files the workflows name, where the README and docs/native.md put them: the native tiny as
-    models/consisid/<CHECKPOINT>, its export in models/diffusion_models, its VAE in models/vae, the
+    models/consisid/<CHECKPOINT>, its exports (full and fp8) in models/diffusion_models, its VAE in models/vae, the
     LoRAs (the wrapper's in diffusers layout, the native one exported), an upscale model, the photo
     and an identity in input/."""
     from consisid_core.checkpoint import Checkpoint
@@ -97,7 +99,9 @@ def base(tmp_path_factory, native_tiny_dir):
     for folder in ("models/diffusion_models", "models/vae", "models/loras", "input", "user", "output", "custom_nodes"):
         (base / folder).mkdir()
     assert main(["export", "--model", str(tiny), "--out", str(models / "diffusion_models")]) == 0
-    assert sorted(p.name for p in (models / "diffusion_models").iterdir()) == sorted(NATIVE_FILES)
+    assert main(["export", "--model", str(tiny), "--out", str(models / "diffusion_models"), "--name", "consisid_fp8",
+                 "--quant", "float8_e4m3fn"]) == 0
+    assert sorted(p.name for p in (models / "diffusion_models").iterdir()) == sorted(NATIVE_FILES + NATIVE_FP8_FILES)
     (models / "vae" / NATIVE_VAE).symlink_to(vae_file(native_tiny_dir))
     transformer = Checkpoint.open(tiny).load_transformer("fp32")
     for seed, (name, _) in enumerate(LORAS):

@@ -2,15 +2,11 @@
 `export --quant` writes is what core's own quantizer (comfy-kitchen) writes, byte for byte; core's Load
 Diffusion Model (UNETLoader) loads each file and KSampler samples it with ConsisID Face Modules and
 the identity; ConsisID Native Model Loader's quantize-on-load gives the same latents as the exported
-file; the low-VRAM workflow runs through /prompt.
+file. (The low-VRAM workflow runs through /prompt in tests/test_comfyui_workflows.py.)
 
 The checkpoint is bench.quant's tiny one (4 heads of 64, a 256-wide time embedding: what core's
-CogVideoX detection reads and every format's block size divides). Core's CLIPLoader builds only a
-full-size T5-XXL, so in the workflow its CLIPLoader and CLIPTextEncode nodes are swapped for a test-only
-node that reads two saved embeddings (as in test_native_comfyui.py); every other node is the shipped
-one."""
-
-import json
+CogVideoX detection reads and every format's block size divides); the text is a test-only node that
+reads two saved embeddings (as in test_native_comfyui.py)."""
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from consisid_core import native, quant
 from native_tools import NEEDS_NATIVE, import_comfyui, vae_file
 from test_comfyui import running
 from test_native_comfyui import TEXT_NODE, _latent, _ok
-from workflow_tools import CHECKPOINT, NATIVE_FP8_FILES, NATIVE_VAE, ROOT, WORKFLOWS, to_api
+from workflow_tools import CHECKPOINT, NATIVE_VAE, ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, NEEDS_NATIVE]
 
@@ -31,24 +27,18 @@ SIZE = dict(width=96, height=64, length=9)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, native_tiny_dir):
-    from PIL import Image
-
     from consisid_core.checkpoint import Checkpoint
-    from consisid_core.face.tiny import write_tiny_face_encoder
     from consisid_core.identity import save_identity
     from consisid_core.tiny import TINY_T5, random_components, random_identity, save_components
 
     base = tmp_path_factory.mktemp("comfy_quant")
     folder = save_components(random_components(TINY.transformer, TINY.vae, TINY_T5, 0),
                              base / "models" / "consisid" / CHECKPOINT)
-    write_tiny_face_encoder(folder / "face_encoder")
     models = base / "models" / "diffusion_models"
     models.mkdir(parents=True)
     native.export(folder, models, "full")
     for name in FORMATS:
         native.export(folder, models, name, quant=name)
-    for ours, exported in zip(NATIVE_FP8_FILES, ("float8_e4m3fn_transformer", "float8_e4m3fn_face")):
-        (models / ours).symlink_to(models / f"{exported}.safetensors")  # the workflow's names
     (base / "models" / "vae").mkdir()
     (base / "models" / "vae" / NATIVE_VAE).symlink_to(vae_file(native_tiny_dir))  # core's VAE Loader: released size
     (base / "custom_nodes" / "consisid_test_text").mkdir(parents=True)
@@ -61,8 +51,6 @@ def base(tmp_path_factory, native_tiny_dir):
     save_file({"positive": torch.randn(1, 226, width, generator=g), "negative": torch.randn(1, 226, width, generator=g)},
               base / "input" / "text.safetensors")
     save_identity(random_identity(Checkpoint.open(folder).transformer_config, 3), base / "input" / "identity.safetensors")
-    skimage_data = pytest.importorskip("skimage.data")
-    Image.fromarray(skimage_data.astronaut()).save(base / "input" / "consisid_face.png")
     return base
 
 
@@ -177,29 +165,3 @@ def test_a_quantize_value_that_is_not_a_format_fails_comfyuis_validation(server)
     assert status == 400, answer
     (error,) = answer["node_errors"]["model"]["errors"]  # ComfyUI's own check of a combo's value
     assert error["type"] == "value_not_in_list" and "quantize: 'q4_k' not in" in error["details"], error
-
-
-def test_the_low_vram_workflow_runs(server):
-    specs = server.get("/object_info")
-    prompt = to_api(json.loads((WORKFLOWS / "consisid_native_lowvram.json").read_text()), specs)
-    text = [i for i, n in prompt.items() if n["class_type"] in ("CLIPLoader", "CLIPTextEncode")]
-    encoders = [i for i in text if prompt[i]["class_type"] == "CLIPTextEncode"]
-    for i in text:
-        del prompt[i]
-    prompt["conds"] = {"class_type": "TestTextConditioning", "inputs": {}}
-    for node in prompt.values():
-        for key, value in node["inputs"].items():
-            if isinstance(value, list) and value[0] in encoders:
-                node["inputs"][key] = ["conds", encoders.index(value[0])]
-        if node["class_type"] == "ConsisIDIdentityConditioning":
-            node["inputs"].update(SIZE)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    assert {n["class_type"] for n in prompt.values()} >= {"UNETLoader", "ConsisIDFaceModules", "KSampler", "VAEDecodeTiled"}
-    _ok(server.run(prompt))
-    (video,) = (server.base / "output" / "consisid").glob("ConsisID_lowvram*.mp4")
-    import av
-
-    with av.open(str(video)) as container:
-        frames = [(f.height, f.width) for f in container.decode(video=0)]
-    assert frames == [(64, 96)] * 9

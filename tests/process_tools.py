@@ -1,7 +1,15 @@
 """Tests that stop a command-line process midway: wait for a moment in its run, then signal it."""
 
+import signal
 import subprocess
 import time
+
+
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+    """`args` as a process of its own, with Ctrl-C's signal handled as in a terminal: a test run
+    from a background job (whose shell ignores SIGINT, and children inherit that) still reaches the
+    command's own handler."""
+    return subprocess.Popen(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def wait_for(condition, seconds: float) -> bool:

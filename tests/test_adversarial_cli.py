@@ -18,7 +18,7 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.identity import save_identity
 from consisid_core.media import write_frames
 from consisid_core.tiny import random_identity
-from process_tools import signal_when
+from process_tools import signal_when, start
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_a_signal_mid_run_leaves_no_temporary_files_and_nothing_at_out(tmp_path,
     temp.mkdir()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    process = subprocess.Popen(
+    process = start(
         [sys.executable, "-m", "consisid_core", "generate", "--model", "tiny", "--prompt", "a woman smiling",
          "--steps", "1000", "--out", str(out_dir / "v.mp4")],
         env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True,
@@ -413,7 +413,7 @@ def test_sigterm_while_waiting_for_the_other_ranks(tiny_dir, identity_file, tmp_
     import socket
 
     out = tmp_path / "v.mp4"
-    process = subprocess.Popen(
+    process = start(
         [sys.executable, "-m", "consisid_core", *_generate_args(tiny_dir, identity_file, "--parallel", "cfg=2",
                                                                 "--out", str(out))],
         env={**os.environ, **rank0_of_two}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -755,8 +755,8 @@ def test_a_signal_mid_export_leaves_nothing_and_ends_at_once(tiny_dir, tmp_path,
         "native_save, native.save_file = native.save_file, save_file\n"
         "runpy.run_module('consisid_core', run_name='__main__', alter_sys=True)\n"  # python -m consisid_core
     )
-    process = subprocess.Popen([sys.executable, "-c", stuck_write, *_export(tiny_dir, out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start([sys.executable, "-c", stuck_write, *_export(tiny_dir, out)], stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True)
     sent = []
 
     def written() -> bool:

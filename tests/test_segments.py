@@ -19,7 +19,7 @@ from consisid_core.segments import (
     MAX_SEGMENTS, ColourReference, check_segments, generate_segments, segment_prompts, segment_seed,
 )
 from consisid_core.tiny import random_identity
-from process_tools import signal_when
+from process_tools import signal_when, start
 
 F = 9  # the tiny checkpoint's native frame count
 
@@ -148,7 +148,7 @@ def test_cancel_in_segment_2_leaves_nothing_at_out(tiny_model, identity, text, t
 def test_sigint_in_a_later_segment_leaves_nothing_at_out(tiny_dir, identity_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    process = subprocess.Popen(
+    process = start(
         [sys.executable, "-m", "consisid_core", "generate", "--model", str(tiny_dir), "--identity", str(identity_file),
          "--prompt", "a woman smiling", "--segments", "3", "--steps", "100",
          "--out", str(out / "frames")],

@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from native_tools import NEEDS_NATIVE, import_comfyui, vae_file as checkpoint_vae
+from native_tools import NEEDS_NATIVE, import_comfyui, vae_file as checkpoint_vae, write_lora
 
 pytestmark = [pytest.mark.comfyui, NEEDS_NATIVE]
 
@@ -229,18 +229,7 @@ def test_face_modules_refuse_a_model_of_another_width(setup, exported):
 def _diffusers_lora(setup, path, names=("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0",
                                         "transformer_blocks.1.ff.net.2"), scale=0.3):
     """A LoRA in diffusers/PEFT layout (`transformer.<layer>.lora_A.weight`, …) on the tiny transformer's `names`."""
-    from safetensors.torch import save_file
-
-    transformer = setup["wrapper"].transformer
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name in names:
-        out_features, in_features = transformer.get_submodule(name).weight.shape
-        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * scale
-        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * scale
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path)
-    return path
+    return write_lora(path, setup["wrapper"].transformer, names, seed=1, scale=scale)
 
 
 def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does(setup, tmp_path):

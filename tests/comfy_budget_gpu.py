@@ -50,13 +50,14 @@ from workflow_tools import import_pack  # noqa: E402
 if mode == "dynamic":
     turn_on_gpu()
 import_pack()
+from native_tools import guided_sample  # noqa: E402
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
 from consisid_pack.consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import host  # noqa: E402
-from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, face_patcher  # noqa: E402
-from consisid_pack.nodes.native.nodes import identity_conditioned, native_model  # noqa: E402
+from consisid_pack.nodes.native.comfy_parts import face_patcher  # noqa: E402
+from consisid_pack.nodes.native.nodes import native_model  # noqa: E402
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
 
 torch.cuda.set_per_process_memory_fraction(BUDGET / total)
@@ -114,19 +115,8 @@ def wrapper(model) -> None:
 def native(file: Path):
     model = native_model(str(file), torch.bfloat16)
     assert model.is_dynamic() == face_patcher(model).is_dynamic() == (mode == "dynamic")
-    config = RELEASED_TRANSFORMER_CONFIG
-    g = torch.Generator().manual_seed(1)
-    positive, negative = ([[torch.randn(1, 226, config["text_embed_dim"], generator=g), {}]] for _ in range(2))
-    first = torch.randn(1, 16, 1, HEIGHT // 8, WIDTH // 8, generator=g)
-    positive, negative = identity_conditioned(positive, negative, random_identity(config, seed=3), first)
-    latent = torch.zeros(1, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(6.0)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2)
     with Peak():
-        out = guider.sample(ReferenceNoise(5).generate_noise({"samples": latent}), latent,
-                            comfy.samplers.sampler_object("ddim"), sigmas, seed=5, disable_pbar=True)
+        out = guided_sample(model, RELEASED_TRANSFORMER_CONFIG, (FRAMES, HEIGHT, WIDTH), 2)
     assert torch.isfinite(out).all()
     print(f"native: {model.loaded_size() / 2**30:.2f} of {model.model_size() / 2**30:.2f} GiB on the GPU")
     assert model.loaded_size() < model.model_size()

@@ -34,29 +34,17 @@ import torch  # noqa: E402
 from workflow_tools import import_pack  # noqa: E402
 
 import_pack()
+from native_tools import guided_sample  # noqa: E402
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
-from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import fence  # noqa: E402
-from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, face_patcher  # noqa: E402
-from consisid_pack.nodes.native.nodes import identity_conditioned, native_model  # noqa: E402
+from consisid_pack.nodes.native.comfy_parts import face_patcher  # noqa: E402
+from consisid_pack.nodes.native.nodes import native_model  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 96
 
 
 def sample(model) -> torch.Tensor:
-    config = Checkpoint.open(checkpoint_folder).transformer_config
-    g = torch.Generator().manual_seed(1)
-    width = config["text_embed_dim"]
-    positive, negative = ([[torch.randn(1, 226, width, generator=g), {}]] for _ in range(2))
-    first = torch.randn(1, 16, 1, HEIGHT // 8, WIDTH // 8, generator=g)
-    positive, negative = identity_conditioned(positive, negative, random_identity(config, seed=3), first)
-    latent = torch.zeros(1, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(6.0)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
-    noise = ReferenceNoise(5).generate_noise({"samples": latent})
-    return guider.sample(noise, latent, comfy.samplers.sampler_object("ddim"), sigmas, seed=5, disable_pbar=True)
+    return guided_sample(model, Checkpoint.open(checkpoint_folder).transformer_config, (FRAMES, HEIGHT, WIDTH), 3)
 
 
 def face_weights(model) -> dict[str, torch.Tensor]:

@@ -79,3 +79,28 @@ def write_q8_gguf(source: Path, target: Path, arch: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+def guided_sample(model, config, size: tuple[int, int, int], steps: int):
+    """`model` (a native MODEL) sampled as the real-ComfyUI scripts sample it: core's CFGGuider at
+    CFG 6 over random text and a random first frame (seed 1) and a random identity (seed 3) of
+    `config`, the empty video latent of `size` (frames, height, width), the reference's noise for
+    seed 5, `ddim` on `steps` simple sigmas. Call it after `import_pack()`."""
+    import comfy.samplers
+    import torch
+    from consisid_pack.consisid_core.tiny import random_identity
+    from consisid_pack.nodes.native.comfy_parts import ReferenceNoise
+    from consisid_pack.nodes.native.nodes import identity_conditioned
+
+    frames, height, width = size
+    g = torch.Generator().manual_seed(1)
+    positive, negative = ([[torch.randn(1, 226, config["text_embed_dim"], generator=g), {}]] for _ in range(2))
+    first = torch.randn(1, 16, 1, height // 8, width // 8, generator=g)
+    positive, negative = identity_conditioned(positive, negative, random_identity(config, seed=3), first)
+    latent = torch.zeros(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(6.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+    noise = ReferenceNoise(5).generate_noise({"samples": latent})
+    return guider.sample(noise, latent, comfy.samplers.sampler_object("ddim"), sigmas, seed=5, disable_pbar=True)

@@ -29,7 +29,7 @@ from .checkpoint import (
     enable_fp8_storage,
     read_json,
 )
-from .checks import check_tensors
+from .checks import check_shapes, check_tensors
 from .decoder import speed_up_decoder
 from .errors import CheckpointError, first_line
 from .files import safetensors_header, shown
@@ -267,25 +267,7 @@ def _load_single_file(cls, path: Path, shapes: Mapping, config: Mapping, dtype: 
             f"the {what} config for '{path}' does not build: {first}; pass the checkpoint's config"
         ) from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - shapes.keys())
-    unexpected = sorted(shapes.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != tuple(shapes[k]))
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected ({', '.join(shown(k) for k in unexpected[:3])})")
-        if wrong:
-            problems.append(
-                f"{len(wrong)} of the wrong shape ("
-                + ", ".join(f"{k}: {list(shapes[k])}, expected {list(expected[k])}" for k in wrong[:3])
-                + ")"
-            )
-        raise CheckpointError(
-            f"'{path}' does not match the {what} config: keys {'; '.join(problems)}. "
-            "Pass the config of the checkpoint this file came from"
-        )
+    check_shapes(expected, shapes, f"the weights in '{path}'", f"pass the {what} config of the checkpoint this file came from")
     try:
         with safe_open(path, framework="pt") as f:
             state = {k: f.get_tensor(k).to(dtype) for k in expected}

@@ -444,8 +444,8 @@ def test_single_file_missing_a_tensor(ckpt):
     del state["proj_out.bias"]
     _save(state, path)
     for config in (None, ckpt):  # inferred from the shapes, or the folder's
-        refused(CheckpointError, r"does not match the ConsisID transformer config: keys 1 missing \(proj_out.bias\)\. "
-                r"Pass the config of the checkpoint this file came from",
+        refused(CheckpointError, r"do not match their config: keys 1 missing \(proj_out.bias\); "
+                r"pass the ConsisID transformer config of the checkpoint this file came from",
                 lambda: load_transformer_file(path, "fp32", config), ckpt)
 
 
@@ -522,7 +522,7 @@ def test_single_file_keys_numbered_another_way(ckpt, old, number):
     refused(CheckpointError, inferred, lambda: load_transformer_file(path, "fp32"), ckpt)
     text = refused(CheckpointError, rf"missing \({_re(old)}.*unexpected \({_re(new)}",
                    lambda: load_transformer_file(path, "fp32", ckpt), ckpt)  # the folder's config
-    assert "Pass the config of the checkpoint this file came from" in text
+    assert "config of the checkpoint this file came from" in text
 
 
 def test_folder_keys_with_digits_of_another_kind(ckpt):
@@ -559,7 +559,7 @@ def test_single_file_shapes_of_the_wrong_rank(ckpt, key, shape, config, message)
     _save(load_file(path) | {key: torch.zeros(shape)}, path)
     text = refused(CheckpointError, message,
                    lambda: load_transformer_file(path, "fp32", ckpt if config else None), ckpt)
-    assert "use a ConsisID file" in text or "Pass the config of the checkpoint" in text
+    assert "use a ConsisID file" in text or "config of the checkpoint this file came from" in text
 
 
 def test_vae_single_file_shapes_of_the_wrong_rank(ckpt):

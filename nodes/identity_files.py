@@ -6,6 +6,7 @@ from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.identity import load_identity, save_identity
 from ..consisid_core.files import shown
 from . import host
+from .declared import CONSISID_IDENTITY
 
 SUFFIX = ".safetensors"
 
@@ -24,7 +25,7 @@ class ConsisIDSaveIdentity:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed."}),
+                "identity": (CONSISID_IDENTITY, {"tooltip": "From ConsisID Face Embed."}),
                 "filename_prefix": (
                     "STRING",
                     {"default": "consisid/identity", "tooltip": "File name prefix, under the output folder."},
@@ -55,7 +56,7 @@ class ConsisIDLoadIdentity:
     DESCRIPTION = "Loads an identity .safetensors file (made by ConsisID Save Identity or the CLI's embed) from the input folder."
     CATEGORY = "ConsisID"
     FUNCTION = "load"
-    RETURN_TYPES = ("CONSISID_IDENTITY", "IMAGE")
+    RETURN_TYPES = (CONSISID_IDENTITY, "IMAGE")
     RETURN_NAMES = ("identity", "face")
     OUTPUT_TOOLTIPS = ("The identity.", "Its aligned face, the reference's first frame.")
 

@@ -6,14 +6,9 @@ from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel
 from ..consisid_core.single_file import load_vae_file, model_from_files
 from . import host
 from ..consisid_core.files import shown
-from .declared import declared_error
+from .declared import CONSISID_MODEL, SINGLE_FILE, checkpoint_names, declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
-SINGLE_FILE = "diffusion_models/"
-
-
-def _model_names() -> list[str]:
-    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
 class ConsisIDModelLoader:
@@ -24,7 +19,7 @@ class ConsisIDModelLoader:
     )
     CATEGORY = "ConsisID"
     FUNCTION = "load"
-    RETURN_TYPES = ("CONSISID_MODEL",)
+    RETURN_TYPES = (CONSISID_MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("Transformer, VAE and scheduler settings (and the folder's T5, loaded on demand).",)
 
@@ -33,7 +28,7 @@ class ConsisIDModelLoader:
         return {
             "required": {
                 "model": (
-                    _model_names(),
+                    checkpoint_names(),
                     {"tooltip": "A ConsisID checkpoint folder (diffusers layout), or diffusion_models/<file> "
                                 "for a single-file transformer with diffusers key names."},
                 ),

@@ -15,6 +15,7 @@ from ..consisid_core.text import (
     own_text_encoder,
 )
 from . import fence, host
+from .declared import CONSISID_MODEL, CONSISID_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class ConsisIDTextEncode:
     )
     CATEGORY = "ConsisID"
     FUNCTION = "encode"
-    RETURN_TYPES = ("CONSISID_TEXT",)
+    RETURN_TYPES = (CONSISID_TEXT,)
     RETURN_NAMES = ("text",)
     OUTPUT_TOOLTIPS = ("Positive and negative T5 embeddings, [1, 226, 4096] each.",)
 
@@ -83,7 +84,7 @@ class ConsisIDTextEncode:
                                                "tooltip": "What to steer away from (empty as the reference's default)."}),
             },
             "optional": {
-                "model": ("CONSISID_MODEL", {"tooltip": "Encode with this checkpoint's own T5 (text_encoder/)."}),
+                "model": (CONSISID_MODEL, {"tooltip": "Encode with this checkpoint's own T5 (text_encoder/)."}),
                 "clip": ("CLIP", {"tooltip": "Encode with this ComfyUI T5-XXL instead (CLIPLoader, type sd3)."}),
             },
         }

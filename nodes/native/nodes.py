@@ -13,30 +13,26 @@ import torch
 from ...consisid_core import native, quant
 from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
-from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
+from ...consisid_core.checks import check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
-from ...consisid_core.lora import MAX_STRENGTH, check_strength, read_lora
-from ...consisid_core.media import to_uint8
+from ...consisid_core.lora import check_strength, read_lora
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
 from .. import host
-from ..declared import declared_error
-from ..sampling import FIRST_FRAME_FIX
-from ..vae import FRAMES_TOOLTIP
+from ..declared import (
+    CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, SINGLE_FILE, TEXT_TOOLTIP,
+    checkpoint_names, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    lora_strength_input, seed_input, width_input,
+)
 from . import comfy_parts
 
-SINGLE_FILE = "diffusion_models/"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED_SIZE = tuple(RELEASED_TRANSFORMER_CONFIG[k] * s for k, s in (("sample_frames", 1), ("sample_height", 8),
                                                                           ("sample_width", 8)))
 """(frames, height, width) ConsisID was trained at, (49, 480, 720): what Identity Conditioning's
 work is bounded by (`checks.bounded_size`), as ConsisID Sampler's is by its checkpoint's."""
-
-
-def _sources() -> list[str]:
-    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
 LOADER = "ConsisID Native Model Loader"
@@ -94,7 +90,7 @@ class ConsisIDNativeModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (_sources(), {"tooltip": "A ConsisID checkpoint folder, or diffusion_models/<file> for a "
+                "model": (checkpoint_names(), {"tooltip": "A ConsisID checkpoint folder, or diffusion_models/<file> for a "
                                                   "single-file transformer with diffusers key names."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
                                                        "tooltip": "Weights' precision; default lets ComfyUI choose "
@@ -180,7 +176,7 @@ class ConsisIDTextConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."})}}
+        return {"required": {"text": (CONSISID_TEXT, {"tooltip": TEXT_TOOLTIP})}}
 
     def convert(self, text):
         if not isinstance(text, TextEmbeddings):
@@ -213,24 +209,19 @@ class ConsisIDIdentityConditioning:
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "The prompt: CLIPTextEncode over CLIPLoader (type cogvideox)."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt, encoded the same way."}),
-                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed or Load Identity."}),
+                "identity": (CONSISID_IDENTITY, {"tooltip": IDENTITY_TOOLTIP}),
                 "vae": ("VAE", {"tooltip": "The CogVideoX VAE (core Load VAE, e.g. the checkpoint's vae file)."}),
-                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
-                "length": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
-                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_IDENTITY_STRENGTH, "step": 0.05,
-                                                "tooltip": "Scale of the face cross-attention (1 as trained)."}),
+                "width": width_input(),
+                "height": height_input(),
+                "length": frames_input(),
+                "identity_strength": identity_strength_input("Scale of the face cross-attention (1 as trained)."),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Where in the sampling the identity starts acting (0: first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Where it stops (1: last step). 0, 1 and strength 1 are the reference."}),
             },
             "optional": {
-                "start_image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face, as the "
-                                                     "reference. A batch uses its first image."}),
+                "start_image": ("IMAGE", {"tooltip": FIRST_IMAGE_TOOLTIP}),
                 "first_frame_seed": ("INT", {"default": -1, "min": -1, "max": 0xFFFFFFFFFFFFFFFF,
                                              "tooltip": "-1: the first frame's latent is the VAE posterior's mean (as "
                                                         "core VAE Encode). A seed: the posterior sampled as the "
@@ -256,9 +247,9 @@ class ConsisIDIdentityConditioning:
         if not isinstance(identity, Identity):
             raise ConsisIDError(f"identity must be a ConsisID identity (Face Embed, Load Identity), found "
                                 f"{type(identity).__name__}")
-        image = None if start_image is None else check_image(start_image, "start_image", FIRST_FRAME_FIX)
+        image = first_image(start_image, "start_image")
         comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
-        frame = first_frame(None if image is None else to_uint8(image[0]), identity)
+        frame = first_frame(image, identity)
         pixels = native.first_frame_pixels(frame, height, width)
         latent = comfy_parts.encode_first_frame(vae, pixels, seed)
         return (*identity_conditioned(positive, negative, identity, latent, strength, start, end),
@@ -292,8 +283,7 @@ class ConsisIDNoise:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                       "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
+                "noise_seed": seed_input(control_after_generate=True),
             }
         }
 
@@ -317,8 +307,7 @@ class ConsisIDDPMSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                       "tooltip": "The seed of ConsisID Noise: the step noise continues its generator."}),
+                "noise_seed": seed_input("The seed of ConsisID Noise: the step noise continues its generator."),
             }
         }
 
@@ -346,10 +335,8 @@ class ConsisIDNativeLoRA:
             "required": {
                 "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (or CogVideoX from Load Diffusion Model)."}),
                 "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras, diffusers layout."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
-                                             "round": 0.0001,
-                                             "tooltip": "Scale of the LoRA's update, as ConsisID LoRA's strength "
-                                                        "(1 as trained)."}),
+                "strength_model": lora_strength_input("Scale of the LoRA's update, as ConsisID LoRA's strength "
+                                                      "(1 as trained)."),
             }
         }
 

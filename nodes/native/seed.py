@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..declared import declared_error
+from ..declared import declared_error, seed_input
 from . import comfy_parts
-from .nodes import ConsisIDNoise
 
 
 class ConsisIDSeed:
@@ -27,9 +26,8 @@ class ConsisIDSeed:
 
     @classmethod
     def INPUT_TYPES(cls):
-        kind, options = ConsisIDNoise.INPUT_TYPES()["required"]["noise_seed"]
-        return {"required": {"seed": (kind, options | {
-            "tooltip": "The run's seed: diffusers' CPU generator with this seed, as the command line's --seed."})}}
+        return {"required": {"seed": seed_input("The run's seed: diffusers' CPU generator with this seed, as the "
+                                                "command line's --seed.", control_after_generate=True)}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed: int):

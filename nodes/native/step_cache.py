@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..declared import declared_error
-from ..sampling import ConsisIDPerformance
+from ..declared import declared_error, step_cache_input
 from . import comfy_parts
 
 
@@ -22,11 +21,10 @@ class ConsisIDStepCache:
 
     @classmethod
     def INPUT_TYPES(cls):
-        _, options = ConsisIDPerformance.INPUT_TYPES()["required"]["step_cache"]
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (Native Model Loader, or Face Modules)."}),
-                "threshold": ("FLOAT", options | {"default": 0.1}),
+                "threshold": step_cache_input(default=0.1),
             }
         }
 

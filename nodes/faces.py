@@ -26,6 +26,7 @@ def _providers() -> list[str]:
 
 
 class ConsisIDFaceModelsLoader:
+    DISPLAY_NAME = "ConsisID Face Models Loader"
     DESCRIPTION = (
         "Loads ConsisID's face models (insightface antelopev2, facexlib RetinaFace and BiSeNet, "
         "EVA02-CLIP-L) from a checkpoint's face_encoder folder in models/consisid. Nothing is downloaded."
@@ -72,6 +73,7 @@ class ConsisIDFaceModelsLoader:
 
 
 class ConsisIDFaceEmbed:
+    DISPLAY_NAME = "ConsisID Face Embed"
     DESCRIPTION = (
         "Finds the face in each image and makes its ConsisID identity, as the reference does: the "
         "largest face by default. Also gives the aligned face (the reference's first frame) and its mask."
@@ -118,4 +120,3 @@ class ConsisIDFaceEmbed:
 
 
 NODES = {"ConsisIDFaceModelsLoader": ConsisIDFaceModelsLoader, "ConsisIDFaceEmbed": ConsisIDFaceEmbed}
-NAMES = {"ConsisIDFaceModelsLoader": "ConsisID Face Models Loader", "ConsisIDFaceEmbed": "ConsisID Face Embed"}

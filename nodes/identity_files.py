@@ -12,6 +12,7 @@ SUFFIX = ".safetensors"
 
 
 class ConsisIDSaveIdentity:
+    DISPLAY_NAME = "ConsisID Save Identity"
     DESCRIPTION = (
         "Saves an identity as .safetensors in the output folder, to reuse it later (copy it to the "
         "input folder and use ConsisID Load Identity) without the face models in memory."
@@ -53,6 +54,7 @@ class ConsisIDSaveIdentity:
 
 
 class ConsisIDLoadIdentity:
+    DISPLAY_NAME = "ConsisID Load Identity"
     DESCRIPTION = "Loads an identity .safetensors file (made by ConsisID Save Identity or the CLI's embed) from the input folder."
     CATEGORY = "ConsisID"
     FUNCTION = "load"
@@ -95,4 +97,3 @@ class ConsisIDLoadIdentity:
 
 
 NODES = {"ConsisIDSaveIdentity": ConsisIDSaveIdentity, "ConsisIDLoadIdentity": ConsisIDLoadIdentity}
-NAMES = {"ConsisIDSaveIdentity": "ConsisID Save Identity", "ConsisIDLoadIdentity": "ConsisID Load Identity"}

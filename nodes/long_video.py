@@ -12,6 +12,7 @@ from .vae import ConsisIDVAEDecode
 
 
 class ConsisIDExtend:
+    DISPLAY_NAME = "ConsisID Extend"
     DESCRIPTION = (
         "Continues a video by one segment: ConsisID generates a new segment whose first frame is the last of "
         "the previous frames, with the identity applied afresh, then decodes it. Chain Extend nodes (video → "
@@ -81,4 +82,3 @@ class ConsisIDExtend:
 
 
 NODES = {"ConsisIDExtend": ConsisIDExtend}
-NAMES = {"ConsisIDExtend": "ConsisID Extend"}

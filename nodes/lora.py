@@ -9,6 +9,7 @@ from .declared import CONSISID_MODEL, declared_error, lora_strength_input
 
 
 class ConsisIDLoRA:
+    DISPLAY_NAME = "ConsisID LoRA"
     DESCRIPTION = (
         "Adds a LoRA from models/loras to the model at a strength: a .safetensors in diffusers layout "
         "trained for ConsisID or CogVideoX-5B-I2V (ComfyUI's diffusion_model. keys too). Chain several to stack "
@@ -41,4 +42,3 @@ class ConsisIDLoRA:
 
 
 NODES = {"ConsisIDLoRA": ConsisIDLoRA}
-NAMES = {"ConsisIDLoRA": "ConsisID LoRA"}

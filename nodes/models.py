@@ -12,6 +12,7 @@ FROM_CHECKPOINT = "(from checkpoint)"
 
 
 class ConsisIDModelLoader:
+    DISPLAY_NAME = "ConsisID Model Loader"
     DESCRIPTION = (
         "Loads the ConsisID transformer and VAE: a checkpoint folder from models/consisid (or a "
         "models/diffusers folder whose model_index.json names ConsisIDPipeline), or one transformer "
@@ -76,4 +77,3 @@ class ConsisIDModelLoader:
 
 
 NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}
-NAMES = {"ConsisIDModelLoader": "ConsisID Model Loader"}

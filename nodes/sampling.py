@@ -25,6 +25,7 @@ def check_size(frames: int, width: int, height: int) -> str | bool:
 
 
 class ConsisIDSampler:
+    DISPLAY_NAME = "ConsisID Sampler"
     DESCRIPTION = (
         "Generates a ConsisID video latent: the identity, the text and a first frame (by default the "
         "identity's aligned face, as the reference), denoised with diffusers' ConsisIDPipeline. "
@@ -100,6 +101,7 @@ class ConsisIDSampler:
 
 
 class ConsisIDPerformance:
+    DISPLAY_NAME = "ConsisID Performance"
     DESCRIPTION = (
         "Speed and memory options for ConsisID Sampler, for its run only: torch.compile, streaming the "
         "transformer's layers to the GPU (least memory), TeaCache step caching and SageAttention."
@@ -133,4 +135,3 @@ class ConsisIDPerformance:
 
 
 NODES = {"ConsisIDSampler": ConsisIDSampler, "ConsisIDPerformance": ConsisIDPerformance}
-NAMES = {"ConsisIDSampler": "ConsisID Sampler", "ConsisIDPerformance": "ConsisID Performance"}

@@ -13,6 +13,7 @@ MAX_FRAMES_PER_SEGMENT = 10_000
 
 
 class ConsisIDIdentityScore:
+    DISPLAY_NAME = "ConsisID Identity Score"
     DESCRIPTION = (
         "Scores how well a video keeps the identity's face: FaceSim-Arc, as ConsisID's own evaluation "
         "(eval/get_facesim_fid.py) measures it. Evenly spaced frames, the antelopev2 embedding of the largest "
@@ -77,4 +78,3 @@ class ConsisIDIdentityScore:
 
 
 NODES = {"ConsisIDIdentityScore": ConsisIDIdentityScore}
-NAMES = {"ConsisIDIdentityScore": "ConsisID Identity Score"}

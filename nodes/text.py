@@ -63,6 +63,7 @@ def encode_with_comfy_clip(clip, prompt: str, negative_prompt: str) -> TextEmbed
 
 
 class ConsisIDTextEncode:
+    DISPLAY_NAME = "ConsisID Text Encode"
     DESCRIPTION = (
         "Encodes the prompt and negative prompt with T5-XXL, padded to 226 tokens as the reference does: "
         "the checkpoint's own T5 (loaded for this and released), or a ComfyUI CLIP from CLIPLoader "
@@ -110,4 +111,3 @@ class ConsisIDTextEncode:
 
 
 NODES = {"ConsisIDTextEncode": ConsisIDTextEncode}
-NAMES = {"ConsisIDTextEncode": "ConsisID Text Encode"}

@@ -15,6 +15,7 @@ LATENT_FIX = "connect the LATENT of ConsisID Sampler, and decode it with the sam
 
 
 class ConsisIDVAEDecode:
+    DISPLAY_NAME = "ConsisID VAE Decode"
     DESCRIPTION = (
         "Decodes a ConsisID video latent with the model's CogVideoX VAE into frames (IMAGE batch), "
         "for Create Video, upscalers and frame interpolators. Tiling lowers memory at large sizes; out of "
@@ -67,4 +68,3 @@ class ConsisIDVAEDecode:
 
 
 NODES = {"ConsisIDVAEDecode": ConsisIDVAEDecode}
-NAMES = {"ConsisIDVAEDecode": "ConsisID VAE Decode"}

@@ -30,6 +30,7 @@ def append_segment(video: torch.Tensor, segment: torch.Tensor, colour_match: boo
 
 
 class ConsisIDAppendSegment:
+    DISPLAY_NAME = "ConsisID Append Segment"
     DESCRIPTION = (
         "Joins a native long video: the video so far, then a segment generated from its last frame (core Image From "
         "Batch at index -1 into ConsisID Identity Conditioning's start_image), without that shared frame. Colour "
@@ -63,4 +64,3 @@ class ConsisIDAppendSegment:
 
 
 NODES = {"ConsisIDAppendSegment": ConsisIDAppendSegment}
-NAMES = {"ConsisIDAppendSegment": "ConsisID Append Segment"}

@@ -73,6 +73,7 @@ def _model_file(kind: str, name: str) -> Path:
 
 
 class ConsisIDNativeModelLoader:
+    DISPLAY_NAME = LOADER
     DESCRIPTION = (
         "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
         "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
@@ -130,6 +131,7 @@ class ConsisIDNativeModelLoader:
 
 
 class ConsisIDFaceModules:
+    DISPLAY_NAME = "ConsisID Face Modules"
     DESCRIPTION = (
         "Adds ConsisID's face modules (a <name>_face.safetensors written by `python -m consisid_core export`) to a "
         "CogVideoX MODEL loaded from the exported transformer by core Load Diffusion Model or ComfyUI-GGUF's "
@@ -156,7 +158,7 @@ class ConsisIDFaceModules:
         return declared_error(cls, face_modules=face_modules) or True
 
     def apply(self, model, face_modules: str):
-        comfy_parts.require(comfy_parts.FACE_MODEL, "ConsisID Face Modules")
+        comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
         path = _model_file("diffusion_models", face_modules)
         weights, info = native.read_face_file(path, host.check_interrupted)
         face = native.face_modules(weights, info["config"], host.check_interrupted)
@@ -164,6 +166,7 @@ class ConsisIDFaceModules:
 
 
 class ConsisIDTextConditioning:
+    DISPLAY_NAME = "ConsisID Text Conditioning"
     DESCRIPTION = (
         "ConsisID Text Encode's embeddings as ComfyUI CONDITIONING (positive, negative) for the native path, e.g. "
         "with the checkpoint's own T5. Core CLIPTextEncode over CLIPLoader (type cogvideox) gives the same kind."
@@ -188,6 +191,7 @@ CONDITIONING = "ConsisID Identity Conditioning"
 
 
 class ConsisIDIdentityConditioning:
+    DISPLAY_NAME = CONDITIONING
     DESCRIPTION = (
         "Puts a ConsisID identity and the first frame (by default the identity's aligned face, as the reference) "
         "on both conditionings, as core's WanImageToVideo does for its image, and makes the empty video latent. "
@@ -268,6 +272,7 @@ def identity_conditioned(positive, negative, identity: Identity, first_latent: t
 
 
 class ConsisIDNoise:
+    DISPLAY_NAME = "ConsisID Noise"
     DESCRIPTION = (
         "Noise for SamplerCustomAdvanced that is the reference's for a seed (diffusers' CPU generator, its draw order "
         "and latent layout): one seed gives one video in the command line, ConsisID Sampler and the native graph. "
@@ -292,6 +297,7 @@ class ConsisIDNoise:
 
 
 class ConsisIDDPMSampler:
+    DISPLAY_NAME = "ConsisID DPM Sampler"
     DESCRIPTION = (
         "The reference's default sampler (ConsisID Sampler's dpm: CogVideoXDPMScheduler) as a SAMPLER for "
         "SamplerCustomAdvanced: core's DPM-Solver++(2M) SDE given the noise the reference adds at each step for the "
@@ -312,11 +318,12 @@ class ConsisIDDPMSampler:
         }
 
     def get_sampler(self, noise_seed: int):
-        comfy_parts.require("native_dpm", "ConsisID DPM Sampler")
+        comfy_parts.require("native_dpm", self.DISPLAY_NAME)
         return (comfy_parts.reference_dpm_sampler(check_seed(noise_seed, "noise_seed")),)
 
 
 class ConsisIDNativeLoRA:
+    DISPLAY_NAME = "ConsisID Native LoRA"
     DESCRIPTION = (
         "Adds a LoRA in diffusers/PEFT layout (what ConsisID and CogVideoX trainers write) to a native ConsisID MODEL "
         "at a strength. Core LoraLoaderModelOnly maps no diffusers names for CogVideoX; this node makes the same weight "
@@ -345,13 +352,14 @@ class ConsisIDNativeLoRA:
         return declared_error(cls, lora_name=lora_name) or True
 
     def apply(self, model, lora_name: str, strength_model: float):
-        comfy_parts.require("native_lora", "ConsisID Native LoRA")
+        comfy_parts.require("native_lora", self.DISPLAY_NAME)
         strength = check_strength(strength_model)
         lora = native.comfy_named(read_lora(_model_file("loras", lora_name)))
         return (comfy_parts.with_lora(model, lora, strength),)
 
 
 class ConsisIDNativeVAEDecode:
+    DISPLAY_NAME = "ConsisID Native VAE Decode"
     DESCRIPTION = (
         "Decodes a native CogVideoX LATENT with core's VAE (Load VAE) in the reference's order, two latent frames at a "
         "time: the frames of ConsisID VAE Decode and diffusers. Core VAE Decode runs the same VAE in its own order "
@@ -373,12 +381,13 @@ class ConsisIDNativeVAEDecode:
         }
 
     def decode(self, samples, vae):
-        comfy_parts.require("native_vae", "ConsisID Native VAE Decode")
+        comfy_parts.require("native_vae", self.DISPLAY_NAME)
         latent = samples.get("samples") if isinstance(samples, dict) else samples
         return (comfy_parts.decode_in_reference_order(vae, latent),)
 
 
 class ConsisIDDynamicCFG:
+    DISPLAY_NAME = "ConsisID Dynamic CFG"
     DESCRIPTION = (
         "The reference's dynamic CFG as a model patch: the guidance scale follows CogVideoX's cosine schedule over "
         "the steps (use_dynamic_cfg in diffusers). Put it on the MODEL before the sampler."
@@ -394,7 +403,7 @@ class ConsisIDDynamicCFG:
         return {"required": {"model": ("MODEL", {"tooltip": "A native ConsisID MODEL."})}}
 
     def patch(self, model):
-        comfy_parts.require("native_dynamic_cfg", "ConsisID Dynamic CFG")
+        comfy_parts.require("native_dynamic_cfg", self.DISPLAY_NAME)
         return (comfy_parts.with_dynamic_cfg(model),)
 
 
@@ -408,15 +417,4 @@ NODES = {
     "ConsisIDDynamicCFG": ConsisIDDynamicCFG,
     "ConsisIDNativeLoRA": ConsisIDNativeLoRA,
     "ConsisIDNativeVAEDecode": ConsisIDNativeVAEDecode,
-}
-NAMES = {
-    "ConsisIDNativeModelLoader": "ConsisID Native Model Loader",
-    "ConsisIDFaceModules": "ConsisID Face Modules",
-    "ConsisIDTextConditioning": "ConsisID Text Conditioning",
-    "ConsisIDIdentityConditioning": "ConsisID Identity Conditioning",
-    "ConsisIDNoise": "ConsisID Noise",
-    "ConsisIDDPMSampler": "ConsisID DPM Sampler",
-    "ConsisIDDynamicCFG": "ConsisID Dynamic CFG",
-    "ConsisIDNativeLoRA": "ConsisID Native LoRA",
-    "ConsisIDNativeVAEDecode": "ConsisID Native VAE Decode",
 }

@@ -7,6 +7,7 @@ from . import comfy_parts
 
 
 class ConsisIDSeed:
+    DISPLAY_NAME = "ConsisID Seed"
     DESCRIPTION = (
         "One seed for the reference's video on the native path: the NOISE (ConsisID Noise's) and the SAMPLER (ConsisID "
         "DPM Sampler's) for SamplerCustomAdvanced, and the seed to connect to ConsisID Identity Conditioning's "
@@ -39,4 +40,3 @@ class ConsisIDSeed:
 
 
 NODES = {"ConsisIDSeed": ConsisIDSeed}
-NAMES = {"ConsisIDSeed": "ConsisID Seed"}

@@ -7,6 +7,7 @@ from . import comfy_parts
 
 
 class ConsisIDStepCache:
+    DISPLAY_NAME = "ConsisID Step Cache"
     DESCRIPTION = (
         "TeaCache for the native ConsisID MODEL, as ConsisID Performance's step_cache on the wrapper: where the "
         "timestep embedding changed little since the last computed step (ConsisID's own TeaCache coefficients), "
@@ -34,9 +35,8 @@ class ConsisIDStepCache:
 
     def patch(self, model, threshold: float):
         comfy_parts.require()
-        comfy_parts.require("native_step_cache", "ConsisID Step Cache")
+        comfy_parts.require("native_step_cache", self.DISPLAY_NAME)
         return (comfy_parts.with_step_cache(model, threshold),)
 
 
 NODES = {"ConsisIDStepCache": ConsisIDStepCache}
-NAMES = {"ConsisIDStepCache": "ConsisID Step Cache"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +49,17 @@ SINGLE_FILE = "diffusion_models/"
 def checkpoint_names() -> list[str]:
     """The model loaders' choices: the checkpoint folders, then `SINGLE_FILE` + each transformer file."""
     return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
+
+
+def checkpoint_source(name: str) -> Path:
+    """A choice of `checkpoint_names` as its path (the transformer file, or the checkpoint folder);
+    FileNotFoundError in one line for a name not in the list."""
+    if name.startswith(SINGLE_FILE):
+        return host.file_path("diffusion_models", name.removeprefix(SINGLE_FILE))
+    folders = host.pipeline_folders()
+    if name not in folders:
+        raise FileNotFoundError(f"checkpoint '{shown(name)}' is not in models/consisid or models/diffusers; refresh the list")
+    return folders[name]
 
 
 def seed_input(tooltip: str = SEED_TOOLTIP, default: int = 42, **options) -> tuple:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel
 from ..consisid_core.single_file import load_vae_file, model_from_files
 from . import host
-from ..consisid_core.files import shown
-from .declared import CONSISID_MODEL, SINGLE_FILE, checkpoint_names, declared_error
+from .declared import CONSISID_MODEL, SINGLE_FILE, checkpoint_names, checkpoint_source, declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
 
@@ -65,13 +64,10 @@ class ConsisIDModelLoader:
         return True
 
     def load(self, model: str, vae: str, dtype: str, fp8_weights: bool) -> tuple[ConsisIDModel]:
+        source = checkpoint_source(model)
         if model.startswith(SINGLE_FILE):
-            transformer = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
-            return (host.managed(model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
-        folders = host.pipeline_folders()
-        if model not in folders:
-            raise FileNotFoundError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; refresh the list")
-        checkpoint = Checkpoint.open(folders[model])
+            return (host.managed(model_from_files(source, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
+        checkpoint = Checkpoint.open(source)
         own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
         return (host.managed(checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights)),)
 

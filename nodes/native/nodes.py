@@ -22,8 +22,8 @@ from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
 from .. import host
 from ..declared import (
-    CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, SINGLE_FILE, TEXT_TOOLTIP,
-    checkpoint_names, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, TEXT_TOOLTIP,
+    checkpoint_names, checkpoint_source, declared_error, first_image, frames_input, height_input, identity_strength_input,
     lora_strength_input, seed_input, width_input,
 )
 from . import comfy_parts
@@ -119,14 +119,10 @@ class ConsisIDNativeModelLoader:
             raise ConsisIDError(f"quantize '{shown(quantize)}' is not one of off, {', '.join(quant.FORMATS)}")
         if not isinstance(model, str):
             raise ConsisIDError(f"model must be a name from the list, found {type(model).__name__}")
-        if model.startswith(SINGLE_FILE):
-            source = _model_file("diffusion_models", model.removeprefix(SINGLE_FILE))
-        else:
-            folders = host.pipeline_folders()
-            if model not in folders:
-                raise ConsisIDError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; "
-                                    "refresh the list")
-            source = folders[model]
+        try:
+            source = checkpoint_source(model)
+        except FileNotFoundError as e:
+            raise ConsisIDError(str(e)) from None
         return (native_model(source, WEIGHT_DTYPES[weight_dtype], None if quantize == "off" else quantize),)
 
 

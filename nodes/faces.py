@@ -6,11 +6,11 @@ import logging
 
 import torch
 
-from ..consisid_core.checks import check_image
 from ..consisid_core.errors import FaceError
 from ..consisid_core.face import extract_identity, load_face_models, onnxruntime_providers
 from ..consisid_core.files import shown
 from . import host
+from .declared import CONSISID_FACE_MODELS, CONSISID_IDENTITY, image_batch
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,14 @@ def _providers() -> list[str]:
 
 
 class ConsisIDFaceModelsLoader:
+    DISPLAY_NAME = "ConsisID Face Models Loader"
     DESCRIPTION = (
         "Loads ConsisID's face models (insightface antelopev2, facexlib RetinaFace and BiSeNet, "
         "EVA02-CLIP-L) from a checkpoint's face_encoder folder in models/consisid. Nothing is downloaded."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "load"
-    RETURN_TYPES = ("CONSISID_FACE_MODELS",)
+    RETURN_TYPES = (CONSISID_FACE_MODELS,)
     RETURN_NAMES = ("face_models",)
     OUTPUT_TOOLTIPS = ("The face models, for ConsisID Face Embed.",)
 
@@ -72,13 +73,14 @@ class ConsisIDFaceModelsLoader:
 
 
 class ConsisIDFaceEmbed:
+    DISPLAY_NAME = "ConsisID Face Embed"
     DESCRIPTION = (
         "Finds the face in each image and makes its ConsisID identity, as the reference does: the "
         "largest face by default. Also gives the aligned face (the reference's first frame) and its mask."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "embed"
-    RETURN_TYPES = ("CONSISID_IDENTITY", "IMAGE", "MASK")
+    RETURN_TYPES = (CONSISID_IDENTITY, "IMAGE", "MASK")
     RETURN_NAMES = ("identity", "face", "face_mask")
     OUTPUT_IS_LIST = (True, False, False)
     OUTPUT_TOOLTIPS = (
@@ -92,7 +94,7 @@ class ConsisIDFaceEmbed:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "Photos of the person; a batch gives one identity per image."}),
-                "face_models": ("CONSISID_FACE_MODELS", {"tooltip": "From ConsisID Face Models Loader."}),
+                "face_models": (CONSISID_FACE_MODELS, {"tooltip": "From ConsisID Face Models Loader."}),
                 "face_index": (
                     "INT",
                     {"default": -1, "min": -1, "max": 63,
@@ -102,7 +104,7 @@ class ConsisIDFaceEmbed:
         }
 
     def embed(self, image: torch.Tensor, face_models, face_index: int):
-        image = check_image(image, "image input", "connect a photo (Load Image)", FaceError)
+        image = image_batch(image, "image input", "a photo (Load Image)", FaceError)
         owner = host.owner(face_models)
         if owner is not None:
             host.load([("face", owner.parts)], owner, load_device=face_models.device)
@@ -118,4 +120,3 @@ class ConsisIDFaceEmbed:
 
 
 NODES = {"ConsisIDFaceModelsLoader": ConsisIDFaceModelsLoader, "ConsisIDFaceEmbed": ConsisIDFaceEmbed}
-NAMES = {"ConsisIDFaceModelsLoader": "ConsisID Face Models Loader", "ConsisIDFaceEmbed": "ConsisID Face Embed"}

@@ -6,11 +6,13 @@ from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.identity import load_identity, save_identity
 from ..consisid_core.files import shown
 from . import host
+from .declared import CONSISID_IDENTITY
 
 SUFFIX = ".safetensors"
 
 
 class ConsisIDSaveIdentity:
+    DISPLAY_NAME = "ConsisID Save Identity"
     DESCRIPTION = (
         "Saves an identity as .safetensors in the output folder, to reuse it later (copy it to the "
         "input folder and use ConsisID Load Identity) without the face models in memory."
@@ -24,7 +26,7 @@ class ConsisIDSaveIdentity:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed."}),
+                "identity": (CONSISID_IDENTITY, {"tooltip": "From ConsisID Face Embed."}),
                 "filename_prefix": (
                     "STRING",
                     {"default": "consisid/identity", "tooltip": "File name prefix, under the output folder."},
@@ -52,10 +54,11 @@ class ConsisIDSaveIdentity:
 
 
 class ConsisIDLoadIdentity:
+    DISPLAY_NAME = "ConsisID Load Identity"
     DESCRIPTION = "Loads an identity .safetensors file (made by ConsisID Save Identity or the CLI's embed) from the input folder."
     CATEGORY = "ConsisID"
     FUNCTION = "load"
-    RETURN_TYPES = ("CONSISID_IDENTITY", "IMAGE")
+    RETURN_TYPES = (CONSISID_IDENTITY, "IMAGE")
     RETURN_NAMES = ("identity", "face")
     OUTPUT_TOOLTIPS = ("The identity.", "Its aligned face, the reference's first frame.")
 
@@ -94,4 +97,3 @@ class ConsisIDLoadIdentity:
 
 
 NODES = {"ConsisIDSaveIdentity": ConsisIDSaveIdentity, "ConsisIDLoadIdentity": ConsisIDLoadIdentity}
-NAMES = {"ConsisIDSaveIdentity": "ConsisID Save Identity", "ConsisIDLoadIdentity": "ConsisID Load Identity"}

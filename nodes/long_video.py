@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..consisid_core.checks import check_image
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.segments import ColourReference, check_segments
-from .declared import declared_error
+from .declared import declared_error, image_batch, seed_input
 from .sampling import ConsisIDSampler, check_size
 from .vae import ConsisIDVAEDecode
 
 
 class ConsisIDExtend:
+    DISPLAY_NAME = "ConsisID Extend"
     DESCRIPTION = (
         "Continues a video by one segment: ConsisID generates a new segment whose first frame is the last of "
         "the previous frames, with the identity applied afresh, then decodes it. Chain Extend nodes (video → "
@@ -38,12 +38,8 @@ class ConsisIDExtend:
             "tooltip": "The video so far (VAE Decode's frames, or the previous Extend's video): the new segment "
                        "starts from its last frame.",
         })
-        seed_kind, seed_options = common["seed"]
-        required["seed"] = (seed_kind, seed_options | {
-            "default": 43,
-            "tooltip": "This segment's seed. The command line's --segments uses seed + k − 1 for segment k "
-                       "(42, 43, 44, … for seed 42).",
-        })
+        required["seed"] = seed_input("This segment's seed. The command line's --segments uses seed + k − 1 for "
+                                      "segment k (42, 43, 44, … for seed 42).", default=43)
         for name in ("steps", "guidance", "dynamic_cfg", "scheduler"):
             required[name] = common[name]
         frames_kind, frames_options = common["frames"]
@@ -66,7 +62,7 @@ class ConsisIDExtend:
 
     def extend(self, model, identity, text, previous, seed, steps, guidance, dynamic_cfg, scheduler, frames, width,
                height, identity_strength, colour_match, performance=None, allow_oversize=False):
-        previous = check_image(previous, "previous frames", "connect VAE Decode's frames or the previous Extend's video")
+        previous = image_batch(previous, "previous frames", "VAE Decode's frames or the previous Extend's video")
         if tuple(previous.shape[1:3]) != (height, width):
             raise ConsisIDError(
                 f"the previous frames are {previous.shape[2]}×{previous.shape[1]}, this segment is {width}×{height}: "
@@ -86,4 +82,3 @@ class ConsisIDExtend:
 
 
 NODES = {"ConsisIDExtend": ConsisIDExtend}
-NAMES = {"ConsisIDExtend": "ConsisID Extend"}

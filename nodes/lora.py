@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..consisid_core.checkpoint import ConsisIDModel
-from ..consisid_core.lora import MAX_STRENGTH, read_lora
+from ..consisid_core.lora import read_lora
 from . import host
-from .declared import declared_error
+from .declared import CONSISID_MODEL, declared_error, lora_strength_input
 
 
 class ConsisIDLoRA:
+    DISPLAY_NAME = "ConsisID LoRA"
     DESCRIPTION = (
         "Adds a LoRA from models/loras to the model at a strength: a .safetensors in diffusers layout "
         "trained for ConsisID or CogVideoX-5B-I2V (ComfyUI's diffusion_model. keys too). Chain several to stack "
@@ -16,7 +17,7 @@ class ConsisIDLoRA:
     )
     CATEGORY = "ConsisID"
     FUNCTION = "apply"
-    RETURN_TYPES = ("CONSISID_MODEL",)
+    RETURN_TYPES = (CONSISID_MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with this LoRA stacked on the ones it had; connect it to the sampler.",)
 
@@ -24,13 +25,11 @@ class ConsisIDLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader, or another ConsisID LoRA."}),
+                "model": (CONSISID_MODEL, {"tooltip": "From ConsisID Model Loader, or another ConsisID LoRA."}),
                 "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
-                                       "round": 0.0001,  # 1 / rank for rank 128 is 0.0078
-                                       "tooltip": "Scale of the LoRA's update, as diffusers' fuse_lora(lora_scale): "
-                                                  "1 as trained; the official ConsisID LoRAs are fused at 1 / rank; "
-                                                  "negative values push away from it."}),
+                "strength": lora_strength_input("Scale of the LoRA's update, as diffusers' fuse_lora(lora_scale): "
+                                                "1 as trained; the official ConsisID LoRAs are fused at 1 / rank; "
+                                                "negative values push away from it."),
             }
         }
 
@@ -43,4 +42,3 @@ class ConsisIDLoRA:
 
 
 NODES = {"ConsisIDLoRA": ConsisIDLoRA}
-NAMES = {"ConsisIDLoRA": "ConsisID LoRA"}

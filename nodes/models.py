@@ -5,18 +5,13 @@ from __future__ import annotations
 from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel
 from ..consisid_core.single_file import load_vae_file, model_from_files
 from . import host
-from ..consisid_core.files import shown
-from .declared import declared_error
+from .declared import CONSISID_MODEL, SINGLE_FILE, checkpoint_names, checkpoint_source, declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
-SINGLE_FILE = "diffusion_models/"
-
-
-def _model_names() -> list[str]:
-    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
 class ConsisIDModelLoader:
+    DISPLAY_NAME = "ConsisID Model Loader"
     DESCRIPTION = (
         "Loads the ConsisID transformer and VAE: a checkpoint folder from models/consisid (or a "
         "models/diffusers folder whose model_index.json names ConsisIDPipeline), or one transformer "
@@ -24,7 +19,7 @@ class ConsisIDModelLoader:
     )
     CATEGORY = "ConsisID"
     FUNCTION = "load"
-    RETURN_TYPES = ("CONSISID_MODEL",)
+    RETURN_TYPES = (CONSISID_MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("Transformer, VAE and scheduler settings (and the folder's T5, loaded on demand).",)
 
@@ -33,7 +28,7 @@ class ConsisIDModelLoader:
         return {
             "required": {
                 "model": (
-                    _model_names(),
+                    checkpoint_names(),
                     {"tooltip": "A ConsisID checkpoint folder (diffusers layout), or diffusion_models/<file> "
                                 "for a single-file transformer with diffusers key names."},
                 ),
@@ -69,16 +64,12 @@ class ConsisIDModelLoader:
         return True
 
     def load(self, model: str, vae: str, dtype: str, fp8_weights: bool) -> tuple[ConsisIDModel]:
+        source = checkpoint_source(model)
         if model.startswith(SINGLE_FILE):
-            transformer = host.file_path("diffusion_models", model.removeprefix(SINGLE_FILE))
-            return (host.managed(model_from_files(transformer, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
-        folders = host.pipeline_folders()
-        if model not in folders:
-            raise FileNotFoundError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; refresh the list")
-        checkpoint = Checkpoint.open(folders[model])
+            return (host.managed(model_from_files(source, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
+        checkpoint = Checkpoint.open(source)
         own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
         return (host.managed(checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights)),)
 
 
 NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}
-NAMES = {"ConsisIDModelLoader": "ConsisID Model Loader"}

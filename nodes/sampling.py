@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
-from ..consisid_core.checks import check_image
-from ..consisid_core.media import to_uint8
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
-from ..consisid_core.sampling import MAX_GUIDANCE, MAX_IDENTITY_STRENGTH, SCHEDULERS, prepare_run
+from ..consisid_core.sampling import MAX_GUIDANCE, SCHEDULERS, prepare_run
 from . import host
-from .declared import declared_error
-
-logger = logging.getLogger(__name__)
-
-FIRST_FRAME_FIX = "connect a Load Image, or leave the input empty for the identity's face"
+from .declared import (
+    CONSISID_IDENTITY, CONSISID_MODEL, CONSISID_PERFORMANCE, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAME_COUNT_TOOLTIP,
+    IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    seed_input, step_cache_input, width_input,
+)
 
 
 def check_size(frames: int, width: int, height: int) -> str | bool:
@@ -29,6 +25,7 @@ def check_size(frames: int, width: int, height: int) -> str | bool:
 
 
 class ConsisIDSampler:
+    DISPLAY_NAME = "ConsisID Sampler"
     DESCRIPTION = (
         "Generates a ConsisID video latent: the identity, the text and a first frame (by default the "
         "identity's aligned face, as the reference), denoised with diffusers' ConsisIDPipeline. "
@@ -44,30 +41,25 @@ class ConsisIDSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader."}),
-                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed or Load Identity."}),
-                "text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
+                "model": (CONSISID_MODEL, {"tooltip": "From ConsisID Model Loader."}),
+                "identity": (CONSISID_IDENTITY, {"tooltip": IDENTITY_TOOLTIP}),
+                "text": (CONSISID_TEXT, {"tooltip": TEXT_TOOLTIP}),
+                "seed": seed_input(),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 50)."}),
                 "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
                                        "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
                 "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
-                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49. 8·k + 1 (9, 17, …, 49) "
-                                              "decode to exactly as many; other counts to more, as in diffusers."}),
-                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
-                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_IDENTITY_STRENGTH, "step": 0.05,
-                                                "tooltip": "Scale of the face features (the transformer's local_face_scale)."}),
+                "frames": frames_input(f"{FRAME_COUNT_TOOLTIP} 8·k + 1 (9, 17, …, 49) decode to exactly as many; "
+                                       "other counts to more, as in diffusers."),
+                "width": width_input(),
+                "height": height_input(),
+                "identity_strength": identity_strength_input("Scale of the face features (the transformer's "
+                                                             "local_face_scale)."),
             },
             "optional": {
-                "image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face (as the reference). "
-                                               "A batch uses its first image."}),
-                "performance": ("CONSISID_PERFORMANCE", {"tooltip": "Speed and memory options from ConsisID Performance."}),
+                "image": ("IMAGE", {"tooltip": FIRST_IMAGE_TOOLTIP}),
+                "performance": (CONSISID_PERFORMANCE, {"tooltip": "Speed and memory options from ConsisID Performance."}),
                 "allow_oversize": ("BOOLEAN", {"default": False,
                                                "tooltip": "Allow more than 8x the checkpoint's frames or 4x its pixels per "
                                                           "frame in one pass (runs that cannot fit in memory are still refused)."}),
@@ -80,12 +72,7 @@ class ConsisIDSampler:
 
     def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
                identity_strength, image=None, performance=None, allow_oversize=False):
-        first = None
-        if image is not None:
-            image = check_image(image, "first-frame image", FIRST_FRAME_FIX)
-            if len(image) > 1:
-                logger.info("the first-frame input is a batch of %d; using its first image", len(image))
-            first = to_uint8(image[0])
+        first = first_image(image, "first-frame image")
         owner = host.owner(model)
         # every check of the run, before ComfyUI is asked for room
         run = prepare_run(
@@ -114,13 +101,14 @@ class ConsisIDSampler:
 
 
 class ConsisIDPerformance:
+    DISPLAY_NAME = "ConsisID Performance"
     DESCRIPTION = (
         "Speed and memory options for ConsisID Sampler, for its run only: torch.compile, streaming the "
         "transformer's layers to the GPU (least memory), TeaCache step caching and SageAttention."
     )
     CATEGORY = "ConsisID"
     FUNCTION = "options"
-    RETURN_TYPES = ("CONSISID_PERFORMANCE",)
+    RETURN_TYPES = (CONSISID_PERFORMANCE,)
     RETURN_NAMES = ("performance",)
     OUTPUT_TOOLTIPS = ("Connect to ConsisID Sampler's performance input.",)
 
@@ -134,9 +122,7 @@ class ConsisIDPerformance:
                                                   "tooltip": "model: ComfyUI places the transformer on the GPU (whole, or what fits, "
                                                              "streaming the rest) and keeps it there between runs. sequential: its "
                                                              "layers stream in one at a time (least VRAM, slower)."}),
-                "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                         "tooltip": "TeaCache threshold: skip steps whose timestep embedding changed little. "
-                                                    "0 off; 0.1 / 0.15 / 0.2 trade quality for about 1.6x / 2.1x / 2.7x."}),
+                "step_cache": step_cache_input(),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "sdpa",
                                                          "tooltip": "sdpa: PyTorch's attention, as diffusers. sage: SageAttention's "
                                                                     "quantized kernel (pip install sageattention; CUDA, bf16/fp16 model): "
@@ -149,4 +135,3 @@ class ConsisIDPerformance:
 
 
 NODES = {"ConsisIDSampler": ConsisIDSampler, "ConsisIDPerformance": ConsisIDPerformance}
-NAMES = {"ConsisIDSampler": "ConsisID Sampler", "ConsisIDPerformance": "ConsisID Performance"}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..consisid_core.checks import check_image
 from ..consisid_core.score import DEFAULT_FRAMES_SAMPLED, MAX_FRAMES_SAMPLED, SampledFrames, identity_embedding, plot
 from . import host
+from .declared import CONSISID_FACE_MODELS, CONSISID_IDENTITY, image_batch
 
 MAX_FRAMES_PER_SEGMENT = 10_000
 
 
 class ConsisIDIdentityScore:
+    DISPLAY_NAME = "ConsisID Identity Score"
     DESCRIPTION = (
         "Scores how well a video keeps the identity's face: FaceSim-Arc, as ConsisID's own evaluation "
         "(eval/get_facesim_fid.py) measures it. Evenly spaced frames, the antelopev2 embedding of the largest "
@@ -36,10 +37,10 @@ class ConsisIDIdentityScore:
         return {
             "required": {
                 "frames": ("IMAGE", {"tooltip": "The video's frames, e.g. from ConsisID VAE Decode."}),
-                "face_models": ("CONSISID_FACE_MODELS", {"tooltip": "From ConsisID Face Models Loader (the same "
+                "face_models": (CONSISID_FACE_MODELS, {"tooltip": "From ConsisID Face Models Loader (the same "
                                                                     "checkpoint's as made the identity)."}),
                 "identity": (
-                    "CONSISID_IDENTITY", {"tooltip": "The identity to look for: its embedding is the reference."}
+                    CONSISID_IDENTITY, {"tooltip": "The identity to look for: its embedding is the reference."}
                 ),
                 "frames_sampled": (
                     "INT",
@@ -60,7 +61,7 @@ class ConsisIDIdentityScore:
         }
 
     def score(self, frames: torch.Tensor, face_models, identity, frames_sampled: int, frames_per_segment: int = 0):
-        frames = check_image(frames, "frames input", "connect the frames of a video (VAE Decode's)")
+        frames = image_batch(frames, "frames input", "the frames of a video (VAE Decode's)")
         reference = identity_embedding(identity, face_models)
         kept = SampledFrames(len(frames), frames_per_segment, frames_sampled)
         kept.add(frames)
@@ -77,4 +78,3 @@ class ConsisIDIdentityScore:
 
 
 NODES = {"ConsisIDIdentityScore": ConsisIDIdentityScore}
-NAMES = {"ConsisIDIdentityScore": "ConsisID Identity Score"}

@@ -15,6 +15,7 @@ from ..consisid_core.text import (
     own_text_encoder,
 )
 from . import fence, host
+from .declared import CONSISID_MODEL, CONSISID_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def encode_with_comfy_clip(clip, prompt: str, negative_prompt: str) -> TextEmbed
 
 
 class ConsisIDTextEncode:
+    DISPLAY_NAME = "ConsisID Text Encode"
     DESCRIPTION = (
         "Encodes the prompt and negative prompt with T5-XXL, padded to 226 tokens as the reference does: "
         "the checkpoint's own T5 (loaded for this and released), or a ComfyUI CLIP from CLIPLoader "
@@ -69,7 +71,7 @@ class ConsisIDTextEncode:
     )
     CATEGORY = "ConsisID"
     FUNCTION = "encode"
-    RETURN_TYPES = ("CONSISID_TEXT",)
+    RETURN_TYPES = (CONSISID_TEXT,)
     RETURN_NAMES = ("text",)
     OUTPUT_TOOLTIPS = ("Positive and negative T5 embeddings, [1, 226, 4096] each.",)
 
@@ -83,7 +85,7 @@ class ConsisIDTextEncode:
                                                "tooltip": "What to steer away from (empty as the reference's default)."}),
             },
             "optional": {
-                "model": ("CONSISID_MODEL", {"tooltip": "Encode with this checkpoint's own T5 (text_encoder/)."}),
+                "model": (CONSISID_MODEL, {"tooltip": "Encode with this checkpoint's own T5 (text_encoder/)."}),
                 "clip": ("CLIP", {"tooltip": "Encode with this ComfyUI T5-XXL instead (CLIPLoader, type sd3)."}),
             },
         }
@@ -109,4 +111,3 @@ class ConsisIDTextEncode:
 
 
 NODES = {"ConsisIDTextEncode": ConsisIDTextEncode}
-NAMES = {"ConsisIDTextEncode": "ConsisID Text Encode"}

@@ -7,15 +7,15 @@ from ..consisid_core.memory import decode_memory
 from ..consisid_core.tiling import MAX_TILE, Tiling
 from ..consisid_core.sampling import decode
 from . import host
+from .declared import CONSISID_MODEL, FRAMES_TOOLTIP
 
 TILES = Tiling()
 """The core's default tiles and overlaps (diffusers' for CogVideoX at 480x720)."""
-FRAMES_TOOLTIP = "The frames, [F, H, W, 3] in 0..1 (videos of a batch one after another)."
-"""The decoders' output (this node's and ConsisID Native VAE Decode's)."""
 LATENT_FIX = "connect the LATENT of ConsisID Sampler, and decode it with the same model"
 
 
 class ConsisIDVAEDecode:
+    DISPLAY_NAME = "ConsisID VAE Decode"
     DESCRIPTION = (
         "Decodes a ConsisID video latent with the model's CogVideoX VAE into frames (IMAGE batch), "
         "for Create Video, upscalers and frame interpolators. Tiling lowers memory at large sizes; out of "
@@ -31,7 +31,7 @@ class ConsisIDVAEDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("CONSISID_MODEL", {"tooltip": "From ConsisID Model Loader (its VAE is used)."}),
+                "model": (CONSISID_MODEL, {"tooltip": "From ConsisID Model Loader (its VAE is used)."}),
                 "latent": ("LATENT", {"tooltip": "From ConsisID Sampler."}),
                 "tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode in overlapping tiles: less memory, same size."}),
                 "tile_height": ("INT", {"default": TILES.tile_height, "min": 16, "max": MAX_TILE, "step": 8,
@@ -68,4 +68,3 @@ class ConsisIDVAEDecode:
 
 
 NODES = {"ConsisIDVAEDecode": ConsisIDVAEDecode}
-NAMES = {"ConsisIDVAEDecode": "ConsisID VAE Decode"}

@@ -88,3 +88,37 @@ def test_no_function_in_the_core_or_the_nodes_is_over_60_lines():
     }
     assert found == {}
     assert long_functions("def f():\n" + "    x = 1\n" * 60) == ["f (61)"]
+
+
+SHARED_NODE_MODULES = {"nodes.declared", "nodes.host", "nodes.fence"}
+"""What the wrapper's and the native path's nodes both build on; `nodes/__init__.py` collects them."""
+
+
+def node_imports(source: str, package: str) -> set[str]:
+    """The `nodes` modules (and packages) a file of `package` ("nodes" or "nodes.native") imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            module = f"{base}.{node.module}" if node.module else base
+            if module.startswith("nodes"):
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_wrapper_and_native_node_files_never_import_each_other():
+    wrapper = {f"nodes.{p.stem}" for p in (ROOT / "nodes").glob("*.py")} - SHARED_NODE_MODULES - {"nodes.__init__"}
+    crossings = {}
+    for path in sorted((ROOT / "nodes").rglob("*.py")):
+        package = "nodes.native" if path.parent.name == "native" else "nodes"
+        if f"{package}.{path.stem}" in SHARED_NODE_MODULES or path.stem == "__init__":
+            continue
+        imports = node_imports(path.read_text(encoding="utf-8"), package)
+        crossing = imports & wrapper if package == "nodes.native" else {m for m in imports if m.startswith("nodes.native")}
+        if crossing:
+            crossings[path.relative_to(ROOT).as_posix()] = sorted(crossing)
+    assert crossings == {}
+    assert node_imports("from ..sampling import FIRST_FRAME_FIX\nfrom . import comfy_parts\n", "nodes.native") == {
+        "nodes.sampling", "nodes.sampling.FIRST_FRAME_FIX", "nodes.native", "nodes.native.comfy_parts"}
+    assert node_imports("from .native.nodes import ConsisIDNoise\n", "nodes") >= {"nodes.native.nodes"}

@@ -281,8 +281,8 @@ def test_append_segment_joins_without_the_shared_frame_and_matches_colour_as_ext
     for video_in, segment, message in (
         (first, second[:, :4], "the segment's frames are 12×4, the video's 12×8"),
         (first, second[:1], "a segment of 1 frame adds nothing"),
-        (first[:0], second, r"video \(\[0, 8, 12, 3\]\) is not an IMAGE batch"),
-        (first, "frames", r"segment \(str\) is not an IMAGE batch"),
+        (first[:0], second, r"the video \(float32 \[0, 8, 12, 3\]\) is not an IMAGE: .*; connect a VAE decode's frames"),
+        (first, "frames", r"the segment \(str\) is not an IMAGE"),
     ):
         with pytest.raises(ConsisIDError, match=message):
             append(video_in, segment, False)

@@ -30,6 +30,7 @@ def test_every_node_is_declared_as_comfyui_expects(home):
     assert set(NODE_CLASS_MAPPINGS) == EXPECTED == set(NODE_DISPLAY_NAME_MAPPINGS)
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert name.startswith("ConsisID")
+        assert NODE_DISPLAY_NAME_MAPPINGS[name] == cls.DISPLAY_NAME and cls.DISPLAY_NAME.startswith("ConsisID ")
         assert cls.CATEGORY == "ConsisID"
         assert cls.DESCRIPTION.strip()
         spec = cls.INPUT_TYPES()

@@ -8,21 +8,15 @@ import torch
 
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.segments import ColourReference
-
-
-def _frames(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.ndim != 4 or len(value) == 0 or value.shape[-1] != 3:
-        found = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConsisIDError(f"{name} ({found}) is not an IMAGE batch [frames, height, width, 3] with a frame in it: "
-                            "connect a VAE decode's frames")
-    return value
+from ..declared import image_batch
 
 
 def append_segment(video: torch.Tensor, segment: torch.Tensor, colour_match: bool) -> torch.Tensor:
     """`video` followed by `segment` without its first frame (the video's last, which it started from);
     with `colour_match`, the segment first given the colour of the video's first len(segment) frames
     (the first segment's, in a chain of equal segments), as ConsisID Extend does."""
-    video, segment = _frames("video", video), _frames("segment", segment)
+    video = image_batch(video, "video", "a VAE decode's frames")
+    segment = image_batch(segment, "segment", "a VAE decode's frames")
     if video.shape[1:] != segment.shape[1:]:
         raise ConsisIDError(
             f"the segment's frames are {segment.shape[2]}×{segment.shape[1]}, the video's {video.shape[2]}×"
@@ -36,6 +30,7 @@ def append_segment(video: torch.Tensor, segment: torch.Tensor, colour_match: boo
 
 
 class ConsisIDAppendSegment:
+    DISPLAY_NAME = "ConsisID Append Segment"
     DESCRIPTION = (
         "Joins a native long video: the video so far, then a segment generated from its last frame (core Image From "
         "Batch at index -1 into ConsisID Identity Conditioning's start_image), without that shared frame. Colour "
@@ -69,4 +64,3 @@ class ConsisIDAppendSegment:
 
 
 NODES = {"ConsisIDAppendSegment": ConsisIDAppendSegment}
-NAMES = {"ConsisIDAppendSegment": "ConsisID Append Segment"}

@@ -13,30 +13,26 @@ import torch
 from ...consisid_core import native, quant
 from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
-from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
+from ...consisid_core.checks import check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
 from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
-from ...consisid_core.lora import MAX_STRENGTH, check_strength, read_lora
-from ...consisid_core.media import to_uint8
+from ...consisid_core.lora import check_strength, read_lora
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
 from .. import host
-from ..declared import declared_error
-from ..sampling import FIRST_FRAME_FIX
-from ..vae import FRAMES_TOOLTIP
+from ..declared import (
+    CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, TEXT_TOOLTIP,
+    checkpoint_names, checkpoint_source, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    lora_strength_input, seed_input, width_input,
+)
 from . import comfy_parts
 
-SINGLE_FILE = "diffusion_models/"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED_SIZE = tuple(RELEASED_TRANSFORMER_CONFIG[k] * s for k, s in (("sample_frames", 1), ("sample_height", 8),
                                                                           ("sample_width", 8)))
 """(frames, height, width) ConsisID was trained at, (49, 480, 720): what Identity Conditioning's
 work is bounded by (`checks.bounded_size`), as ConsisID Sampler's is by its checkpoint's."""
-
-
-def _sources() -> list[str]:
-    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
 
 
 LOADER = "ConsisID Native Model Loader"
@@ -77,6 +73,7 @@ def _model_file(kind: str, name: str) -> Path:
 
 
 class ConsisIDNativeModelLoader:
+    DISPLAY_NAME = LOADER
     DESCRIPTION = (
         "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
         "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
@@ -94,7 +91,7 @@ class ConsisIDNativeModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (_sources(), {"tooltip": "A ConsisID checkpoint folder, or diffusion_models/<file> for a "
+                "model": (checkpoint_names(), {"tooltip": "A ConsisID checkpoint folder, or diffusion_models/<file> for a "
                                                   "single-file transformer with diffusers key names."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
                                                        "tooltip": "Weights' precision; default lets ComfyUI choose "
@@ -122,18 +119,15 @@ class ConsisIDNativeModelLoader:
             raise ConsisIDError(f"quantize '{shown(quantize)}' is not one of off, {', '.join(quant.FORMATS)}")
         if not isinstance(model, str):
             raise ConsisIDError(f"model must be a name from the list, found {type(model).__name__}")
-        if model.startswith(SINGLE_FILE):
-            source = _model_file("diffusion_models", model.removeprefix(SINGLE_FILE))
-        else:
-            folders = host.pipeline_folders()
-            if model not in folders:
-                raise ConsisIDError(f"checkpoint '{shown(model)}' is not in models/consisid or models/diffusers; "
-                                    "refresh the list")
-            source = folders[model]
+        try:
+            source = checkpoint_source(model)
+        except FileNotFoundError as e:
+            raise ConsisIDError(str(e)) from None
         return (native_model(source, WEIGHT_DTYPES[weight_dtype], None if quantize == "off" else quantize),)
 
 
 class ConsisIDFaceModules:
+    DISPLAY_NAME = "ConsisID Face Modules"
     DESCRIPTION = (
         "Adds ConsisID's face modules (a <name>_face.safetensors written by `python -m consisid_core export`) to a "
         "CogVideoX MODEL loaded from the exported transformer by core Load Diffusion Model or ComfyUI-GGUF's "
@@ -160,7 +154,7 @@ class ConsisIDFaceModules:
         return declared_error(cls, face_modules=face_modules) or True
 
     def apply(self, model, face_modules: str):
-        comfy_parts.require(comfy_parts.FACE_MODEL, "ConsisID Face Modules")
+        comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
         path = _model_file("diffusion_models", face_modules)
         weights, info = native.read_face_file(path, host.check_interrupted)
         face = native.face_modules(weights, info["config"], host.check_interrupted)
@@ -168,6 +162,7 @@ class ConsisIDFaceModules:
 
 
 class ConsisIDTextConditioning:
+    DISPLAY_NAME = "ConsisID Text Conditioning"
     DESCRIPTION = (
         "ConsisID Text Encode's embeddings as ComfyUI CONDITIONING (positive, negative) for the native path, e.g. "
         "with the checkpoint's own T5. Core CLIPTextEncode over CLIPLoader (type cogvideox) gives the same kind."
@@ -180,7 +175,7 @@ class ConsisIDTextConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"text": ("CONSISID_TEXT", {"tooltip": "From ConsisID Text Encode."})}}
+        return {"required": {"text": (CONSISID_TEXT, {"tooltip": TEXT_TOOLTIP})}}
 
     def convert(self, text):
         if not isinstance(text, TextEmbeddings):
@@ -192,6 +187,7 @@ CONDITIONING = "ConsisID Identity Conditioning"
 
 
 class ConsisIDIdentityConditioning:
+    DISPLAY_NAME = CONDITIONING
     DESCRIPTION = (
         "Puts a ConsisID identity and the first frame (by default the identity's aligned face, as the reference) "
         "on both conditionings, as core's WanImageToVideo does for its image, and makes the empty video latent. "
@@ -213,24 +209,19 @@ class ConsisIDIdentityConditioning:
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "The prompt: CLIPTextEncode over CLIPLoader (type cogvideox)."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt, encoded the same way."}),
-                "identity": ("CONSISID_IDENTITY", {"tooltip": "From ConsisID Face Embed or Load Identity."}),
+                "identity": (CONSISID_IDENTITY, {"tooltip": IDENTITY_TOOLTIP}),
                 "vae": ("VAE", {"tooltip": "The CogVideoX VAE (core Load VAE, e.g. the checkpoint's vae file)."}),
-                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Multiple of 16; ConsisID was trained at 720."}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Multiple of 16; ConsisID was trained at 480."}),
-                "length": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Frame count, 4·k + 1; ConsisID was trained on 49."}),
-                "identity_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_IDENTITY_STRENGTH, "step": 0.05,
-                                                "tooltip": "Scale of the face cross-attention (1 as trained)."}),
+                "width": width_input(),
+                "height": height_input(),
+                "length": frames_input(),
+                "identity_strength": identity_strength_input("Scale of the face cross-attention (1 as trained)."),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Where in the sampling the identity starts acting (0: first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Where it stops (1: last step). 0, 1 and strength 1 are the reference."}),
             },
             "optional": {
-                "start_image": ("IMAGE", {"tooltip": "First frame; by default the identity's aligned face, as the "
-                                                     "reference. A batch uses its first image."}),
+                "start_image": ("IMAGE", {"tooltip": FIRST_IMAGE_TOOLTIP}),
                 "first_frame_seed": ("INT", {"default": -1, "min": -1, "max": 0xFFFFFFFFFFFFFFFF,
                                              "tooltip": "-1: the first frame's latent is the VAE posterior's mean (as "
                                                         "core VAE Encode). A seed: the posterior sampled as the "
@@ -256,9 +247,9 @@ class ConsisIDIdentityConditioning:
         if not isinstance(identity, Identity):
             raise ConsisIDError(f"identity must be a ConsisID identity (Face Embed, Load Identity), found "
                                 f"{type(identity).__name__}")
-        image = None if start_image is None else check_image(start_image, "start_image", FIRST_FRAME_FIX)
+        image = first_image(start_image, "start_image")
         comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
-        frame = first_frame(None if image is None else to_uint8(image[0]), identity)
+        frame = first_frame(image, identity)
         pixels = native.first_frame_pixels(frame, height, width)
         latent = comfy_parts.encode_first_frame(vae, pixels, seed)
         return (*identity_conditioned(positive, negative, identity, latent, strength, start, end),
@@ -277,6 +268,7 @@ def identity_conditioned(positive, negative, identity: Identity, first_latent: t
 
 
 class ConsisIDNoise:
+    DISPLAY_NAME = "ConsisID Noise"
     DESCRIPTION = (
         "Noise for SamplerCustomAdvanced that is the reference's for a seed (diffusers' CPU generator, its draw order "
         "and latent layout): one seed gives one video in the command line, ConsisID Sampler and the native graph. "
@@ -292,8 +284,7 @@ class ConsisIDNoise:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                       "tooltip": "Same seed, same noise as diffusers with torch.Generator('cpu').manual_seed(seed)."}),
+                "noise_seed": seed_input(control_after_generate=True),
             }
         }
 
@@ -302,6 +293,7 @@ class ConsisIDNoise:
 
 
 class ConsisIDDPMSampler:
+    DISPLAY_NAME = "ConsisID DPM Sampler"
     DESCRIPTION = (
         "The reference's default sampler (ConsisID Sampler's dpm: CogVideoXDPMScheduler) as a SAMPLER for "
         "SamplerCustomAdvanced: core's DPM-Solver++(2M) SDE given the noise the reference adds at each step for the "
@@ -317,17 +309,17 @@ class ConsisIDDPMSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "noise_seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                       "tooltip": "The seed of ConsisID Noise: the step noise continues its generator."}),
+                "noise_seed": seed_input("The seed of ConsisID Noise: the step noise continues its generator."),
             }
         }
 
     def get_sampler(self, noise_seed: int):
-        comfy_parts.require("native_dpm", "ConsisID DPM Sampler")
+        comfy_parts.require("native_dpm", self.DISPLAY_NAME)
         return (comfy_parts.reference_dpm_sampler(check_seed(noise_seed, "noise_seed")),)
 
 
 class ConsisIDNativeLoRA:
+    DISPLAY_NAME = "ConsisID Native LoRA"
     DESCRIPTION = (
         "Adds a LoRA in diffusers/PEFT layout (what ConsisID and CogVideoX trainers write) to a native ConsisID MODEL "
         "at a strength. Core LoraLoaderModelOnly maps no diffusers names for CogVideoX; this node makes the same weight "
@@ -346,10 +338,8 @@ class ConsisIDNativeLoRA:
             "required": {
                 "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (or CogVideoX from Load Diffusion Model)."}),
                 "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras, diffusers layout."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
-                                             "round": 0.0001,
-                                             "tooltip": "Scale of the LoRA's update, as ConsisID LoRA's strength "
-                                                        "(1 as trained)."}),
+                "strength_model": lora_strength_input("Scale of the LoRA's update, as ConsisID LoRA's strength "
+                                                      "(1 as trained)."),
             }
         }
 
@@ -358,13 +348,14 @@ class ConsisIDNativeLoRA:
         return declared_error(cls, lora_name=lora_name) or True
 
     def apply(self, model, lora_name: str, strength_model: float):
-        comfy_parts.require("native_lora", "ConsisID Native LoRA")
+        comfy_parts.require("native_lora", self.DISPLAY_NAME)
         strength = check_strength(strength_model)
         lora = native.comfy_named(read_lora(_model_file("loras", lora_name)))
         return (comfy_parts.with_lora(model, lora, strength),)
 
 
 class ConsisIDNativeVAEDecode:
+    DISPLAY_NAME = "ConsisID Native VAE Decode"
     DESCRIPTION = (
         "Decodes a native CogVideoX LATENT with core's VAE (Load VAE) in the reference's order, two latent frames at a "
         "time: the frames of ConsisID VAE Decode and diffusers. Core VAE Decode runs the same VAE in its own order "
@@ -386,12 +377,13 @@ class ConsisIDNativeVAEDecode:
         }
 
     def decode(self, samples, vae):
-        comfy_parts.require("native_vae", "ConsisID Native VAE Decode")
+        comfy_parts.require("native_vae", self.DISPLAY_NAME)
         latent = samples.get("samples") if isinstance(samples, dict) else samples
         return (comfy_parts.decode_in_reference_order(vae, latent),)
 
 
 class ConsisIDDynamicCFG:
+    DISPLAY_NAME = "ConsisID Dynamic CFG"
     DESCRIPTION = (
         "The reference's dynamic CFG as a model patch: the guidance scale follows CogVideoX's cosine schedule over "
         "the steps (use_dynamic_cfg in diffusers). Put it on the MODEL before the sampler."
@@ -407,7 +399,7 @@ class ConsisIDDynamicCFG:
         return {"required": {"model": ("MODEL", {"tooltip": "A native ConsisID MODEL."})}}
 
     def patch(self, model):
-        comfy_parts.require("native_dynamic_cfg", "ConsisID Dynamic CFG")
+        comfy_parts.require("native_dynamic_cfg", self.DISPLAY_NAME)
         return (comfy_parts.with_dynamic_cfg(model),)
 
 
@@ -421,15 +413,4 @@ NODES = {
     "ConsisIDDynamicCFG": ConsisIDDynamicCFG,
     "ConsisIDNativeLoRA": ConsisIDNativeLoRA,
     "ConsisIDNativeVAEDecode": ConsisIDNativeVAEDecode,
-}
-NAMES = {
-    "ConsisIDNativeModelLoader": "ConsisID Native Model Loader",
-    "ConsisIDFaceModules": "ConsisID Face Modules",
-    "ConsisIDTextConditioning": "ConsisID Text Conditioning",
-    "ConsisIDIdentityConditioning": "ConsisID Identity Conditioning",
-    "ConsisIDNoise": "ConsisID Noise",
-    "ConsisIDDPMSampler": "ConsisID DPM Sampler",
-    "ConsisIDDynamicCFG": "ConsisID Dynamic CFG",
-    "ConsisIDNativeLoRA": "ConsisID Native LoRA",
-    "ConsisIDNativeVAEDecode": "ConsisID Native VAE Decode",
 }

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..declared import declared_error
+from ..declared import declared_error, seed_input
 from . import comfy_parts
-from .nodes import ConsisIDNoise
 
 
 class ConsisIDSeed:
+    DISPLAY_NAME = "ConsisID Seed"
     DESCRIPTION = (
         "One seed for the reference's video on the native path: the NOISE (ConsisID Noise's) and the SAMPLER (ConsisID "
         "DPM Sampler's) for SamplerCustomAdvanced, and the seed to connect to ConsisID Identity Conditioning's "
@@ -27,9 +27,8 @@ class ConsisIDSeed:
 
     @classmethod
     def INPUT_TYPES(cls):
-        kind, options = ConsisIDNoise.INPUT_TYPES()["required"]["noise_seed"]
-        return {"required": {"seed": (kind, options | {
-            "tooltip": "The run's seed: diffusers' CPU generator with this seed, as the command line's --seed."})}}
+        return {"required": {"seed": seed_input("The run's seed: diffusers' CPU generator with this seed, as the "
+                                                "command line's --seed.", control_after_generate=True)}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed: int):
@@ -41,4 +40,3 @@ class ConsisIDSeed:
 
 
 NODES = {"ConsisIDSeed": ConsisIDSeed}
-NAMES = {"ConsisIDSeed": "ConsisID Seed"}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..declared import declared_error
-from ..sampling import ConsisIDPerformance
+from ..declared import declared_error, step_cache_input
 from . import comfy_parts
 
 
 class ConsisIDStepCache:
+    DISPLAY_NAME = "ConsisID Step Cache"
     DESCRIPTION = (
         "TeaCache for the native ConsisID MODEL, as ConsisID Performance's step_cache on the wrapper: where the "
         "timestep embedding changed little since the last computed step (ConsisID's own TeaCache coefficients), "
@@ -22,11 +22,10 @@ class ConsisIDStepCache:
 
     @classmethod
     def INPUT_TYPES(cls):
-        _, options = ConsisIDPerformance.INPUT_TYPES()["required"]["step_cache"]
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (Native Model Loader, or Face Modules)."}),
-                "threshold": ("FLOAT", options | {"default": 0.1}),
+                "threshold": step_cache_input(default=0.1),
             }
         }
 
@@ -36,9 +35,8 @@ class ConsisIDStepCache:
 
     def patch(self, model, threshold: float):
         comfy_parts.require()
-        comfy_parts.require("native_step_cache", "ConsisID Step Cache")
+        comfy_parts.require("native_step_cache", self.DISPLAY_NAME)
         return (comfy_parts.with_step_cache(model, threshold),)
 
 
 NODES = {"ConsisIDStepCache": ConsisIDStepCache}
-NAMES = {"ConsisIDStepCache": "ConsisID Step Cache"}

@@ -31,7 +31,8 @@ from workflow_tools import import_pack  # noqa: E402
 
 import_pack()
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
-from consisid_pack.consisid_core.native import face_modules, read_face_file  # noqa: E402
+from consisid_pack.consisid_core.face_modules import face_modules  # noqa: E402
+from consisid_pack.consisid_core.native import read_face_file  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes.native.comfy_parts import ReferenceNoise, face_patcher, with_face_modules, with_step_cache  # noqa: E402
 from consisid_pack.nodes.native.nodes import identity_conditioned, native_model  # noqa: E402

@@ -1,4 +1,5 @@
-"""The native path's plain math (consisid_core/native.py), against diffusers: no ComfyUI needed."""
+"""The native path's plain math (consisid_core/native.py, reference.py, face_modules.py), against diffusers:
+no ComfyUI needed."""
 
 import math
 
@@ -7,10 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from consisid_core import native
+from consisid_core import native, reference
 from consisid_core.checkpoint import Checkpoint
+from consisid_core.errors import CheckpointError
+from consisid_core.face_modules import face_modules
 from consisid_core.cli import main
 from consisid_core.sampling import _pipeline, first_frame, make_scheduler
+from consisid_core.single_file import RELEASED_SCHEDULER_CONFIG
 from consisid_core.tiny import random_identity
 
 
@@ -25,38 +29,38 @@ def test_reference_noise_is_what_the_pipeline_draws(tiny_model):
     image = pipe.video_processor.preprocess(first_frame(None, identity), height=64, width=96).float()
     latents, _ = pipe.prepare_latents(image, 1, 4, 9, 64, 96, torch.float32, torch.device("cpu"),
                                       torch.Generator("cpu").manual_seed(5), None)
-    assert torch.equal(native.reference_noise(5, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
-    assert not torch.equal(native.reference_noise(6, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
+    assert torch.equal(reference.reference_noise(5, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
+    assert not torch.equal(reference.reference_noise(6, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
 
 
 def test_first_frame_pixels_are_the_pipelines_preprocessing(tiny_model):
     identity = random_identity(tiny_model.config, seed=1)
     pipe = _pipeline(tiny_model.vae)
     frame = first_frame(None, identity)
-    reference = pipe.video_processor.preprocess(frame, height=64, width=96)
-    pixels = native.first_frame_pixels(frame, 64, 96)
+    expected = pipe.video_processor.preprocess(frame, height=64, width=96)
+    pixels = reference.first_frame_pixels(frame, 64, 96)
     assert pixels.shape == (1, 64, 96, 3)
-    assert torch.allclose(pixels * 2 - 1, reference.permute(0, 2, 3, 1), atol=1e-6)
+    assert torch.allclose(pixels * 2 - 1, expected.permute(0, 2, 3, 1), atol=1e-6)
 
 
 def test_flow_sigmas_are_the_schedule_in_flow_coordinates():
     from diffusers import CogVideoXDDIMScheduler
 
-    sigmas = native.flow_sigmas()
+    sigmas = reference.flow_sigmas()
     a = CogVideoXDDIMScheduler.from_config(
-        {k: v for k, v in native.RELEASED_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod.double()
+        {k: v for k, v in RELEASED_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod.double()
     assert a[-1] == 0 and sigmas[-1] == 1 and bool((sigmas[1:] > sigmas[:-1]).all())
     # σ / (1 - σ) is k-diffusion's sigma √((1-ᾱ)/ᾱ); the input scale turns the flow latent back into x_t
     k_sigma = ((1 - a[:-1]) / a[:-1]).sqrt()
     assert torch.allclose(sigmas[:-1] / (1 - sigmas[:-1]), k_sigma, rtol=1e-9)
-    assert torch.allclose(native.flow_input_scale(sigmas), a.sqrt() + (1 - a).sqrt(), rtol=1e-9)
+    assert torch.allclose(reference.flow_input_scale(sigmas), a.sqrt() + (1 - a).sqrt(), rtol=1e-9)
 
 
 def test_dynamic_guidance_is_the_pipelines_formula():
     # ConsisIDPipeline: 1 + g * ((1 - cos(pi * ((steps - t) / steps) ** 5.0)) / 2), t the timestep
     for t in (999, 500, 19):
         expected = 1 + 6.0 * ((1 - math.cos(math.pi * ((50 - t) / 50) ** 5.0)) / 2)
-        assert native.dynamic_guidance(6.0, t, 50) == expected
+        assert reference.dynamic_guidance(6.0, t, 50) == expected
 
 
 def test_key_map_covers_every_transformer_key_both_ways(folder):
@@ -78,7 +82,7 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
     config = Checkpoint.open(folder).transformer_config
     assert info["latent_channels"] == 16 and info["scaling_factor"] == 0.7
     assert info["config"]["cross_attn_interval"] == config["cross_attn_interval"]
-    modules = native.face_modules(weights, info["config"])
+    modules = face_modules(weights, info["config"])
     source, _ = native.source_weights(folder)
     assert torch.equal(modules.state_dict()["local_facial_extractor.latents"], source["local_facial_extractor.latents"])
     assert main(["export", "--model", str(folder), "--out", str(tmp_path), "--name", "tiny"]) == 2  # no overwrite
@@ -86,7 +90,7 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
 
 def test_export_refuses_what_is_not_a_face_file(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(native.CheckpointError, match="not a ConsisID face-modules file"):
+    with pytest.raises(CheckpointError, match="not a ConsisID face-modules file"):
         native.read_face_file(tmp_path / "other.safetensors")
 
 
@@ -96,7 +100,7 @@ def test_face_modules_are_diffusers_own(folder):
     transformer = Checkpoint.open(folder).load_transformer("fp32")
     weights, config = native.source_weights(folder)
     _, face = native.split_weights(weights)
-    modules = native.face_modules(face, config)
+    modules = face_modules(face, config)
     identity = random_identity(config, seed=2)
     tokens = modules.face_tokens(identity.id_cond, list(identity.id_vit_hidden))
     with torch.no_grad():

@@ -48,9 +48,9 @@ from ...consisid_core import quant
 from ...consisid_core.checks import LATENT_CAUSE, check_latent, check_tensors
 from ...consisid_core.errors import ConsisIDError, IdentityError
 from ...consisid_core.lora import LoRA, check_lora_fits
-from ...consisid_core.native import (
-    FaceModules,
-    comfy_lora_tensors,
+from ...consisid_core.face_modules import FaceModules
+from ...consisid_core.native import comfy_lora_tensors, source_weights, split_weights
+from ...consisid_core.reference import (
     ReferenceStepNoise,
     dynamic_guidance,
     flow_input_scale,
@@ -58,8 +58,6 @@ from ...consisid_core.native import (
     posterior_sample,
     reference_noise,
     rotary_embedding,
-    source_weights,
-    split_weights,
 )
 from ...consisid_core.performance import StepCacheStats, TeaCacheState
 from .. import fence, host

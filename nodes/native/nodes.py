@@ -15,10 +15,12 @@ from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_image, check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.face_modules import face_modules as build_face_modules
 from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
 from ...consisid_core.lora import MAX_STRENGTH, check_strength, read_lora
 from ...consisid_core.media import to_uint8
+from ...consisid_core.reference import first_frame_pixels
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
 from .. import host
@@ -60,7 +62,7 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
         scheduler = native.checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
     core, face = native.split_weights(weights)
     del weights
-    face = native.face_modules(face, config, host.check_interrupted)
+    face = build_face_modules(face, config, host.check_interrupted)
     host.check_interrupted()
     if quantize is not None:
         core = quant.quantize(core, quantize, release=True)
@@ -163,7 +165,7 @@ class ConsisIDFaceModules:
         comfy_parts.require(comfy_parts.FACE_MODEL, "ConsisID Face Modules")
         path = _model_file("diffusion_models", face_modules)
         weights, info = native.read_face_file(path, host.check_interrupted)
-        face = native.face_modules(weights, info["config"], host.check_interrupted)
+        face = build_face_modules(weights, info["config"], host.check_interrupted)
         return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
@@ -259,7 +261,7 @@ class ConsisIDIdentityConditioning:
         image = None if start_image is None else check_image(start_image, "start_image", FIRST_FRAME_FIX)
         comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
         frame = first_frame(None if image is None else to_uint8(image[0]), identity)
-        pixels = native.first_frame_pixels(frame, height, width)
+        pixels = first_frame_pixels(frame, height, width)
         latent = comfy_parts.encode_first_frame(vae, pixels, seed)
         return (*identity_conditioned(positive, negative, identity, latent, strength, start, end),
                 {"samples": torch.zeros([1, comfy_parts.latent_channels(vae), (length - 1) // 4 + 1, height // 8, width // 8],

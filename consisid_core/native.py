@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -247,6 +248,47 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
     return 16, 0.7
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """What a native MODEL is made of, read from one ConsisID source (`model_parts`): what `export`
+    writes and the native loader loads."""
+
+    core: dict[str, torch.Tensor]
+    """The transformer's weights in ComfyUI's CogVideoX layout (in a `quant.FORMATS` format, when asked)."""
+    face: dict[str, torch.Tensor]
+    """The face modules' weights (diffusers key names)."""
+    config: dict
+    """The transformer's config, checked (the face modules take theirs from it: `face_config`)."""
+    latent_channels: int
+    scaling_factor: float
+    scheduler: dict | None
+    """The scheduler config, checked (`checked_scheduler`); None for a single file: the released one."""
+
+
+def model_parts(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None, dtype: torch.dtype | None = None,
+                quant: str | None = None) -> ModelParts:
+    """A native MODEL's parts from a ConsisID checkpoint folder or single transformer file, read as a
+    checkpoint is (`source_weights`, `cancel` called between tensors); a checkpoint with is_kps on is
+    refused and the scheduler config checked. With `dtype` every weight in it; with `quant` (a
+    `quant.FORMATS` name) the transformer's block linear layers in that format, each full-precision
+    weight let go as it is quantized."""
+    weights, config = source_weights(source, cancel)
+    if config.get("is_kps"):
+        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
+    channels, scaling = vae_settings(source)
+    scheduler = None
+    if Path(source).is_dir():
+        scheduler = checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+    core, face = split_weights(weights)
+    del weights
+    cancel()
+    if quant is not None:
+        core = quantize(core, quant, release=True)
+    return ModelParts(core, face, config, channels, scaling, scheduler)
+
+
 EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
 
@@ -297,21 +339,12 @@ def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
 def _model_writes(source, dtype: torch.dtype | None, quant: str | None, transformer_path: Path, face_path: Path) -> dict:
     """The transformer's and the face modules' files, each a write of `save_file` (weights checked;
     the transformer's in `quant`'s format, when given)."""
-    weights, config = source_weights(source)
-    if config.get("is_kps"):
-        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
-    if dtype is not None:
-        weights = {k: v.to(dtype) for k, v in weights.items()}
-    core, face = split_weights(weights)
-    if quant is not None:
-        core = quantize(core, quant)
-    channels, scaling = vae_settings(source)
-    scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
-    metadata = face_file_metadata(config, channels, scaling, scheduler)
+    parts = model_parts(source, dtype=dtype, quant=quant)
+    metadata = face_file_metadata(parts.config, parts.latent_channels, parts.scaling_factor, parts.scheduler)
     contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
     return {
-        transformer_path: functools.partial(save_file, contiguous(core)),
-        face_path: functools.partial(save_file, contiguous(face), metadata=metadata),
+        transformer_path: functools.partial(save_file, contiguous(parts.core)),
+        face_path: functools.partial(save_file, contiguous(parts.face), metadata=metadata),
     }
 
 

@@ -1,7 +1,10 @@
 """The native path's plain math (consisid_core/native.py, reference.py, face_modules.py), against diffusers:
 no ComfyUI needed."""
 
+import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -10,9 +13,9 @@ from safetensors.torch import save_file
 
 from consisid_core import native, reference
 from consisid_core.checkpoint import Checkpoint
-from consisid_core.errors import CheckpointError
-from consisid_core.face_modules import face_modules
 from consisid_core.cli import main
+from consisid_core.errors import CheckpointError, ConsisIDError
+from consisid_core.face_modules import face_modules
 from consisid_core.sampling import _pipeline, first_frame, make_scheduler
 from consisid_core.single_file import RELEASED_SCHEDULER_CONFIG
 from consisid_core.tiny import random_identity
@@ -72,6 +75,50 @@ def test_key_map_covers_every_transformer_key_both_ways(folder):
     assert all(native.comfy_key(native.diffusers_key(k)) == k for k in core)
 
 
+def test_model_parts_are_the_transformer_in_comfyui_layout_and_the_face_modules(folder):
+    """What `export` writes and the native loader loads, from one reading of the checkpoint."""
+    checkpoint = Checkpoint.open(folder)
+    weights, config = native.source_weights(folder)
+    core, face = native.split_weights(weights)
+    parts = native.model_parts(folder)
+    assert parts.core.keys() == core.keys() and all(torch.equal(parts.core[k], core[k]) for k in core)
+    assert parts.face.keys() == face.keys() and all(torch.equal(parts.face[k], face[k]) for k in face)
+    assert parts.config == config and parts.scheduler == checkpoint.scheduler_config
+    assert (parts.latent_channels, parts.scaling_factor) == (checkpoint.vae_config["latent_channels"],
+                                                            checkpoint.vae_config["scaling_factor"])
+    half = native.model_parts(folder, dtype=torch.bfloat16, quant="float8_e4m3fn")
+    assert {v.dtype for v in half.face.values()} == {torch.bfloat16}
+    assert half.core["blocks.1.q.weight"].dtype == torch.float8_e4m3fn and "blocks.1.q.comfy_quant" in half.core
+
+
+def test_model_parts_stop_when_cancelled(folder):
+    calls = []
+
+    def cancel():
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        native.model_parts(folder, cancel)
+    assert len(calls) == 3
+
+
+def test_model_parts_refuse_what_the_native_path_cannot_take(tiny_kps_dir, folder, tmp_path):
+    says = "this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only"
+    with pytest.raises(ConsisIDError, match=re.escape(says)):
+        native.model_parts(tiny_kps_dir)
+    epsilon = tmp_path / "epsilon"
+    shutil.copytree(folder, epsilon)
+    config = epsilon / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "epsilon"}))
+    with pytest.raises(CheckpointError, match="prediction_type is 'epsilon'; ConsisID predicts v"):
+        native.model_parts(epsilon)
+    for source in (tiny_kps_dir, epsilon):
+        assert main(["export", "--model", str(source), "--out", str(tmp_path / "out"), "--name", "x"]) == 2
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
     assert main(["export", "--model", str(folder), "--out", str(tmp_path), "--name", "tiny"]) == 0
     transformer, face = (tmp_path / "tiny_transformer.safetensors"), (tmp_path / "tiny_face.safetensors")
@@ -113,8 +160,6 @@ def test_face_modules_are_diffusers_own(folder):
 
 
 def test_the_native_workflows_are_the_graphs_docs_native_md_describes():
-    import json
-
     from workflow_tools import WORKFLOWS, all_specs, to_api
 
     def types(name):

@@ -69,6 +69,7 @@ import_comfyui()
 import comfy.samplers, comfy.sd
 from safetensors.torch import load_file, save_file
 from consisid_core import native
+from consisid_core.face_modules import face_modules
 from consisid_core.identity import load_identity
 from consisid_pack.nodes.native import comfy_parts
 from consisid_pack.nodes.native.comfy_parts import ReferenceNoise
@@ -81,7 +82,7 @@ Path("/proc/self/clear_refs").write_text("5")
 start = status("VmRSS")
 model = comfy.sd.load_diffusion_model({transformer!r})
 weights, info = native.read_face_file({face!r})
-model = comfy_parts.with_face_modules(model, native.face_modules(weights, info["config"]), info["latent_channels"],
+model = comfy_parts.with_face_modules(model, face_modules(weights, info["config"]), info["latent_channels"],
                                       info["scaling_factor"], info["scheduler"])
 channels = info["latent_channels"]
 positive, negative = identity_conditioned([[text["positive"], {{}}]], [[text["negative"], {{}}]], identity,

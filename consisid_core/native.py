@@ -1,9 +1,6 @@
-"""The plain math of ConsisID's native ComfyUI path, shared with the wrapper path where it is
-the same thing: the key map to ComfyUI's CogVideoX layout, the face modules, the reference's
-rotary embedding, noise and dynamic-CFG formula, and the schedule in flow coordinates.
-
-No ComfyUI here (`nodes/native/` adapts these to ComfyUI's model classes); the face modules,
-the rotary embedding and the scheduler's alphas are diffusers' own classes and functions.
+"""ConsisID's checkpoints converted for the native ComfyUI path: the transformer's keys in
+ComfyUI's CogVideoX layout, the face modules in a file of their own with their settings, LoRAs in
+ComfyUI's layout, each read and checked as a checkpoint is; `export` writes them.
 """
 
 from __future__ import annotations
@@ -11,10 +8,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,24 +20,18 @@ from safetensors.torch import save_file
 
 from .checkpoint import FACE_MODULES, MAX_JSON_BYTES, Checkpoint, check_float_weights
 from .checks import CONFIG_RULES, check_config, check_face_rules, check_number, check_shapes, check_tensors, class_defaults
-from .diffusers_hooks import part
 from .errors import CheckpointError, ConsisIDError, first_line
+from .face_modules import REEXPORT, FaceModules, face_config
 from .files import file_stem, output_folder, safetensors_header, shown, write_all, write_atomically
 from .lora import LoRA, read_lora
 from .media import check_output
 from .memory import check_fits
 from .quant import check_format, quantize
+from .reference import flow_sigmas
 from .single_file import RELEASED_SCHEDULER_CONFIG, infer_transformer_config, read_safetensors_shapes
 
 logger = logging.getLogger(__name__)
 
-FACE_CONFIG_KEYS = (
-    "num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "sample_width", "sample_height",
-    "cross_attn_interval", "cross_attn_dim_head", "cross_attn_num_heads", "LFE_id_dim", "LFE_vit_dim", "LFE_depth",
-    "LFE_dim_head", "LFE_num_heads", "LFE_num_id_token", "LFE_num_querie", "LFE_output_dim", "LFE_ff_mult",
-    "LFE_num_scale", "local_face_scale", "is_kps",
-)
-"""What the face modules, the rotary embedding and the identity checks need of the transformer config."""
 FACE_FORMAT = "consisid-face-modules"
 
 _BLOCK_KEYS = {
@@ -80,127 +71,6 @@ def diffusers_key(key: str) -> str:
 
 def is_face_key(key: str) -> bool:
     return key.split(".", 1)[0] in FACE_MODULES
-
-
-def face_config(transformer_config: Mapping) -> dict:
-    """The fields of a transformer config that the face modules and the rotary embedding use."""
-    from diffusers import ConsisIDTransformer3DModel
-
-    defaults = {k: v.default for k, v in _init_parameters(ConsisIDTransformer3DModel).items()}
-    return {k: transformer_config.get(k, defaults.get(k)) for k in FACE_CONFIG_KEYS}
-
-
-def _init_parameters(cls) -> Mapping:
-    import inspect
-
-    return inspect.signature(cls.__init__).parameters
-
-
-class FaceModules(torch.nn.Module):
-    """ConsisID's face modules as diffusers builds them (same key names): the Local Facial Extractor
-    and one perceiver cross-attention after every `cross_attn_interval` transformer blocks."""
-
-    def __init__(self, config: Mapping, cancel: Callable[[], None] = lambda: None):
-        """Built from a checked config (`read_face_file`, `source_weights`); `cancel` is called
-        between the modules and may raise to stop the build."""
-        super().__init__()
-        LocalFacialExtractor, PerceiverCrossAttention = part("LocalFacialExtractor"), part("PerceiverCrossAttention")
-        c = dict(config)
-        inner = c["num_attention_heads"] * c["attention_head_dim"]
-        self.config = c
-        cancel()
-        self.local_facial_extractor = LocalFacialExtractor(
-            id_dim=c["LFE_id_dim"], vit_dim=c["LFE_vit_dim"], depth=c["LFE_depth"], dim_head=c["LFE_dim_head"],
-            heads=c["LFE_num_heads"], num_id_token=c["LFE_num_id_token"], num_queries=c["LFE_num_querie"],
-            output_dim=c["LFE_output_dim"], ff_mult=c["LFE_ff_mult"], num_scale=c["LFE_num_scale"],
-        )
-        self.perceiver_cross_attention = torch.nn.ModuleList()
-        for _ in range(c["num_layers"] // c["cross_attn_interval"]):
-            cancel()
-            self.perceiver_cross_attention.append(PerceiverCrossAttention(
-                dim=inner, dim_head=c["cross_attn_dim_head"], heads=c["cross_attn_num_heads"], kv_dim=int(inner / 3 * 2)))
-
-    def face_tokens(self, id_cond: torch.Tensor, id_vit_hidden: list[torch.Tensor]) -> torch.Tensor:
-        """The Local Facial Extractor's output, in the face modules' dtype."""
-        dtype = self.local_facial_extractor.latents.dtype
-        return self.local_facial_extractor(id_cond.to(dtype), [h.to(dtype) for h in id_vit_hidden])
-
-    def after_block(self, index: int) -> int | None:
-        """Which cross-attention follows transformer block `index` (None: none does)."""
-        interval = self.config["cross_attn_interval"]
-        if index % interval or index // interval >= len(self.perceiver_cross_attention):
-            return None
-        return index // interval
-
-    def cross_attention(self, which: int, face: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """What cross-attention `which` adds to the hidden states (before the identity strength)."""
-        layer = self.perceiver_cross_attention[which]
-        dtype = layer.to_q.weight.dtype
-        return layer(face.to(dtype), hidden_states.to(dtype)).to(hidden_states.dtype)
-
-
-def rotary_embedding(config: Mapping, grid_height: int, grid_width: int, frames: int, device) -> tuple:
-    """The reference pipeline's 3D rotary embedding (cos, sin) for a latent grid of patches,
-    cropped to the checkpoint's native aspect as ConsisIDPipeline does."""
-    get_3d_rotary_pos_embed = part("get_3d_rotary_pos_embed")
-    get_resize_crop_region_for_grid = part("get_resize_crop_region_for_grid")
-    base_width = config["sample_width"] // config["patch_size"]
-    base_height = config["sample_height"] // config["patch_size"]
-    crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
-    return get_3d_rotary_pos_embed(
-        embed_dim=config["attention_head_dim"], crops_coords=crops, grid_size=(grid_height, grid_width),
-        temporal_size=frames, device=device,
-    )
-
-
-def alphas_cumprod(scheduler_config: Mapping | None = None) -> torch.Tensor:
-    """ᾱ_t of the reference's CogVideoX schedulers (float64; zero-terminal-SNR: ᾱ_999 = 0)."""
-    from diffusers import CogVideoXDDIMScheduler
-
-    config = {k: v for k, v in dict(scheduler_config or RELEASED_SCHEDULER_CONFIG).items() if not k.startswith("_")}
-    return CogVideoXDDIMScheduler.from_config(config).alphas_cumprod.double()
-
-
-def flow_sigmas(scheduler_config: Mapping | None = None) -> torch.Tensor:
-    """The schedule in flow coordinates, σ_t = √(1-ᾱ_t) / (√ᾱ_t + √(1-ᾱ_t)) (float64, rising to
-    exactly 1 at the zero-SNR end).
-
-    A DDPM latent x_t = √ᾱ·x0 + √(1-ᾱ)·ε divided by √ᾱ + √(1-ᾱ) is (1-σ)·x0 + σ·ε: the
-    rectified-flow interpolation, finite everywhere. Euler on it is DDIM step for step, and the
-    first step at ᾱ = 0 needs no infinite sigma (k-diffusion's σ = √((1-ᾱ)/ᾱ) would be)."""
-    a = alphas_cumprod(scheduler_config)
-    signal, noise = a.sqrt(), (1 - a).sqrt()
-    return noise / (signal + noise)
-
-
-def flow_input_scale(sigma: torch.Tensor) -> torch.Tensor:
-    """√ᾱ + √(1-ᾱ) at flow sigma σ: the flow latent times this is the DDPM latent the model takes."""
-    return 1 / ((1 - sigma) ** 2 + sigma**2).sqrt()
-
-
-def reference_noise(seed: int, channels: int, frames: int, height: int, width: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The initial noise ConsisIDPipeline draws for `torch.Generator('cpu').manual_seed(seed)`,
-    as [1, channels, latent frames, h, w] (ComfyUI's layout).
-
-    The pipeline first samples the first frame's VAE posterior from the same generator
-    (one [1, channels, 1, h, w] draw), then the noise as [1, frames, channels, h, w]."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    torch.randn((1, channels, 1, height, width), generator=generator, dtype=dtype)
-    return torch.randn((1, frames, channels, height, width), generator=generator, dtype=dtype).permute(0, 2, 1, 3, 4)
-
-
-def dynamic_guidance(scale: float, timestep: float, steps: int) -> float:
-    """The reference's dynamic CFG (CogVideoX's cosine schedule), as its pipeline computes it:
-    from the timestep t (999 … 0) and the step count."""
-    return 1 + scale * ((1 - math.cos(math.pi * ((steps - timestep) / steps) ** 5.0)) / 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: the transformer in ComfyUI's layout, the face modules on their own
-
-REEXPORT = "use the checkpoint's original file, or export it again with `python -m consisid_core export`"
-"""How to mend a weights file the native path refuses."""
 
 
 def source_weights(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
@@ -378,6 +248,51 @@ def vae_settings(source: str | os.PathLike) -> tuple[int, float]:
     return 16, 0.7
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """What a native MODEL is made of, read from one ConsisID source (`model_parts`): what `export`
+    writes and the native loader loads."""
+
+    core: dict[str, torch.Tensor]
+    """The transformer's weights in ComfyUI's CogVideoX layout (in a `quant.FORMATS` format, when asked)."""
+    face: dict[str, torch.Tensor]
+    """The face modules' weights (diffusers key names)."""
+    config: dict
+    """The transformer's config, checked (the face modules take theirs from it: `face_config`)."""
+    latent_channels: int
+    scaling_factor: float
+    scheduler: dict | None
+    """The scheduler config, checked (`checked_scheduler`); None for a single file: the released one."""
+
+
+def model_parts(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None, dtype: torch.dtype | None = None,
+                quant: str | None = None) -> ModelParts:
+    """A native MODEL's parts from a ConsisID checkpoint folder or single transformer file, read as a
+    checkpoint is (`source_weights`, `cancel` called between tensors); a checkpoint with is_kps on is
+    refused and the scheduler config checked. With `dtype` every weight in it; with `quant` (a
+    `quant.FORMATS` name) the transformer's block linear layers in that format, each full-precision
+    weight let go as it is quantized."""
+    weights, config = source_weights(source, cancel)
+    if config.get("is_kps"):
+        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
+    channels, scaling = vae_settings(source)
+    scheduler = None
+    if Path(source).is_dir():
+        scheduler = checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+    core, face = split_weights(weights)
+    del weights
+    cancel()
+    if quant is not None:
+        core = quantize(core, quant, release=True)
+    return ModelParts(core, face, config, channels, scaling, scheduler)
+
+
+EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
+
+
 def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: str = "consisid",
            overwrite: bool = False, dtype: torch.dtype | None = None, loras=(), quant: str | None = None) -> list[Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
@@ -424,50 +339,13 @@ def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
 def _model_writes(source, dtype: torch.dtype | None, quant: str | None, transformer_path: Path, face_path: Path) -> dict:
     """The transformer's and the face modules' files, each a write of `save_file` (weights checked;
     the transformer's in `quant`'s format, when given)."""
-    weights, config = source_weights(source)
-    if config.get("is_kps"):
-        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only")
-    if dtype is not None:
-        weights = {k: v.to(dtype) for k, v in weights.items()}
-    core, face = split_weights(weights)
-    if quant is not None:
-        core = quantize(core, quant)
-    channels, scaling = vae_settings(source)
-    scheduler = Checkpoint.open(source).scheduler_config if Path(source).is_dir() else None
-    metadata = face_file_metadata(config, channels, scaling, scheduler)
+    parts = model_parts(source, dtype=dtype, quant=quant)
+    metadata = face_file_metadata(parts.config, parts.latent_channels, parts.scaling_factor, parts.scheduler)
     contiguous = lambda d: {k: v.contiguous() for k, v in d.items()}  # noqa: E731
     return {
-        transformer_path: functools.partial(save_file, contiguous(core)),
-        face_path: functools.partial(save_file, contiguous(face), metadata=metadata),
+        transformer_path: functools.partial(save_file, contiguous(parts.core)),
+        face_path: functools.partial(save_file, contiguous(parts.face), metadata=metadata),
     }
-
-
-def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping,
-                 cancel: Callable[[], None] = lambda: None) -> FaceModules:
-    """The face modules of a checked `config` holding `weights` (diffusers key names), checked key by
-    key; `cancel` is called between the modules built."""
-    with torch.device("meta"):
-        modules = FaceModules(face_config(config), cancel)
-    expected = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
-    check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "the face-module weights", REEXPORT)
-    modules.load_state_dict(dict(weights), assign=True, strict=True)
-    return modules.eval()
-
-
-def first_frame_pixels(frame, height: int, width: int) -> torch.Tensor:
-    """The first frame as ConsisIDPipeline prepares it (diffusers' VideoProcessor: resized to
-    width × height), as a ComfyUI IMAGE [1, H, W, 3] in 0..1 for a VAE Encode."""
-    pixels = part("VideoProcessor")(vae_scale_factor=8).preprocess(frame, height=height, width=width)
-    return ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).clamp(0, 1)
-
-
-def posterior_sample(moments: torch.Tensor, seed: int) -> torch.Tensor:
-    """The VAE posterior (the encoder's mean and log-variance, `moments` [B, 2C, …]) sampled as
-    ConsisIDPipeline samples the first frame's: diffusers' own distribution, from a CPU generator
-    seeded with `seed`. It is that generator's first draw; the initial noise (`reference_noise`)
-    comes after it."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return part("DiagonalGaussianDistribution")(moments).sample(generator)
 
 
 def comfy_named(lora: LoRA) -> LoRA:
@@ -515,35 +393,3 @@ def export_lora(source: str | os.PathLike, target: str | os.PathLike, overwrite:
 def _lora_write(source: str | os.PathLike):
     """The LoRA read and checked now; what writes it in ComfyUI's layout to a path given later."""
     return functools.partial(save_file, comfy_lora_tensors(comfy_named(read_lora(source))))
-
-
-# ---------------------------------------------------------------------------------------------
-# `python -m consisid_core export`
-
-EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
-
-
-class ReferenceStepNoise:
-    """The fresh noise ConsisIDPipeline's `dpm` scheduler (CogVideoXDPMScheduler, a DPM-Solver++(2M)
-    SDE) adds at each step for a seed, as [1, channels, latent frames, h, w].
-
-    The generator has drawn the first frame's posterior and the initial noise (`reference_noise`);
-    the scheduler then draws one noise at its first step and two at each later one, using the
-    second (the first belongs to a first-order step it discards)."""
-
-    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
-        batch, channels, frames, height, width = shape
-        self._shape = (batch, frames, channels, height, width)
-        self._dtype = dtype
-        self._generator = torch.Generator("cpu").manual_seed(seed)
-        torch.randn((1, channels, 1, height, width), generator=self._generator, dtype=dtype)
-        torch.randn(self._shape, generator=self._generator, dtype=dtype)
-        self._steps = 0
-
-    def __call__(self) -> torch.Tensor:
-        draws = 1 if self._steps == 0 else 2
-        self._steps += 1
-        for _ in range(draws):
-            noise = torch.randn(self._shape, generator=self._generator, dtype=self._dtype)
-        return noise.permute(0, 2, 1, 3, 4)

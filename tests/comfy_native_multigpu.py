@@ -32,7 +32,8 @@ from workflow_tools import import_pack  # noqa: E402
 import_pack()
 from native_tools import guided_sample  # noqa: E402
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
-from consisid_pack.consisid_core.native import face_modules, read_face_file  # noqa: E402
+from consisid_pack.consisid_core.face_modules import face_modules  # noqa: E402
+from consisid_pack.consisid_core.native import read_face_file  # noqa: E402
 from consisid_pack.nodes.native.comfy_parts import face_patcher, with_face_modules, with_step_cache  # noqa: E402
 from consisid_pack.nodes.native.nodes import native_model  # noqa: E402
 

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import CheckpointError
-from consisid_core.native import FaceModules, export, face_config, face_modules, read_face_file, source_weights
+from consisid_core.face_modules import FaceModules, face_config, face_modules
+from consisid_core.native import export, read_face_file, source_weights
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -1,16 +1,23 @@
-"""The native path's plain math (consisid_core/native.py), against diffusers: no ComfyUI needed."""
+"""The native path's plain math (consisid_core/native.py, reference.py, face_modules.py), against diffusers:
+no ComfyUI needed."""
 
+import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from consisid_core import native
+from consisid_core import native, reference
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main
+from consisid_core.errors import CheckpointError, ConsisIDError
+from consisid_core.face_modules import face_modules
 from consisid_core.sampling import _pipeline, first_frame, make_scheduler
+from consisid_core.single_file import RELEASED_SCHEDULER_CONFIG
 from consisid_core.tiny import random_identity
 
 
@@ -25,38 +32,38 @@ def test_reference_noise_is_what_the_pipeline_draws(tiny_model):
     image = pipe.video_processor.preprocess(first_frame(None, identity), height=64, width=96).float()
     latents, _ = pipe.prepare_latents(image, 1, 4, 9, 64, 96, torch.float32, torch.device("cpu"),
                                       torch.Generator("cpu").manual_seed(5), None)
-    assert torch.equal(native.reference_noise(5, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
-    assert not torch.equal(native.reference_noise(6, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
+    assert torch.equal(reference.reference_noise(5, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
+    assert not torch.equal(reference.reference_noise(6, 4, 3, 8, 12), latents.permute(0, 2, 1, 3, 4))
 
 
 def test_first_frame_pixels_are_the_pipelines_preprocessing(tiny_model):
     identity = random_identity(tiny_model.config, seed=1)
     pipe = _pipeline(tiny_model.vae)
     frame = first_frame(None, identity)
-    reference = pipe.video_processor.preprocess(frame, height=64, width=96)
-    pixels = native.first_frame_pixels(frame, 64, 96)
+    expected = pipe.video_processor.preprocess(frame, height=64, width=96)
+    pixels = reference.first_frame_pixels(frame, 64, 96)
     assert pixels.shape == (1, 64, 96, 3)
-    assert torch.allclose(pixels * 2 - 1, reference.permute(0, 2, 3, 1), atol=1e-6)
+    assert torch.allclose(pixels * 2 - 1, expected.permute(0, 2, 3, 1), atol=1e-6)
 
 
 def test_flow_sigmas_are_the_schedule_in_flow_coordinates():
     from diffusers import CogVideoXDDIMScheduler
 
-    sigmas = native.flow_sigmas()
+    sigmas = reference.flow_sigmas()
     a = CogVideoXDDIMScheduler.from_config(
-        {k: v for k, v in native.RELEASED_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod.double()
+        {k: v for k, v in RELEASED_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod.double()
     assert a[-1] == 0 and sigmas[-1] == 1 and bool((sigmas[1:] > sigmas[:-1]).all())
     # σ / (1 - σ) is k-diffusion's sigma √((1-ᾱ)/ᾱ); the input scale turns the flow latent back into x_t
     k_sigma = ((1 - a[:-1]) / a[:-1]).sqrt()
     assert torch.allclose(sigmas[:-1] / (1 - sigmas[:-1]), k_sigma, rtol=1e-9)
-    assert torch.allclose(native.flow_input_scale(sigmas), a.sqrt() + (1 - a).sqrt(), rtol=1e-9)
+    assert torch.allclose(reference.flow_input_scale(sigmas), a.sqrt() + (1 - a).sqrt(), rtol=1e-9)
 
 
 def test_dynamic_guidance_is_the_pipelines_formula():
     # ConsisIDPipeline: 1 + g * ((1 - cos(pi * ((steps - t) / steps) ** 5.0)) / 2), t the timestep
     for t in (999, 500, 19):
         expected = 1 + 6.0 * ((1 - math.cos(math.pi * ((50 - t) / 50) ** 5.0)) / 2)
-        assert native.dynamic_guidance(6.0, t, 50) == expected
+        assert reference.dynamic_guidance(6.0, t, 50) == expected
 
 
 def test_key_map_covers_every_transformer_key_both_ways(folder):
@@ -66,6 +73,50 @@ def test_key_map_covers_every_transformer_key_both_ways(folder):
     assert "blocks.0.q.weight" in core and "time_embedding_linear_1.weight" in core and "blocks.1.ff_out.bias" in core
     assert not any(k.startswith("transformer_blocks") for k in core)
     assert all(native.comfy_key(native.diffusers_key(k)) == k for k in core)
+
+
+def test_model_parts_are_the_transformer_in_comfyui_layout_and_the_face_modules(folder):
+    """What `export` writes and the native loader loads, from one reading of the checkpoint."""
+    checkpoint = Checkpoint.open(folder)
+    weights, config = native.source_weights(folder)
+    core, face = native.split_weights(weights)
+    parts = native.model_parts(folder)
+    assert parts.core.keys() == core.keys() and all(torch.equal(parts.core[k], core[k]) for k in core)
+    assert parts.face.keys() == face.keys() and all(torch.equal(parts.face[k], face[k]) for k in face)
+    assert parts.config == config and parts.scheduler == checkpoint.scheduler_config
+    assert (parts.latent_channels, parts.scaling_factor) == (checkpoint.vae_config["latent_channels"],
+                                                            checkpoint.vae_config["scaling_factor"])
+    half = native.model_parts(folder, dtype=torch.bfloat16, quant="float8_e4m3fn")
+    assert {v.dtype for v in half.face.values()} == {torch.bfloat16}
+    assert half.core["blocks.1.q.weight"].dtype == torch.float8_e4m3fn and "blocks.1.q.comfy_quant" in half.core
+
+
+def test_model_parts_stop_when_cancelled(folder):
+    calls = []
+
+    def cancel():
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        native.model_parts(folder, cancel)
+    assert len(calls) == 3
+
+
+def test_model_parts_refuse_what_the_native_path_cannot_take(tiny_kps_dir, folder, tmp_path):
+    says = "this checkpoint has is_kps on (keypoint latents): the native path takes is_kps off only"
+    with pytest.raises(ConsisIDError, match=re.escape(says)):
+        native.model_parts(tiny_kps_dir)
+    epsilon = tmp_path / "epsilon"
+    shutil.copytree(folder, epsilon)
+    config = epsilon / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "epsilon"}))
+    with pytest.raises(CheckpointError, match="prediction_type is 'epsilon'; ConsisID predicts v"):
+        native.model_parts(epsilon)
+    for source in (tiny_kps_dir, epsilon):
+        assert main(["export", "--model", str(source), "--out", str(tmp_path / "out"), "--name", "x"]) == 2
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
@@ -78,7 +129,7 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
     config = Checkpoint.open(folder).transformer_config
     assert info["latent_channels"] == 16 and info["scaling_factor"] == 0.7
     assert info["config"]["cross_attn_interval"] == config["cross_attn_interval"]
-    modules = native.face_modules(weights, info["config"])
+    modules = face_modules(weights, info["config"])
     source, _ = native.source_weights(folder)
     assert torch.equal(modules.state_dict()["local_facial_extractor.latents"], source["local_facial_extractor.latents"])
     assert main(["export", "--model", str(folder), "--out", str(tmp_path), "--name", "tiny"]) == 2  # no overwrite
@@ -86,7 +137,7 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
 
 def test_export_refuses_what_is_not_a_face_file(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(native.CheckpointError, match="not a ConsisID face-modules file"):
+    with pytest.raises(CheckpointError, match="not a ConsisID face-modules file"):
         native.read_face_file(tmp_path / "other.safetensors")
 
 
@@ -96,7 +147,7 @@ def test_face_modules_are_diffusers_own(folder):
     transformer = Checkpoint.open(folder).load_transformer("fp32")
     weights, config = native.source_weights(folder)
     _, face = native.split_weights(weights)
-    modules = native.face_modules(face, config)
+    modules = face_modules(face, config)
     identity = random_identity(config, seed=2)
     tokens = modules.face_tokens(identity.id_cond, list(identity.id_vit_hidden))
     with torch.no_grad():
@@ -109,8 +160,6 @@ def test_face_modules_are_diffusers_own(folder):
 
 
 def test_the_native_workflows_are_the_graphs_docs_native_md_describes():
-    import json
-
     from workflow_tools import WORKFLOWS, all_specs, to_api
 
     def types(name):

@@ -162,7 +162,8 @@ def test_the_face_tokens_are_computed_once_per_run(setup, monkeypatch):
 def unet_and_face(setup, tmp_path_factory):
     """Core Load Diffusion Model's MODEL of the exported transformer, with ConsisID Face Modules."""
     import comfy.sd
-    from consisid_core.native import export, face_modules, read_face_file
+    from consisid_core.face_modules import face_modules
+    from consisid_core.native import export, read_face_file
     from consisid_pack.nodes.native.comfy_parts import with_face_modules
 
     transformer, face = export(setup["folder"], tmp_path_factory.mktemp("exported"), "tiny")

@@ -130,7 +130,7 @@ def test_ksampler_sampling_call_gives_the_same_latents(setup):
     text = setup["text"]
     positive, negative = identity_conditioned([[text.positive, {}]], [[text.negative, {}]], setup["identity"], first)
     latent = torch.zeros(1, 16, 3, HEIGHT // 8, WIDTH // 8)
-    from consisid_core.native import reference_noise
+    from consisid_core.reference import reference_noise
 
     noise = reference_noise(SEED, 16, 3, HEIGHT // 8, WIDTH // 8)
     out = comfy.sample.sample(setup["model"], noise, 5, GUIDANCE, "ddim", "simple", positive, negative, latent,
@@ -195,7 +195,8 @@ def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_
     import comfy.model_base
     import comfy.sd
     import comfy.supported_models
-    from consisid_core.native import face_modules, read_face_file
+    from consisid_core.face_modules import face_modules
+    from consisid_core.native import read_face_file
     from consisid_pack.nodes.native.comfy_parts import with_face_modules
 
     transformer, face = exported
@@ -213,12 +214,10 @@ def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_
 
 def test_face_modules_refuse_a_model_of_another_width(setup, exported):
     import comfy.sd
-    from consisid_core.native import FaceModules
+    from consisid_core.face_modules import FaceModules, face_config
     from consisid_pack.nodes.native.comfy_parts import with_face_modules
 
     core = comfy.sd.load_diffusion_model(str(exported[0]), model_options={"dtype": torch.float32})
-    from consisid_core.native import face_config
-
     wider = face_config({**setup["wrapper"].config, "num_attention_heads": 2})
     with torch.device("meta"):
         modules = FaceModules(wider)

@@ -48,9 +48,9 @@ from ...consisid_core import quant
 from ...consisid_core.checks import LATENT_CAUSE, check_latent, check_tensors
 from ...consisid_core.errors import ConsisIDError, IdentityError
 from ...consisid_core.lora import LoRA, check_lora_fits
-from ...consisid_core.native import (
-    FaceModules,
-    comfy_lora_tensors,
+from ...consisid_core.face_modules import FaceModules
+from ...consisid_core.native import comfy_lora_tensors, model_parts
+from ...consisid_core.reference import (
     ReferenceStepNoise,
     dynamic_guidance,
     flow_input_scale,
@@ -58,8 +58,6 @@ from ...consisid_core.native import (
     posterior_sample,
     reference_noise,
     rotary_embedding,
-    source_weights,
-    split_weights,
 )
 from ...consisid_core.performance import StepCacheStats, TeaCacheState
 from .. import fence, host
@@ -951,9 +949,7 @@ def _face_copy(model, face: FaceModules, disable_dynamic: bool = False):
 
 
 def _reload_cogvideox(source: str, dtype: torch.dtype | None, quantize: str | None, disable_dynamic: bool = False):
-    core, _ = split_weights(source_weights(source)[0])
-    if quantize is not None:
-        core = quant.quantize(core, quantize, release=True)
+    core = model_parts(source, quant=quantize).core
     options = {} if dtype is None else {"dtype": dtype}
     return comfy.sd.load_diffusion_model_state_dict(core, model_options=options, disable_dynamic=disable_dynamic)
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from ...consisid_core import native, quant
-from ...consisid_core.checkpoint import Checkpoint
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
+from ...consisid_core.face_modules import face_modules as build_face_modules
 from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
 from ...consisid_core.lora import check_strength, read_lora
+from ...consisid_core.reference import first_frame_pixels
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
 from .. import host
@@ -42,27 +43,18 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
     """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
     core's CogVideoX (its key layout) with the face modules added; with `quantize` (a
     `quant.FORMATS` name) its block linear layers in that core format, as `export --quant` writes
-    them. Every file is read as a checkpoint is (`native.source_weights`), the scheduler config
-    checked, Cancel between tensors and modules."""
+    them. Its parts come from `native.model_parts` (every file read as a checkpoint is, the scheduler
+    config checked); Cancel between tensors and modules."""
     comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
     if quantize is not None:
         comfy_parts.require_format(quantize)
-    weights, config = native.source_weights(source, host.check_interrupted)
-    if config.get("is_kps"):
-        raise ConsisIDError("this checkpoint has is_kps on (keypoint latents): the native nodes take is_kps off only")
-    channels, scaling = native.vae_settings(source)
-    scheduler = None
-    if Path(source).is_dir():
-        scheduler = native.checked_scheduler(Checkpoint.open(source).scheduler_config, f"{source}/scheduler")
-    core, face = native.split_weights(weights)
-    del weights
-    face = native.face_modules(face, config, host.check_interrupted)
+    parts = native.model_parts(source, host.check_interrupted, quant=quantize)
+    face = build_face_modules(parts.face, parts.config, host.check_interrupted)
     host.check_interrupted()
-    if quantize is not None:
-        core = quant.quantize(core, quantize, release=True)
-    model = comfy_parts.load_cogvideox(core, dtype)
+    model = comfy_parts.load_cogvideox(parts.core, dtype)
     comfy_parts.reloadable(model, source, dtype, quantize)
-    return comfy_parts.with_face_modules(model, face, channels, scaling, scheduler, LOADER)
+    return comfy_parts.with_face_modules(model, face, parts.latent_channels, parts.scaling_factor, parts.scheduler,
+                                         LOADER)
 
 
 def _model_file(kind: str, name: str) -> Path:
@@ -157,7 +149,7 @@ class ConsisIDFaceModules:
         comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
         path = _model_file("diffusion_models", face_modules)
         weights, info = native.read_face_file(path, host.check_interrupted)
-        face = native.face_modules(weights, info["config"], host.check_interrupted)
+        face = build_face_modules(weights, info["config"], host.check_interrupted)
         return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
@@ -250,7 +242,7 @@ class ConsisIDIdentityConditioning:
         image = first_image(start_image, "start_image")
         comfy_parts.check_vae(vae, comfy_parts.ENCODE_PARTS, CONDITIONING)
         frame = first_frame(image, identity)
-        pixels = native.first_frame_pixels(frame, height, width)
+        pixels = first_frame_pixels(frame, height, width)
         latent = comfy_parts.encode_first_frame(vae, pixels, seed)
         return (*identity_conditioned(positive, negative, identity, latent, strength, start, end),
                 {"samples": torch.zeros([1, comfy_parts.latent_channels(vae), (length - 1) // 4 + 1, height // 8, width // 8],

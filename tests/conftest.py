@@ -49,6 +49,27 @@ def text(tiny_model):
 
 
 @pytest.fixture
+def calls(monkeypatch):
+    """A count of calls, by name, with `calls.watch(owner, name)` counting each call of `owner.name`
+    (left in place; undone after the test)."""
+    import collections
+
+    counts = collections.Counter()
+
+    def watch(owner, name: str) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+    counts.watch = watch
+    return counts
+
+
+@pytest.fixture
 def home(tmp_path, tiny_dir, monkeypatch):
     """A ComfyUI-like base folder for the nodes outside ComfyUI, tmp_path/ComfyUI: models/consisid/tiny,
     models/diffusion_models, models/vae, input/, output/ (tmp_path around it, to see that nothing

@@ -192,27 +192,16 @@ def test_performance_node_feeds_the_sampler(home):
 
 
 @pytest.mark.slow
-def test_the_sampler_checks_its_run_once(home, monkeypatch):
+def test_the_sampler_checks_its_run_once(home, calls):
     """ConsisID Sampler prepares its run once, before ComfyUI is asked for room: each check once."""
-    import collections
-
     from consisid_pack.consisid_core import sampling
     from consisid_pack.consisid_core.identity import Identity
     from consisid_pack.consisid_core.text import TextEmbeddings
     from consisid_pack.consisid_core.tiny import random_identity
 
-    calls = collections.Counter()
-
-    def counted(name, original):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        return call
-
     for name in ("resolve_size", "check_steps", "check_seed", "check_options", "check_sampling_fits"):
-        monkeypatch.setattr(sampling, name, counted(name, getattr(sampling, name)))
-    monkeypatch.setattr(Identity, "check_compatible", counted("check_compatible", Identity.check_compatible))
+        calls.watch(sampling, name)
+    calls.watch(Identity, "check_compatible")
     (model,) = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     width = model.config.text_embed_dim
     text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))

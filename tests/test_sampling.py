@@ -271,31 +271,19 @@ CHECKS = ("resolve_size", "check_steps", "check_seed", "check_options", "check_s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sample", "generate", "segments", "cli"])
-def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, tmp_path, monkeypatch, how):
+def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, tmp_path, calls, how):
     """Following a run from its options to its latents, each check is made once: by `Run.prepare`,
     `with_identity`, `with_model`, `check_text` (a long video's every segment included)."""
-    import collections
-
     from consisid_core import sampling
     from consisid_core.cli import main
     from consisid_core.identity import Identity, save_identity
     from consisid_core.sampling import generate
     from consisid_core.segments import generate_segments
 
-    calls = collections.Counter()
-
-    def counted(name, original):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        return call
-
     for name in CHECKS:
-        monkeypatch.setattr(sampling, name, counted(name, getattr(sampling, name)))
-    for name in ("check_compatible",):
-        monkeypatch.setattr(Identity, name, counted(name, getattr(Identity, name)))
-    monkeypatch.setattr(sampling.Run, "check_text", counted("check_text", sampling.Run.check_text))
+        calls.watch(sampling, name)
+    calls.watch(Identity, "check_compatible")
+    calls.watch(sampling.Run, "check_text")
     if how == "sample":
         sample(tiny_model, identity, text, steps=1)
     elif how == "generate":

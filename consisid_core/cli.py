@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .checkpoint import DTYPES
 from .commands import COMMANDS
 from .errors import ConsisIDError, RankError, first_line
 from .lora import lora_argument
@@ -130,7 +131,7 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--height", type=int, help="multiple of 16 (default: the checkpoint's, 480)")
     gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
     gen.add_argument("--fps", type=int, default=8, help="frames per second of an .mp4")
-    gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--fp8", action="store_true", help="store the transformer's linear weights in fp8 (less memory)")
     gen.add_argument("--offload", choices=OFFLOAD_MODES, default="model",
                      help="model: whole models on the GPU for the run; sequential: stream the transformer's layers")

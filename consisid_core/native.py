@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FACE_MODULES, MAX_JSON_BYTES, Checkpoint, check_float_weights
+from .checkpoint import DTYPES, FACE_MODULES, MAX_JSON_BYTES, Checkpoint, check_float_weights
 from .checks import CONFIG_RULES, check_config, check_face_rules, check_number, check_shapes, check_tensors, class_defaults
 from .errors import CheckpointError, ConsisIDError, first_line
 from .face_modules import REEXPORT, FaceModules, face_config
@@ -289,7 +289,7 @@ def model_parts(source: str | os.PathLike, cancel: Callable[[], None] = lambda: 
     return ModelParts(core, face, config, channels, scaling, scheduler)
 
 
-EXPORT_DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_DTYPES = {"keep": None, **DTYPES}
 """`export --dtype`: the weights' precision in the exported files (keep: as most of them are stored)."""
 
 

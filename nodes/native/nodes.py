@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ...consisid_core import native, quant
+from ...consisid_core.checkpoint import DTYPES
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
@@ -29,7 +30,7 @@ from ..declared import (
 )
 from . import comfy_parts
 
-WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = {"default": None, **DTYPES}
 RELEASED_SIZE = tuple(RELEASED_TRANSFORMER_CONFIG[k] * s for k, s in (("sample_frames", 1), ("sample_height", 8),
                                                                           ("sample_width", 8)))
 """(frames, height, width) ConsisID was trained at, (49, 480, 720): what Identity Conditioning's

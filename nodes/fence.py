@@ -1,43 +1,10 @@
-"""The one module that names the ComfyUI internals the pack relies on, and checks them.
+"""The one module that names the ComfyUI internals the wrapper nodes rely on, and checks them.
 
-ComfyUI has no stable Python API for custom nodes' models; its internals change between releases
-(v0.33 builds its castable layers differently from v0.3.64, for one). Everything the pack uses
-beyond ComfyUI's node declarations is imported here, listed in `ASSUMPTIONS` with the feature that
-needs it and what happens without it, and checked once when the pack loads (`check`), against
-the running ComfyUI:
-
-- `folders`: `folder_paths` (`add_model_folder_path`, `get_folder_paths`, `get_filename_list`,
-  `get_input_directory`, `get_output_directory`, `get_save_image_path`, `models_dir`);
-- `model_management`: `comfy.model_patcher.ModelPatcher(model, load_device, offload_device)` with
-  `clone`, `is_clone`, `model_size`, `partially_load`; `comfy.model_management.load_models_gpu(models,
-  memory_required=)`, `get_torch_device`, the offload devices, `free_memory`, `soft_empty_cache`;
-- `partial_load`: the castable layers of `comfy.ops.disable_weight_init` and `comfy.ops.manual_cast`
-  (built with torch's arguments, castable per call) and `ModelPatcher.add_callback` with
-  `comfy.patcher_extension.CallbacksMP.ON_LOAD` and `.ON_DETACH`;
-- `dynamic_vram` (v0.33): `comfy.model_patcher.ModelPatcherDynamic`, `CoreModelPatcher` (the dynamic
-  one when dynamic VRAM is on) and `ModelPatcher.is_dynamic`;
-- `lora_patches`: `comfy.lora.load_lora(lora, to_load)` and `ModelPatcher.add_patches`;
-- `unload_one`: `comfy.model_management.current_loaded_models` (`.model`, `.model_unload()`);
-- `progress`: `comfy.utils.ProgressBar(total).update_absolute(value, total, preview)`;
-- `previews`: `comfy.cli_args.args.preview_method`, `.preview_size`, `LatentPreviewMethod.NoPreviews`;
-- `cancel`: `comfy.model_management.throw_exception_if_processing_interrupted`;
-- `t5_tokens` (checked where used, on the CLIP at hand): `CLIP.tokenize(text, disable_weights=,
-  tokenizer_options={"t5xxl_min_length": n})` giving `{"t5xxl": [[(id, weight, …), …]]}`, and
-  `CLIP.encode_from_tokens(tokens, return_dict=True)["cond"]`.
-
-On a mismatch the log gets one line naming what differs and the fallback, and the pack goes on:
-partial loading becomes whole loading, ComfyUI's LoRA patches become our own merge per run, one
-model's unload becomes an unload of that device, no progress bar or previews, Cancel between
-nodes only, and the core places the models itself when ComfyUI's model management differs.
-Where there is no fallback (the model folders, the native T5 route) the option is refused with
-one line when used (`require`). Outside ComfyUI nothing here is imported and `IN_COMFYUI` is False.
-
-The native path (`nodes/native/`) builds on ComfyUI's own CogVideoX, which older ComfyUIs lack; its
-assumptions live beside the internals they are about, in `nodes/native/comfy_parts.py`
-(`ASSUMPTIONS`), and are checked here with the rest (`assumptions`): one mechanism for both paths.
-A feature that `needs` another is off with it and not logged apart; a `quiet` one (the whole native
-path, on a ComfyUI from before native CogVideoX) is not logged at all, its nodes say so when used.
-"""
+Each is an `Assumption` in `ASSUMPTIONS` (with the native path's, `nodes/native/comfy_parts.py`):
+the feature that uses it, a cheap probe, and what happens without it. `check` probes them once when
+the pack loads and logs one line per feature that differs; the feature then falls back, or its
+option is refused in one line when used (`require`). How and why: docs/dev/architecture.md, "The
+fence"."""
 
 from __future__ import annotations
 

@@ -1,26 +1,9 @@
-"""The one module that uses ComfyUI: model folders, devices, memory, progress and Cancel.
+"""The nodes' side of ComfyUI: model folders, devices, memory, progress and Cancel.
 
-Inside ComfyUI our models are ComfyUI's to hold: each part (transformer, VAE, T5, the face
-models' torch parts) is wrapped in a `comfy.model_patcher.ModelPatcher` and loaded with
-`comfy.model_management.load_models_gpu` before a node's work, with our estimate of that work as
-`memory_required`. ComfyUI then keeps them resident between runs, evicts them when another model
-needs room, follows --highvram / --lowvram / --novram / --gpu-only / --cpu and "Unload Models",
-and loads the transformer and T5 partly when they do not fit: their Linear, Conv, norm and
-Embedding layers are rebuilt as ComfyUI builds its own (`comfy.ops` classes, same parameters and
-forward), so the layers left in RAM are cast to the GPU per call. The VAE and the face models
-(small; the VAE decoder reads its convolutions' weights directly) always load whole. With
-ComfyUI v0.33's dynamic VRAM on, they stay in the classic ModelPatcher, which ComfyUI still loads
-partly and makes room for among its dynamic models (the log says so once). The native MODEL's
-face modules (`held_beside`) take part in dynamic VRAM whenever the MODEL they belong to does.
-
-ComfyUI's internals are reached through `fence`, which checks them once against the running
-ComfyUI; where one differs, the feature built on it falls back (see `fence`).
-
-Outside ComfyUI (tests, scripts) every function falls back to plain behaviour, so the nodes run
-end to end there too: the core moves models for each run, model folders are
-`$CONSISID_HOME/models/<kind>` (default: the current folder), input and output are
-`$CONSISID_HOME/input` and `$CONSISID_HOME/output`.
-"""
+Inside ComfyUI our models are ComfyUI's to hold (ModelPatchers loaded with `load_models_gpu`, partly
+when they do not fit); ComfyUI's internals are reached through `fence`. Outside ComfyUI every
+function falls back to plain behaviour, so the nodes run in tests and scripts. How and why:
+docs/dev/architecture.md, "Models inside ComfyUI"."""
 
 from __future__ import annotations
 

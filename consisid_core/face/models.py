@@ -1,26 +1,9 @@
 """Loading the face models of a ConsisID checkpoint's `face_encoder/` folder, without any download.
 
-The folder's files are named in `checkpoint` (FACE_ENCODER and the names after it): insightface's
-antelopev2 detector and recogniser (ONNX, run by ONNX Runtime), facexlib's RetinaFace and BiSeNet,
-and EVA02-CLIP-L-14-336 (its vision tower is used).
-
-ONNX Runtime is not a dependency of the package, so that installing it keeps whichever build a
-Python already has (`onnxruntime`, `onnxruntime-gpu`, …; they all provide the one `onnxruntime`
-module and overwrite each other). Without one, loading the face models stops with one ImportError
-naming the install command (`onnxruntime_providers`).
-
-ONNX Runtime's official builds send usage events to Microsoft (its 1DS telemetry, over HTTPS: a
-name lookup of mobile.events.data.microsoft.com some seconds after the import) unless
-ORT_DISABLE_TELEMETRY=1 is set when it initializes, which is at its import; no session option
-turns it off. The pack imports it with that variable set for the import alone
-(`onnxruntime_offline`), so the face models never reach the network and nothing else in the
-process sees its environment changed. When something else imported ONNX Runtime first with
-telemetry on, a warning says so once.
-
-The reference (`diffusers.pipelines.consisid.consisid_utils.prepare_face_models`) builds the same
-models through insightface's `FaceAnalysis`, facexlib's `FaceRestoreHelper` and `consisid_eva_clip`;
-those download missing files, so here each is built directly and loaded from the folder's files.
-"""
+insightface's antelopev2 detector and recogniser (ONNX, run by ONNX Runtime, imported with its
+telemetry off: `onnxruntime_offline`), facexlib's RetinaFace and BiSeNet, and EVA02-CLIP-L-14-336's
+vision tower, each built directly from the folder's files where the reference's helpers would
+download them. How and why: docs/dev/architecture.md, "The face models"."""
 
 from __future__ import annotations
 

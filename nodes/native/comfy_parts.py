@@ -1,36 +1,10 @@
 """Everything of ComfyUI that the native path uses, in one place, and what it assumes of it (`ASSUMPTIONS`).
 
-ConsisID is CogVideoX-5B-I2V plus face modules, so its native MODEL is core's own CogVideoX
-MODEL (`comfy.sd.load_diffusion_model_state_dict`: model detection, `model_base.CogVideoX`,
-`comfy.ldm.cogvideo` on `comfy.ops`) with what ConsisID changes added through ComfyUI's own
-ModelPatcher mechanisms, so that the same addition works on a MODEL from core UNETLoader, from
-ComfyUI-GGUF's UnetLoaderGGUF, and after LoRA loaders:
-
-- an additional model (`ModelPatcher.set_additional_models`): the face modules in a patcher of
-  their own (`host.held_beside`), which core's sampling loads, partly loads, evicts and unloads with
-  the MODEL, in dynamic VRAM when the MODEL is in it (not an object patch: a dynamic patcher's full
-  unload takes the object patches off before it puts back the weights it moved);
-- object patches: the reference's rotary embedding (core's CogVideoX 1.0 rotary scales the grid
-  by spatial_interpolation_scale; ConsisIDPipeline crops it to the native aspect), the model
-  sampling below, the checkpoint's latent format, and `extra_conds` passing the identity on;
-- a DIFFUSION_MODEL wrapper: the Local Facial Extractor once per call, and after every
-  `cross_attn_interval` blocks the perceiver cross-attention times the identity strength (forward
-  hooks held for that call only), within the conditioning's start/end percent.
-
-Model sampling: core's CogVideoX uses `V_PREDICTION_DDPM`, whose `calculate_input` gives the
-transformer k-diffusion's unscaled x (x_t·√(1+σ²)) and whose `calculate_denoised` reads it as
-x_t: right for a DDPM loop (core's VOID nodes), wrong for k-samplers (tests/test_native_parity.py
-measures it). `ModelSamplingConsisID` is the same schedule (v-prediction, scaled-linear betas
-0.00085–0.012, zero terminal SNR, from diffusers' scheduler) in flow coordinates: finite at the
-zero-SNR end, Euler there is DDIM step for step, and `simple` picks the trailing timesteps.
-
-Guarded as the wrapper is (`nodes/fence.py`): every internal above is probed when the pack loads,
-each probe cheap (a signature, an attribute, the source line that calls it, a tiny block or sampler
-run), as one of `ASSUMPTIONS`' features. Where one differs, the log says so in one line and each
-node that needs it refuses in one line naming itself (`require`), or falls back (core's decode
-order, the posterior mean, latents on the CPU). What exists only on instances (the VAE's lambdas,
-the transformer's blocks) is checked where used (`instance_parts`).
-"""
+The native MODEL is core's own CogVideoX with ConsisID's face modules added through ComfyUI's
+ModelPatcher mechanisms (an additional model, object patches, wrappers), so the same addition works
+on any CogVideoX MODEL and after LoRA loaders; its model sampling is the checkpoint's schedule in
+flow coordinates. Each internal is probed when the pack loads, as the wrapper's are
+(`nodes/fence.py`). How and why: docs/dev/native.md."""
 
 from __future__ import annotations
 

@@ -240,7 +240,7 @@ with broken(folder_paths, "get_save_image_path", DELETED):
         raise AssertionError("saving went on without folder_paths.get_save_image_path")
 
 
-# --- the native T5 route, checked on the CLIP at hand
+# --- the core T5 route, checked on the CLIP at hand
 class OldClip:
     def tokenize(self, text, return_word_ids=False):
         return {"t5xxl": [[(1, 1.0)]]}

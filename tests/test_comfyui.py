@@ -209,10 +209,10 @@ def test_object_info_lists_every_node(server):
     assert info["ConsisIDFaceModelsLoader"]["input"]["required"]["face_encoder"][0] == [CHECKPOINT]
 
 
-def test_native_t5_workflow_fails_validation_only_at_the_missing_t5_file(server):
+def test_core_t5_workflow_fails_validation_only_at_the_missing_t5_file(server):
     """No T5-XXL file can be had here: validation must name CLIPLoader's file, and nothing else
     (the branch that does not need it, Save Identity, still runs)."""
-    status, answer = server.post("/prompt", {"prompt": _tiny(_api(server, "consisid_native_t5.json"))})
+    status, answer = server.post("/prompt", {"prompt": _tiny(_api(server, "consisid_core_t5.json"))})
     assert status == 200
     errors = answer["node_errors"]
     assert [e["class_type"] for e in errors.values()] == ["CLIPLoader"]

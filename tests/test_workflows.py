@@ -51,7 +51,7 @@ def test_each_workflow_is_the_graph_the_readme_describes(specs):
     basic = _types("consisid_basic.json")
     assert basic[:3] == ["LoadImage", "ConsisIDFaceModelsLoader", "ConsisIDFaceEmbed"]
     assert basic[-4:] == ["ConsisIDSampler", "ConsisIDVAEDecode", "CreateVideo", "SaveVideo"]
-    assert "CLIPLoader" in _types("consisid_native_t5.json")
+    assert "CLIPLoader" in _types("consisid_core_t5.json")
     upscale = _types("consisid_upscale_interpolate.json")
     assert upscale.index("ImageUpscaleWithModel") < upscale.index("RIFE VFI") < upscale.index("CreateVideo")
     reuse = _types("consisid_reuse_identity.json")
@@ -62,7 +62,7 @@ def test_each_workflow_is_the_graph_the_readme_describes(specs):
     assert by_type["CreateVideo"]["fps"] == 16.0
     assert by_type["SaveVideo"]["format"] == "mp4"
     assert by_type["ConsisIDSampler"]["seed"] == 42 and by_type["ConsisIDSampler"]["steps"] == 50
-    clip = to_api(json.loads((WORKFLOWS / "consisid_native_t5.json").read_text()), specs)
+    clip = to_api(json.loads((WORKFLOWS / "consisid_core_t5.json").read_text()), specs)
     clip_loader = next(n["inputs"] for n in clip.values() if n["class_type"] == "CLIPLoader")
     assert clip_loader["type"] == "sd3"
 

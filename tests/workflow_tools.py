@@ -265,7 +265,7 @@ def _tail(g: Graph, model: int, identity: tuple[int, int], text: int, fps: float
     g.add("SaveVideo", "consisid/ConsisID", "mp4", "h264", video=(video, 0))
 
 
-def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8.0, loras=()) -> dict:
+def _face_graph(specs: dict, core_t5: bool = False, extra=None, fps: float = 8.0, loras=()) -> dict:
     g = Graph(specs)
     photo = g.add("LoadImage", "consisid_face.png", "image")
     faces = g.add("ConsisIDFaceModelsLoader", CHECKPOINT, "cpu", "cpu")
@@ -273,7 +273,7 @@ def _face_graph(specs: dict, native_t5: bool = False, extra=None, fps: float = 8
     if extra is None and not loras:
         g.add("ConsisIDSaveIdentity", "consisid/identity", identity=(embed, 0))
     model = g.add("ConsisIDModelLoader", CHECKPOINT, "(from checkpoint)", "bf16", False)
-    if native_t5:
+    if core_t5:
         clip = g.add("CLIPLoader", "t5xxl_fp16.safetensors", "sd3", "default")
         text = g.add("ConsisIDTextEncode", PROMPT, "", clip=(clip, 0))
     else:
@@ -451,7 +451,7 @@ def build(specs: dict | None = None) -> dict[str, dict]:
     specs = specs or all_specs()
     return {
         "consisid_basic.json": _face_graph(specs),
-        "consisid_native_t5.json": _face_graph(specs, native_t5=True),
+        "consisid_core_t5.json": _face_graph(specs, core_t5=True),
         "consisid_upscale_interpolate.json": _face_graph(specs, extra=_upscale_and_interpolate, fps=16.0),
         "consisid_reuse_identity.json": _reuse_identity(specs),
         "consisid_long_video.json": _long_video(specs),

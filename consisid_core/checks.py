@@ -3,9 +3,9 @@
 Every check raises a `ConsisIDError` (or a subclass) whose one-line message names the value and
 the fix. The bounds are documented here and in the README's "Security" section:
 
-- frames per pass at most `MAX_FRAMES_FACTOR` × the checkpoint's native count, and at most
-  `MAX_PIXELS_FACTOR` × its native pixels per frame (each side at most that many times its
-  native side), unless the caller explicitly allows oversize runs;
+- frames per pass at most `MAX_FRAMES_FACTOR` × the checkpoint's trained count, and at most
+  `MAX_PIXELS_FACTOR` × its trained pixels per frame (each side at most that many times its
+  trained side), unless the caller explicitly allows oversize runs;
 - steps at most the scheduler's training timesteps (1000 for ConsisID);
 - configs read from disk: the numbers diffusers builds the models from, positive integers where
   integers, within `CONFIG_RULES`;
@@ -24,9 +24,9 @@ from .errors import CheckpointError, ConsisIDError
 from .files import shown
 
 MAX_FRAMES_FACTOR = 8
-"""Frames per pass: at most 8 × the checkpoint's native count (392 for ConsisID's 49)."""
+"""Frames per pass: at most 8 × the checkpoint's trained count (392 for ConsisID's 49)."""
 MAX_PIXELS_FACTOR = 4
-"""Pixels per frame: at most 4 × the native 480 × 720; each side at most 4 × its native side."""
+"""Pixels per frame: at most 4 × the trained 480 × 720; each side at most 4 × its trained side."""
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARACTERS = 100_000
 """T5 reads the first 226 tokens; longer text only costs tokenizing time."""
@@ -116,27 +116,27 @@ def decoded_frames(frames: int, temporal_compression: int) -> int:
 
 
 def check_video_size(
-    frames, height, width, native: tuple[int, int, int], multiple: int, temporal: int, least: int = 1,
+    frames, height, width, trained: tuple[int, int, int], multiple: int, temporal: int, least: int = 1,
     allow_oversize: bool = False, names: tuple[str, str, str] = ("frame count", "height", "width"),
 ) -> tuple[int, int, int]:
-    """(frames, height, width) as whole numbers that a model of `native` (frames, height, width) size
+    """(frames, height, width) as whole numbers that a model of `trained` (frames, height, width) size
     takes: sides positive multiples of `multiple`, frames `temporal`·k + 1 and at least `least`,
     within `bounded_size` (lifted by `allow_oversize`). `names` are the inputs as the caller calls them."""
     frames, height, width = (check_number(n, v, integer=True) for n, v in zip(names, (frames, height, width)))
-    native_frames, native_height, native_width = native
-    for name, value, native_side in ((names[1], height, native_height), (names[2], width, native_width)):
+    trained_frames, trained_height, trained_width = trained
+    for name, value, trained_side in ((names[1], height, trained_height), (names[2], width, trained_width)):
         if value <= 0 or value % multiple:
             raise ConsisIDError(
                 f"{name} {value} does not fit this checkpoint: it must be a positive multiple of {multiple} "
-                f"(the checkpoint's native {name} is {native_side})"
+                f"(the checkpoint's trained {name} is {trained_side})"
             )
     if frames < least or (frames - 1) % temporal:
         lower = max(least, (frames - 1) // temporal * temporal + 1)
         raise ConsisIDError(
             f"{names[0]} {frames} does not fit this checkpoint: it must be {temporal}·k + 1 and at least {least} "
-            f"(e.g. {lower} or {lower + temporal}; the checkpoint's native count is {native_frames})"
+            f"(e.g. {lower} or {lower + temporal}; the checkpoint's trained count is {trained_frames})"
         )
-    bounded_size(frames, height, width, native, allow_oversize, names)
+    bounded_size(frames, height, width, trained, allow_oversize, names)
     return frames, height, width
 
 
@@ -150,33 +150,33 @@ def check_percent_range(start, end, names: tuple[str, str] = ("start_percent", "
 
 
 def bounded_size(
-    frames: int, height: int, width: int, native: tuple[int, int, int], allow_oversize: bool = False,
+    frames: int, height: int, width: int, trained: tuple[int, int, int], allow_oversize: bool = False,
     names: tuple[str, str, str] = ("frame count", "height", "width"),
 ) -> None:
-    """Refuse a pass larger than `MAX_FRAMES_FACTOR` × the native frames or `MAX_PIXELS_FACTOR` ×
-    the native pixels (and sides), unless `allow_oversize`; `names` as the caller calls the three."""
-    native_frames, native_height, native_width = native
+    """Refuse a pass larger than `MAX_FRAMES_FACTOR` × the trained frames or `MAX_PIXELS_FACTOR` ×
+    the trained pixels (and sides), unless `allow_oversize`; `names` as the caller calls the three."""
+    trained_frames, trained_height, trained_width = trained
     if allow_oversize:
         return
     hint = "; pass allow_oversize (CLI: --allow-oversize) to go beyond it, memory permitting"
-    most_frames = MAX_FRAMES_FACTOR * native_frames
+    most_frames = MAX_FRAMES_FACTOR * trained_frames
     if frames > most_frames:
         raise ConsisIDError(
             f"{names[0]} {frames} is over this checkpoint's maximum of {most_frames} per pass "
-            f"({MAX_FRAMES_FACTOR} × its native {native_frames}){hint}"
+            f"({MAX_FRAMES_FACTOR} × its trained {trained_frames}){hint}"
         )
     side_factor = MAX_PIXELS_FACTOR
-    for name, value, native_side in ((names[1], height, native_height), (names[2], width, native_width)):
-        if value > side_factor * native_side:
+    for name, value, trained_side in ((names[1], height, trained_height), (names[2], width, trained_width)):
+        if value > side_factor * trained_side:
             raise ConsisIDError(
-                f"{name} {value} is over this checkpoint's maximum of {side_factor * native_side} "
-                f"({side_factor} × its native {native_side}){hint}"
+                f"{name} {value} is over this checkpoint's maximum of {side_factor * trained_side} "
+                f"({side_factor} × its trained {trained_side}){hint}"
             )
-    if height * width > MAX_PIXELS_FACTOR * native_height * native_width:
+    if height * width > MAX_PIXELS_FACTOR * trained_height * trained_width:
         raise ConsisIDError(
             f"{width}×{height} is {height * width:,} pixels per frame, over this checkpoint's maximum of "
-            f"{MAX_PIXELS_FACTOR * native_height * native_width:,} ({MAX_PIXELS_FACTOR} × its native "
-            f"{native_width}×{native_height}){hint}"
+            f"{MAX_PIXELS_FACTOR * trained_height * trained_width:,} ({MAX_PIXELS_FACTOR} × its trained "
+            f"{trained_width}×{trained_height}){hint}"
         )
 
 

@@ -16,7 +16,7 @@ from .single_file import RELEASED_SCHEDULER_CONFIG
 
 def rotary_embedding(config: Mapping, grid_height: int, grid_width: int, frames: int, device) -> tuple:
     """The reference pipeline's 3D rotary embedding (cos, sin) for a latent grid of patches,
-    cropped to the checkpoint's native aspect as ConsisIDPipeline does."""
+    cropped to the checkpoint's trained aspect as ConsisIDPipeline does."""
     get_3d_rotary_pos_embed = part("get_3d_rotary_pos_embed")
     get_resize_crop_region_for_grid = part("get_resize_crop_region_for_grid")
     base_width = config["sample_width"] // config["patch_size"]

@@ -63,18 +63,18 @@ def resolve_size(
 
     Needs only the configs, so a request fails before any weights load.
     """
-    native_frames, native_height, native_width = native_size(transformer_config, vae_config)
-    frames = native_frames if frames is None else frames
-    height = native_height if height is None else height
-    width = native_width if width is None else width
+    trained_frames, trained_height, trained_width = trained_size(transformer_config, vae_config)
+    frames = trained_frames if frames is None else frames
+    height = trained_height if height is None else height
+    width = trained_width if width is None else width
     multiple = spatial_scale(vae_config) * transformer_config["patch_size"]
     t = vae_config["temporal_compression_ratio"]
     least = 2 * t + 1 if transformer_config.get("is_kps", False) else 1
-    return check_video_size(frames, height, width, (native_frames, native_height, native_width), multiple, t, least,
+    return check_video_size(frames, height, width, (trained_frames, trained_height, trained_width), multiple, t, least,
                             allow_oversize)
 
 
-def native_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
+def trained_size(transformer_config: Mapping, vae_config: Mapping) -> tuple[int, int, int]:
     """(frames, height, width) the checkpoint was made for: (49, 480, 720) for the real one."""
     scale = spatial_scale(vae_config)
     c = transformer_config
@@ -329,11 +329,11 @@ def sample(
 def _warn_of_size(transformer_config: Mapping, vae_config: Mapping, size: tuple[int, int, int]) -> None:
     """A warning for a size that is not the checkpoint's, and for frames the VAE decodes to more."""
     frames, height, width = size
-    native = native_size(transformer_config, vae_config)
-    if (frames, height, width) != native:
+    trained = trained_size(transformer_config, vae_config)
+    if (frames, height, width) != trained:
         logger.warning(
             "generating %d frames at %dx%d; this checkpoint was made for %d frames at %dx%d",
-            frames, width, height, *native,
+            frames, width, height, *trained,
         )
     t = vae_config["temporal_compression_ratio"]
     if latent_frames(frames, t) % 2 == 0:

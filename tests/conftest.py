@@ -49,8 +49,8 @@ def text(tiny_model):
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """A count of calls, by name, with `calls.watch(owner, name)` counting each call of `owner.name`
+def counted_calls(monkeypatch):
+    """A count of calls, by name, with `counted_calls.watch(owner, name)` counting each call of `owner.name`
     (left in place; undone after the test)."""
     import collections
 

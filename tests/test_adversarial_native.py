@@ -361,7 +361,7 @@ def _image(shape, dtype=torch.float32, fill=0.5):
     [
         (dict(length=78), "length 78 does not fit this checkpoint: it must be 4·k + 1"),
         (dict(length=0), "length 0 does not fit this checkpoint"),
-        (dict(length=393), "length 393 is over this checkpoint's maximum of 392 per pass (8 × its native 49); pass "
+        (dict(length=393), "length 393 is over this checkpoint's maximum of 392 per pass (8 × its trained 49); pass "
                            "allow_oversize"),
         (dict(length=1025), "length 1025 is over this checkpoint's maximum of 392 per pass"),
         (dict(width=96.5), "width 96.5 must be a whole number"),

@@ -379,7 +379,7 @@ def nan_image() -> torch.Tensor:
         (dict(seed=2**64), f"seed {2**64} must be a whole number from 0 to "),
         (dict(steps=0), "steps 0 must be a whole number from 1 to 1000"),
         (dict(steps=5000), "steps 5000 must be a whole number from 1 to 1000"),
-        (dict(frames=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its native 9); "
+        (dict(frames=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its trained 9); "
                           "pass allow_oversize"),
         (dict(frames=401), "frame count 401 is over this checkpoint's maximum of 72"),
         (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),

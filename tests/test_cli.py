@@ -72,7 +72,7 @@ def test_generate_mp4(tiny_dir, identity_file, tmp_path):
 @pytest.mark.slow
 def test_readme_demo_runs_as_a_module(tmp_path):
     """The README's demo command, run as a module in a process of its own (fewer steps): an H.264
-    .mp4 of the tiny checkpoint's native 9 frames at 96×64, moving, with its path on stdout."""
+    .mp4 of the tiny checkpoint's trained 9 frames at 96×64, moving, with its path on stdout."""
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     demo = '-m consisid_core generate --model tiny --prompt "a woman smiling in a sunny park" --steps 20 --out demo.mp4'
     assert demo in readme

@@ -192,7 +192,7 @@ def test_performance_node_feeds_the_sampler(home):
 
 
 @pytest.mark.slow
-def test_the_sampler_checks_its_run_once(home, calls):
+def test_the_sampler_checks_its_run_once(home, counted_calls):
     """ConsisID Sampler prepares its run once, before ComfyUI is asked for room: each check once."""
     from consisid_pack.consisid_core import sampling
     from consisid_pack.consisid_core.identity import Identity
@@ -200,12 +200,12 @@ def test_the_sampler_checks_its_run_once(home, calls):
     from consisid_pack.consisid_core.tiny import random_identity
 
     for name in ("resolve_size", "check_steps", "check_seed", "check_options", "check_sampling_fits"):
-        calls.watch(sampling, name)
-    calls.watch(Identity, "check_compatible")
+        counted_calls.watch(sampling, name)
+    counted_calls.watch(Identity, "check_compatible")
     (model,) = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
     width = model.config.text_embed_dim
     text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))
     NODE_CLASS_MAPPINGS["ConsisIDSampler"]().sample(
         model, random_identity(model.config), text, 1, 1, 6.0, False, "ddim", 9, 96, 64, 1.0)
-    assert calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
+    assert counted_calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
                      "check_sampling_fits": 1}

@@ -271,7 +271,7 @@ CHECKS = ("resolve_size", "check_steps", "check_seed", "check_options", "check_s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sample", "generate", "segments", "cli"])
-def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, tmp_path, calls, how):
+def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, tmp_path, counted_calls, how):
     """Following a run from its options to its latents, each check is made once: by `Run.prepare`,
     `with_identity`, `with_model`, `check_text` (a long video's every segment included)."""
     from consisid_core import sampling
@@ -281,9 +281,9 @@ def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, 
     from consisid_core.segments import generate_segments
 
     for name in CHECKS:
-        calls.watch(sampling, name)
-    calls.watch(Identity, "check_compatible")
-    calls.watch(sampling.Run, "check_text")
+        counted_calls.watch(sampling, name)
+    counted_calls.watch(Identity, "check_compatible")
+    counted_calls.watch(sampling.Run, "check_text")
     if how == "sample":
         sample(tiny_model, identity, text, steps=1)
     elif how == "generate":
@@ -297,5 +297,5 @@ def test_each_check_of_a_run_is_made_once(tiny_dir, tiny_model, identity, text, 
                      "--out", str(tmp_path / "frames")]) == 0
     texts = {"segments": 3, "cli": 2}.get(how, 1)
     room = {"check_run_fits": 1} if how == "cli" else {"check_sampling_fits": 1}  # before the load, or after
-    assert calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
+    assert counted_calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
                      "check_text": texts, **room}

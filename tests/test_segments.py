@@ -21,7 +21,7 @@ from consisid_core.segments import (
 from consisid_core.tiny import random_identity
 from process_tools import signal_when, start
 
-F = 9  # the tiny checkpoint's native frame count
+F = 9  # the tiny checkpoint's trained frame count
 
 
 @pytest.fixture

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         with _terminating_cleanly():
-            COMMANDS[args.command](args)
+            result = COMMANDS[args.command](args)
     except ConsisIDError as e:
         _say(args, f"error: {e}", isinstance(e, RankError))
         return 2
@@ -223,4 +223,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         logger.removeHandler(handler)
+    sys.stdout.write(result)
     return 0

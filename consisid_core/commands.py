@@ -85,16 +85,17 @@ def _embed_photo(checkpoint, photo: Path, args, device: torch.device):
     return extract_identity(faces, image, face_index=args.face_index, source_name=photo.name).identity
 
 
-def _make_tiny(args) -> None:
+def _make_tiny(args) -> str:
     from .face import onnxruntime_offline
     from .tiny import make_tiny
 
     check_number("--seed", args.seed, 0, 2**32 - 1, integer=True)
     with onnxruntime_offline():  # diffusers imports ONNX Runtime to save the pipeline
         make_tiny(args.dir, seed=args.seed, kps=args.kps, native=args.native)
+    return ""
 
 
-def _embed(args) -> None:
+def _embed(args) -> str:
     from .checkpoint import Checkpoint
     from .identity import save_identity
     from .media import check_output, read_image
@@ -106,7 +107,7 @@ def _embed(args) -> None:
         identity = _embed_photo(Checkpoint.open(folder), args.face, args, device)
     save_identity(identity, args.out, overwrite=args.overwrite)
     logger.info("wrote %s", args.out)
-    print(args.out)
+    return f"{args.out}\n"
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class _Plan:
     scored: SampledFrames | None
 
 
-def _generate(args) -> None:
+def _generate(args) -> str:
     """The arguments checked, the run sized against the checkpoint's configs (every refusal made
     before any weights load and, under --parallel, before the ranks meet), then the identity, the
     text and the video, written; the path written on stdout."""
@@ -148,7 +149,8 @@ def _generate(args) -> None:
             written = _write(args, request, plan, run, _texts(args, request, plan))
     if written:
         logger.info("wrote %d frames to %s", written, args.out)
-        print(args.out)
+        return f"{args.out}\n"
+    return ""
 
 
 def _checked_request(args) -> _Request:
@@ -337,7 +339,7 @@ def _log_scores(scored, checkpoint, identity, provider: str) -> None:
     logger.info("video: %s", whole.summary())
 
 
-def _score(args) -> None:
+def _score(args) -> str:
     from .checkpoint import Checkpoint
     from .face import load_face_models, to_rgb_uint8
     from .identity import load_identity
@@ -365,12 +367,11 @@ def _score(args) -> None:
         logger.info("  %s", line)
     report = {"video": str(args.video), "reference": str(args.identity or args.face)} | result.as_dict()
     if to_stdout:  # the JSON is the result: nothing else on stdout
-        print(_json(report), end="")
-        return
+        return _json(report)
     if args.json is not None:
         _write_json(report, args.json, args.overwrite)
         logger.info("wrote %s", args.json)
-    print(f"{result.mean:.4f}")
+    return f"{result.mean:.4f}\n"
 
 
 def _json(data: dict) -> str:
@@ -387,16 +388,16 @@ def _write_json(data: dict, out: Path, overwrite: bool) -> None:
     write_atomically(out, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite)
 
 
-def _export(args) -> None:
+def _export(args) -> str:
     """The files written, one path a line on stdout: all of them, or none."""
     if args.model is None and not args.lora:
         raise ConsisIDError("export needs --model, --lora or both")
     if args.quant is not None and args.model is None:
         raise ConsisIDError(f"--quant {args.quant} stores a transformer in that format: give --model too")
-    for path in export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora,
-                       args.quant):
-        print(path)
+    written = export(args.model, args.out, args.name, args.overwrite, EXPORT_DTYPES[args.dtype], args.lora, args.quant)
+    return "".join(f"{path}\n" for path in written)
 
 
 COMMANDS = {"make-tiny": _make_tiny, "embed": _embed, "generate": _generate, "score": _score, "export": _export}
-"""Each command of `python -m consisid_core`, by its name."""
+"""Each command of `python -m consisid_core`, by its name: each returns its result, what `main` writes to
+stdout (a path a line, a score, or the JSON report)."""

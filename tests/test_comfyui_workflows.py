@@ -12,7 +12,9 @@ Each workflow runs as saved but for what cannot be had here, which the test swap
 - nodes of other packs (`STAND_INS`: RIFE VFI of ComfyUI-Frame-Interpolation): a core node that
   does the same to the number of frames;
 and the widget values in `SIZES` (by node type, every workflow: the tiny sizes, 2 steps, fp32 on
-the CPU) and `OVERRIDES` (by workflow). A workflow added to workflows/ runs here as it is; declare
+the CPU) and `OVERRIDES` (by workflow); each save goes to a folder named after its workflow, as
+ComfyUI would not run a save node again whose inputs an earlier workflow had (two workflows save
+the same identity). A workflow added to workflows/ runs here as it is; declare
 in `OVERRIDES` the values it needs beyond `SIZES`, in `VIDEOS` its video's (frames, height, width)
 where they are not `FRAMES`, `HEIGHT`, `WIDTH`, and in `base` any file it names that is not made there.
 """
@@ -157,6 +159,8 @@ def tiny(name: str, prompt: dict) -> tuple[dict, list[str]]:
     for node in prompt.values():
         inputs = node["inputs"]
         inputs.update({k: v for k, v in values.get(node["class_type"], {}).items() if k in inputs})
+        if isinstance(inputs.get("filename_prefix"), str):
+            inputs["filename_prefix"] = f"{name.removesuffix('.json')}/{inputs['filename_prefix']}"
     return prompt, swapped
 
 

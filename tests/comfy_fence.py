@@ -474,8 +474,9 @@ def native_section(native_folder: str, vae_file: str) -> None:
         print("  Identity Conditioning and Native VAE Decode refused")
     with broken(cogvideo_vae.AutoencoderKLCogVideoX, "_decode_batched", DELETED):
         said("native_reference_decode", "_decode_batched")
-        (decoded,) = native.ConsisIDNativeVAEDecode().decode({"samples": frames}, vae)
-        assert torch.equal(decoded, vae.decode(frames).reshape(-1, 64, 96, 3))
+        small = torch.zeros(1, 16, 2, 4, 6)  # frames of 48×32: the released-size VAE is slow on a CPU
+        (decoded,) = native.ConsisIDNativeVAEDecode().decode({"samples": small}, vae)
+        assert torch.equal(decoded, vae.decode(small).reshape(-1, 32, 48, 3))
         print("  decoded in core's order")
     class Encoder3D(torch.nn.Module):  # an encoder that takes no cache
         def forward(self, x):

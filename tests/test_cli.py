@@ -94,29 +94,31 @@ def test_readme_demo_runs_as_a_module(tmp_path):
 
 
 @pytest.mark.slow
-def test_results_go_to_stdout_and_logs_to_stderr(tiny_dir, photo, tmp_path):
+def test_results_go_to_stdout_and_logs_to_stderr(tiny_dir, photo, tmp_path, capfd):
     """Each command's result on stdout, so that it can be piped (embed and generate: the path
-    written; score: the figure, or with `--json -` the JSON alone); logs and progress on stderr."""
+    written; score: the figure, or with `--json -` the JSON alone); logs and progress on stderr.
+    Watched at the file descriptors, where native code writes too; the last in a process of its own,
+    whose stdout is a pipe."""
     import json
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "consisid_core", *args], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done
+    def run(*args: str) -> tuple[str, str]:
+        assert main(list(args)) == 0
+        return capfd.readouterr()
 
     identity = tmp_path / "me.safetensors"
-    embedded = run("embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(identity))
-    assert embedded.stdout == f"{identity}\n" and f"wrote {identity}" in embedded.stderr
+    out, err = run("embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(identity))
+    assert out == f"{identity}\n" and f"wrote {identity}" in err
     video = tmp_path / "v.mp4"
-    made = run("generate", "--model", str(tiny_dir), "--identity", str(identity), "--prompt", "x", "--steps", "1",
-               "--out", str(video))
-    assert made.stdout == f"{video}\n" and f"wrote 9 frames to {video}" in made.stderr and "step" in made.stderr
+    out, err = run("generate", "--model", str(tiny_dir), "--identity", str(identity), "--prompt", "x", "--steps", "1",
+                   "--out", str(video))
+    assert out == f"{video}\n" and f"wrote 9 frames to {video}" in err and "step" in err
     common = ["score", "--model", str(tiny_dir), "--identity", str(identity), "--video", str(video)]
-    scored = run(*common)
-    figure = scored.stdout.strip()
-    assert scored.stdout == f"{figure}\n" and f"FaceSim-Arc {figure} (mean of" in scored.stderr
-    as_json = run(*common, "--json", "-")
+    out, err = run(*common)
+    figure = out.strip()
+    assert out == f"{figure}\n" and f"FaceSim-Arc {figure} (mean of" in err
+    as_json = subprocess.run([sys.executable, "-m", "consisid_core", *common, "--json", "-"], capture_output=True,
+                             text=True, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
     assert f"{report['facesim_arc']:.4f}" == figure and report["video_frames"] == 9
     assert len(report["frames"]) == 16 and "FaceSim-Arc" in as_json.stderr

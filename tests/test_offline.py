@@ -2,18 +2,18 @@
 `generate --segments 2 --lora … --score` and a native graph (face models, identity, native model,
 core sampling).
 
-Two witnesses, each with what it can and cannot see:
+Each runs in a Python process of its own, under two witnesses, each with what it can and cannot see:
 
-- Python's audit hooks, in the test's own process: every connection, datagram and name lookup made
-  through Python's socket module (`socket.connect`, `sendto`, `sendmsg`, `getaddrinfo`,
-  `gethostbyname[_ex]`, `gethostbyaddr`, `getnameinfo`) and urllib / http.client requests, with the
-  stack that made it. They do not see native code calling the C library itself: ONNX Runtime's
-  telemetry looked its server up from its own threads (1DS, with curl).
-- A network namespace of the command's own (`unshare -rn` or `unshare -n`; skipped where the system
-  allows neither): every address there is local, and listeners wait on UDP and TCP port 53 and TCP
-  ports 80 and 443. A name lookup sent to any resolver, or a connection to a web port, from any
-  thread of the command, native ones included, reaches them and is counted. The command then stays
-  alive `LINGER` seconds more, as a ComfyUI server would, for what is sent late (ONNX Runtime's
+- Python's audit hooks, from the process's first line (imports included): every connection,
+  datagram and name lookup made through Python's socket module (`socket.connect`, `sendto`,
+  `sendmsg`, `getaddrinfo`, `gethostbyname[_ex]`, `gethostbyaddr`, `getnameinfo`) and urllib /
+  http.client requests, with the stack that made it. They do not see native code calling the C
+  library itself: ONNX Runtime's telemetry looked its server up from its own threads (1DS, with curl).
+- A network namespace of the process's own (`unshare -rn` or `unshare -n`; where the system allows
+  neither, the audit hooks alone watch): every address there is local, and listeners wait on UDP
+  and TCP port 53 and TCP ports 80 and 443. A name lookup sent to any resolver, or a connection to a
+  web port, from any thread, native ones included, reaches them and is counted. The process then
+  stays alive `LINGER` seconds more, as a ComfyUI server would, for what is sent late (ONNX Runtime's
   first upload came about 9 s after its import). It cannot see a connection to another port (refused
   there, unseen), nor a lookup answered without the network (/etc/hosts).
 """
@@ -28,41 +28,60 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINGER = 15
+WATCHED = """
+import json, sys, time, traceback
 NETWORK_EVENTS = {
     "socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
     "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.getnameinfo", "urllib.Request", "http.client.connect",
 }
-_CALLS: list[str] | None = None
+calls = []
+def audit(event, args):
+    if event in NETWORK_EVENTS:
+        calls.append(f"{event}{args!r:.200}\\n" + "".join(traceback.format_stack(limit=12)[:-1]))
+sys.addaudithook(audit)
+"""
+"""The first lines of every watched process: its audit hook, noting each network call in `calls`."""
 
 
-def _audit(event: str, args: tuple) -> None:
-    if _CALLS is not None and event in NETWORK_EVENTS:
-        _CALLS.append(f"{event}{args!r:.200}\n" + "".join(traceback.format_stack(limit=12)[:-1]))
+def _unshare() -> list[str] | None:
+    """The command that runs a process in a network namespace of its own, where `ip` can set it up."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return None
+    for flags in ("-rn", "-n"):
+        if subprocess.run(["unshare", flags, "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0:
+            return ["unshare", flags]
+    return None
 
 
-sys.addaudithook(_audit)
+UNSHARE = _unshare()
 
 
-class _NoNetwork:
-    """Inside, every network call Python's audit hooks see is noted; on leaving, none may be."""
+def _watched(code: str, tmp_path: Path, linger: int = LINGER, env: dict | None = None) -> dict:
+    """Run `code` (which sets `status`) in a Python process of its own, watched by both witnesses
+    (see the module doc), `linger` seconds more in the namespace; its exit status (`code`), what
+    the audit hooks saw (`calls`) and what the listeners saw (`seen`: None without a namespace)."""
+    calls = tmp_path / "calls.json"
+    script = (f"{WATCHED}\n{code}\ntime.sleep({linger if UNSHARE else 0})\n"
+              f"open({str(calls)!r}, 'w').write(json.dumps(calls))\nsys.exit(status)\n")
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    command = [sys.executable, "-c", script]
+    done = subprocess.run([*UNSHARE, sys.executable, __file__, *command] if UNSHARE else command,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {}), "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1]) if UNSHARE else {"code": done.returncode, "seen": None}
+    return {**found, "calls": json.loads(calls.read_text()) if calls.exists() else None, "stderr": done.stderr[-3000:]}
 
-    def __enter__(self):
-        global _CALLS
-        _CALLS = []
-        return self
 
-    def __exit__(self, *exc) -> None:
-        global _CALLS
-        calls, _CALLS = _CALLS, None
-        if exc[0] is None:
-            assert calls == [], "network calls:\n" + "\n".join(calls)
+def _offline(found: dict) -> None:
+    assert found["code"] == 0, found["stderr"]
+    assert found["calls"] == [], "network calls:\n" + "\n".join(found["calls"])
+    assert found["seen"] in ([], None), found["seen"]
 
 
 @pytest.fixture
@@ -89,87 +108,36 @@ def lora(tmp_path, tiny_model) -> Path:
     return path
 
 
-def _commands(tiny_dir, photo, lora, out: Path) -> dict[str, list[str]]:
-    return {
-        "embed": ["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(out / "me.safetensors")],
-        "generate": ["generate", "--model", str(tiny_dir), "--face", str(photo), "--prompt", "a man smiling",
-                     "--steps", "2", "--frames", "9", "--segments", "2", "--lora", str(lora), "--score",
-                     "--out", str(out / "v.mp4")],
-    }
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["embed", "generate"])
-def test_the_commands_make_no_network_call_that_python_sees(tiny_dir, photo, lora, tmp_path, command):
-    from consisid_core.cli import main
-
-    args = _commands(tiny_dir, photo, lora, tmp_path)[command]
-    with _NoNetwork():
-        assert main(args) == 0
-
-
-def test_the_audit_hooks_see_a_lookup():
-    """The witness works: a name lookup inside is a failure (here of a numeric address: no query leaves)."""
-    with pytest.raises(AssertionError, match="socket.getaddrinfo"), _NoNetwork():
-        socket.getaddrinfo("127.0.0.1", 443, flags=socket.AI_NUMERICHOST)
+def test_the_commands_make_no_network_call(tiny_dir, photo, lora, tmp_path):
+    """`embed`, then `generate` with every feature that reads a file or a model, in one watched process."""
+    embed = ["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(tmp_path / "me.safetensors")]
+    generate = ["generate", "--model", str(tiny_dir), "--face", str(photo), "--prompt", "a man smiling",
+                "--steps", "2", "--frames", "9", "--segments", "2", "--lora", str(lora), "--score",
+                "--out", str(tmp_path / "v.mp4")]
+    _offline(_watched(f"from consisid_core.cli import main\nstatus = main({embed!r}) or main({generate!r})", tmp_path))
+    assert (tmp_path / "me.safetensors").is_file() and (tmp_path / "v.mp4").is_file()
 
 
-# ---------------------------------------------------------------------------------------------
-# A network namespace of the command's own
-
-
-def _unshare() -> list[str] | None:
-    """The command that runs a process in a network namespace of its own, where `ip` can set it up."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return None
-    for flags in ("-rn", "-n"):
-        if subprocess.run(["unshare", flags, "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0:
-            return ["unshare", flags]
-    return None
-
-
-UNSHARE = _unshare()
-NEEDS_NAMESPACE = pytest.mark.skipif(UNSHARE is None, reason="no network namespace here (unshare -n and ip)")
-
-
-def _in_namespace(code: str, env: dict | None = None) -> dict:
-    """Run `code` (which sets `status`) with this Python in a network namespace of its own (see the
-    module doc), then wait `LINGER` seconds; what the listeners saw, and the exit status."""
-    script = f"import sys, time\n{code}\ntime.sleep({LINGER})\nsys.exit(status)\n"
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    done = subprocess.run(
-        [*UNSHARE, sys.executable, __file__, sys.executable, "-c", script], capture_output=True, text=True,
-        timeout=900, env={**os.environ, **(env or {}), "PYTHONPATH": path},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-@pytest.mark.slow
-@NEEDS_NAMESPACE
-@pytest.mark.parametrize("command", ["embed", "generate"])
-def test_the_commands_make_no_network_call_from_any_thread(tiny_dir, photo, lora, tmp_path, command):
-    args = _commands(tiny_dir, photo, lora, tmp_path)[command]
-    found = _in_namespace(f"from consisid_core.cli import main\nstatus = main({args!r})")
-    assert found["code"] == 0, found
-    assert found["seen"] == [], found["seen"]
-
-
-NATIVE_LOOKUP = """
-import ctypes
+LOOKUPS = """
+import ctypes, socket
+socket.getaddrinfo("127.0.0.1", 443, flags=socket.AI_NUMERICHOST)
 answer = ctypes.c_void_p()
 ctypes.CDLL(None).getaddrinfo(b"consisid-witness.example.org", b"443", None, ctypes.byref(answer))
 status = 0
 """
+"""Two lookups: one through Python's socket module (of a numeric address: no query leaves), one made
+by the C library itself (as ONNX Runtime's telemetry made one from its own threads)."""
 
 
-@pytest.mark.slow
-@NEEDS_NAMESPACE
-def test_the_namespace_sees_a_lookup_from_native_code():
-    """The witness works: a name lookup made by the C library itself (as ONNX Runtime's telemetry made
-    one from its own threads), unseen by the audit hooks, reaches the listeners."""
-    found = _in_namespace(NATIVE_LOOKUP)
+def test_the_witnesses_see_a_lookup(tmp_path):
+    """The witnesses work: the audit hooks see the lookup made through Python, and the namespace the
+    one made by native code, which the audit hooks do not see."""
+    found = _watched(LOOKUPS, tmp_path, linger=0, env={"RES_OPTIONS": "timeout:1 attempts:1"})  # unanswered: short
     assert found["code"] == 0, found
+    assert [call.split("(")[0] for call in found["calls"]] == ["socket.getaddrinfo"], found["calls"]
+    if UNSHARE is None:
+        pytest.skip("no network namespace here (unshare -n and ip): the audit hooks alone watch")
     assert any(seen.startswith("udp 53") and "consisid-witness" in seen for seen in found["seen"]), found
 
 
@@ -189,47 +157,29 @@ from consisid_pack.nodes.native.nodes import ConsisIDNativeModelLoader, identity
 models.mkdir(parents=True)
 (models / "tiny").symlink_to(tiny, target_is_directory=True)
 folder_paths.add_model_folder_path("consisid", str(models))
-def native_graph():
-    (faces,) = ConsisIDFaceModelsLoader().load("tiny", "cpu", "cpu")
-    image = torch.from_numpy(np.array(read_image(photo).convert("RGB"))).float()[None] / 255
-    identities, _, _ = ConsisIDFaceEmbed().embed(image, faces, -1)
-    (model,) = ConsisIDNativeModelLoader().load("tiny", "fp32")
-    text = torch.randn(1, 226, 32)
-    positive, negative = identity_conditioned([[text, {}]], [[text, {}]], identities[0],
-                                              torch.zeros(1, 16, 1, 8, 12))
-    latent = torch.zeros(1, 16, 3, 8, 12)
-    out = comfy.sample.sample(model, torch.randn_like(latent), 2, 6.0, "ddim", "simple", positive, negative,
-                              latent, seed=1, disable_pbar=True)
-    assert torch.isfinite(out).all()
+(faces,) = ConsisIDFaceModelsLoader().load("tiny", "cpu", "cpu")
+image = torch.from_numpy(np.array(read_image(photo).convert("RGB"))).float()[None] / 255
+identities, _, _ = ConsisIDFaceEmbed().embed(image, faces, -1)
+(model,) = ConsisIDNativeModelLoader().load("tiny", "fp32")
+text = torch.randn(1, 226, 32)
+positive, negative = identity_conditioned([[text, {}]], [[text, {}]], identities[0], torch.zeros(1, 16, 1, 8, 12))
+latent = torch.zeros(1, 16, 3, 8, 12)
+out = comfy.sample.sample(model, torch.randn_like(latent), 2, 6.0, "ddim", "simple", positive, negative,
+                          latent, seed=1, disable_pbar=True)
+status = 0 if torch.isfinite(out).all() else 1
 """
 
 
-@pytest.fixture
-def comfyui():
+@pytest.mark.slow
+@pytest.mark.comfyui
+def test_a_native_graph_makes_no_network_call(native_tiny_dir, photo, tmp_path):
     from native_tools import NATIVE_COGVIDEOX
 
     if not NATIVE_COGVIDEOX:
         pytest.skip("COMFYUI_DIR is not set, or its ComfyUI has no native CogVideoX")
-
-
-@pytest.mark.slow
-@pytest.mark.comfyui
-def test_a_native_graph_makes_no_network_call_that_python_sees(comfyui, native_tiny_dir, photo, tmp_path):
-    scope = {"models": tmp_path / "consisid", "photo": photo, "tiny": native_tiny_dir}
-    exec(NATIVE_GRAPH, scope)  # noqa: S102 - the graph shared with the namespace test below
-    with _NoNetwork():
-        scope["native_graph"]()
-
-
-@pytest.mark.slow
-@pytest.mark.comfyui
-@NEEDS_NAMESPACE
-def test_a_native_graph_makes_no_network_call_from_any_thread(comfyui, native_tiny_dir, photo, tmp_path):
     setup = (f"from pathlib import Path\nmodels, photo = Path({str(tmp_path / 'consisid')!r}), Path({str(photo)!r})\n"
              f"tiny = Path({str(native_tiny_dir)!r})\n")
-    found = _in_namespace(setup + NATIVE_GRAPH + "native_graph()\nstatus = 0")
-    assert found["code"] == 0, found
-    assert found["seen"] == [], found["seen"]
+    _offline(_watched(setup + NATIVE_GRAPH, tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

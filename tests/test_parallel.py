@@ -43,10 +43,9 @@ def _inputs(model):
     return identity, text
 
 
-def _frames(model, dynamic: bool, parallel=None, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def _latents(model, dynamic: bool, parallel=None, seed: int = 3) -> torch.Tensor:
     identity, text = _inputs(model)
-    latents = sample(model, identity, text, steps=STEPS, seed=seed, dynamic_cfg=dynamic, device="cpu", parallel=parallel)
-    return latents, decode(model.vae, latents, "cpu")
+    return sample(model, identity, text, steps=STEPS, seed=seed, dynamic_cfg=dynamic, device="cpu", parallel=parallel)
 
 
 def _torchrun(processes: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -185,21 +184,29 @@ REFUSALS_2 = {
 REFUSALS_4 = {"heads": (["--parallel", "ulysses=4"], "error: --parallel ulysses=4 does not divide this transformer's 2")}
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, tiny_kps_dir) -> dict:
+    """The one-process frames of each variant, and the models."""
+    models = {kps: Checkpoint.open(tiny_kps_dir if kps else tiny_dir).load_model("fp32") for kps in (False, True)}
+    frames = {(kps, dynamic): decode(models[kps].vae, _latents(models[kps], dynamic), "cpu") for kps, dynamic in VARIANTS}
+    assert min(f.std().item() for f in frames.values()) > 0.01
+    other = decode(models[False].vae, _latents(models[False], False, seed=4), "cpu")
+    assert (other - frames[False, False]).abs().max().item() > 100 * TOLERANCE  # the comparison can fail
+    return {"models": models, "frames": frames}
+
+
 @needs_api
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [2, 4])
-def test_frames_equal_one_process(tiny_dir, tiny_kps_dir, tmp_path, processes):
+def test_frames_equal_one_process(one_process, tiny_dir, tiny_kps_dir, tmp_path, processes):
     """Each split, with is_kps and dynamic CFG on and off, gives the one-process frames on rank 0 and
     the same latents on every rank; the blocks saw 1/N of the tokens (or half the batch); and each
     refused split stops every rank, writing nothing, with one line from rank 0."""
     splits, refusals = (SPLITS_2, REFUSALS_2) if processes == 2 else (SPLITS_4, REFUSALS_4)
     _torchrun(processes, __file__, str(tmp_path), str(tiny_dir), str(tiny_kps_dir), *splits)
-    models = {kps: Checkpoint.open(tiny_kps_dir if kps else tiny_dir).load_model("fp32") for kps in (False, True)}
+    models = one_process["models"]
     for kps, dynamic in VARIANTS:
-        _, want = _frames(models[kps], dynamic)
-        assert want.std().item() > 0.01
-        _, other = _frames(models[kps], dynamic, seed=4)
-        assert (other - want).abs().max().item() > 100 * TOLERANCE  # the comparison can fail
+        want = one_process["frames"][kps, dynamic]
         for split in splits:
             case = f"{split}-kps{int(kps)}-dynamic{int(dynamic)}"
             got = load_file(tmp_path / f"{case}.safetensors")
@@ -305,11 +312,12 @@ def main(out: Path, folder: Path, kps_folder: Path, splits: list[str]) -> None:
         for split in splits:
             for dynamic in (False, True):
                 shapes.clear()
-                latents, frames = _frames(model, dynamic, Parallel.parse(split))
+                latents = _latents(model, dynamic, Parallel.parse(split))
                 seen[split] = shapes[0]
                 case = f"{split}-kps{int(kps)}-dynamic{int(dynamic)}"
-                if rank == 0:
-                    save_file({"latents": latents, "frames": frames.contiguous()}, out / f"{case}.safetensors")
+                if rank == 0:  # decoding is one process's work: rank 0 alone decodes
+                    frames = decode(model.vae, latents, "cpu").contiguous()
+                    save_file({"latents": latents, "frames": frames}, out / f"{case}.safetensors")
                 else:
                     save_file({"latents": latents}, out / f"{case}-rank{rank}.safetensors")
         watch.remove()

@@ -1,5 +1,5 @@
-"""Progress and Cancel: ComfyUI's progress bar with a latent preview (as its own samplers show)
-and its Cancel, reached through `fence`; outside ComfyUI no bar, and Cancel is never pressed."""
+"""Progress and Cancel: ComfyUI's progress bar with a latent preview (as its own samplers show one)
+and its Cancel button, reached through `fence`; outside ComfyUI there is no bar and nothing to cancel."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ except ImportError:
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from .nodes.host import register_folders
+    from .nodes.folders import register_folders
 
     register_folders()
 

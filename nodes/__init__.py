@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin adapters over `consisid_core`, one file per concern.
 
-`host` and `native/comfy_parts` alone touch ComfyUI; everything here imports and runs outside ComfyUI too.
+`fence` and `native/comfy_parts` alone import ComfyUI; `folders`, `managed` and `progress` use it through
+`fence` and fall back to plain behaviour outside it, so everything here imports and runs outside ComfyUI too.
 Each node class carries its display name (`DISPLAY_NAME`); `declared` holds what the nodes declare in common.
 """
 

@@ -22,7 +22,7 @@ from ..consisid_core.files import shown
 from ..consisid_core.lora import MAX_STRENGTH
 from ..consisid_core.media import to_uint8
 from ..consisid_core.sampling import MAX_IDENTITY_STRENGTH
-from . import host
+from . import folders
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,18 @@ SINGLE_FILE = "diffusion_models/"
 
 def checkpoint_names() -> list[str]:
     """The model loaders' choices: the checkpoint folders, then `SINGLE_FILE` + each transformer file."""
-    return sorted(host.pipeline_folders()) + [SINGLE_FILE + n for n in host.files("diffusion_models")]
+    return sorted(folders.pipeline_folders()) + [SINGLE_FILE + n for n in folders.files("diffusion_models")]
 
 
 def checkpoint_source(name: str) -> Path:
     """A choice of `checkpoint_names` as its path (the transformer file, or the checkpoint folder);
     FileNotFoundError in one line for a name not in the list."""
     if name.startswith(SINGLE_FILE):
-        return host.file_path("diffusion_models", name.removeprefix(SINGLE_FILE))
-    folders = host.pipeline_folders()
-    if name not in folders:
+        return folders.file_path("diffusion_models", name.removeprefix(SINGLE_FILE))
+    found = folders.pipeline_folders()
+    if name not in found:
         raise FileNotFoundError(f"checkpoint '{shown(name)}' is not in models/consisid or models/diffusers; refresh the list")
-    return folders[name]
+    return found[name]
 
 
 def seed_input(tooltip: str = SEED_TOOLTIP, default: int = 42, **options) -> tuple:

@@ -9,7 +9,7 @@ import torch
 from ..consisid_core.errors import FaceError
 from ..consisid_core.face import extract_identity, load_face_models, onnxruntime_providers
 from ..consisid_core.files import shown
-from . import host
+from . import fence, folders, managed, progress
 from .declared import CONSISID_FACE_MODELS, CONSISID_IDENTITY, image_batch
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class ConsisIDFaceModelsLoader:
         return {
             "required": {
                 "face_encoder": (
-                    sorted(host.face_encoder_folders()),
+                    sorted(folders.face_encoder_folders()),
                     {"tooltip": "A checkpoint in models/consisid (its face_encoder/ folder is used), "
                                 "or a standalone face_encoder folder there."},
                 ),
@@ -60,16 +60,16 @@ class ConsisIDFaceModelsLoader:
         }
 
     def load(self, face_encoder: str, provider: str, device: str):
-        folders = host.face_encoder_folders()
-        if face_encoder not in folders:
+        encoders = folders.face_encoder_folders()
+        if face_encoder not in encoders:
             raise FileNotFoundError(
                 f"face encoder '{shown(face_encoder)}' is not in models/consisid; put the ConsisID checkpoint "
                 "(with its face_encoder/ folder) there and refresh"
             )
-        target = host.torch_device() if device == "gpu" else torch.device("cpu")
+        target = managed.torch_device() if device == "gpu" else torch.device("cpu")
         # inside ComfyUI the torch parts wait in RAM; ComfyUI moves them to `target` for each embed
-        models = load_face_models(folders[face_encoder], provider=provider, device="cpu" if host.IN_COMFYUI else target)
-        return (host.managed_faces(models, target),)
+        models = load_face_models(encoders[face_encoder], provider=provider, device="cpu" if fence.IN_COMFYUI else target)
+        return (managed.managed_faces(models, target),)
 
 
 class ConsisIDFaceEmbed:
@@ -105,12 +105,12 @@ class ConsisIDFaceEmbed:
 
     def embed(self, image: torch.Tensor, face_models, face_index: int):
         image = image_batch(image, "image input", "a photo (Load Image)", FaceError)
-        owner = host.owner(face_models)
+        owner = managed.owner(face_models)
         if owner is not None:
-            host.load([("face", owner.parts)], owner, load_device=face_models.device)
+            managed.load([("face", owner.parts)], owner, load_device=face_models.device)
         identities, faces, masks = [], [], []
         for i, frame in enumerate(image):
-            host.check_interrupted()
+            progress.check_interrupted()
             name = f"image {i + 1} of {len(image)}" if len(image) > 1 else "the input image"
             result = extract_identity(face_models, frame, None if face_index < 0 else face_index, name)
             identities.append(result.identity)

@@ -267,7 +267,7 @@ ASSUMPTIONS = (
 def assumptions() -> tuple[Assumption, ...]:
     """Every assumption of the pack: the wrapper path's (`ASSUMPTIONS`) and the native path's
     (`nodes/native/comfy_parts.ASSUMPTIONS`), in the order they are checked."""
-    from .native import comfy_parts  # imported here: comfy_parts reaches this module through host
+    from .native import comfy_parts  # imported here: comfy_parts imports this module
 
     return ASSUMPTIONS + comfy_parts.ASSUMPTIONS
 

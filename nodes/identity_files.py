@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.identity import load_identity, save_identity
 from ..consisid_core.files import shown
-from . import host
+from . import folders
 from .declared import CONSISID_IDENTITY
 
 SUFFIX = ".safetensors"
@@ -37,14 +37,14 @@ class ConsisIDSaveIdentity:
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str):
         try:
-            host.save_path_checked(filename_prefix)
+            folders.save_path_checked(filename_prefix)
         except ConsisIDError as e:
             return str(e)
         return True
 
     def save(self, identity, filename_prefix: str):
         try:
-            path = save_identity(identity, host.save_path(filename_prefix, SUFFIX))
+            path = save_identity(identity, folders.save_path(filename_prefix, SUFFIX))
         except OSError as e:  # a name too long for the file system, a read-only folder, a file where a folder goes
             raise ConsisIDError(
                 f"cannot write an identity file for filename_prefix '{shown(filename_prefix)}' in the output "
@@ -67,7 +67,7 @@ class ConsisIDLoadIdentity:
         return {
             "required": {
                 "identity_file": (
-                    host.input_files(SUFFIX),
+                    folders.input_files(SUFFIX),
                     {"tooltip": "An identity .safetensors in ComfyUI's input folder."},
                 ),
             }
@@ -76,7 +76,7 @@ class ConsisIDLoadIdentity:
     @classmethod
     def VALIDATE_INPUTS(cls, identity_file: str):
         # only a listed file: the answer is the same for any other name, so it tells nothing of the disk
-        if identity_file not in host.input_files(SUFFIX):
+        if identity_file not in folders.input_files(SUFFIX):
             return (
                 f"identity_file '{shown(identity_file)}' is not one of the identity files in the input folder; "
                 "pick one from the list (refresh it after adding files)"
@@ -86,13 +86,13 @@ class ConsisIDLoadIdentity:
     @classmethod
     def IS_CHANGED(cls, identity_file: str):
         try:
-            path = host.input_file(identity_file)
+            path = folders.input_file(identity_file)
         except ConsisIDError:
             return ""
         return path.stat().st_mtime_ns if path.is_file() else ""
 
     def load(self, identity_file: str):
-        identity = load_identity(host.input_file(identity_file))
+        identity = load_identity(folders.input_file(identity_file))
         return identity, (identity.face_image.float() / 255).unsqueeze(0)
 
 

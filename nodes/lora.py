@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..consisid_core.checkpoint import ConsisIDModel
 from ..consisid_core.lora import read_lora
-from . import host
+from . import folders, managed
 from .declared import CONSISID_MODEL, declared_error, lora_strength_input
 
 
@@ -26,7 +26,7 @@ class ConsisIDLoRA:
         return {
             "required": {
                 "model": (CONSISID_MODEL, {"tooltip": "From ConsisID Model Loader, or another ConsisID LoRA."}),
-                "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras."}),
+                "lora_name": (folders.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras."}),
                 "strength": lora_strength_input("Scale of the LoRA's update, as diffusers' fuse_lora(lora_scale): "
                                                 "1 as trained; the official ConsisID LoRAs are fused at 1 / rank; "
                                                 "negative values push away from it."),
@@ -38,7 +38,7 @@ class ConsisIDLoRA:
         return declared_error(cls, lora_name=lora_name, strength=strength) or True
 
     def apply(self, model: ConsisIDModel, lora_name: str, strength: float) -> tuple[ConsisIDModel]:
-        return (host.with_lora(model, read_lora(host.file_path("loras", lora_name)), strength),)
+        return (managed.with_lora(model, read_lora(folders.file_path("loras", lora_name)), strength),)
 
 
 NODES = {"ConsisIDLoRA": ConsisIDLoRA}

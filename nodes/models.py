@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..consisid_core.checkpoint import DTYPES, Checkpoint, ConsisIDModel
 from ..consisid_core.single_file import load_vae_file, model_from_files
-from . import host
+from . import folders, managed
 from .declared import CONSISID_MODEL, SINGLE_FILE, checkpoint_names, checkpoint_source, declared_error
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -33,7 +33,7 @@ class ConsisIDModelLoader:
                                 "for a single-file transformer with diffusers key names."},
                 ),
                 "vae": (
-                    [FROM_CHECKPOINT] + host.files("vae"),
+                    [FROM_CHECKPOINT] + folders.files("vae"),
                     {"default": FROM_CHECKPOINT,
                      "tooltip": "The CogVideoX VAE: the checkpoint folder's own, or a .safetensors from "
                                 "models/vae (needed with a single-file transformer)."},
@@ -66,10 +66,10 @@ class ConsisIDModelLoader:
     def load(self, model: str, vae: str, dtype: str, fp8_weights: bool) -> tuple[ConsisIDModel]:
         source = checkpoint_source(model)
         if model.startswith(SINGLE_FILE):
-            return (host.managed(model_from_files(source, host.file_path("vae", vae), dtype, fp8=fp8_weights)),)
+            return (managed.managed(model_from_files(source, folders.file_path("vae", vae), dtype, fp8=fp8_weights)),)
         checkpoint = Checkpoint.open(source)
-        own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(host.file_path("vae", vae), dtype)
-        return (host.managed(checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights)),)
+        own_vae = None if vae == FROM_CHECKPOINT else load_vae_file(folders.file_path("vae", vae), dtype)
+        return (managed.managed(checkpoint.load_model(dtype, vae=own_vae, fp8=fp8_weights)),)
 
 
 NODES = {"ConsisIDModelLoader": ConsisIDModelLoader}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..consisid_core.memory import sampling_memory
 from ..consisid_core.performance import ATTENTION_BACKENDS, OFFLOAD_MODES, Performance
 from ..consisid_core.sampling import MAX_GUIDANCE, SCHEDULERS, prepare_run
-from . import host
+from . import managed, progress
 from .declared import (
     CONSISID_IDENTITY, CONSISID_MODEL, CONSISID_PERFORMANCE, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAME_COUNT_TOOLTIP,
     IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, frames_input, height_input, identity_strength_input,
@@ -73,30 +73,30 @@ class ConsisIDSampler:
     def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
                identity_strength, image=None, performance=None, allow_oversize=False):
         first = first_image(image, "first-frame image")
-        owner = host.owner(model)
+        owner = managed.owner(model)
         # every check of the run, before ComfyUI is asked for room
         run = prepare_run(
             model, identity, text, first,
             seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
             frames=frames, height=height, width=width, identity_strength=identity_strength,
-            device=host.torch_device(), performance=performance, allow_oversize=allow_oversize,
+            device=managed.torch_device(), performance=performance, allow_oversize=allow_oversize,
             move_models=owner is None,
         )
         streamed = run.options.performance.offload == "sequential"
-        progress = host.Progress(steps)
+        bar = progress.Progress(steps)
         if streamed:  # the core streams the transformer's layers itself, from where ComfyUI keeps it
-            host.unload(owner, model.transformer)
+            managed.unload(owner, model.transformer)
         parts = ([] if streamed else [("transformer", model.transformer)]) + [("vae", model.vae)]
         work = sampling_memory(model.config, model.vae.config, model.dtype, *run.size)
-        device, move_models = host.load(parts, owner, memory_required=work)
+        device, move_models = managed.load(parts, owner, memory_required=work)
         # else ComfyUI patched the LoRAs in when it loaded the transformer
-        merge_loras = move_models or streamed or not host.merges_loras_itself()
+        merge_loras = move_models or streamed or not managed.merges_loras_itself()
         try:
             latents = run.placed(device, move_models, merge_loras).sample(
-                text, callback=lambda step, total, latents: progress.update(step, latents)
+                text, callback=lambda step, total, latents: bar.update(step, latents)
             )
         finally:
-            host.after_run()
+            managed.after_run()
         return ({"samples": latents.permute(0, 2, 1, 3, 4).contiguous()},)
 
 

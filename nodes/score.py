@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..consisid_core.score import DEFAULT_FRAMES_SAMPLED, MAX_FRAMES_SAMPLED, SampledFrames, identity_embedding, plot
-from . import host
+from . import progress
 from .declared import CONSISID_FACE_MODELS, CONSISID_IDENTITY, image_batch
 
 MAX_FRAMES_PER_SEGMENT = 10_000
@@ -65,7 +65,7 @@ class ConsisIDIdentityScore:
         reference = identity_embedding(identity, face_models)
         kept = SampledFrames(len(frames), frames_per_segment, frames_sampled)
         kept.add(frames)
-        bar = host.Progress(kept.looked_at)
+        bar = progress.Progress(kept.looked_at)
         parts, result = kept.scores(face_models, reference, progress=bar.update)
         lines = [result.summary()]
         if len(parts) > 1:

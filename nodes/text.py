@@ -14,7 +14,7 @@ from ..consisid_core.text import (
     encode_with_checkpoint,
     own_text_encoder,
 )
-from . import fence, host
+from . import fence, managed
 from .declared import CONSISID_MODEL, CONSISID_TEXT
 
 logger = logging.getLogger(__name__)
@@ -95,18 +95,18 @@ class ConsisIDTextEncode:
             return (encode_with_comfy_clip(clip, prompt, negative_prompt),)
         if model is None:
             raise ConsisIDError("connect a ConsisID model (for its own T5) or a CLIP holding t5xxl to ConsisID Text Encode")
-        owner = host.owner(model)
+        owner = managed.owner(model)
         try:
             if owner is None:  # outside ComfyUI: loaded for this and released, as the CLI does
-                text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, host.torch_device())
+                text = encode_with_checkpoint(model.checkpoint, model.dtype, prompt, negative_prompt, managed.torch_device())
             else:  # kept in RAM once loaded, placed by ComfyUI as its own CLIP
                 if owner.text_encoder is None:
                     owner.text_encoder = own_text_encoder(model.checkpoint, model.dtype)
                 encoder = owner.text_encoder
-                device, move_models = host.load([("text_encoder", encoder.model)], owner, TEXT_ENCODER_WORK)
+                device, move_models = managed.load([("text_encoder", encoder.model)], owner, TEXT_ENCODER_WORK)
                 text = encode_text(encoder, prompt, negative_prompt, device, move_models)
         finally:
-            host.after_run()
+            managed.after_run()
         return (TextEmbeddings(text.positive.cpu(), text.negative.cpu()),)
 
 

@@ -6,7 +6,7 @@ from ..consisid_core.checks import check_latent
 from ..consisid_core.memory import decode_memory
 from ..consisid_core.tiling import MAX_TILE, Tiling
 from ..consisid_core.sampling import decode
-from . import host
+from . import managed
 from .declared import CONSISID_MODEL, FRAMES_TOOLTIP
 
 TILES = Tiling()
@@ -59,11 +59,11 @@ class ConsisIDVAEDecode:
         latents = samples.permute(0, 2, 1, 3, 4)
         tiles = Tiling(tile_height, tile_width, overlap_height, overlap_width) if tiling else None
         work = decode_memory(model.vae.config, model.vae.dtype, latents.shape, tiles)
-        device, move_models = host.load([("vae", model.vae)], host.owner(model), memory_required=work)
+        device, move_models = managed.load([("vae", model.vae)], managed.owner(model), memory_required=work)
         try:
             frames = decode(model.vae, latents, device, tiling=tiles, slicing=slicing, move_models=move_models)
         finally:
-            host.after_run()
+            managed.after_run()
         return (frames,)
 
 

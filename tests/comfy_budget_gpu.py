@@ -55,7 +55,7 @@ from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
 from consisid_pack.consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import host  # noqa: E402
+from consisid_pack.nodes import managed  # noqa: E402
 from consisid_pack.nodes.native.comfy_parts import face_patcher  # noqa: E402
 from consisid_pack.nodes.native.nodes import native_model  # noqa: E402
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
@@ -128,7 +128,7 @@ def on_gpu(*modules: torch.nn.Module) -> list[str]:
 
 
 tiny = Checkpoint.open(folder).load_model("bf16")
-wrapper_model = host.managed(dataclasses.replace(tiny, transformer=real_transformer()))
+wrapper_model = managed.managed(dataclasses.replace(tiny, transformer=real_transformer()))
 wrapper(wrapper_model)
 scratch.mkdir(parents=True, exist_ok=True)
 weights = {k: v.contiguous() for k, v in wrapper_model.transformer.state_dict().items()}

@@ -40,7 +40,7 @@ from consisid_pack.consisid_core.lora import read_lora, with_loras  # noqa: E402
 from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import fence, host  # noqa: E402
+from consisid_pack.nodes import fence, folders, managed, progress  # noqa: E402
 from consisid_pack.nodes.native import comfy_parts  # noqa: E402
 from consisid_pack.nodes.sampling import ConsisIDSampler  # noqa: E402
 
@@ -100,7 +100,7 @@ def failing(call) -> str:
 
 
 def model():
-    return host.managed(Checkpoint.open(checkpoint_folder).load_model("fp32"))
+    return managed.managed(Checkpoint.open(checkpoint_folder).load_model("fp32"))
 
 
 plain = Checkpoint.open(checkpoint_folder).load_model("fp32")
@@ -142,11 +142,11 @@ class ChangedLinear(comfy.ops.disable_weight_init.Linear):
 
 with broken(comfy.ops.disable_weight_init, "Linear", ChangedLinear):
     said("partial_load", "comfy.ops.disable_weight_init.Linear")
-    managed = model()
-    assert torch.equal(node_latents(managed), reference)
-    patcher = managed.managed.held(managed.transformer)
-    assert isinstance(patcher, host.WholeModelPatcher)
-    assert not any(hasattr(m, "comfy_cast_weights") for m in managed.transformer.modules())
+    loaded = model()
+    assert torch.equal(node_latents(loaded), reference)
+    patcher = loaded.managed.held(loaded.transformer)
+    assert isinstance(patcher, managed.WholeModelPatcher)
+    assert not any(hasattr(m, "comfy_cast_weights") for m in loaded.transformer.modules())
     print("  loads whole, same latents; without the fence:", failing(lambda: node_latents(model())))
 
 
@@ -161,14 +161,14 @@ save_file({
 lora = read_lora(folder / "lora.safetensors")
 with_lora = core_latents(with_loras(plain, [(lora, 1.0)]))
 assert not torch.equal(with_lora, reference)
-assert torch.allclose(node_latents(host.with_lora(model(), lora, 1.0)), with_lora, atol=1e-5)
+assert torch.allclose(node_latents(managed.with_lora(model(), lora, 1.0)), with_lora, atol=1e-5)
 with broken(comfy.lora, "load_lora", lambda lora, to_load, log_missing=True: {}):
     said("lora_patches", "comfy.lora.load_lora")
-    lora_model = host.with_lora(model(), lora, 1.0)
+    lora_model = managed.with_lora(model(), lora, 1.0)
     assert torch.allclose(node_latents(lora_model), with_lora, atol=1e-5)
 
     def dropped():  # without the fence the LoRA would be silently left out
-        assert torch.allclose(node_latents(host.with_lora(model(), lora, 1.0)), with_lora, atol=1e-5), "LoRA left out"
+        assert torch.allclose(node_latents(managed.with_lora(model(), lora, 1.0)), with_lora, atol=1e-5), "LoRA left out"
 
     print("  merged per run, same latents; without the fence:", failing(dropped))
 
@@ -195,9 +195,9 @@ freed = []
 with broken(comfy.model_management, "LoadedModel", ChangedLoadedModel), \
         broken(comfy.model_management, "free_memory", lambda memory, device, *a, **k: freed.append(device)):
     said("unload_one", "LoadedModel.model_unload")
-    managed = model()
-    managed.managed.patcher("transformer", managed.transformer)
-    host.unload(managed.managed, managed.transformer)
+    loaded = model()
+    loaded.managed.patcher("transformer", loaded.transformer)
+    managed.unload(loaded.managed, loaded.transformer)
     assert freed == [torch.device("cpu")], freed
     print("  frees that device instead")
 
@@ -213,26 +213,26 @@ class ChangedBar:
 
 with broken(comfy.utils, "ProgressBar", ChangedBar):
     said("progress", "ProgressBar.update_absolute")
-    progress = host.Progress(2)
-    progress.update(1)
-    assert progress._bar is None
-    print("  no bar; without the fence:", failing(lambda: host.Progress(2).update(1)))
+    bar = progress.Progress(2)
+    bar.update(1)
+    assert bar._bar is None
+    print("  no bar; without the fence:", failing(lambda: progress.Progress(2).update(1)))
 with broken(comfy.cli_args, "LatentPreviewMethod", DELETED):
     said("previews", "LatentPreviewMethod")
-    assert not host.Progress(2)._previews
+    assert not progress.Progress(2)._previews
     print("  no previews")
 with broken(comfy.model_management, "throw_exception_if_processing_interrupted", DELETED):
     said("cancel", "throw_exception_if_processing_interrupted")
-    host.check_interrupted()
+    progress.check_interrupted()
     print("  Cancel between nodes")
 
 
 # --- model folders: no fallback, a one-line refusal when used
 with broken(folder_paths, "get_save_image_path", DELETED):
     said("folders", "get_save_image_path")
-    host.register_folders()  # the pack still loads
+    folders.register_folders()  # the pack still loads
     try:
-        host.save_path("consisid/identity", "id.safetensors")
+        folders.save_path("consisid/identity", "id.safetensors")
     except fence.ComfyApiError as e:
         assert "folder_paths.get_save_image_path" in str(e) and "\n" not in str(e), e
         print("  refused:", e)
@@ -264,7 +264,7 @@ for clip in (OldClip(), OtherTokens()):
 if hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
     with broken(comfy.model_patcher, "CoreModelPatcher", object):
         said("dynamic_vram", "comfy.model_patcher.CoreModelPatcher")
-        assert not host.dynamic_vram()
+        assert not managed.dynamic_vram()
         print("  taken as off")
 else:
     assert fence.works("dynamic_vram")

@@ -1,5 +1,5 @@
 """Run by test_gpu.py on a CUDA GPU inside a ComfyUI source folder: ComfyUI's model management
-holding our models (the nodes' own calls, `nodes.host`), checked where only a GPU can show it.
+holding our models (the nodes' own calls, `nodes.managed`), checked where only a GPU can show it.
 
 - resident: after a run the transformer and the VAE are in ComfyUI's loaded models, on the GPU,
   and a second run moves no weight (their storage stays where it was);
@@ -30,7 +30,7 @@ from consisid_pack.consisid_core.errors import GenerationCancelled  # noqa: E402
 from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import host  # noqa: E402
+from consisid_pack.nodes import managed  # noqa: E402
 
 device = mm.get_torch_device()
 assert device.type == "cuda", device
@@ -57,14 +57,14 @@ def run(model, owner, **options):
     """What the sampler node does: ComfyUI loads the parts, the core samples without moving them."""
     identity, text = inputs(model)
     parts = [("transformer", model.transformer), ("vae", model.vae)]
-    where, move_models = host.load(parts, owner, memory_required=2**28)
+    where, move_models = managed.load(parts, owner, memory_required=2**28)
     assert not move_models
     return sample(model, identity, text, seed=3, steps=2, device=where, move_models=False, **options)
 
 
 # resident between runs
 baseline = allocated()
-model = host.managed(Checkpoint.open(checkpoint_folder).load_model("bf16"))
+model = managed.managed(Checkpoint.open(checkpoint_folder).load_model("bf16"))
 owner = model.managed
 first = run(model, owner)
 transformer, vae = owner.patcher("transformer", model.transformer), owner.patcher("vae", model.vae)
@@ -102,11 +102,11 @@ print("evicted: ok")
 # partial load, fp32 and fp8 storage
 for fp8 in (False, True):
     mm.unload_all_models()
-    whole = host.managed(Checkpoint.open(checkpoint_folder).load_model("bf16", fp8=fp8))
+    whole = managed.managed(Checkpoint.open(checkpoint_folder).load_model("bf16", fp8=fp8))
     full = run(whole, whole.managed)
     full_memory = allocated()
     mm.unload_all_models()
-    part = host.managed(Checkpoint.open(checkpoint_folder).load_model("bf16", fp8=fp8))
+    part = managed.managed(Checkpoint.open(checkpoint_folder).load_model("bf16", fp8=fp8))
     patcher = part.managed.patcher("transformer", part.transformer)
     patcher.load(device, lowvram_model_memory=patcher.model_size() // 4, full_load=False)
     identity, text = inputs(part)

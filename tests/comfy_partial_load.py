@@ -41,7 +41,7 @@ from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
 from consisid_pack.consisid_core.sampling import sample  # noqa: E402
 from consisid_pack.consisid_core.text import TextEmbeddings, encode_text, load_text_encoder  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import fence, host  # noqa: E402
+from consisid_pack.nodes import fence, managed  # noqa: E402
 
 said: list[str] = []
 
@@ -54,7 +54,7 @@ class Said(logging.Handler):
 logging.getLogger("consisid_pack.nodes").addHandler(Said())
 logging.getLogger("consisid_pack.nodes").setLevel(logging.INFO)
 assert not dynamic or not any(fence.check().values()), fence.check()  # v0.33: every probe, the native ones too
-assert host.dynamic_vram() == dynamic
+assert managed.dynamic_vram() == dynamic
 
 casts = []
 real_cast = comfy.ops.cast_bias_weight
@@ -76,7 +76,7 @@ def latents(fp8: bool, partial: bool) -> torch.Tensor:
     text = TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
     move_models = True
     if partial:
-        owner = host.managed(model).managed
+        owner = managed.managed(model).managed
         patcher = owner.patcher("transformer", model.transformer)
         budget = patcher.model_size() // 4  # a quarter of the weights "fit"; the rest is cast per call
         patcher.load(torch.device("cpu"), lowvram_model_memory=budget, full_load=False)
@@ -101,7 +101,7 @@ def t5(partial: bool) -> torch.Tensor:
     asks for it, against the T5 as it is."""
     encoder = load_text_encoder(Checkpoint.open(checkpoint_folder), "fp32")
     if partial:
-        patcher = host.Managed().patcher("text_encoder", encoder.model)
+        patcher = managed.Managed().patcher("text_encoder", encoder.model)
         patcher.load(torch.device("cpu"), lowvram_model_memory=patcher.model_size() // 4, full_load=False)
         assert patcher.model.model_lowvram
     casts.clear()

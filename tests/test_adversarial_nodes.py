@@ -18,7 +18,7 @@ from consisid_pack.consisid_core.files import shown  # noqa: E402
 from consisid_pack.consisid_core.identity import save_identity  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
-from consisid_pack.nodes import host  # noqa: E402
+from consisid_pack.nodes import folders  # noqa: E402
 
 SAVE, LOAD = NODES["ConsisIDSaveIdentity"], NODES["ConsisIDLoadIdentity"]
 LOADER, SAMPLER, DECODE = NODES["ConsisIDModelLoader"], NODES["ConsisIDSampler"], NODES["ConsisIDVAEDecode"]
@@ -285,7 +285,7 @@ def test_model_loader_takes_only_listed_files(home, tmp_path, sentinels, tiny_di
         message = one_line(LOADER.VALIDATE_INPUTS(model=single, vae=vae))
         assert message == f"vae '{vae}' is not one of the choices; pick one from the list (refresh it after adding files)"
         # and where VALIDATE_INPUTS is skipped (the node called by a script): the folder check
-        message = refusal(ConsisIDError, host.file_path, "vae", vae)
+        message = refusal(ConsisIDError, folders.file_path, "vae", vae)
         assert message.startswith(f"'{vae}' is not a file name inside the models/vae folder")
         assert refusal(ConsisIDError, LOADER().load, single, vae, "fp32", False).startswith(f"'{vae}' is not a file name")
     climbing = "diffusion_models/../../x.safetensors"
@@ -297,7 +297,7 @@ def test_model_loader_takes_only_listed_files(home, tmp_path, sentinels, tiny_di
 
     # what is listed works
     assert LOADER.VALIDATE_INPUTS(model=single, vae="tiny.safetensors") is True
-    assert host.file_path("vae", "tiny.safetensors") == vae_dir / "tiny.safetensors"
+    assert folders.file_path("vae", "tiny.safetensors") == vae_dir / "tiny.safetensors"
     (loaded,) = LOADER().load(single, "tiny.safetensors", "fp32", False)
     assert loaded.vae.config.latent_channels == 4
 

@@ -90,7 +90,7 @@ def test_no_function_in_the_core_or_the_nodes_is_over_60_lines():
     assert long_functions("def f():\n" + "    x = 1\n" * 60) == ["f (61)"]
 
 
-SHARED_NODE_MODULES = {"nodes.declared", "nodes.host", "nodes.fence"}
+SHARED_NODE_MODULES = {"nodes.declared", "nodes.fence", "nodes.folders", "nodes.managed", "nodes.progress"}
 """What the wrapper's and the native path's nodes both build on; `nodes/__init__.py` collects them."""
 
 

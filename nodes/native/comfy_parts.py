@@ -34,7 +34,7 @@ from ...consisid_core.reference import (
     rotary_embedding,
 )
 from ...consisid_core.performance import StepCacheStats, TeaCacheState
-from .. import fence, host
+from .. import fence, managed, progress
 
 try:
     import comfy.cli_args
@@ -546,7 +546,7 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as
     # they are), held beside the MODEL in a patcher of its kind (dynamic VRAM's when the MODEL's is)
     face = face.to(dtype=getattr(base, "get_dtype_inference", base.get_dtype)())
-    patched.set_additional_models(FACE_MODULES, [host.held_beside(patched, face)])
+    patched.set_additional_models(FACE_MODULES, [managed.held_beside(patched, face)])
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
     patched.add_object_patch("model_sampling", sampling)
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
@@ -730,7 +730,7 @@ def _decode_videos(vae, batched, samples: torch.Tensor) -> torch.Tensor:
     videos = []
     with torch.inference_mode():
         for video in samples.split(1):
-            host.check_interrupted()
+            progress.check_interrupted()
             pixels = batched(video.to(device=vae.device, dtype=vae.vae_dtype))
             videos.append(vae.process_output(pixels.to(device=vae.output_device, dtype=torch.float32)).movedim(1, -1))
     return torch.cat(videos)
@@ -919,7 +919,7 @@ def on_several_devices(model) -> None:
 
 def _face_copy(model, face: FaceModules, disable_dynamic: bool = False):
     """A patcher of its own for a copy of `face` (what core reloads an additional model with)."""
-    return host.held_beside(model, copy.deepcopy(face), disable_dynamic)
+    return managed.held_beside(model, copy.deepcopy(face), disable_dynamic)
 
 
 def _reload_cogvideox(source: str, dtype: torch.dtype | None, quantize: str | None, disable_dynamic: bool = False):

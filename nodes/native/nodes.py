@@ -22,7 +22,7 @@ from ...consisid_core.lora import check_strength, read_lora
 from ...consisid_core.reference import first_frame_pixels
 from ...consisid_core.sampling import MAX_IDENTITY_STRENGTH, first_frame
 from ...consisid_core.text import TextEmbeddings
-from .. import host
+from .. import folders, progress
 from ..declared import (
     CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, TEXT_TOOLTIP,
     checkpoint_names, checkpoint_source, declared_error, first_image, frames_input, height_input, identity_strength_input,
@@ -49,9 +49,9 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
     comfy_parts.require(("native_load", *comfy_parts.FACE_MODEL), LOADER)
     if quantize is not None:
         comfy_parts.require_format(quantize)
-    parts = native.model_parts(source, host.check_interrupted, quant=quantize)
-    face = build_face_modules(parts.face, parts.config, host.check_interrupted)
-    host.check_interrupted()
+    parts = native.model_parts(source, progress.check_interrupted, quant=quantize)
+    face = build_face_modules(parts.face, parts.config, progress.check_interrupted)
+    progress.check_interrupted()
     model = comfy_parts.load_cogvideox(parts.core, dtype)
     comfy_parts.reloadable(model, source, dtype, quantize)
     return comfy_parts.with_face_modules(model, face, parts.latent_channels, parts.scaling_factor, parts.scheduler,
@@ -60,7 +60,7 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
 
 def _model_file(kind: str, name: str) -> Path:
     try:
-        return host.file_path(kind, name)
+        return folders.file_path(kind, name)
     except FileNotFoundError as e:
         raise ConsisIDError(str(e)) from None
 
@@ -137,7 +137,7 @@ class ConsisIDFaceModules:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The exported ConsisID transformer, loaded as CogVideoX."}),
-                "face_modules": (host.files("diffusion_models"), {"tooltip": "The <name>_face.safetensors exported "
+                "face_modules": (folders.files("diffusion_models"), {"tooltip": "The <name>_face.safetensors exported "
                                                                              "with that transformer (models/diffusion_models)."}),
             }
         }
@@ -149,8 +149,8 @@ class ConsisIDFaceModules:
     def apply(self, model, face_modules: str):
         comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
         path = _model_file("diffusion_models", face_modules)
-        weights, info = native.read_face_file(path, host.check_interrupted)
-        face = build_face_modules(weights, info["config"], host.check_interrupted)
+        weights, info = native.read_face_file(path, progress.check_interrupted)
+        face = build_face_modules(weights, info["config"], progress.check_interrupted)
         return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
@@ -330,7 +330,7 @@ class ConsisIDNativeLoRA:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (or CogVideoX from Load Diffusion Model)."}),
-                "lora_name": (host.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras, diffusers layout."}),
+                "lora_name": (folders.files("loras"), {"tooltip": "A LoRA .safetensors in models/loras, diffusers layout."}),
                 "strength_model": lora_strength_input("Scale of the LoRA's update, as ConsisID LoRA's strength "
                                                       "(1 as trained)."),
             }

@@ -1,187 +1,32 @@
-"""The nodes' side of ComfyUI: model folders, devices, memory, progress and Cancel.
-
-Inside ComfyUI our models are ComfyUI's to hold (ModelPatchers loaded with `load_models_gpu`, partly
-when they do not fit); ComfyUI's internals are reached through `fence`. Outside ComfyUI every
-function falls back to plain behaviour, so the nodes run in tests and scripts. How and why:
+"""Our models in ComfyUI's model management: each part held by a ModelPatcher and loaded with
+`load_models_gpu` (partly when it does not fit), LoRAs as ComfyUI weight patches, the compute
+device. ComfyUI's internals are reached through `fence`; outside ComfyUI every function falls back
+to plain behaviour (the core moves the models), so the nodes run in tests and scripts. How and why:
 docs/dev/architecture.md, "Models inside ComfyUI"."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
-from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
-from ..consisid_core.checkpoint import ANTELOPE_DIR, FACE_ENCODER, ConsisIDModel
+from ..consisid_core.checkpoint import ConsisIDModel
 from ..consisid_core.errors import ConsisIDError
 from ..consisid_core.face.models import FaceModels
-from ..consisid_core.files import inside, numbered_path, shown
 from ..consisid_core.lora import LoRA, with_loras
 from ..consisid_core.memory import home_device
 from . import fence
-from .fence import IN_COMFYUI, comfy, folder_paths, model_management
+from .fence import IN_COMFYUI, comfy, model_management
 
 logger = logging.getLogger(__name__)
-
-CONSISID_FOLDER = "consisid"
-"""Our model folder: `models/consisid/<checkpoint>/` (diffusers layout, face_encoder/ inside)."""
-
-
-def register_folders() -> None:
-    """Check this ComfyUI's internals (`fence`: one log line each that differs) and add
-    `models/consisid` to its model folders (called once, by the pack's __init__)."""
-    if not fence.works("folders"):
-        return
-    folder_paths.add_model_folder_path(CONSISID_FOLDER, os.path.join(folder_paths.models_dir, CONSISID_FOLDER))
-
-
-def _home() -> Path:
-    return Path(os.environ.get("CONSISID_HOME", "."))
-
-
-def folders(kind: str) -> list[Path]:
-    """The folders of one model kind: consisid, diffusers, diffusion_models, vae."""
-    if IN_COMFYUI:
-        fence.require("folders", "the model folders")
-        try:
-            return [Path(p) for p in folder_paths.get_folder_paths(kind)]
-        except KeyError:
-            return []
-    return [_home() / "models" / kind]
-
-
-def files(kind: str, suffixes: Iterable[str] = (".safetensors",)) -> list[str]:
-    """Weight files of a kind, as names relative to their folder (ComfyUI's list, if there)."""
-    suffixes = tuple(suffixes)
-    if IN_COMFYUI:
-        fence.require("folders", "the model folders")
-        try:
-            names = folder_paths.get_filename_list(kind)
-        except KeyError:
-            return []
-    else:
-        names = sorted(
-            str(p.relative_to(root)) for root in folders(kind) if root.is_dir() for p in root.rglob("*") if p.is_file()
-        )
-    return [n for n in names if n.endswith(suffixes)]
-
-
-def file_path(kind: str, name: str) -> Path:
-    """The full path of a file named relative to a model folder (never outside it); a missing one
-    gets an error naming the folder kind."""
-    for root in folders(kind):
-        path = inside(root, name, f"models/{kind}", follow_links=True)
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"'{shown(name)}' is not in the {kind} model folders; put it there and refresh the list")
-
-
-def pipeline_folders() -> dict[str, Path]:
-    """ConsisID checkpoint folders by display name: `models/consisid/X` as `X`, and the
-    `models/diffusers/X` whose model_index.json names ConsisIDPipeline as `diffusers/X`."""
-    found: dict[str, Path] = {}
-    for kind, prefix in ((CONSISID_FOLDER, ""), ("diffusers", "diffusers/")):
-        for root in folders(kind):
-            if not root.is_dir():
-                continue
-            for folder in sorted(p for p in root.iterdir() if (p / "model_index.json").is_file()):
-                if kind == "diffusers" and not _names_consisid(folder / "model_index.json"):
-                    continue
-                found.setdefault(prefix + folder.name, folder)
-    return found
-
-
-def face_encoder_folders() -> dict[str, Path]:
-    """Folders holding the face models: each checkpoint's face_encoder/, and standalone ones in
-    `models/consisid/` (a folder with models/antelopev2/ inside)."""
-    found = {name: path / FACE_ENCODER for name, path in pipeline_folders().items() if (path / FACE_ENCODER).is_dir()}
-    for root in folders(CONSISID_FOLDER):
-        if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if (p / ANTELOPE_DIR).is_dir()):
-                found.setdefault(folder.name, folder)
-    return found
-
-
-def _names_consisid(index: Path) -> bool:
-    try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == "ConsisIDPipeline"
-    except (OSError, ValueError):
-        return False
-
-
-def input_dir() -> Path:
-    if IN_COMFYUI:
-        fence.require("folders", "the input folder")
-        return Path(folder_paths.get_input_directory())
-    return _home() / "input"
-
-
-def output_dir() -> Path:
-    if IN_COMFYUI:
-        fence.require("folders", "the output folder")
-        return Path(folder_paths.get_output_directory())
-    return _home() / "output"
-
-
-def input_file(name: str) -> Path:
-    """A file named relative to the input folder, refused if the name leads outside it."""
-    return inside(input_dir(), name, "input")
-
-
-def input_files(suffix: str) -> list[str]:
-    """Files with `suffix` in the input folder (and its subfolders), as names relative to it."""
-    root = input_dir()
-    if not root.is_dir():
-        return []
-    names = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob(f"*{suffix}") if p.is_file())
-    return [n for n in names if _stays_inside(root, n)]
-
-
-def _stays_inside(root: Path, name: str) -> bool:
-    try:
-        inside(root, name, "input")
-    except ValueError:
-        return False
-    return True
-
-
-def save_path_checked(prefix: str) -> Path:
-    """The output folder, once `prefix` is known to stay inside it (ComfyUI's %date% fields too)
-    and to end in a file name."""
-    out = output_dir()
-    if inside(out, prefix.replace("%", ""), "output") == out:  # '.' or './': the folder itself
-        raise ConsisIDError(
-            f"filename_prefix '{shown(prefix)}' names the output folder, not a file: end it with a name, "
-            "e.g. consisid/identity"
-        )
-    return out
-
-
-def save_path(prefix: str, extension: str) -> Path:
-    """A new file `<prefix>_<n:05>_<extension>` in the output folder, n one above the highest taken
-    (ComfyUI's naming); a prefix that leads outside the output folder is refused."""
-    out = save_path_checked(prefix)
-    if IN_COMFYUI:
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(out))
-        return Path(folder) / f"{name}_{counter:05}_{extension}"
-    target = inside(out, prefix, "output")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return numbered_path(target.parent, target.name, extension)
 
 
 def torch_device() -> torch.device:
     if fence.works("model_management"):
         return model_management.get_torch_device()
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# Our models in ComfyUI's model management
 
 
 class Held(torch.nn.Module):
@@ -489,38 +334,3 @@ def after_run() -> None:
     """Give freed GPU memory back (after a run or an error)."""
     if fence.works("model_management"):
         model_management.soft_empty_cache()
-
-
-def check_interrupted() -> None:
-    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
-    if fence.works("cancel"):
-        model_management.throw_exception_if_processing_interrupted()
-
-
-class Progress:
-    """ComfyUI's progress bar (each update is also a Cancel point), with a latent preview when
-    ComfyUI's `--preview-method` is not `none`, as its own samplers; nothing outside ComfyUI."""
-
-    def __init__(self, total: int):
-        self._bar = comfy.utils.ProgressBar(total) if fence.works("progress") else None
-        self._previews = fence.works("previews") and comfy.cli_args.args.preview_method != (
-            comfy.cli_args.LatentPreviewMethod.NoPreviews
-        )
-        self.total = total
-
-    def update(self, value: int, latents: torch.Tensor | None = None) -> None:
-        check_interrupted()
-        if self._bar is not None:
-            preview = _preview(latents, comfy.cli_args.args.preview_size) if self._previews and latents is not None else None
-            self._bar.update_absolute(value, self.total, preview)
-
-
-def _preview(latents: torch.Tensor, size: int) -> tuple:
-    """A cheap look at the first latent frame of [B, F, C, h, w] latents: three channels stretched
-    to 0..255, 8x up (the VAE's spatial factor); ComfyUI shrinks it to `size` on the long side."""
-    from PIL import Image
-
-    frame = latents[0, 0, :3].float()
-    low, high = frame.amin(dim=(1, 2), keepdim=True), frame.amax(dim=(1, 2), keepdim=True)
-    pixels = ((frame - low) / (high - low + 1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
-    return "JPEG", Image.fromarray(pixels).resize((pixels.shape[1] * 8, pixels.shape[0] * 8)), size

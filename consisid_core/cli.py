@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_export(sub) -> None:
     """The `export` subcommand's arguments."""
     export_parser = sub.add_parser(
-        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
+        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face layers")
     export_parser.add_argument("--model", type=Path,
                                help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
     export_parser.add_argument("--lora", type=Path, action="append", default=[],
@@ -95,7 +95,7 @@ def _add_export(sub) -> None:
                                help="weights' precision (keep: as most of them are stored)")
     export_parser.add_argument("--quant", metavar="FORMAT",
                                help="store the transformer's block linear layers in a ComfyUI core quantized format "
-                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face modules stay as they are")
+                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face layers stay as they are")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 

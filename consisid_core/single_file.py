@@ -104,7 +104,7 @@ def _shapes_of_another_model(infer):
 def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
     """A ConsisIDTransformer3DModel config from diffusers-named weights' shapes.
 
-    What shapes cannot tell (how attention widths split into heads in the face modules, the
+    What shapes cannot tell (how attention widths split into heads in the face layers, the
     native sample size, `is_kps`, `local_face_scale`) takes the values of the released
     ConsisID-preview; pass a checkpoint folder's config when yours differs.
     """

@@ -252,7 +252,7 @@ ASSUMPTIONS = (
                _model_management),
     Assumption("partial_load", "loading the transformer and T5 partly when they do not fit",
                "they load whole (or not at all, if they do not fit)", _partial_load, needs="model_management"),
-    Assumption("dynamic_vram", "dynamic VRAM", "the pack takes dynamic VRAM as off: the native MODEL's face modules "
+    Assumption("dynamic_vram", "dynamic VRAM", "the pack takes dynamic VRAM as off: the native MODEL's face layers "
                "load in ComfyUI's classic patcher, partly when they do not fit", _dynamic_vram, needs="partial_load"),
     Assumption("lora_patches", "ConsisID LoRA as ComfyUI weight patches", "the sampler merges the LoRAs for its run",
                _lora_patches, needs="model_management"),

@@ -270,17 +270,17 @@ else:
     assert fence.works("dynamic_vram")
     print("dynamic_vram: this ComfyUI has none, nothing to take part in")
 
-# --- the native MODEL's face modules, loaded beside it: ModelPatcher's additional models renamed
+# --- the native MODEL's face layers, loaded beside it: ModelPatcher's additional models renamed
 if comfy_parts.AVAILABLE:
     with broken(comfy.model_patcher.ModelPatcher, "set_additional_models", DELETED):
         said("native_face_patcher", "ModelPatcher.set_additional_models")
         try:
-            comfy_parts.with_face_modules(None, None, 16, 0.7)
+            comfy_parts.with_face_layers(None, None, 16, 0.7)
         except fence.ComfyApiError as e:
             assert "ModelPatcher.set_additional_models" in str(e) and "\n" not in str(e), e
             print("  refused:", e)
         else:
-            raise AssertionError("the face modules were added without ModelPatcher.set_additional_models")
+            raise AssertionError("the face layers were added without ModelPatcher.set_additional_models")
 else:
     assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
     print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
@@ -363,7 +363,7 @@ def native_section(native_folder: str, vae_file: str) -> None:
     with broken(cogvideo.CogVideoXBlock, "forward", three_outputs):
         said("native_transformer", "CogVideoXBlock")
         print("  refused:", refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"),
-                                    "ConsisID Face Modules", "CogVideoXBlock"))
+                                    "ConsisID Face Layers", "CogVideoXBlock"))
         print("  without the fence:", failing(lambda: latents(nmodel)))
 
     def rotary_scaled(self, h, w, t, device, scale=1.0):
@@ -387,7 +387,7 @@ def native_section(native_folder: str, vae_file: str) -> None:
 
     with broken(comfy.patcher_extension.WrapperExecutor, "new_class_executor", classmethod(classless)):
         said("native_patches", "class_obj")
-        refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"), "ConsisID Face Modules",
+        refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"), "ConsisID Face Layers",
                 "WrappersMP.DIFFUSION_MODEL")
         print("  refused; without the fence:", failing(lambda: latents(nmodel)))
 

@@ -37,7 +37,7 @@ def _lora_tensors(transformer, modules, seed: int, prefix: str) -> dict:
 @pytest.fixture(scope="module")
 def lora_base(base):  # noqa: F811 - test_comfyui's fixture, for this module
     """The models of test_comfyui's `base` plus the workflow's two LoRAs in models/loras: one of
-    the attention layers (transformer. keys), one reaching the face modules (ComfyUI's
+    the attention layers (transformer. keys), one reaching the face layers (ComfyUI's
     diffusion_model. keys)."""
     from consisid_core.checkpoint import Checkpoint
 

@@ -140,7 +140,7 @@ def test_plan(tiny_model):
     }
     assert [(c.split_dim, c.expected_dims) for c in layout["transformer_blocks.*"]["image_rotary_emb"]] == [(0, 2)] * 2
     assert [(c.gather_dim, c.expected_dims) for c in layout["transformer_blocks.1"]] == [(1, 3)] * 2
-    # the face modules are left whole: nothing of the plan names them
+    # the face layers are left whole: nothing of the plan names them
     assert not any("facial" in key or "perceiver" in key for key in layout)
 
 

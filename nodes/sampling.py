@@ -77,8 +77,8 @@ class ConsisIDSampler:
         # every check of the run, before ComfyUI is asked for room
         run = prepare_run(
             model, identity, text, first,
-            seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
-            frames=frames, height=height, width=width, identity_strength=identity_strength,
+            seed=seed, steps=steps, cfg=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+            length=frames, height=height, width=width, identity_strength=identity_strength,
             device=host.torch_device(), performance=performance, allow_oversize=allow_oversize,
             move_models=owner is None,
         )

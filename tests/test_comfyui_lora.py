@@ -116,7 +116,7 @@ def _core(folder, seed: int, loras: bool) -> np.ndarray:
     if loras:
         model = with_loras(model, [(read_lora(folder / "models" / "loras" / name), s) for name, s in LORAS])
     identity = load_identity(folder / "input" / "identity.safetensors")
-    frames = generate(model, identity, PROMPT, "", steps=STEPS, seed=seed, frames=9, height=64, width=96)
+    frames = generate(model, identity, PROMPT, "", steps=STEPS, seed=seed, length=9, height=64, width=96)
     return np.clip(255.0 * frames.numpy(), 0, 255).astype(np.uint8)
 
 

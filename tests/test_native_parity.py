@@ -44,8 +44,8 @@ def vae_file(native_tiny_dir):
 def _reference(setup, steps, scheduler="ddim", **options):
     from consisid_core.sampling import sample
 
-    return sample(setup["wrapper"], setup["identity"], setup["text"], seed=SEED, steps=steps, guidance_scale=GUIDANCE,
-                  scheduler=scheduler, frames=FRAMES, height=HEIGHT, width=WIDTH, device="cpu", **options)
+    return sample(setup["wrapper"], setup["identity"], setup["text"], seed=SEED, steps=steps, cfg=GUIDANCE,
+                  scheduler=scheduler, length=FRAMES, height=HEIGHT, width=WIDTH, device="cpu", **options)
 
 
 def _first_latent(setup):
@@ -246,8 +246,8 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
     ours = with_loras(setup["wrapper"], [(read_lora(path), 0.8)])
     from consisid_core.sampling import sample
 
-    reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, guidance_scale=GUIDANCE,
-                       scheduler="ddim", frames=FRAMES, height=HEIGHT, width=WIDTH, device="cpu")
+    reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, cfg=GUIDANCE,
+                       scheduler="ddim", length=FRAMES, height=HEIGHT, width=WIDTH, device="cpu")
     native = _native(setup, 5, model=lora_model)
     assert (native - _native(setup, 5)).abs().max() > 1e-2  # the LoRA changed the video
     assert (native - reference).abs().max().item() <= TOLERANCE

@@ -93,7 +93,7 @@ def _commands(tiny_dir, photo, lora, out: Path) -> dict[str, list[str]]:
     return {
         "embed": ["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(out / "me.safetensors")],
         "generate": ["generate", "--model", str(tiny_dir), "--face", str(photo), "--prompt", "a man smiling",
-                     "--steps", "2", "--frames", "9", "--segments", "2", "--lora", str(lora), "--score",
+                     "--steps", "2", "--length", "9", "--segments", "2", "--lora", str(lora), "--score",
                      "--out", str(out / "v.mp4")],
     }
 

@@ -178,7 +178,7 @@ SPLITS_2 = ["ulysses=2", "ring=2", "cfg=2"]
 SPLITS_4 = ["ulysses=2,cfg=2", "ring=2,cfg=2"]
 REFUSALS_2 = {
     "product": (["--parallel", "ulysses=2,cfg=2"], "error: --parallel ulysses=2,cfg=2 needs 4 processes"),
-    "guidance": (["--parallel", "cfg=2", "--guidance", "1"], "error: --parallel cfg=2 splits the guided batch"),
+    "guidance": (["--parallel", "cfg=2", "--cfg", "1"], "error: --parallel cfg=2 splits the guided batch"),
     "step-cache": (["--parallel", "ring=2", "--step-cache", "0.1"], "error: --parallel does not combine with the step"),
     "tokens": (["--parallel", "ulysses=2", "--height", "16", "--width", "16"], "must share 226 text and 3 video tokens"),
 }

@@ -60,7 +60,7 @@ def test_segment_seeds_and_counts():
         (["--segments", "3", "--prompt", "b"], "2 prompts for 3 segments: give one prompt for the whole video"),
         (["--segments", "33"], "segment count 33 must be a whole number from 1 to 32"),
         (["--segments", "0"], "segment count 0 must be a whole number from 1 to 32"),
-        (["--segments", "2", "--frames", "1"], "segments of 1 frame add nothing"),
+        (["--segments", "2", "--length", "1"], "segments of 1 frame add nothing"),
     ],
 )
 def test_bad_segment_arguments_exit_2_with_one_line_and_write_nothing(tiny_dir, identity_file, tmp_path, capsys,
@@ -85,7 +85,7 @@ def test_two_segments_equal_two_runs_by_hand(tiny_dir, identity_file, tmp_path, 
     assert main(common + ["--seed", "7", "--prompt", "a man walking", "--out", str(tmp_path / "one")]) == 0
     one = _png_frames(tmp_path / "one")
     Image.fromarray(one[-1]).save(tmp_path / "last.png")
-    assert main(common + ["--seed", "8", "--prompt", "a man waving", "--image", str(tmp_path / "last.png"),
+    assert main(common + ["--seed", "8", "--prompt", "a man waving", "--start-image", str(tmp_path / "last.png"),
                           "--out", str(tmp_path / "two")]) == 0
     two = _png_frames(tmp_path / "two")
     long = _png_frames(tmp_path / "long")

@@ -195,7 +195,7 @@ def _preflight(args, request: _Request, checkpoint: Checkpoint) -> _Plan:
         allow_oversize=args.allow_oversize, parallel=request.spec, tiling=Tiling() if args.vae_tiling else None,
     )
     labels = {
-        "seed": "--seed", "steps": "--steps", "guidance": "--cfg", "identity strength": "--identity-strength"
+        "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "identity strength": "--identity-strength"
     }
     if args.identity is not None:
         labels["identity"] = f"'{args.identity}'"

@@ -197,7 +197,7 @@ class Run:
         )
         check_steps(options.steps, scheduler_config.get("num_train_timesteps", 1000), labels.get("steps", "steps"))
         check_seed(options.seed, labels.get("seed", "seed"))
-        check_number(labels.get("guidance", "guidance"), options.cfg, 0, MAX_GUIDANCE,
+        check_number(labels.get("cfg", "cfg"), options.cfg, 0, MAX_GUIDANCE,
                      "the reference uses 6; 1 or less turns guidance off")
         if options.identity_strength is not None:
             check_number(labels.get("identity strength", "identity strength"), options.identity_strength, 0,

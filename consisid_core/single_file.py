@@ -197,7 +197,7 @@ RELEASED_TRANSFORMER_CONFIG = {
     "local_face_scale": 1.0,
 }
 """The released checkpoint's transformer (ConsisID-preview: CogVideoX-5B-I2V's and the face
-modules): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
+layers): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
 shapes cannot tell (`infer_transformer_config`) is taken from here."""
 
 

@@ -104,8 +104,8 @@ def wrapper(model) -> None:
     text = TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
     with Peak():
         latents = ConsisIDSampler().sample(
-            model, random_identity(model.config, seed=5), text, seed=3, steps=2, guidance=6.0, dynamic_cfg=False,
-            scheduler="ddim", frames=FRAMES, width=WIDTH, height=HEIGHT, identity_strength=1.0)[0]["samples"]
+            model, random_identity(model.config, seed=5), text, seed=3, steps=2, cfg=6.0, dynamic_cfg=False,
+            scheduler="ddim", length=FRAMES, width=WIDTH, height=HEIGHT, identity_strength=1.0)[0]["samples"]
     patcher = model.managed.held(model.transformer)
     assert type(patcher) is comfy.model_patcher.ModelPatcher and patcher.model.model_lowvram
     assert torch.isfinite(latents).all()

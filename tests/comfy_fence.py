@@ -108,13 +108,13 @@ identity = random_identity(plain.config, seed=5)
 g = torch.Generator().manual_seed(1)
 width = plain.config.text_embed_dim
 text = TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
-SIZE = {"frames": 9, "width": 96, "height": 64}
+SIZE = {"length": 9, "width": 96, "height": 64}
 STEPS = 1
 
 
 def node_latents(consisid_model) -> torch.Tensor:
     out = ConsisIDSampler().sample(
-        consisid_model, identity, text, seed=3, steps=STEPS, guidance=6.0, dynamic_cfg=False, scheduler="ddim",
+        consisid_model, identity, text, seed=3, steps=STEPS, cfg=6.0, dynamic_cfg=False, scheduler="ddim",
         identity_strength=1.0, **SIZE,
     )
     return out[0]["samples"]
@@ -284,6 +284,14 @@ if comfy_parts.AVAILABLE:
 else:
     assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
     print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
+
+# --- prompts made before inputs were renamed: ComfyUI's on-prompt handlers changed
+import server  # noqa: E402
+
+with broken(server.PromptServer, "add_on_prompt_handler", DELETED):
+    said("prompt_handlers", "add_on_prompt_handler")
+    fence.on_prompt(lambda json_data: json_data)  # the pack still loads
+    print("  old input names: ComfyUI's own 'Required input is missing'")
 
 # =============================================================================================
 # The native path: comfy_parts.ASSUMPTIONS, on a ComfyUI with native CogVideoX

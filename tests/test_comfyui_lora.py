@@ -89,7 +89,7 @@ def _branches(seed: int) -> dict:
     for branch, branch_model in (("lora", model), ("plain", ["loader", 0])):
         prompt[f"{branch}_sampler"] = {"class_type": "ConsisIDSampler", "inputs": {
             "model": branch_model, "identity": ["identity", 0], "text": ["text", 0], "seed": seed, "steps": STEPS,
-            "guidance": 6.0, "dynamic_cfg": False, "scheduler": "dpm", "frames": 9, "width": 96, "height": 64,
+            "cfg": 6.0, "dynamic_cfg": False, "scheduler": "dpm", "length": 9, "width": 96, "height": 64,
             "identity_strength": 1.0}}
         prompt[f"{branch}_decode"] = {"class_type": "ConsisIDVAEDecode", "inputs": {
             "model": branch_model, "latent": [f"{branch}_sampler", 0], "tiling": False, "tile_height": 240,

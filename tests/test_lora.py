@@ -386,7 +386,7 @@ def test_lora_nodes_stack_and_leave_the_loaders_model_alone(home, tiny_dir, file
     (styled,) = node().apply(model, "plain.safetensors", 0.6)
     (styled,) = node().apply(styled, "face.safetensors", -0.4)
     sampler = NODE_CLASS_MAPPINGS["ConsisIDSampler"]()
-    settings = dict(seed=4, steps=2, guidance=6.0, dynamic_cfg=False, scheduler="dpm", frames=9, width=96, height=64,
+    settings = dict(seed=4, steps=2, cfg=6.0, dynamic_cfg=False, scheduler="dpm", length=9, width=96, height=64,
                     identity_strength=1.0)
     (ours,) = sampler.sample(styled, identity, text, **settings)
     stack = [(read_lora(files["plain"]), 0.6), (read_lora(files["face"]), -0.4)]

@@ -228,8 +228,8 @@ def test_extend_refuses_previous_frames_it_cannot_continue(home, tiny_model, ide
         run(tiny_model, identity, text, torch.rand(0, 64, 96, 3), 43, 1, 6.0, False, "dpm", F, 96, 64, 1.0, False)
     with pytest.raises(ValueError, match="segments of 1 frame add nothing"):
         run(tiny_model, identity, text, torch.rand(9, 64, 96, 3), 43, 1, 6.0, False, "dpm", 1, 96, 64, 1.0, False)
-    assert "frames 1 must be a whole number from 5" in extend.VALIDATE_INPUTS(frames=1, width=96, height=64)
-    assert "frames 10 must be 4·k + 1" in extend.VALIDATE_INPUTS(frames=10, width=96, height=64)
+    assert "length 1 must be a whole number from 5" in extend.VALIDATE_INPUTS(length=1, width=96, height=64)
+    assert "length 10 must be 4·k + 1" in extend.VALIDATE_INPUTS(length=10, width=96, height=64)
 
 
 def test_a_seed_out_of_range_is_refused_not_wrapped(tiny_model, identity, text):

@@ -481,7 +481,7 @@ def _face_wrapper(face: FaceLayers, sampling, executor, x, timestep, context, of
 
 def check_identity_fits(config, id_cond: torch.Tensor, hidden: torch.Tensor) -> None:
     """Refuse an identity (id_cond [B, D], hidden states [B, scales, tokens, width]) that the face
-    modules of `config` cannot take."""
+    layers of `config` cannot take."""
     found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
     if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
         raise IdentityError(

@@ -12,7 +12,9 @@ except ImportError:
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from .nodes.folders import register_folders
+    from .nodes.renamed import register as register_renamed
 
     register_folders()
+    register_renamed()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,7 +1,7 @@
 """`python -m bench --size tiny|medium|real`: our path against diffusers' ConsisIDPipeline, one table.
 
     python -m bench --size medium [--steps N] [--repeats N] [--modes tiling,cache-0.1,…]
-                    [--frames F --height H --width W] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
+                    [--length F --height H --width W] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
                     [--text embeddings|t5] [--checkpoint DIR] [--out bench/RESULTS.md]
 
 The checkpoint is written (random weights, real layout) into a temporary folder, or into / read
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from consisid_core.checkpoint import DTYPES
+from consisid_core.cli import renamed_option, warn_renamed
 from consisid_core.sampling import resolve_size
 
 from .contenders import MODES, default_modes, make_inputs
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--steps", type=int, help="sampling steps (default: the size's)")
     p.add_argument("--repeats", type=int, help="alternating repeats of each path (default: the size's)")
-    p.add_argument("--frames", type=int)
+    renamed_option(p, "--length", "--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    warn_renamed(args, logger)
     try:
         return _run(args)
     finally:
@@ -125,7 +127,7 @@ def _run(args) -> int:
         frames, height, width = resolve_size(
             size.transformer, {"block_out_channels": size.vae.get("block_out_channels", (128, 256, 256, 512)),
                                "temporal_compression_ratio": size.vae.get("temporal_compression_ratio", 4)},
-            args.frames or size.frames, args.height or size.height, args.width or size.width,
+            args.length or size.frames, args.height or size.height, args.width or size.width,
         )
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")

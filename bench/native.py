@@ -50,7 +50,7 @@ def stamp(*_):
     stamps.append((time.perf_counter(), time.process_time()))
 if path == "ours":
     from consisid_core.sampling import sample
-    out = sample(wrapper, identity, text, seed=1, steps=steps, guidance_scale=6.0, scheduler="ddim", frames=frames,
+    out = sample(wrapper, identity, text, seed=1, steps=steps, cfg=6.0, scheduler="ddim", length=frames,
                  height=height, width=width, device="cpu", callback=lambda i, n, x: stamp())
     out = out.permute(0, 2, 1, 3, 4) / wrapper.vae.config.scaling_factor  # the native LATENT's layout and scale
 else:

@@ -65,7 +65,7 @@ def worker(args, checkpoint: Path, split: str, result: Path) -> None:
     inputs = make_inputs(checkpoint, steps, size.frames, size.height, size.width)
     times = [time.perf_counter()]
     latents = sample(
-        model, inputs.identity, inputs.text, steps=steps, seed=42, frames=size.frames, height=size.height,
+        model, inputs.identity, inputs.text, steps=steps, seed=42, length=size.frames, height=size.height,
         width=size.width, device=device, parallel=spec, callback=lambda done, total, latents: times.append(time.perf_counter()),
     )
     if parallel.is_writer():

@@ -52,7 +52,7 @@ def _worker(path: str, folder: str, frames: int, height: int, width: int) -> Non
             identity_file = save_identity(identity, Path(tmp) / "identity.safetensors")
             code = cli.main([
                 "generate", "--model", folder, "--identity", str(identity_file), "--prompt", PROMPT,
-                "--negative-prompt", NEGATIVE, "--steps", str(STEPS), "--seed", str(SEED), "--frames", str(frames),
+                "--negative-prompt", NEGATIVE, "--steps", str(STEPS), "--seed", str(SEED), "--length", str(frames),
                 "--height", str(height), "--width", str(width), "--device", "cpu", "--dtype", "fp32",
                 "--out", str(Path(tmp) / "frames"),
             ])

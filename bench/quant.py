@@ -69,7 +69,7 @@ import_comfyui()
 import comfy.samplers, comfy.sd
 from safetensors.torch import load_file, save_file
 from consisid_core import native
-from consisid_core.face_modules import face_modules
+from consisid_core.face_layers import face_layers
 from consisid_core.identity import load_identity
 from consisid_pack.nodes.native import comfy_parts
 from consisid_pack.nodes.native.comfy_parts import ReferenceNoise
@@ -82,7 +82,7 @@ Path("/proc/self/clear_refs").write_text("5")
 start = status("VmRSS")
 model = comfy.sd.load_diffusion_model({transformer!r})
 weights, info = native.read_face_file({face!r})
-model = comfy_parts.with_face_modules(model, face_modules(weights, info["config"]), info["latent_channels"],
+model = comfy_parts.with_face_layers(model, face_layers(weights, info["config"]), info["latent_channels"],
                                       info["scaling_factor"], info["scheduler"])
 channels = info["latent_channels"]
 positive, negative = identity_conditioned([[text["positive"], {{}}]], [[text["negative"], {{}}]], identity,
@@ -103,7 +103,7 @@ print(json.dumps({{"per_step": (stamps[-1] - stamps[1]) / (len(stamps) - 2), "pe
 
 
 def export_variants(folder: Path, out: Path, formats: list[str]) -> dict[str, tuple[Path, Path]]:
-    """Each variant's (transformer, face modules) files, as `export` writes them."""
+    """Each variant's (transformer, face layers) files, as `export` writes them."""
     files = {}
     for variant, dtype in REFERENCES.items():
         files[variant] = native.export(folder, out, variant, dtype=native.EXPORT_DTYPES[dtype])
@@ -183,7 +183,7 @@ def table(size: Size, steps: int, threads: int, results: dict[str, dict]) -> str
         "",
         f"`COMFYUI_DIR=<ComfyUI v0.33.0> python -m bench.quant --size {size.name} --steps {steps}` on "
         f"{date.today().isoformat()}: each file in a fresh process ({threads} threads) through core's Load Diffusion "
-        f"Model, ConsisID Face Modules and Identity Conditioning, sampled from the same seed; frames decoded by the "
+        f"Model, ConsisID Face Layers and Identity Conditioning, sampled from the same seed; frames decoded by the "
         f"checkpoint's VAE and compared with fp32's (0..1); FaceSim-Arc by `python -m consisid_core score` with "
         f"make-tiny's face models against the identity's recognition embedding. {size.describe()}.",
         "",
@@ -201,7 +201,7 @@ def table(size: Size, steps: int, threads: int, results: dict[str, dict]) -> str
 
 
 SAMPLING_REST_GB = 0.44 + 2.82
-"""Besides the transformer and its face modules, on the GPU while sampling at the real size: the VAE
+"""Besides the transformer and its face layers, on the GPU while sampling at the real size: the VAE
 (0.44 GB, bf16) and the activations of a guided forward (2.82 GB), from `python -m bench.gpu_memory
 --size real --dtype bf16` (bench/RESULTS.md, real-gpu-memory-estimate)."""
 
@@ -209,7 +209,7 @@ SAMPLING_REST_GB = 0.44 + 2.82
 def real_estimate(formats: list[str]) -> str:
     """GPU memory while sampling at the real size (ConsisID-preview's architecture) in bf16 and each
     format: the exported transformer's bytes (each distinct layer shape quantized once, random
-    weights, times its count), the face modules in bf16, plus `SAMPLING_REST_GB`."""
+    weights, times its count), the face layers in bf16, plus `SAMPLING_REST_GB`."""
     from diffusers import ConsisIDTransformer3DModel
 
     config = {k: v for k, v in SIZES["real"].transformer.items() if not k.startswith("_")}
@@ -220,7 +220,7 @@ def real_estimate(formats: list[str]) -> str:
     shapes = {tuple(core[k].shape): sum(tuple(core[j].shape) == tuple(core[k].shape) for j in chosen) for k in chosen}
     rest = 2 * sum(v.numel() for k, v in core.items() if k not in chosen) / 1e9  # bf16, as exported
     face_gb = 2 * sum(v.numel() for v in face.values()) / 1e9
-    rows = [f"| weights | transformer file GB | while sampling GB (+ face modules {face_gb:.2f}, VAE and activations) |",
+    rows = [f"| weights | transformer file GB | while sampling GB (+ face layers {face_gb:.2f}, VAE and activations) |",
             "|---|---:|---:|"]
     for name in ["bf16", *formats]:
         stored = 0
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         text = (f"### quant-real-estimate: GPU memory in core's quantized formats at ConsisID-preview's size "
                 f"(49 frames at 720×480, bf16 compute), estimated (GB, 10⁹ bytes)\n\n`python -m bench.quant --size real` "
                 f"on {date.today().isoformat()}: the exported transformer's bytes (each distinct layer shape "
-                f"quantized once), the face modules in bf16, and the VAE and a guided forward's activations from "
+                f"quantized once), the face layers in bf16, and the VAE and a guided forward's activations from "
                 f"real-gpu-memory-estimate; not measured on a GPU\n\n" + real_estimate(formats))
         sys.stdout.write(text)
         if args.out:

@@ -38,7 +38,7 @@ def _worker(folder: str, segments: int, frames: int, height: int, width: int) ->
         code = cli.main([
             "generate", "--model", folder, "--identity", str(identity_file), "--prompt", PROMPT,
             "--negative-prompt", NEGATIVE, "--steps", str(STEPS), "--seed", str(SEED), "--segments", str(segments),
-            "--frames", str(frames), "--height", str(height), "--width", str(width),
+            "--length", str(frames), "--height", str(height), "--width", str(width),
             "--device", "cpu", "--dtype", "fp32", "--out", str(out),
         ])
         assert code == 0

@@ -449,15 +449,15 @@ def check_float_weights(path: Path) -> None:
         )
 
 
-FACE_MODULES = ("local_facial_extractor", "perceiver_cross_attention")
+FACE_LAYERS = ("local_facial_extractor", "perceiver_cross_attention")
 
 
 def enable_fp8_storage(transformer: torch.nn.Module) -> None:
     """Store the transformer's linear layers in float8 (e4m3), computing in its dtype: about half
-    the memory of bf16 weights. The face modules, embeddings and norms keep their precision."""
+    the memory of bf16 weights. The face layers, embeddings and norms keep their precision."""
     transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=transformer.dtype,
-        skip_modules_pattern=hooks.fp8_skip_patterns("fp8 storage") + FACE_MODULES,
+        skip_modules_pattern=hooks.fp8_skip_patterns("fp8 storage") + FACE_LAYERS,
     )
 

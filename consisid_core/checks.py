@@ -236,7 +236,7 @@ MAX_IMAGE_CHANNELS = 4
 """IMAGE batches have 3 channels; grey (1), grey and alpha (2) and RGBA (4) are taken as RGB."""
 LATENT_CAUSE = (
     "the sampling diverged; most often half-precision (fp16) weights overflow (load the model in bf16 or fp32), "
-    "or a model, LoRA or face-modules file holds damaged weights"
+    "or a model, LoRA or face-layers file holds damaged weights"
 )
 """Why a sampler's latents hold NaN or infinite values, as far as the pack can tell."""
 
@@ -387,7 +387,7 @@ def check_config(config, class_name: str, where: str, defaults: Mapping | None =
 
 
 def check_face_rules(config: Mapping, where: str) -> None:
-    """What the face modules need of a transformer config's numbers beyond their bounds (diffusers
+    """What the face layers need of a transformer config's numbers beyond their bounds (diffusers
     would fail on these only when it builds or samples)."""
     fix = "use the checkpoint's original config.json"
     for whole, part in (("LFE_depth", "LFE_num_scale"), ("num_layers", "cross_attn_interval")):

@@ -33,6 +33,32 @@ from .quant import FORMATS
 logger = logging.getLogger("consisid_core")
 
 
+class _Renamed(argparse.Action):
+    """An option's old spelling: sets the new option's value and notes the rename for `warn_renamed`."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.renamed = {**getattr(namespace, "renamed", {}), option_string: self.new}
+
+
+def renamed_option(parser: argparse.ArgumentParser, new: str, old: str, **kwargs) -> None:
+    """The option `new` (`kwargs` as `add_argument`'s), and `old` as a hidden spelling of it: scripts
+    that use `old` keep working, `--help` shows only `new`, and `warn_renamed` names `new`."""
+    action = parser.add_argument(new, **kwargs)
+    parser.add_argument(old, dest=action.dest, type=action.type, action=_Renamed, new=new,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def warn_renamed(args: argparse.Namespace, log: logging.Logger = logger) -> None:
+    """One warning for each old option spelling used (`renamed_option`)."""
+    for old, new in getattr(args, "renamed", {}).items():
+        log.warning("%s is now %s; the old name still works but will be removed", old, new)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (not the usage block) like every other refusal."""
 
@@ -80,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_export(sub) -> None:
     """The `export` subcommand's arguments."""
     export_parser = sub.add_parser(
-        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face modules")
+        "export", help="a ConsisID transformer -> ComfyUI's CogVideoX layout (core UNETLoader) + its face layers")
     export_parser.add_argument("--model", type=Path,
                                help="a ConsisID checkpoint folder, or one transformer .safetensors with diffusers key names")
     export_parser.add_argument("--lora", type=Path, action="append", default=[],
@@ -95,7 +121,7 @@ def _add_export(sub) -> None:
                                help="weights' precision (keep: as most of them are stored)")
     export_parser.add_argument("--quant", metavar="FORMAT",
                                help="store the transformer's block linear layers in a ComfyUI core quantized format "
-                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face modules stay as they are")
+                                    f"(ComfyUI v0.33 or later): {', '.join(FORMATS)}; the face layers stay as they are")
     export_parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
@@ -117,17 +143,19 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompt", required=True, action="append",
                      help="what happens in the video; give it once per segment for a prompt of each segment's own")
     gen.add_argument("--negative-prompt", default="", help="what to steer away from")
-    gen.add_argument("--image", type=Path, help="first frame (default: the aligned face, as the reference)")
+    renamed_option(gen, "--start-image", "--image", type=Path,
+                   help="first frame (default: the aligned face, as the reference)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    renamed_option(gen, "--cfg", "--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     gen.add_argument("--dynamic-cfg", action="store_true", help="the reference's cosine guidance schedule")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="dpm",
                      help="dpm: CogVideoX DPM, as the reference; ddim: CogVideoX DDIM")
     gen.add_argument("--identity-strength", type=float,
                      help=f"scale of the face features, 0 to {MAX_IDENTITY_STRENGTH:g} (default: the checkpoint's "
                           "local_face_scale, 1 as trained)")
-    gen.add_argument("--frames", type=int, help="frame count, 4k+1; 8k+1 decode to exactly as many (default: the checkpoint's, 49)")
+    renamed_option(gen, "--length", "--frames", type=int,
+                   help="frame count, 4k+1; 8k+1 decode to exactly as many (default: the checkpoint's, 49)")
     gen.add_argument("--height", type=int, help="multiple of 16 (default: the checkpoint's, 480)")
     gen.add_argument("--width", type=int, help="multiple of 16 (default: the checkpoint's, 720)")
     gen.add_argument("--fps", type=int, default=8, help="frames per second of an .mp4")
@@ -150,7 +178,7 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
                      help="under torchrun, one video over its processes: ulysses=N, ring=N, cfg=2, joined by commas "
                           "(e.g. ulysses=2,cfg=2; the product is the process count); rank 0 writes --out")
     gen.add_argument("--segments", type=int, default=1,
-                     help="a long video: this many segments of --frames each, each starting from the last frame of "
+                     help="a long video: this many segments of --length each, each starting from the last frame of "
                           "the one before; segment k uses seed + k - 1 (at most 32)")
     gen.add_argument("--colour-match", action="store_true",
                      help="give every later segment the colour (CIELAB mean and spread) of the first")
@@ -203,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    warn_renamed(args)
     try:
         with _terminating_cleanly():
             result = COMMANDS[args.command](args)

@@ -174,7 +174,7 @@ def _checked_request(args) -> _Request:
     identity = load_identity(args.identity) if args.identity else None
     if args.face:
         read_image(args.face)
-    image = read_image(args.image).convert("RGB") if args.image else None
+    image = read_image(args.start_image).convert("RGB") if args.start_image else None
     performance = Performance(
         compile=args.compile, offload=args.offload, step_cache=args.step_cache, attention=args.attention
     )
@@ -189,21 +189,21 @@ def _preflight(args, request: _Request, checkpoint: Checkpoint) -> _Plan:
     from .tiling import Tiling
 
     options = RunOptions(
-        seed=args.seed, steps=args.steps, guidance_scale=args.guidance, dynamic_cfg=args.dynamic_cfg,
-        frames=args.frames, height=args.height, width=args.width, scheduler=args.scheduler,
+        seed=args.seed, steps=args.steps, cfg=args.cfg, dynamic_cfg=args.dynamic_cfg,
+        length=args.length, height=args.height, width=args.width, scheduler=args.scheduler,
         identity_strength=args.identity_strength, device=request.device, performance=request.performance,
         allow_oversize=args.allow_oversize, parallel=request.spec, tiling=Tiling() if args.vae_tiling else None,
     )
     labels = {
-        "seed": "--seed", "steps": "--steps", "guidance": "--guidance", "identity strength": "--identity-strength"
+        "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "identity strength": "--identity-strength"
     }
     if args.identity is not None:
         labels["identity"] = f"'{args.identity}'"
     run = Run.prepare(checkpoint.transformer_config, checkpoint.vae_config, checkpoint.scheduler_config,
                       request.dtype, options, labels=labels)
-    check_segments(args.segments, run.options.frames)
+    check_segments(args.segments, run.options.length)
     # an even latent frame count decodes to more frames than asked: the frames the score will see
-    decoded = decoded_frames(run.options.frames, checkpoint.vae_config["temporal_compression_ratio"])
+    decoded = decoded_frames(run.options.length, checkpoint.vae_config["temporal_compression_ratio"])
     scored = _score_keeper(args, checkpoint, decoded)
     loras = read_loras(args.lora, checkpoint.transformer_config)
     run = run.check_room(checkpoint, args.fp8)

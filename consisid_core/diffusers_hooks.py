@@ -415,8 +415,8 @@ _PARTS = {
     "VideoProcessor": "diffusers.video_processor",
     "DiagonalGaussianDistribution": "diffusers.models.autoencoders.vae",
 }
-"""diffusers' inner pieces the native path (`face_modules.py`, `reference.py`) reuses, which diffusers' top level does not
-export: the face modules' classes, the reference's rotary embedding and its crop, the frame
+"""diffusers' inner pieces the native path (`face_layers.py`, `reference.py`) reuses, which diffusers' top level does not
+export: the face layers' classes, the reference's rotary embedding and its crop, the frame
 preprocessing, the VAE posterior the pipeline samples the first frame from."""
 
 

@@ -4,7 +4,7 @@ run and taken out after it (the original tensors put back, bit for bit).
 A LoRA file is a .safetensors in the diffusers/PEFT layout that ConsisID's trainer and the
 CogVideoX-5B(-I2V) trainers write: `transformer.<layer>.lora_A.weight` [rank, in] and
 `transformer.<layer>.lora_B.weight` [out, rank] for the transformer's linear layers (the face
-modules' too), or the same keys under ComfyUI's `diffusion_model.` prefix. Each layer's scale is
+layers' too), or the same keys under ComfyUI's `diffusion_model.` prefix. Each layer's scale is
 the one diffusers' `load_lora_weights` gives it: from the `lora_adapter_metadata` in the file's
 header when there is one (PEFT's `lora_alpha / r`, its rank and alpha patterns, rsLoRA's
 `lora_alpha / sqrt(r)`), else 1; a `<layer>.alpha` tensor (kohya-style files, which diffusers does

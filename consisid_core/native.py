@@ -1,5 +1,5 @@
 """ConsisID's checkpoints converted for the native ComfyUI path: the transformer's keys in
-ComfyUI's CogVideoX layout, the face modules in a file of their own with their settings, LoRAs in
+ComfyUI's CogVideoX layout, the face layers in a file of their own with their settings, LoRAs in
 ComfyUI's layout, each read and checked as a checkpoint is; `export` writes them.
 """
 
@@ -18,10 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPES, FACE_MODULES, MAX_JSON_BYTES, Checkpoint, check_float_weights
+from .checkpoint import DTYPES, FACE_LAYERS, MAX_JSON_BYTES, Checkpoint, check_float_weights
 from .checks import CONFIG_RULES, check_config, check_face_rules, check_number, check_shapes, check_tensors, class_defaults
 from .errors import CheckpointError, ConsisIDError, first_line
-from .face_modules import REEXPORT, FaceModules, face_config
+from .face_layers import REEXPORT, FaceLayers, face_config
 from .files import file_stem, output_folder, safetensors_header, shown, write_all, write_atomically
 from .lora import LoRA, read_lora
 from .media import check_output
@@ -70,7 +70,7 @@ def diffusers_key(key: str) -> str:
 
 
 def is_face_key(key: str) -> bool:
-    return key.split(".", 1)[0] in FACE_MODULES
+    return key.split(".", 1)[0] in FACE_LAYERS
 
 
 def source_weights(source: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
@@ -101,8 +101,8 @@ def source_weights(source: str | os.PathLike, cancel: Callable[[], None] = lambd
 
 
 def checked_transformer_config(config: Mapping, where: str) -> dict:
-    """A transformer config (or the face modules' part of one) within `checks.CONFIG_RULES` and
-    what the face modules need of its numbers (`checks.check_face_rules`), with diffusers' defaults."""
+    """A transformer config (or the face layers' part of one) within `checks.CONFIG_RULES` and
+    what the face layers need of its numbers (`checks.check_face_rules`), with diffusers' defaults."""
     from diffusers import ConsisIDTransformer3DModel
 
     effective = check_config(config, "ConsisIDTransformer3DModel", where, class_defaults(ConsisIDTransformer3DModel))
@@ -137,11 +137,11 @@ def read_weights(path: Path, cancel: Callable[[], None] = lambda: None) -> dict[
 
 
 def split_weights(weights: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(transformer weights in ComfyUI's CogVideoX layout, face-module weights)."""
+    """(transformer weights in ComfyUI's CogVideoX layout, face-layer weights)."""
     core = {comfy_key(k): v for k, v in weights.items() if not is_face_key(k)}
     face = {k: v for k, v in weights.items() if is_face_key(k)}
     if not face:
-        raise CheckpointError("these transformer weights have no face modules: not a ConsisID transformer")
+        raise CheckpointError("these transformer weights have no face layers: not a ConsisID transformer")
     return core, face
 
 
@@ -157,7 +157,7 @@ def face_file_metadata(config: Mapping, latent_channels: int, scaling_factor: fl
 
 
 def read_face_file(path: str | os.PathLike, cancel: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
-    """The face modules' weights and their settings (config, latent channels, scaling factor,
+    """The face layers' weights and their settings (config, latent channels, scaling factor,
     scheduler) from a file `export` wrote, read as a checkpoint is: the header and every setting
     checked (`face_file_settings`), the weights' keys and shapes against the config before a tensor
     is read, then the weights themselves (`read_weights`, `cancel` called between them)."""
@@ -170,18 +170,18 @@ def read_face_file(path: str | os.PathLike, cancel: Callable[[], None] = lambda:
         raise CheckpointError(f"'{path}' is not a readable .safetensors file ({first_line(e)})") from None
     info = face_file_settings(metadata, str(path))
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in FaceModules(info["config"], cancel).state_dict().items()}
-    check_shapes(expected, shapes, f"the face-module weights in '{path}'", REEXPORT)
-    check_fits(path.stat().st_size, "cpu", f"reading the face modules in '{path}'", "free memory")
+        expected = {k: tuple(v.shape) for k, v in FaceLayers(info["config"], cancel).state_dict().items()}
+    check_shapes(expected, shapes, f"the face-layer weights in '{path}'", REEXPORT)
+    check_fits(path.stat().st_size, "cpu", f"reading the face layers in '{path}'", "free memory")
     return read_weights(path, cancel), info
 
 
 def face_file_settings(metadata: Mapping[str, str], where: str) -> dict:
-    """A face-modules file's settings from its metadata, each checked: the face config within
+    """A face-layers file's settings from its metadata, each checked: the face config within
     `checks.CONFIG_RULES`, the latent channels and scaling factor within a VAE config's bounds, the
     scheduler config within the scheduler's (`checked_scheduler`)."""
     if metadata.get("format") != FACE_FORMAT:
-        raise CheckpointError(f"'{where}' is not a ConsisID face-modules file (write one with `python -m consisid_core export`)")
+        raise CheckpointError(f"'{where}' is not a ConsisID face-layers file (write one with `python -m consisid_core export`)")
     config = face_config(checked_transformer_config(_json_setting(metadata, "config", where), f"{where} (config)"))
     vae = CONFIG_RULES["AutoencoderKLCogVideoX"]
     return {
@@ -194,7 +194,7 @@ def face_file_settings(metadata: Mapping[str, str], where: str) -> dict:
 
 def _json_setting(metadata: Mapping[str, str], key: str, where: str) -> dict:
     text = metadata.get(key)
-    fix = "export the face modules again with `python -m consisid_core export`"
+    fix = "export the face layers again with `python -m consisid_core export`"
     if not isinstance(text, str) or len(text) > MAX_JSON_BYTES:
         raise CheckpointError(f"'{where}' has no '{key}' setting of at most {MAX_JSON_BYTES // 1024} kB: {fix}")
     try:
@@ -216,7 +216,7 @@ def _number_setting(metadata: Mapping[str, str], key: str, where: str, rule: tup
     try:
         return check_number(f"its '{key}' setting", value, low, high, integer=kind == "int")
     except ConsisIDError as e:
-        raise CheckpointError(f"'{where}': {e}; export the face modules again with `python -m consisid_core export`") from None
+        raise CheckpointError(f"'{where}': {e}; export the face layers again with `python -m consisid_core export`") from None
 
 
 def checked_scheduler(config: Mapping, where: str) -> dict:
@@ -256,9 +256,9 @@ class ModelParts:
     core: dict[str, torch.Tensor]
     """The transformer's weights in ComfyUI's CogVideoX layout (in a `quant.FORMATS` format, when asked)."""
     face: dict[str, torch.Tensor]
-    """The face modules' weights (diffusers key names)."""
+    """The face layers' weights (diffusers key names)."""
     config: dict
-    """The transformer's config, checked (the face modules take theirs from it: `face_config`)."""
+    """The transformer's config, checked (the face layers take theirs from it: `face_config`)."""
     latent_channels: int
     scaling_factor: float
     scheduler: dict | None
@@ -296,10 +296,10 @@ EXPORT_DTYPES = {"keep": None, **DTYPES}
 def export(source: str | os.PathLike | None, out_dir: str | os.PathLike, name: str = "consisid",
            overwrite: bool = False, dtype: torch.dtype | None = None, loras=(), quant: str | None = None) -> list[Path]:
     """Write `<name>_transformer.safetensors` (ComfyUI's CogVideoX layout: core UNETLoader detects
-    it as CogVideoX) and `<name>_face.safetensors` (the face modules with their config) of `source`
+    it as CogVideoX) and `<name>_face.safetensors` (the face layers with their config) of `source`
     (None: neither), and `<stem>_comfy.safetensors` of each LoRA in `loras` (as `export_lora` writes
     it), to `out_dir`: all of them or none. With `quant` (a `quant.FORMATS` name) the transformer's
-    block linear layers are stored in that core format; the face modules stay as they are.
+    block linear layers are stored in that core format; the face layers stay as they are.
 
     Every refusal comes before the first byte is written: the folder (resolved once, no link), the
     names (plain file names), every target (see `media.check_output`), the weights (read as a
@@ -337,7 +337,7 @@ def _export_targets(out: Path, name: str | None, loras) -> list[Path]:
 
 
 def _model_writes(source, dtype: torch.dtype | None, quant: str | None, transformer_path: Path, face_path: Path) -> dict:
-    """The transformer's and the face modules' files, each a write of `save_file` (weights checked;
+    """The transformer's and the face layers' files, each a write of `save_file` (weights checked;
     the transformer's in `quant`'s format, when given)."""
     parts = model_parts(source, dtype=dtype, quant=quant)
     metadata = face_file_metadata(parts.config, parts.latent_channels, parts.scaling_factor, parts.scheduler)
@@ -354,7 +354,7 @@ def comfy_named(lora: LoRA) -> LoRA:
     MODEL has. Core's LoRA loaders map no diffusers names for CogVideoX, so this is how a LoRA in
     diffusers/PEFT layout reaches the native MODEL.
 
-    Layers of the face modules are left out, with a warning: on the native MODEL the face modules
+    Layers of the face layers are left out, with a warning: on the native MODEL the face layers
     are held apart from the MODEL's weights (a patcher of their own), which LoRA patches do not reach."""
     layers, left_out = {}, []
     for name, layer in lora.layers.items():
@@ -363,11 +363,11 @@ def comfy_named(lora: LoRA) -> LoRA:
         else:
             layers[comfy_key(name + ".weight").removesuffix(".weight")] = layer
     if not layers:
-        raise ConsisIDError(f"LoRA '{lora.name}' changes only the face modules; the native path cannot take it "
+        raise ConsisIDError(f"LoRA '{lora.name}' changes only the face layers; the native path cannot take it "
                             "(use ConsisID LoRA on the wrapper path)")
     if left_out:
-        logger.warning("%d face-module layers of LoRA '%s' are left out (first: %s): on the native path LoRAs do not "
-                       "reach the face modules", len(left_out), lora.name, left_out[0])
+        logger.warning("%d face-layer layers of LoRA '%s' are left out (first: %s): on the native path LoRAs do not "
+                       "reach the face layers", len(left_out), lora.name, left_out[0])
     return LoRA(lora.name, layers)
 
 

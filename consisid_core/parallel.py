@@ -153,7 +153,7 @@ def check_parallel(
     transformer_config: Mapping,
     vae_config: Mapping,
     size: tuple[int, int, int],
-    guidance_scale: float,
+    cfg: float,
     performance,
     device: torch.device | str | None,
     dtype: torch.dtype,
@@ -169,9 +169,9 @@ def check_parallel(
             f"--parallel ulysses={spec.ulysses} does not divide this transformer's {heads} attention heads: choose "
             f"ulysses from {', '.join(map(str, fits)) or '1'}, or ring"
         )
-    if spec.cfg > 1 and guidance_scale <= 1:
+    if spec.cfg > 1 and cfg <= 1:
         raise ConsisIDError(
-            f"--parallel cfg={spec.cfg} splits the guided batch, but guidance {guidance_scale} (1 or less) turns "
+            f"--parallel cfg={spec.cfg} splits the guided batch, but guidance {cfg} (1 or less) turns "
             "guidance off: drop cfg, or raise the guidance above 1"
         )
     for enabled, option in (

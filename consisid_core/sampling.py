@@ -118,7 +118,7 @@ class RunOptions:
     of `sample`, `generate` and `segments.generate_segments` (which also take its fields as keywords).
 
     Seed N draws the same noise as `ConsisIDPipeline` given `torch.Generator("cpu").manual_seed(N)`.
-    `frames`, `height`, `width` default to the checkpoint's; sizes beyond `checks.bounded_size` need
+    `length`, `height`, `width` default to the checkpoint's; sizes beyond `checks.bounded_size` need
     `allow_oversize`. `identity_strength` overrides the transformer's `local_face_scale` and
     `performance` (compile, offload, step cache; None: the defaults) applies, both for the run only.
     The models are moved to `device` for the run and back after it, unless `move_models` is off
@@ -131,9 +131,9 @@ class RunOptions:
 
     seed: int = 42
     steps: int = 50
-    guidance_scale: float = 6.0
+    cfg: float = 6.0
     dynamic_cfg: bool = False
-    frames: int | None = None
+    length: int | None = None
     height: int | None = None
     width: int | None = None
     scheduler: str = "dpm"
@@ -172,7 +172,7 @@ class Run:
     """
 
     options: RunOptions
-    """`frames`, `height` and `width` resolved."""
+    """`length`, `height` and `width` resolved."""
     transformer_config: Mapping
     vae_config: Mapping
     dtype: torch.dtype
@@ -193,11 +193,11 @@ class Run:
         options = RunOptions.of(options, changes)
         labels = dict(labels or {})
         size = resolve_size(
-            transformer_config, vae_config, options.frames, options.height, options.width, options.allow_oversize
+            transformer_config, vae_config, options.length, options.height, options.width, options.allow_oversize
         )
         check_steps(options.steps, scheduler_config.get("num_train_timesteps", 1000), labels.get("steps", "steps"))
         check_seed(options.seed, labels.get("seed", "seed"))
-        check_number(labels.get("guidance", "guidance"), options.guidance_scale, 0, MAX_GUIDANCE,
+        check_number(labels.get("cfg", "cfg"), options.cfg, 0, MAX_GUIDANCE,
                      "the reference uses 6; 1 or less turns guidance off")
         if options.identity_strength is not None:
             check_number(labels.get("identity strength", "identity strength"), options.identity_strength, 0,
@@ -205,15 +205,15 @@ class Run:
         if options.scheduler not in SCHEDULERS:
             raise ConsisIDError(f"scheduler '{options.scheduler}' is not one of {', '.join(SCHEDULERS)}")
         if options.parallel is not None:
-            check_parallel(options.parallel, transformer_config, vae_config, size, options.guidance_scale,
+            check_parallel(options.parallel, transformer_config, vae_config, size, options.cfg,
                            options.performance, options.device, dtype, MAX_SEQUENCE_LENGTH)
         frames, height, width = size
-        sized = replace(options, frames=frames, height=height, width=width)
+        sized = replace(options, length=frames, height=height, width=width)
         return cls(sized, transformer_config, vae_config, dtype, labels)
 
     @property
     def size(self) -> tuple[int, int, int]:
-        return self.options.frames, self.options.height, self.options.width
+        return self.options.length, self.options.height, self.options.width
 
     def check_room(self, checkpoint: Checkpoint, fp8: bool = False) -> Run:
         """Before any weights load: the whole run's room on the device (T5, sampling, a decode),
@@ -246,7 +246,7 @@ class Run:
             )
         o = self.options
         if o.parallel is not None and text.positive.shape[1] != MAX_SEQUENCE_LENGTH:  # the split was checked for those
-            check_parallel(o.parallel, self.transformer_config, self.vae_config, self.size, o.guidance_scale,
+            check_parallel(o.parallel, self.transformer_config, self.vae_config, self.size, o.cfg,
                            o.performance, o.device, self.dtype, text.positive.shape[1])
         return text
 
@@ -381,7 +381,7 @@ def _denoise(pipe, model: ConsisIDModel, identity: Identity, text: TextEmbedding
         width=width,
         num_frames=frames,
         num_inference_steps=steps,
-        guidance_scale=options.guidance_scale,
+        guidance_scale=options.cfg,
         use_dynamic_cfg=options.dynamic_cfg,
         generator=torch.Generator("cpu").manual_seed(options.seed),
         output_type="latent",

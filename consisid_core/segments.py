@@ -127,7 +127,7 @@ def generate_segments(
     """One segment per text in `texts` (`segment_prompts` makes the list), chained on their last
     frames: `run_segments` of the run `sampling.prepare_run` prepares. `image` is segment 1's first
     frame (default: the identity's aligned face). `options` are `sample`'s (`sampling.RunOptions`,
-    or its fields as keywords: steps, guidance_scale, frames, device, performance, tiling, …) and
+    or its fields as keywords: steps, cfg, length, device, performance, tiling, …) and
     apply to every segment, its seed to segment 1.
     """
     segments = run_segments(prepare_run(model, identity, None, image, options, **changes), texts,
@@ -149,7 +149,7 @@ def run_segments(
     wrapper would keep the arguments; `sample` and `decode` run without gradients themselves.)
     """
     options = run.options
-    count = check_segments(len(texts), options.frames)
+    count = check_segments(len(texts), options.length)
     for text in texts:
         run.check_text(text)
     reference = first = None

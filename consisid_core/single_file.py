@@ -104,7 +104,7 @@ def _shapes_of_another_model(infer):
 def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], where: str = "the weights") -> dict:
     """A ConsisIDTransformer3DModel config from diffusers-named weights' shapes.
 
-    What shapes cannot tell (how attention widths split into heads in the face modules, the
+    What shapes cannot tell (how attention widths split into heads in the face layers, the
     native sample size, `is_kps`, `local_face_scale`) takes the values of the released
     ConsisID-preview; pass a checkpoint folder's config when yours differs.
     """
@@ -197,7 +197,7 @@ RELEASED_TRANSFORMER_CONFIG = {
     "local_face_scale": 1.0,
 }
 """The released checkpoint's transformer (ConsisID-preview: CogVideoX-5B-I2V's and the face
-modules): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
+layers): its sizes and switches; ConsisIDTransformer3DModel's defaults for the rest. What weights'
 shapes cannot tell (`infer_transformer_config`) is taken from here."""
 
 

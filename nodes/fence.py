@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -232,6 +233,17 @@ def _cancel() -> list[str]:
     return _missing(model_management, ("throw_exception_if_processing_interrupted",), "comfy.model_management")
 
 
+def _prompt_server():
+    """ComfyUI's `server.PromptServer` when a server runs (ComfyUI loads it before any custom node;
+    without one, no prompt is queued), else None."""
+    return getattr(sys.modules.get("server"), "PromptServer", None)
+
+
+def _prompt_handlers() -> list[str]:
+    server = _prompt_server()
+    return [] if server is None else _missing(server, ("add_on_prompt_handler",), "server.PromptServer")
+
+
 @dataclasses.dataclass(frozen=True)
 class Assumption:
     """What one feature of the pack assumes of ComfyUI: `probe` returns what differs (empty when all
@@ -252,7 +264,7 @@ ASSUMPTIONS = (
                _model_management),
     Assumption("partial_load", "loading the transformer and T5 partly when they do not fit",
                "they load whole (or not at all, if they do not fit)", _partial_load, needs="model_management"),
-    Assumption("dynamic_vram", "dynamic VRAM", "the pack takes dynamic VRAM as off: the native MODEL's face modules "
+    Assumption("dynamic_vram", "dynamic VRAM", "the pack takes dynamic VRAM as off: the native MODEL's face layers "
                "load in ComfyUI's classic patcher, partly when they do not fit", _dynamic_vram, needs="partial_load"),
     Assumption("lora_patches", "ConsisID LoRA as ComfyUI weight patches", "the sampler merges the LoRAs for its run",
                _lora_patches, needs="model_management"),
@@ -261,6 +273,9 @@ ASSUMPTIONS = (
     Assumption("progress", "progress bars", "no progress bar (Cancel still works)", _progress),
     Assumption("previews", "latent previews", "no previews", _previews),
     Assumption("cancel", "Cancel during sampling", "Cancel takes effect when the node ends", _cancel),
+    Assumption("prompt_handlers", "running prompts made before inputs were renamed",
+               "such a prompt fails with ComfyUI's 'Required input is missing' (open the workflow and save it "
+               "again)", _prompt_handlers),
 )
 
 
@@ -311,6 +326,14 @@ def require(feature: str, option: str) -> None:
             f"{option} needs ComfyUI internals that this ComfyUI ({comfyui_version()}) does not have as expected "
             f"({', '.join(check()[feature])}): use a ComfyUI version this pack declares (see its README)"
         )
+
+
+def on_prompt(handler: Callable[[dict], dict]) -> None:
+    """`handler` given each prompt queued to this ComfyUI's server (/prompt's JSON), before ComfyUI
+    validates it; nothing without a server."""
+    instance = getattr(_prompt_server(), "instance", None)
+    if instance is not None and works("prompt_handlers"):
+        instance.add_on_prompt_handler(handler)
 
 
 def t5_pairs(clip, text: str, min_length: int) -> tuple[dict, list[tuple] | None]:

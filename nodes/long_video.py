@@ -40,27 +40,27 @@ class ConsisIDExtend:
         })
         required["seed"] = seed_input("This segment's seed. The command line's --segments uses seed + k − 1 for "
                                       "segment k (42, 43, 44, … for seed 42).", default=43)
-        for name in ("steps", "guidance", "dynamic_cfg", "scheduler"):
+        for name in ("steps", "cfg", "dynamic_cfg", "scheduler"):
             required[name] = common[name]
-        frames_kind, frames_options = common["frames"]
-        required["frames"] = (frames_kind, frames_options | {
+        length_kind, length_options = common["length"]
+        required["length"] = (length_kind, length_options | {
             "min": 5, "tooltip": "Frames of the new segment, 4·k + 1, its first being the previous last (49 as trained).",
         })
         for name in ("width", "height", "identity_strength"):
             required[name] = common[name]
         required["colour_match"] = ("BOOLEAN", {
             "default": False,
-            "tooltip": "Give the new segment the colour (CIELAB mean and spread per channel) of the first `frames` "
+            "tooltip": "Give the new segment the colour (CIELAB mean and spread per channel) of the first `length` "
                        "previous frames, the first segment in a chain: stops the slow colour drift of chained segments.",
         })
         optional = {name: sampler["optional"][name] for name in ("performance", "allow_oversize")}
         return {"required": required, "optional": optional}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, frames: int, width: int, height: int):
-        return declared_error(cls, frames=frames, width=width, height=height) or check_size(frames, width, height)
+    def VALIDATE_INPUTS(cls, length: int, width: int, height: int):
+        return declared_error(cls, length=length, width=width, height=height) or check_size(length, width, height)
 
-    def extend(self, model, identity, text, previous, seed, steps, guidance, dynamic_cfg, scheduler, frames, width,
+    def extend(self, model, identity, text, previous, seed, steps, cfg, dynamic_cfg, scheduler, length, width,
                height, identity_strength, colour_match, performance=None, allow_oversize=False):
         previous = image_batch(previous, "previous frames", "VAE Decode's frames or the previous Extend's video")
         if tuple(previous.shape[1:3]) != (height, width):
@@ -69,14 +69,14 @@ class ConsisIDExtend:
                 "every segment of a video has one size; set width and height to the previous frames' (extend "
                 "before upscaling)"
             )
-        check_segments(2, frames)
+        check_segments(2, length)
         (latent,) = ConsisIDSampler().sample(
-            model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
-            identity_strength, image=previous[-1:], performance=performance, allow_oversize=allow_oversize,
+            model, identity, text, seed, steps, cfg, dynamic_cfg, scheduler, length, width, height,
+            identity_strength, start_image=previous[-1:], performance=performance, allow_oversize=allow_oversize,
         )
         (video,) = ConsisIDVAEDecode().decode(model, latent, tiling=False)
         if colour_match:
-            video = ColourReference.of(previous[:frames]).match(video)
+            video = ColourReference.of(previous[:length]).match(video)
         new = video[1:].to(previous.device, previous.dtype)
         return new, torch.cat([previous, new])
 

@@ -134,7 +134,7 @@ def dynamic_vram() -> bool:
     return dynamic is not None and issubclass(comfy.model_patcher.CoreModelPatcher, dynamic)
 
 
-class ConsisIDFaceModules(Held):
+class ConsisIDFaceLayers(Held):
     pass
 
 
@@ -154,7 +154,7 @@ def held_beside(model, module: torch.nn.Module, disable_dynamic: bool = False):
         patcher_class = comfy.model_patcher.CoreModelPatcher
     else:
         patcher_class = comfy.model_patcher.ModelPatcher
-    return _held(patcher_class, ConsisIDFaceModules(module), model.load_device, model.offload_device, castable)
+    return _held(patcher_class, ConsisIDFaceLayers(module), model.load_device, model.offload_device, castable)
 
 
 @functools.cache

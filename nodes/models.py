@@ -46,7 +46,7 @@ class ConsisIDModelLoader:
                     "BOOLEAN",
                     {"default": False,
                      "tooltip": "Store the transformer's linear weights in fp8 (about half the memory of bf16), "
-                                "computing in dtype. The face modules keep full precision."},
+                                "computing in dtype. The face layers keep full precision."},
                 ),
             }
         }

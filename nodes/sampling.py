@@ -13,11 +13,11 @@ from .declared import (
 )
 
 
-def check_size(frames: int, width: int, height: int) -> str | bool:
+def check_size(length: int, width: int, height: int) -> str | bool:
     """ComfyUI's validation before a run, from the inputs alone, with no model (the prepared run
     checks the size against the model's configs)."""
-    if frames < 1 or (frames - 1) % 4:
-        return f"frames {frames} must be 4·k + 1 (49 for ConsisID; e.g. {max(1, (frames - 1) // 4 * 4 + 1)})"
+    if length < 1 or (length - 1) % 4:
+        return f"length {length} must be 4·k + 1 (49 for ConsisID; e.g. {max(1, (length - 1) // 4 * 4 + 1)})"
     for name, value in (("width", width), ("height", height)):
         if value < 16 or value % 16:
             return f"{name} {value} must be a positive multiple of 16 (ConsisID: 720 x 480)"
@@ -46,11 +46,11 @@ class ConsisIDSampler:
                 "text": (CONSISID_TEXT, {"tooltip": TEXT_TOOLTIP}),
                 "seed": seed_input(),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 50)."}),
-                "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
-                                       "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
                 "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
-                "frames": frames_input(f"{FRAME_COUNT_TOOLTIP} 8·k + 1 (9, 17, …, 49) decode to exactly as many; "
+                "length": frames_input(f"{FRAME_COUNT_TOOLTIP} 8·k + 1 (9, 17, …, 49) decode to exactly as many; "
                                        "other counts to more, as in diffusers."),
                 "width": width_input(),
                 "height": height_input(),
@@ -58,7 +58,7 @@ class ConsisIDSampler:
                                                              "local_face_scale)."),
             },
             "optional": {
-                "image": ("IMAGE", {"tooltip": FIRST_IMAGE_TOOLTIP}),
+                "start_image": ("IMAGE", {"tooltip": FIRST_IMAGE_TOOLTIP}),
                 "performance": (CONSISID_PERFORMANCE, {"tooltip": "Speed and memory options from ConsisID Performance."}),
                 "allow_oversize": ("BOOLEAN", {"default": False,
                                                "tooltip": "Allow more than 8x the checkpoint's frames or 4x its pixels per "
@@ -67,18 +67,18 @@ class ConsisIDSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, frames: int, width: int, height: int):
-        return declared_error(cls, frames=frames, width=width, height=height) or check_size(frames, width, height)
+    def VALIDATE_INPUTS(cls, length: int, width: int, height: int):
+        return declared_error(cls, length=length, width=width, height=height) or check_size(length, width, height)
 
-    def sample(self, model, identity, text, seed, steps, guidance, dynamic_cfg, scheduler, frames, width, height,
-               identity_strength, image=None, performance=None, allow_oversize=False):
-        first = first_image(image, "first-frame image")
+    def sample(self, model, identity, text, seed, steps, cfg, dynamic_cfg, scheduler, length, width, height,
+               identity_strength, start_image=None, performance=None, allow_oversize=False):
+        first = first_image(start_image, "first-frame image")
         owner = managed.owner(model)
         # every check of the run, before ComfyUI is asked for room
         run = prepare_run(
             model, identity, text, first,
-            seed=seed, steps=steps, guidance_scale=guidance, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
-            frames=frames, height=height, width=width, identity_strength=identity_strength,
+            seed=seed, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+            length=length, height=height, width=width, identity_strength=identity_strength,
             device=managed.torch_device(), performance=performance, allow_oversize=allow_oversize,
             move_models=owner is None,
         )

@@ -8,8 +8,8 @@ device's memory in use polled through the run (every 2 ms, so shorter peaks can 
 
 - the wrapper (ConsisID Sampler's own code): the transformer does not fit, so it loads partly (its
   classic patcher, in both modes), samples, and the device stays within 12 GiB;
-- the native MODEL (core's CogVideoX from the same weights, with the face modules), beside the
-  wrapper's transformer still loaded: in core's dynamic patcher with its face modules' patcher
+- the native MODEL (core's CogVideoX from the same weights, with the face layers), beside the
+  wrapper's transformer still loaded: in core's dynamic patcher with its face layers' patcher
   beside it (`dynamic`) or loaded partly (`classic`), it samples within 12 GiB;
 - the wrapper again, beside the native MODEL: `load_models_gpu` makes room, within 12 GiB;
 - after Unload Models no weight of either is left on the GPU.
@@ -104,8 +104,8 @@ def wrapper(model) -> None:
     text = TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
     with Peak():
         latents = ConsisIDSampler().sample(
-            model, random_identity(model.config, seed=5), text, seed=3, steps=2, guidance=6.0, dynamic_cfg=False,
-            scheduler="ddim", frames=FRAMES, width=WIDTH, height=HEIGHT, identity_strength=1.0)[0]["samples"]
+            model, random_identity(model.config, seed=5), text, seed=3, steps=2, cfg=6.0, dynamic_cfg=False,
+            scheduler="ddim", length=FRAMES, width=WIDTH, height=HEIGHT, identity_strength=1.0)[0]["samples"]
     patcher = model.managed.held(model.transformer)
     assert type(patcher) is comfy.model_patcher.ModelPatcher and patcher.model.model_lowvram
     assert torch.isfinite(latents).all()

@@ -108,13 +108,13 @@ identity = random_identity(plain.config, seed=5)
 g = torch.Generator().manual_seed(1)
 width = plain.config.text_embed_dim
 text = TextEmbeddings(torch.randn(1, 226, width, generator=g), torch.randn(1, 226, width, generator=g))
-SIZE = {"frames": 9, "width": 96, "height": 64}
+SIZE = {"length": 9, "width": 96, "height": 64}
 STEPS = 1
 
 
 def node_latents(consisid_model) -> torch.Tensor:
     out = ConsisIDSampler().sample(
-        consisid_model, identity, text, seed=3, steps=STEPS, guidance=6.0, dynamic_cfg=False, scheduler="ddim",
+        consisid_model, identity, text, seed=3, steps=STEPS, cfg=6.0, dynamic_cfg=False, scheduler="ddim",
         identity_strength=1.0, **SIZE,
     )
     return out[0]["samples"]
@@ -270,20 +270,28 @@ else:
     assert fence.works("dynamic_vram")
     print("dynamic_vram: this ComfyUI has none, nothing to take part in")
 
-# --- the native MODEL's face modules, loaded beside it: ModelPatcher's additional models renamed
+# --- the native MODEL's face layers, loaded beside it: ModelPatcher's additional models renamed
 if comfy_parts.AVAILABLE:
     with broken(comfy.model_patcher.ModelPatcher, "set_additional_models", DELETED):
         said("native_face_patcher", "ModelPatcher.set_additional_models")
         try:
-            comfy_parts.with_face_modules(None, None, 16, 0.7)
+            comfy_parts.with_face_layers(None, None, 16, 0.7)
         except fence.ComfyApiError as e:
             assert "ModelPatcher.set_additional_models" in str(e) and "\n" not in str(e), e
             print("  refused:", e)
         else:
-            raise AssertionError("the face modules were added without ModelPatcher.set_additional_models")
+            raise AssertionError("the face layers were added without ModelPatcher.set_additional_models")
 else:
     assert fence.check()["native_face_patcher"] == ["(needs native_cogvideox)"]
     print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
+
+# --- prompts made before inputs were renamed: ComfyUI's on-prompt handlers changed
+import server  # noqa: E402
+
+with broken(server.PromptServer, "add_on_prompt_handler", DELETED):
+    said("prompt_handlers", "add_on_prompt_handler")
+    fence.on_prompt(lambda json_data: json_data)  # the pack still loads
+    print("  old input names: ComfyUI's own 'Required input is missing'")
 
 # =============================================================================================
 # The native path: comfy_parts.ASSUMPTIONS, on a ComfyUI with native CogVideoX
@@ -363,7 +371,7 @@ def native_section(native_folder: str, vae_file: str) -> None:
     with broken(cogvideo.CogVideoXBlock, "forward", three_outputs):
         said("native_transformer", "CogVideoXBlock")
         print("  refused:", refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"),
-                                    "ConsisID Face Modules", "CogVideoXBlock"))
+                                    "ConsisID Face Layers", "CogVideoXBlock"))
         print("  without the fence:", failing(lambda: latents(nmodel)))
 
     def rotary_scaled(self, h, w, t, device, scale=1.0):
@@ -387,7 +395,7 @@ def native_section(native_folder: str, vae_file: str) -> None:
 
     with broken(comfy.patcher_extension.WrapperExecutor, "new_class_executor", classmethod(classless)):
         said("native_patches", "class_obj")
-        refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"), "ConsisID Face Modules",
+        refused(lambda: native.ConsisIDFaceModules().apply(nmodel, "tiny_face.safetensors"), "ConsisID Face Layers",
                 "WrappersMP.DIFFUSION_MODEL")
         print("  refused; without the fence:", failing(lambda: latents(nmodel)))
 

@@ -2,15 +2,15 @@
 ConsisID MODEL under dynamic VRAM (`dynamic_vram_tools`: forced on as ComfyUI's main.py turns it on
 with an NVIDIA GPU; core's dynamic patcher kept on the CPU; what that leaves untested is said there).
 
-- dynamic VRAM off (this process, before it is forced on): the MODEL and its face modules' patcher
+- dynamic VRAM off (this process, before it is forced on): the MODEL and its face layers' patcher
   are classic patchers; the latents are the reference for what follows;
-- on: every fence probe passes; the MODEL and the face modules' patcher are dynamic patchers; the
+- on: every fence probe passes; the MODEL and the face layers' patcher are dynamic patchers; the
   dynamic load switches every face layer to cast per call (they are core's castable kind), and the
   latents are those with dynamic VRAM off;
 - a full unload (what Unload Models and eviction do) goes through and puts every weight back: the
-  face modules' weights, their extractor's own parameters included, are the ones in RAM again; the
+  face layers' weights, their extractor's own parameters included, are the ones in RAM again; the
   next run loads them again and gives the same latents;
-- fp8 weights (Load Diffusion Model's fp8_e4m3fn): the face modules in the dtype the MODEL computes
+- fp8 weights (Load Diffusion Model's fp8_e4m3fn): the face layers in the dtype the MODEL computes
   in; dynamic VRAM stores weights in fp8 only as it pages them into VRAM, so on the CPU the latents
   are the fp32 MODEL's.
 
@@ -90,7 +90,7 @@ fp8 = native_model(checkpoint_folder, torch.float8_e4m3fn)  # Load Diffusion Mod
 assert fp8.model.get_dtype() == torch.float8_e4m3fn
 assert {p.dtype for p in face_patcher(fp8).model.parameters()} == {fp8.model.get_dtype_inference()}
 # dynamic VRAM stores a layer's weights in fp8 as it pages them into VRAM (the VBAR); on the CPU they stay
-# as the file has them (fp32), so the MODEL computes as the fp32 one, and so must the face modules
+# as the file has them (fp32), so the MODEL computes as the fp32 one, and so must the face layers
 assert (off_fp8 - off).abs().max() > 1e-3  # with dynamic VRAM off, fp8 storage does change the numbers
 difference = (sample(fp8) - on).abs().max().item()
 print(f"fp8 weights, dynamic VRAM on against fp32: max |diff| {difference}")

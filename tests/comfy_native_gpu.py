@@ -1,17 +1,17 @@
 """Run by test_gpu.py on a CUDA GPU inside a ComfyUI source folder with native CogVideoX (v0.33):
 the native ConsisID MODEL in ComfyUI's own loading, where only a GPU can show it.
 
-- whole load: the latents are finite (the face modules' own parameters, held by a module with
+- whole load: the latents are finite (the face layers' own parameters, held by a module with
   children, reach the GPU: ComfyUI moves only leaf layers unless it loads with no budget), and
-  after ComfyUI unloads the model no weight of it, face modules included, is left on the GPU (with
+  after ComfyUI unloads the model no weight of it, face layers included, is left on the GPU (with
   dynamic VRAM, which moves such parameters to the GPU and leaves them there, the pack's unload
   callback brings them back);
 - partial load (`classic`: dynamic VRAM off, a budget of one byte forced, as --novram): every face
   layer stays in RAM and is cast per call, and the latents are the whole load's;
 - dynamic VRAM (`dynamic`, v0.33's default on NVIDIA, turned on as main.py does): the MODEL and its
-  face modules' patcher are dynamic patchers, every face layer is cast per call from RAM through
+  face layers' patcher are dynamic patchers, every face layer is cast per call from RAM through
   the VBAR, and a second run gives the first's latents;
-- fp8 weights (Load Diffusion Model's fp8_e4m3fn): the face modules in the compute dtype, the
+- fp8 weights (Load Diffusion Model's fp8_e4m3fn): the face layers in the compute dtype, the
   video close to the full-precision one.
 
 Arguments: a tiny native checkpoint folder (`make-tiny --native`), then `classic` or

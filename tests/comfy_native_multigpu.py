@@ -1,8 +1,8 @@
 """Run on a machine with two or more CUDA GPUs, inside a ComfyUI source folder with MultiGPU CFG
 Split (v0.33): the native ConsisID MODEL under core's MultiGPU CFG Split, what one CPU cannot show.
 
-For each loader (ConsisID Native Model Loader, and core Load Diffusion Model + ConsisID Face Modules):
-- the node gives the MODEL a deep clone on the second GPU, with its own face modules there (their
+For each loader (ConsisID Native Model Loader, and core Load Diffusion Model + ConsisID Face Layers):
+- the node gives the MODEL a deep clone on the second GPU, with its own face layers there (their
   parameters on that GPU after sampling, the primary's on the first);
 - sampling splits the guided batch between the GPUs and gives the one-GPU latents (fp32, within 1e-4);
 - ConsisID Step Cache on top of it samples, and after ComfyUI unloads the models no weight is left
@@ -32,9 +32,9 @@ from workflow_tools import import_pack  # noqa: E402
 import_pack()
 from native_tools import guided_sample  # noqa: E402
 from consisid_pack.consisid_core.checkpoint import Checkpoint  # noqa: E402
-from consisid_pack.consisid_core.face_modules import face_modules  # noqa: E402
+from consisid_pack.consisid_core.face_layers import face_layers  # noqa: E402
 from consisid_pack.consisid_core.native import read_face_file  # noqa: E402
-from consisid_pack.nodes.native.comfy_parts import face_patcher, with_face_modules, with_step_cache  # noqa: E402
+from consisid_pack.nodes.native.comfy_parts import face_patcher, with_face_layers, with_step_cache  # noqa: E402
 from consisid_pack.nodes.native.nodes import native_model  # noqa: E402
 
 assert torch.cuda.device_count() >= 2, f"{torch.cuda.device_count()} GPU(s): this check needs two"
@@ -52,7 +52,7 @@ def sample(model) -> torch.Tensor:
 def unet_and_face():
     core = comfy.sd.load_diffusion_model(f"{exported}/tiny_transformer.safetensors", model_options={"dtype": torch.float32})
     weights, info = read_face_file(f"{exported}/tiny_face.safetensors")
-    return with_face_modules(core, face_modules(weights, info["config"]), info["latent_channels"],
+    return with_face_layers(core, face_layers(weights, info["config"]), info["latent_channels"],
                              info["scaling_factor"], info["scheduler"])
 
 
@@ -67,7 +67,7 @@ for name, load in (("native loader", lambda: native_model(checkpoint_folder, tor
     assert own is not face
     two_gpus = sample(split)
     devices = {next(face.parameters()).device, next(own.parameters()).device}
-    print(f"  face modules on {sorted(map(str, devices))}")
+    print(f"  face layers on {sorted(map(str, devices))}")
     assert len(devices) == 2, devices
     diff = (two_gpus - one_gpu).abs().max().item()
     print(f"  max |two GPUs - one GPU| {diff:.1e}")

@@ -3,6 +3,7 @@ one line naming the value and the fix, before any weights load, writing nothing;
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,16 +58,16 @@ def _refused(capsys, args: list[str], message: str) -> str:
     [
         (["--seed", str(2**64)], "--seed 18446744073709551616 must be a whole number from 0 to 18446744073709551615"),
         (["--seed", "-1"], "--seed -1 must be a whole number from 0"),
-        (["--frames", "1000001"], "frame count 1000001 is over this checkpoint's maximum of 72 per pass"),
+        (["--length", "1000001"], "frame count 1000001 is over this checkpoint's maximum of 72 per pass"),
         (["--width", "100000"], "width 100000 is over this checkpoint's maximum of 384"),
         (["--height", "1008", "--width", "96"], "height 1008 is over this checkpoint's maximum of 256"),
         (["--height", "256", "--width", "384"], "pixels per frame, over this checkpoint's maximum of 24,576"),
-        (["--frames", "100001", "--width", "4096", "--height", "4096", "--allow-oversize"],
+        (["--length", "100001", "--width", "4096", "--height", "4096", "--allow-oversize"],
          "generating 100001 frames of 4096×4096 needs about"),
         (["--steps", "1001"], "--steps 1001 must be a whole number from 1 to 1000"),
-        (["--guidance", "nan"], "--guidance nan must be a finite number from 0 to 100"),
-        (["--guidance", "inf"], "--guidance inf must be a finite number"),
-        (["--guidance", "-3"], "--guidance -3.0 must be a finite number from 0 to 100"),
+        (["--cfg", "nan"], "--cfg nan must be a finite number from 0 to 100"),
+        (["--cfg", "inf"], "--cfg inf must be a finite number"),
+        (["--cfg", "-3"], "--cfg -3.0 must be a finite number from 0 to 100"),
         (["--identity-strength", "11"], "--identity-strength 11.0 must be a finite number from 0 to 10"),
         (["--identity-strength", "nan"], "--identity-strength nan must be a finite number"),
         (["--fps", "100000"], "--fps 100000 must be a whole number from 1 to 240"),
@@ -85,6 +86,38 @@ def test_bad_arguments_are_refused_before_any_weights_load(
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x", "--out", str(out)]
     _refused(capsys, args + extra, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "old,new,value,says",
+    [
+        ("--guidance", "--cfg", "nan", "--cfg nan must be a finite number"),
+        ("--frames", "--length", "10", "frame count 10 does not fit this checkpoint"),
+        ("--image", "--start-image", "missing.png", "image 'missing.png' does not exist"),
+    ],
+)
+def test_an_old_option_name_sets_the_new_option_and_warns_once(
+    tiny_dir, identity_file, tmp_path, capsys, no_weights_load, old, new, value, says
+):
+    """generate's renamed options keep their old spelling for scripts: same value, one warning naming
+    the new option, and `--help` shows only the new name."""
+    args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x",
+            "--out", str(tmp_path / "out.mp4"), old, value]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{old} is now {new}; the old name still works") == 1 and says in err, err
+
+    def parsed(option: str) -> str:
+        found = vars(cli._parser().parse_args(args[:-2] + [option, value]))
+        found.pop("renamed", None)
+        return repr(found)
+
+    assert parsed(old) == parsed(new)
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["generate", "--help"])
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out))
+    assert new in options and old not in options
 
 
 def test_a_cuda_device_without_a_gpu(tiny_dir, identity_file, tmp_path, capsys):
@@ -175,7 +208,7 @@ def test_make_tiny_seed_out_of_range(tmp_path, capsys):
 def test_a_run_out_of_memory_is_refused_before_loading(tiny_dir, identity_file, tmp_path, capsys, no_weights_load):
     """The memory estimate against what the machine has, at a size the bounds allow when asked."""
     args = ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "x",
-            "--allow-oversize", "--frames", "100001",
+            "--allow-oversize", "--length", "100001",
             "--height", "2048", "--width", "2048", "--out", str(tmp_path / "v.mp4")]
     err = _refused(capsys, args, "generating 100001 frames of 2048×2048 needs about")
     assert "memory available: lower the frame count or the size" in err
@@ -272,7 +305,7 @@ def test_malformed_command_lines_get_one_line_too(capsys, args, message):
 
 def _generate_args(tiny_dir, identity_file, *extra) -> list[str]:
     return ["generate", "--model", str(tiny_dir), "--identity", str(identity_file), "--prompt", "hi", "--steps", "1",
-            "--frames", "5", *extra]
+            "--length", "5", *extra]
 
 
 def test_overwrite_deletes_only_plain_frame_files(tiny_dir, identity_file, tmp_path, capsys, no_weights_load, sentinels):
@@ -324,8 +357,8 @@ def test_a_name_longer_than_the_file_system_takes(tiny_dir, identity_file, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,frames", [(["--frames", "5"], 8), (["--frames", "13"], 16),
-                                         (["--frames", "5", "--segments", "2"], 15)])
+@pytest.mark.parametrize("extra,frames", [(["--length", "5"], 8), (["--length", "13"], 16),
+                                         (["--length", "5", "--segments", "2"], 15)])
 def test_score_of_frame_counts_that_decode_to_more_frames(tiny_dir, identity_file, tmp_path, capsys, extra, frames):
     """An even latent frame count (5, 13 frames) decodes to more frames than asked, as in diffusers:
     --score scores the video as written, and the video is kept."""
@@ -477,7 +510,7 @@ def test_a_refusal_under_torchrun_is_one_line_from_rank_0(tiny_dir, identity_fil
     temp = tmp_path / "tmp"
     temp.mkdir()
     out = tmp_path / "v.mp4"
-    who = ["--identity", str(identity_file), "--guidance", "1"]
+    who = ["--identity", str(identity_file), "--cfg", "1"]
     if case == "no-face":
         dark = tmp_path / "dark.png"
         Image.new("RGB", (200, 160), (10, 10, 10)).save(dark)

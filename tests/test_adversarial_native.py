@@ -1,10 +1,10 @@
-"""The native path against hostile inputs: face-modules files, single-file transformers and
+"""The native path against hostile inputs: face-layers files, single-file transformers and
 scheduler configs built in the real formats (read by the core, as every weights file is), and the
 native nodes given bad numbers, images, VAEs, identities and latents (in-process in a real ComfyUI
 with native CogVideoX, and through a real server's /prompt where a case comes from there).
 
 Each is refused in one line of the pack's error type that names the value and the fix, before the
-work it would cost; reading a face-modules file stops at Cancel between tensors and modules."""
+work it would cost; reading a face-layers file stops at Cancel between tensors and modules."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import CheckpointError
-from consisid_core.face_modules import FaceModules, face_config, face_modules
+from consisid_core.face_layers import FaceLayers, face_config, face_layers
 from consisid_core.native import export, read_face_file, source_weights
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -40,12 +40,12 @@ def refused(match: str, call, error: type = CheckpointError) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
-    """The tiny checkpoint exported for the native path: (transformer file, face-modules file)."""
+    """The tiny checkpoint exported for the native path: (transformer file, face-layers file)."""
     return export(tiny_dir, tmp_path_factory.mktemp("exported"), "tiny")
 
 
 def face_file(path, source, tensors=None, **metadata) -> str:
-    """`source` (a face-modules file) written again to `path` with `tensors` changed (None: removed)
+    """`source` (a face-layers file) written again to `path` with `tensors` changed (None: removed)
     and `metadata` entries changed (None: removed)."""
     with safe_open(source, framework="pt") as f:
         kept = {k: f.get_tensor(k) for k in f.keys()}
@@ -69,15 +69,15 @@ def config_of(source) -> dict:
 # Face-modules files: the reader
 
 
-def test_a_good_face_modules_file_reads_and_builds(exported):
+def test_a_good_face_layers_file_reads_and_builds(exported):
     weights, info = read_face_file(exported[1])
-    modules = face_modules(weights, info["config"])
-    assert isinstance(modules, FaceModules) and info["latent_channels"] == 4 and info["scaling_factor"] == 0.7
+    modules = face_layers(weights, info["config"])
+    assert isinstance(modules, FaceLayers) and info["latent_channels"] == 4 and info["scaling_factor"] == 0.7
     assert all(torch.equal(p, weights[k]) for k, p in modules.state_dict().items())
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "pickled", "half", "lying-header"])
-def test_a_face_modules_file_that_is_no_safetensors_file(exported, tmp_path, damage):
+def test_a_face_layers_file_that_is_no_safetensors_file(exported, tmp_path, damage):
     path = tmp_path / "face.safetensors"
     data = exported[1].read_bytes()
     if damage == "pickled":
@@ -90,15 +90,15 @@ def test_a_face_modules_file_that_is_no_safetensors_file(exported, tmp_path, dam
     refused(f"'{path}' is not a readable .safetensors file (", lambda: read_face_file(path))
 
 
-def test_a_safetensors_file_that_is_not_a_face_modules_file(exported):
-    refused("is not a ConsisID face-modules file (write one with `python -m consisid_core export`)",
+def test_a_safetensors_file_that_is_not_a_face_layers_file(exported):
+    refused("is not a ConsisID face-layers file (write one with `python -m consisid_core export`)",
             lambda: read_face_file(exported[0]))
 
 
 @pytest.mark.parametrize(
     "metadata, says",
     [
-        ({"format": None}, "is not a ConsisID face-modules file"),
+        ({"format": None}, "is not a ConsisID face-layers file"),
         ({"config": None}, "has no 'config' setting"),
         ({"config": "[1, 2]"}, "its 'config' setting must be a JSON object, found list"),
         ({"config": "null"}, "its 'config' setting must be a JSON object, found NoneType"),
@@ -115,7 +115,7 @@ def test_a_safetensors_file_that_is_not_a_face_modules_file(exported):
         ({"scheduler": "[]"}, "its 'scheduler' setting must be a JSON object, found list"),
     ],
 )
-def test_each_setting_of_a_face_modules_file_is_checked(exported, tmp_path, metadata, says):
+def test_each_setting_of_a_face_layers_file_is_checked(exported, tmp_path, metadata, says):
     path = face_file(tmp_path / "face.safetensors", exported[1], **metadata)
     message = refused(says, lambda: read_face_file(path))
     assert str(path) in message
@@ -135,7 +135,7 @@ def test_each_setting_of_a_face_modules_file_is_checked(exported, tmp_path, meta
         (dict(LFE_output_dim=41), "LFE_output_dim 41 must be two thirds of the transformer's width 64 (42)"),
     ],
 )
-def test_every_config_value_the_face_modules_use_is_bounded(exported, tmp_path, changes, says):
+def test_every_config_value_the_face_layers_use_is_bounded(exported, tmp_path, changes, says):
     config = {**config_of(exported[1]), **changes}
     path = face_file(tmp_path / "face.safetensors", exported[1], config=json.dumps(config))
     message = refused(says, lambda: read_face_file(path))
@@ -218,19 +218,19 @@ def test_cancel_is_called_between_tensors_and_between_modules(exported):
     with pytest.raises(Cancelled):
         read_face_file(exported[1], cancel_at(read_all - 1))  # the last tensor is never read
     calls.clear()
-    built = len(FaceModules(info["config"], cancel_at(0)).perceiver_cross_attention)
+    built = len(FaceLayers(info["config"], cancel_at(0)).perceiver_cross_attention)
     assert len(calls) == 1 + built  # before the extractor and before each cross-attention
     calls.clear()
     with pytest.raises(Cancelled):
-        face_modules(weights, info["config"], cancel_at(2))
+        face_layers(weights, info["config"], cancel_at(2))
 
 
 def test_a_slow_build_stops_at_cancel(exported, tmp_path):
-    """A face-modules file of the deepest modules the bounds allow (512 cross-attentions), whose every
+    """A face-layers file of the deepest modules the bounds allow (512 cross-attentions), whose every
     tensor is slow to come (a network disk): Cancel pressed meanwhile stops the read at the next tensor."""
     config = {**config_of(exported[1]), "num_layers": 512, "cross_attn_interval": 1}
     torch.manual_seed(0)
-    modules = FaceModules(face_config(config))
+    modules = FaceLayers(face_config(config))
     path = tmp_path / "deep_face.safetensors"
     with safe_open(exported[1], framework="pt") as f:
         metadata = {**f.metadata(), "config": json.dumps(config)}
@@ -499,7 +499,7 @@ def test_an_identity_of_other_widths_is_refused_at_sampling_with_the_packs_error
 @pytest.mark.comfyui
 @NEEDS_NATIVE
 def test_a_step_that_turns_nan_is_named_not_sampled_on(native):
-    """Face modules gone bad in memory (an fp16 overflow does this): the first step's NaN output is
+    """Face layers gone bad in memory (an fp16 overflow does this): the first step's NaN output is
     refused with its likely cause, not carried into a black video."""
     assert torch.isfinite(_sample(native, native.identity)).all()
     face = native.parts.face_patcher(native.model).model.module
@@ -532,8 +532,8 @@ def test_seeds_and_strengths_given_by_a_script_are_checked(native):
 
 @pytest.mark.comfyui
 @NEEDS_NATIVE
-def test_cancel_reaches_the_face_modules_reader_through_comfyui(native, exported):
-    """ComfyUI's own Cancel flag stops ConsisID Face Modules at its first Cancel point (the reader's
+def test_cancel_reaches_the_face_layers_reader_through_comfyui(native, exported):
+    """ComfyUI's own Cancel flag stops ConsisID Face Layers at its first Cancel point (the reader's
     between-tensors checks, `test_a_slow_build_stops_at_cancel`, are what make that point early)."""
     import comfy.model_management
     import folder_paths
@@ -567,7 +567,7 @@ BAD_FACE_FILES = {
     "nan_weights": ("nan", {}),
     "huge_weights": ("huge", {}),
 }
-"""Face-modules files served to ConsisID Face Modules: (weights change, settings change), and what
+"""Face-modules files served to ConsisID Face Layers: (weights change, settings change), and what
 each is refused with."""
 BAD_FACE_SAYS = {
     "no_config": "has no 'config' setting", "list_config": "'config' setting must be a JSON object, found list",
@@ -704,7 +704,7 @@ def test_a_pixel_space_vae_is_refused_by_identity_conditioning(server):
     _failed(server, prompt, "ConsisIDIdentityConditioning", "this VAE is a PixelspaceConversionVAE, not CogVideoX's")
 
 
-def _face_modules(name: str) -> dict:
+def _face_layers(name: str) -> dict:
     return {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_transformer.safetensors", "weight_dtype": "default"}},
         "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": name}},
@@ -718,8 +718,8 @@ def _face_modules(name: str) -> dict:
 @pytest.mark.slow
 @NEEDS_NATIVE
 @pytest.mark.parametrize("name", sorted(BAD_FACE_SAYS))
-def test_a_bad_face_modules_file_from_a_prompt(server, name):
-    _failed(server, _face_modules(f"bad_{name}.safetensors"), "ConsisIDFaceModules", BAD_FACE_SAYS[name], "CheckpointError")
+def test_a_bad_face_layers_file_from_a_prompt(server, name):
+    _failed(server, _face_layers(f"bad_{name}.safetensors"), "ConsisIDFaceModules", BAD_FACE_SAYS[name], "CheckpointError")
 
 
 @pytest.mark.comfyui
@@ -728,7 +728,7 @@ def test_a_bad_face_modules_file_from_a_prompt(server, name):
 @pytest.mark.parametrize("name, says", [("nan_single", "'proj_out.weight' holds NaN values"),
                                         ("deep_single", "'LFE_depth' 1000000000 must be a whole number from 1 to 256")])
 def test_a_bad_single_file_transformer_from_a_prompt(server, name, says):
-    prompt = _face_modules("tiny_face.safetensors")
+    prompt = _face_layers("tiny_face.safetensors")
     prompt["model"] = {"class_type": "ConsisIDNativeModelLoader",
                        "inputs": {"model": f"diffusion_models/{name}.safetensors", "weight_dtype": "fp32"}}
     del prompt["unet"]

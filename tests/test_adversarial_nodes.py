@@ -334,12 +334,12 @@ def test_face_embed_refuses_an_empty_or_broken_image(home):
 @pytest.mark.parametrize(
     "values, says",
     [
-        (dict(frames=100001), "frames 100001 must be a whole number from 1 to 1025"),
-        (dict(frames=10**400), f"frames {'1' + '0' * 119}… must be a whole number from 1 to 1025"),
-        (dict(frames=49.5), "frames 49.5 must be a whole number from 1 to 1025"),
-        (dict(frames="49"), "frames 49 must be a whole number from 1 to 1025"),
-        (dict(frames=True), "frames True must be a whole number from 1 to 1025"),
-        (dict(frames=50), "frames 50 must be 4·k + 1 (49 for ConsisID; e.g. 49)"),
+        (dict(length=100001), "length 100001 must be a whole number from 1 to 1025"),
+        (dict(length=10**400), f"length {'1' + '0' * 119}… must be a whole number from 1 to 1025"),
+        (dict(length=49.5), "length 49.5 must be a whole number from 1 to 1025"),
+        (dict(length="49"), "length 49 must be a whole number from 1 to 1025"),
+        (dict(length=True), "length True must be a whole number from 1 to 1025"),
+        (dict(length=50), "length 50 must be 4·k + 1 (49 for ConsisID; e.g. 49)"),
         (dict(width=100000), "width 100000 must be a whole number from 16 to 4096"),
         (dict(width=math.nan), "width nan must be a whole number from 16 to 4096"),
         (dict(width=720.5), "width 720.5 must be a whole number from 16 to 4096"),
@@ -349,14 +349,14 @@ def test_face_embed_refuses_an_empty_or_broken_image(home):
     ],
 )
 def test_sampler_validation_refuses_sizes_beyond_the_declared(values, says):
-    assert SAMPLER.VALIDATE_INPUTS(frames=49, width=720, height=480) is True
-    assert one_line(SAMPLER.VALIDATE_INPUTS(**{"frames": 49, "width": 720, "height": 480, **values})) == says
+    assert SAMPLER.VALIDATE_INPUTS(length=49, width=720, height=480) is True
+    assert one_line(SAMPLER.VALIDATE_INPUTS(**{"length": 49, "width": 720, "height": 480, **values})) == says
 
 
 def sample_args(model, identity, text, **changes) -> dict:
     args = dict(
-        model=model, identity=identity, text=text, seed=1, steps=1, guidance=6.0, dynamic_cfg=False,
-        scheduler="dpm", frames=9, width=96, height=64, identity_strength=1.0,
+        model=model, identity=identity, text=text, seed=1, steps=1, cfg=6.0, dynamic_cfg=False,
+        scheduler="dpm", length=9, width=96, height=64, identity_strength=1.0,
     )
     return {**args, **changes}
 
@@ -370,23 +370,23 @@ def nan_image() -> torch.Tensor:
 @pytest.mark.parametrize(
     "changes, says",
     [
-        (dict(guidance=math.nan), "guidance nan must be a finite number from 0 to 100"),
-        (dict(guidance=math.inf), "guidance inf must be a finite number from 0 to 100"),
-        (dict(guidance=-1.0), "guidance -1.0 must be a finite number from 0 to 100"),
+        (dict(cfg=math.nan), "cfg nan must be a finite number from 0 to 100"),
+        (dict(cfg=math.inf), "cfg inf must be a finite number from 0 to 100"),
+        (dict(cfg=-1.0), "cfg -1.0 must be a finite number from 0 to 100"),
         (dict(identity_strength=math.nan), "identity strength nan must be a finite number from 0 to 10"),
         (dict(identity_strength=11.0), "identity strength 11.0 must be a finite number from 0 to 10"),
         (dict(seed=-1), "seed -1 must be a whole number from 0 to "),
         (dict(seed=2**64), f"seed {2**64} must be a whole number from 0 to "),
         (dict(steps=0), "steps 0 must be a whole number from 1 to 1000"),
         (dict(steps=5000), "steps 5000 must be a whole number from 1 to 1000"),
-        (dict(frames=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its trained 9); "
+        (dict(length=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its trained 9); "
                           "pass allow_oversize"),
-        (dict(frames=401), "frame count 401 is over this checkpoint's maximum of 72"),
+        (dict(length=401), "frame count 401 is over this checkpoint's maximum of 72"),
         (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),
-        (dict(frames=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
-        (dict(image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
-        (dict(image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
-        (dict(image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
+        (dict(length=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
+        (dict(start_image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
+        (dict(start_image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
+        (dict(start_image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
     ],
 )
 def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):
@@ -399,7 +399,7 @@ def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls
 @pytest.mark.slow
 def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
     """The counterpart of the refusals: 73 frames with allow_oversize, and the hooks see the work."""
-    (latent,) = SAMPLER().sample(**sample_args(model, identity, text, frames=73), allow_oversize=True)
+    (latent,) = SAMPLER().sample(**sample_args(model, identity, text, length=73), allow_oversize=True)
     assert latent["samples"].shape == (1, 4, 19, 8, 12)
     assert "transformer" in calls and "vae encoder" in calls
 

@@ -133,7 +133,7 @@ def test_pickled_weights_are_refused(copy_of):
         Checkpoint.open(root)
 
 
-def test_transformer_without_face_modules(copy_of):
+def test_transformer_without_face_layers(copy_of):
     root = copy_of()
     path = root / "transformer" / "config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"is_train_face": False}))

@@ -128,12 +128,12 @@ def test_results_go_to_stdout_and_logs_to_stderr(tiny_dir, photo, tmp_path, capf
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--frames", "10"], "frame count 10 does not fit this checkpoint"),
+        (["--length", "10"], "frame count 10 does not fit this checkpoint"),
         (["--height", "100"], "height 100 does not fit this checkpoint: it must be a positive multiple of 16"),
         (["--width", "90"], "width 90 does not fit"),
         (["--steps", "0"], "--steps 0 must be a whole number from 1 to 1000"),
         (["--fps", "0"], "--fps 0 must be a whole number from 1 to 240"),
-        (["--image", "missing.png"], "image 'missing.png' does not exist"),
+        (["--start-image", "missing.png"], "image 'missing.png' does not exist"),
         (["--attention", "sage", "--device", "cpu"], "attention 'sage' "),
     ],
 )

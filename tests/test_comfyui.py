@@ -164,7 +164,7 @@ def _tiny(prompt: dict, steps: int = 3) -> dict:
     for node_id, node in list(prompt.items()):
         inputs = node["inputs"]
         if node["class_type"] == "ConsisIDSampler":
-            inputs.update(frames=9, width=96, height=64, steps=steps)
+            inputs.update(length=9, width=96, height=64, steps=steps)
         elif node["class_type"] == "ConsisIDModelLoader":
             inputs["dtype"] = "fp32"
         elif node["class_type"] == "RIFE VFI":  # a separate pack: a core node that also doubles the frames
@@ -240,6 +240,59 @@ def test_interrupt_mid_sampling_leaves_the_server_healthy(server):
     again = server.run(_tiny(_api(server, "consisid_reuse_identity.json")))
     assert again["status"]["status_str"] == "success"
     assert server.get("/system_stats")
+
+
+OLD_NAMES_WORKFLOW = Path(__file__).parent / "data" / "consisid_reuse_identity_old_names.json"
+"""consisid_reuse_identity.json as saved before ConsisID Sampler's inputs took core's names."""
+SAMPLER_RENAMED = {"guidance": "cfg", "frames": "length", "image": "start_image"}
+"""ConsisID Sampler's old input names -> the new."""
+
+
+def _pixels(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def _with_first_frame(prompt: dict, socket: str, prefix: str) -> dict:
+    """`prompt` with a Load Image of the face photo into the sampler's first-frame `socket`, saving
+    under `prefix`."""
+    prompt["first"] = {"class_type": "LoadImage", "inputs": {"image": "consisid_face.png"}}
+    for node in prompt.values():
+        if node["class_type"] == "ConsisIDSampler":
+            node["inputs"][socket] = ["first", 0]
+        if node["class_type"] == "SaveVideo":
+            node["inputs"]["filename_prefix"] = f"consisid/{prefix}"
+    return prompt
+
+
+def test_a_prompt_with_the_old_input_names_runs_as_the_new_one(server):
+    """The prompt a frontend queued from a workflow saved before the rename (the file's widget values
+    under the old names, as /object_info then listed them; its first frame in `image`) runs as the
+    prompt with the new names: the same video, and one log line naming the rename."""
+    specs = server.get("/object_info")
+    old_specs = json.loads(json.dumps(specs))
+    back = {new: old for old, new in SAMPLER_RENAMED.items()}
+    sampler_spec = old_specs["ConsisIDSampler"]
+    for kind in ("required", "optional"):
+        sampler_spec["input"][kind] = {back.get(k, k): v for k, v in sampler_spec["input"][kind].items()}
+        sampler_spec["input_order"][kind] = [back.get(k, k) for k in sampler_spec["input_order"][kind]]
+    old = _with_first_frame(_tiny(to_api(json.loads(OLD_NAMES_WORKFLOW.read_text()), old_specs)), "image", "old")
+    (sampler,) = [n["inputs"] for n in old.values() if n["class_type"] == "ConsisIDSampler"]
+    sampler["frames"] = sampler.pop("length")  # the tiny size `_tiny` set, under the old name
+    assert set(SAMPLER_RENAMED) <= set(sampler) and not set(SAMPLER_RENAMED.values()) & set(sampler)
+    sampler["seed"] = 11  # a run of its own, not one cached from another test
+    new = _with_first_frame(_tiny(_api(server, "consisid_reuse_identity.json")), "start_image", "new")
+    next(n for n in new.values() if n["class_type"] == "ConsisIDSampler")["inputs"]["seed"] = 11
+    for prompt in (old, new):
+        assert server.run(prompt)["status"]["status_str"] == "success"
+    (old_video,), (new_video,) = (sorted((server.base / "output" / "consisid").glob(f"{p}_*.mp4")) for p in ("old", "new"))
+    assert (_pixels(old_video) == _pixels(new_video)).all()
+    log = (server.base / "server.log").read_text()
+    assert log.count("(ConsisIDSampler) uses old input names, taken as the new ones "
+                     "(guidance -> cfg, frames -> length, image -> start_image)") == 1
 
 
 def _previews_while_running(server, prompt: dict) -> tuple[int, int, str]:

@@ -6,7 +6,7 @@ leaves untested). Skipped unless COMFYUI_DIR names a ComfyUI with dynamic VRAM (
   dynamic VRAM builds them, the pack says in one line that its transformer stays in the classic
   patcher, and a forced partial load of the transformer gives the whole load's latents (fp32, fp8),
   of the T5 its embeddings;
-- the native MODEL (`comfy_native_dynamic_vram.py`): in core's dynamic patcher with its face modules
+- the native MODEL (`comfy_native_dynamic_vram.py`): in core's dynamic patcher with its face layers
   beside it, the same latents as with dynamic VRAM off, and a full unload that puts every weight back.
 """
 

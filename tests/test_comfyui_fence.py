@@ -18,7 +18,8 @@ pytestmark = [
 
 
 WRAPPER = ["as expected", "partial_load", "lora_patches", "model_management", "unload_one", "progress", "previews",
-           "cancel", "folders", "t5_tokens", "t5_tokens", "dynamic_vram", "native_face_patcher"]
+           "cancel", "folders", "t5_tokens", "t5_tokens", "dynamic_vram", "native_face_patcher",
+           "prompt_handlers"]
 NATIVE = ["native", "native_load", "native_transformer", "native_transformer", "native_model_sampling", "native_patches",
           "native_conds", "native_percent", "native_dynamic_cfg", "native_dpm", "native_lora", "native_vae",
           "native_reference_decode", "native_first_frame_sample", "native_devices", "native_quant"]

@@ -20,7 +20,7 @@ def _tiny_long(prompt: dict, steps: int = 2) -> dict:
     prompt = _tiny(prompt, steps)
     for node in prompt.values():
         if node["class_type"] == "ConsisIDExtend":
-            node["inputs"].update(frames=F, width=96, height=64, steps=steps)
+            node["inputs"].update(length=F, width=96, height=64, steps=steps)
     return prompt
 
 

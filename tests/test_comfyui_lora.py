@@ -37,7 +37,7 @@ def _lora_tensors(transformer, modules, seed: int, prefix: str) -> dict:
 @pytest.fixture(scope="module")
 def lora_base(base):  # noqa: F811 - test_comfyui's fixture, for this module
     """The models of test_comfyui's `base` plus the workflow's two LoRAs in models/loras: one of
-    the attention layers (transformer. keys), one reaching the face modules (ComfyUI's
+    the attention layers (transformer. keys), one reaching the face layers (ComfyUI's
     diffusion_model. keys)."""
     from consisid_core.checkpoint import Checkpoint
 
@@ -89,7 +89,7 @@ def _branches(seed: int) -> dict:
     for branch, branch_model in (("lora", model), ("plain", ["loader", 0])):
         prompt[f"{branch}_sampler"] = {"class_type": "ConsisIDSampler", "inputs": {
             "model": branch_model, "identity": ["identity", 0], "text": ["text", 0], "seed": seed, "steps": STEPS,
-            "guidance": 6.0, "dynamic_cfg": False, "scheduler": "dpm", "frames": 9, "width": 96, "height": 64,
+            "cfg": 6.0, "dynamic_cfg": False, "scheduler": "dpm", "length": 9, "width": 96, "height": 64,
             "identity_strength": 1.0}}
         prompt[f"{branch}_decode"] = {"class_type": "ConsisIDVAEDecode", "inputs": {
             "model": branch_model, "latent": [f"{branch}_sampler", 0], "tiling": False, "tile_height": 240,
@@ -116,7 +116,7 @@ def _core(folder, seed: int, loras: bool) -> np.ndarray:
     if loras:
         model = with_loras(model, [(read_lora(folder / "models" / "loras" / name), s) for name, s in LORAS])
     identity = load_identity(folder / "input" / "identity.safetensors")
-    frames = generate(model, identity, PROMPT, "", steps=STEPS, seed=seed, frames=9, height=64, width=96)
+    frames = generate(model, identity, PROMPT, "", steps=STEPS, seed=seed, length=9, height=64, width=96)
     return np.clip(255.0 * frames.numpy(), 0, 255).astype(np.uint8)
 
 

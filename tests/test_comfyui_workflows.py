@@ -39,8 +39,8 @@ FRAMES, HEIGHT, WIDTH, STEPS = 9, 32, 48, 2
 """9 frames (8k+1: decoded exactly) of 48×32, a quarter of the tiny checkpoint's own 96×64: the VAE is
 of the released size, and it dominates a run here."""
 SIZES = {
-    "ConsisIDSampler": dict(frames=FRAMES, width=WIDTH, height=HEIGHT, steps=STEPS),
-    "ConsisIDExtend": dict(frames=FRAMES, width=WIDTH, height=HEIGHT, steps=STEPS),
+    "ConsisIDSampler": dict(length=FRAMES, width=WIDTH, height=HEIGHT, steps=STEPS),
+    "ConsisIDExtend": dict(length=FRAMES, width=WIDTH, height=HEIGHT, steps=STEPS),
     "ConsisIDIdentityConditioning": dict(length=FRAMES, width=WIDTH, height=HEIGHT),
     "KSampler": dict(steps=STEPS),
     "BasicScheduler": dict(steps=STEPS),

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from workflow_tools import SNAPSHOT, WORKFLOWS, to_api, widgets
+from workflow_tools import SNAPSHOT, WORKFLOWS, import_pack, to_api, widgets
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [
@@ -26,7 +26,7 @@ pytestmark = [
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 from frontend_tools import chromium_path, frontend, prepare_base, snapshot_node_defs  # noqa: E402
-from test_comfyui import running  # noqa: E402
+from test_comfyui import OLD_NAMES_WORKFLOW, running  # noqa: E402
 
 if chromium_path() is None:
     pytest.skip("no Chromium (apt-get install chromium, or set CHROMIUM to one)", allow_module_level=True)
@@ -110,7 +110,7 @@ def test_each_value_lands_in_the_widget_it_is_meant_for(session, opened, name):
         return
     sampler = {widget: value for widget, value, _ in samplers[0]["widgets"]}
     assert (sampler["seed"], sampler["control_after_generate"], sampler["steps"]) == (42, "fixed", 50)
-    assert (sampler["guidance"], sampler["scheduler"], sampler["frames"]) == (6.0, "dpm", 49)
+    assert (sampler["cfg"], sampler["scheduler"], sampler["length"]) == (6.0, "dpm", 49)
     assert (sampler["width"], sampler["height"]) == (720, 480)
 
 
@@ -153,3 +153,23 @@ def test_rife_vfi_values_land_with_its_definition_registered(session, opened):
     ]
     ours = to_api(_workflow("consisid_upscale_interpolate.json"), _with_snapshot(specs))
     assert {"class_type": loaded.prompt["10"]["class_type"], "inputs": loaded.prompt["10"]["inputs"]} == ours["10"]
+
+
+def test_a_workflow_saved_with_the_old_input_names_queues_as_the_shipped_one(session):
+    """consisid_reuse_identity.json as saved before ConsisID Sampler's inputs took core's names
+    (its first-frame socket still `image`): it opens with nothing reported, its widget values
+    (positional) land in the renamed widgets, and the prompt the frontend queues is the shipped
+    workflow's once the pack's on-prompt handler has renamed what the file still names the old way."""
+    import_pack()
+    from consisid_pack.nodes.renamed import old_names_renamed
+
+    page, specs = session
+    loaded = page.open_workflow(OLD_NAMES_WORKFLOW)
+    assert loaded.reported_missing == loaded.dialog_missing == loaded.graph_missing == loaded.dialogs == []
+    assert loaded.toasts == [] and loaded.page_errors == []
+    (sampler,) = [n for n in loaded.nodes if n["type"] == "ConsisIDSampler"]
+    shown = {widget: value for widget, value, _ in sampler["widgets"]}
+    assert (shown["cfg"], shown["length"], shown["seed"]) == (6.0, 49, 42)
+    prompt = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in loaded.prompt.items()}
+    old_names_renamed(prompt)
+    assert prompt == to_api(_workflow("consisid_reuse_identity.json"), _with_snapshot(specs))

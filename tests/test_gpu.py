@@ -111,7 +111,7 @@ def test_comfyui_holds_our_models_on_the_gpu(tiny_dir):
 @pytest.mark.parametrize("mode", ["classic", "dynamic"])
 def test_comfyui_loads_the_native_model_on_the_gpu(native_tiny_dir, mode):
     """tests/comfy_native_gpu.py in ComfyUI's own process set-up, with dynamic VRAM off (classic, a
-    forced partial load) and on: the native MODEL's face modules on the GPU and off it again, a
+    forced partial load) and on: the native MODEL's face layers on the GPU and off it again, a
     partial load equal to a whole one, fp8 weights."""
     from native_tools import NATIVE_COGVIDEOX
 

@@ -32,7 +32,7 @@ STYLE = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 """The attention layers the CogVideoX and ConsisID trainers target (and the final projection)."""
 FACE = ["perceiver_cross_attention.0.to_q", "perceiver_cross_attention.1.to_kv", "perceiver_cross_attention.1.to_out",
         "layers.1.0.to_q", "layers.2.0.to_kv", "mapping_0.3", "id_embedding_mapping.6"]
-"""Layers of the face modules: the perceiver cross-attention and the Local Facial Extractor."""
+"""Layers of the face layers: the perceiver cross-attention and the Local Facial Extractor."""
 
 
 def _write(tiny_dir, folder, name, targets, seed, rank=4, alpha=8.0, metadata=True, **config):
@@ -60,7 +60,7 @@ def files(tiny_dir, tmp_path_factory):
     made = {
         # no metadata (older trainers): scale 1 whatever alpha was
         "plain": _write(tiny_dir, folder, "plain.safetensors", STYLE, seed=1, alpha=16.0, metadata=False),
-        # metadata: alpha / r, a rank and an alpha of their own for some layers; face modules
+        # metadata: alpha / r, a rank and an alpha of their own for some layers; face layers
         "face": _write(tiny_dir, folder, "face.safetensors", STYLE + FACE, seed=2, rank=4, alpha=6.0,
                        rank_pattern={"perceiver_cross_attention.1.to_kv": 2, "^transformer_blocks.0.attn1.to_q": 3},
                        alpha_pattern={"to_v": 2.0}),
@@ -127,7 +127,7 @@ def test_merged_weights_equal_diffusers_fused_weights(tiny_dir, files, model, la
     assert _unchanged(model, before)
     lora = read_lora(files[layout])
     assert sorted(changed) == sorted(f"{name}.weight" for name in lora.layers)
-    if layout == "face":  # both face modules are reached
+    if layout == "face":  # both face layers are reached
         assert any(k.startswith("perceiver_cross_attention.") for k in changed)
         assert any(k.startswith("local_facial_extractor.") for k in changed)
 
@@ -386,7 +386,7 @@ def test_lora_nodes_stack_and_leave_the_loaders_model_alone(home, tiny_dir, file
     (styled,) = node().apply(model, "plain.safetensors", 0.6)
     (styled,) = node().apply(styled, "face.safetensors", -0.4)
     sampler = NODE_CLASS_MAPPINGS["ConsisIDSampler"]()
-    settings = dict(seed=4, steps=2, guidance=6.0, dynamic_cfg=False, scheduler="dpm", frames=9, width=96, height=64,
+    settings = dict(seed=4, steps=2, cfg=6.0, dynamic_cfg=False, scheduler="dpm", length=9, width=96, height=64,
                     identity_strength=1.0)
     (ours,) = sampler.sample(styled, identity, text, **settings)
     stack = [(read_lora(files["plain"]), 0.6), (read_lora(files["face"]), -0.4)]

@@ -1,4 +1,4 @@
-"""The native path's plain math (consisid_core/native.py, reference.py, face_modules.py), against diffusers:
+"""The native path's plain math (consisid_core/native.py, reference.py, face_layers.py), against diffusers:
 no ComfyUI needed."""
 
 import json
@@ -15,7 +15,7 @@ from consisid_core import native, reference
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main
 from consisid_core.errors import CheckpointError, ConsisIDError
-from consisid_core.face_modules import face_modules
+from consisid_core.face_layers import face_layers
 from consisid_core.sampling import _pipeline, first_frame, make_scheduler
 from consisid_core.single_file import RELEASED_SCHEDULER_CONFIG
 from consisid_core.tiny import random_identity
@@ -75,7 +75,7 @@ def test_key_map_covers_every_transformer_key_both_ways(folder):
     assert all(native.comfy_key(native.diffusers_key(k)) == k for k in core)
 
 
-def test_model_parts_are_the_transformer_in_comfyui_layout_and_the_face_modules(folder):
+def test_model_parts_are_the_transformer_in_comfyui_layout_and_the_face_layers(folder):
     """What `export` writes and the native loader loads, from one reading of the checkpoint."""
     checkpoint = Checkpoint.open(folder)
     weights, config = native.source_weights(folder)
@@ -129,7 +129,7 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
     config = Checkpoint.open(folder).transformer_config
     assert info["latent_channels"] == 16 and info["scaling_factor"] == 0.7
     assert info["config"]["cross_attn_interval"] == config["cross_attn_interval"]
-    modules = face_modules(weights, info["config"])
+    modules = face_layers(weights, info["config"])
     source, _ = native.source_weights(folder)
     assert torch.equal(modules.state_dict()["local_facial_extractor.latents"], source["local_facial_extractor.latents"])
     assert main(["export", "--model", str(folder), "--out", str(tmp_path), "--name", "tiny"]) == 2  # no overwrite
@@ -137,17 +137,17 @@ def test_export_writes_the_transformer_and_face_files(folder, tmp_path, capsys):
 
 def test_export_refuses_what_is_not_a_face_file(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(CheckpointError, match="not a ConsisID face-modules file"):
+    with pytest.raises(CheckpointError, match="not a ConsisID face-layers file"):
         native.read_face_file(tmp_path / "other.safetensors")
 
 
-def test_face_modules_are_diffusers_own(folder):
-    """The face modules' forward is diffusers' (same classes): extractor then cross-attention as
+def test_face_layers_are_diffusers_own(folder):
+    """The face layers' forward is diffusers' (same classes): extractor then cross-attention as
     ConsisIDTransformer3DModel computes them."""
     transformer = Checkpoint.open(folder).load_transformer("fp32")
     weights, config = native.source_weights(folder)
     _, face = native.split_weights(weights)
-    modules = face_modules(face, config)
+    modules = face_layers(face, config)
     identity = random_identity(config, seed=2)
     tokens = modules.face_tokens(identity.id_cond, list(identity.id_vit_hidden))
     with torch.no_grad():

@@ -149,7 +149,7 @@ def _ok(result: dict) -> None:
     assert result["status"]["status_str"] == "success", errors[0]["exception_message"] if errors else result["status"]
 
 
-def test_unetloader_plus_face_modules_is_the_native_loaders_model(server):
+def test_unetloader_plus_face_layers_is_the_native_loaders_model(server):
     _ok(server.run(_head(NATIVE_LOADER) | _custom_advanced("native/loader")))
     _ok(server.run(_head(UNET_AND_FACE) | _custom_advanced("native/unet")))
     loader, unet = _latent(server, "native/loader"), _latent(server, "native/unet")
@@ -208,7 +208,7 @@ def test_dpm_sampler_node_runs_in_sampler_custom_advanced(server):
     assert torch.isfinite(_latent(server, "native/dpm")).all()
 
 
-def test_a_face_modules_file_that_is_not_one_fails_in_one_line(server):
+def test_a_face_layers_file_that_is_not_one_fails_in_one_line(server):
     prompt = {
         "model": {"class_type": "ConsisIDFaceModules",
                   "inputs": {"model": ["unet", 0], "face_modules": "tiny_transformer.safetensors"}},
@@ -222,7 +222,7 @@ def test_a_face_modules_file_that_is_not_one_fails_in_one_line(server):
     result = server.wait(answer["prompt_id"])
     assert result["status"]["status_str"] == "error"
     message = next(m for kind, m in result["status"]["messages"] if kind == "execution_error")["exception_message"]
-    assert "not a ConsisID face-modules file" in message and "\n" not in message.strip()
+    assert "not a ConsisID face-layers file" in message and "\n" not in message.strip()
 
 
 @pytest.mark.skipif(not GGUF_PACK, reason="COMFYUI_GGUF_DIR is not set")
@@ -247,7 +247,7 @@ def test_gguf_q8_of_the_exported_transformer_through_unet_loader_gguf(server):
 def test_past_that_gate_the_gguf_model_samples_with_identity(server):
     """The same Q8_0 file with its architecture field set to one ComfyUI-GGUF lists ('wan'): its
     loader hands the weights to core's model detection, which finds CogVideoX by the keys; ConsisID
-    Face Modules, the identity and sampling then work on ComfyUI-GGUF's quantized layers, close to the
+    Face Layers, the identity and sampling then work on ComfyUI-GGUF's quantized layers, close to the
     full-precision model (Q8_0 rounding: 7 % relative on this tiny random model at CFG 6). So the architecture list is the one thing in the way."""
     prompt = {
         "unet": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_q8_as_wan.gguf"}},

@@ -160,32 +160,32 @@ def test_the_face_tokens_are_computed_once_per_run(setup, monkeypatch):
 
 @pytest.fixture(scope="module")
 def unet_and_face(setup, tmp_path_factory):
-    """Core Load Diffusion Model's MODEL of the exported transformer, with ConsisID Face Modules."""
+    """Core Load Diffusion Model's MODEL of the exported transformer, with ConsisID Face Layers."""
     import comfy.sd
-    from consisid_core.face_modules import face_modules
+    from consisid_core.face_layers import face_layers
     from consisid_core.native import export, read_face_file
-    from consisid_pack.nodes.native.comfy_parts import with_face_modules
+    from consisid_pack.nodes.native.comfy_parts import with_face_layers
 
     transformer, face = export(setup["folder"], tmp_path_factory.mktemp("exported"), "tiny")
     core = comfy.sd.load_diffusion_model(str(transformer), model_options={"dtype": torch.float32})
     weights, info = read_face_file(face)
-    return with_face_modules(core, face_modules(weights, info["config"]), info["latent_channels"],
+    return with_face_layers(core, face_layers(weights, info["config"]), info["latent_channels"],
                              info["scaling_factor"], info["scheduler"])
 
 
 def _deep_clone_keeps_consisid(model):
     """A MultiGPU deep clone (ComfyUI reloads the transformer for the other device) of `model`:
-    its own transformer and its own copies of the face modules and model sampling, the identity's
+    its own transformer and its own copies of the face layers and model sampling, the identity's
     wrappers and extra_conds, and the same weights."""
     import comfy.patcher_extension
-    from consisid_pack.nodes.native.comfy_parts import FACE_MODULES, face_patcher
+    from consisid_pack.nodes.native.comfy_parts import FACE_LAYERS, face_patcher
 
     clone = model.deepclone_multigpu(new_load_device=torch.device("cpu"))
     assert clone.model is not model.model
     face, copied = (face_patcher(m).model.module for m in (model, clone))
     assert copied is not face
     assert all(torch.equal(a, b) for a, b in zip(face.state_dict().values(), copied.state_dict().values()))
-    (wrapper,) = clone.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)
+    (wrapper,) = clone.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS)
     sampling = clone.object_patches["model_sampling"]
     assert wrapper.args == (copied, sampling) and sampling is not model.object_patches["model_sampling"]
     assert torch.equal(sampling.sigmas, model.object_patches["model_sampling"].sigmas)
@@ -195,7 +195,7 @@ def _deep_clone_keeps_consisid(model):
 
 
 @pytest.mark.parametrize("loader", ["native", "unet"])
-def test_a_multigpu_deep_clone_keeps_the_face_modules_and_samples_the_same_latents(setup, unet_and_face, loader):
+def test_a_multigpu_deep_clone_keeps_the_face_layers_and_samples_the_same_latents(setup, unet_and_face, loader):
     model = setup["model"] if loader == "native" else unet_and_face
     clone = _deep_clone_keeps_consisid(model)
     diff = (_native(setup, 3, model=clone) - _native(setup, 3, model=model)).abs().max().item()
@@ -203,14 +203,14 @@ def test_a_multigpu_deep_clone_keeps_the_face_modules_and_samples_the_same_laten
     assert diff <= SAME_MODEL  # the transformer reloaded: the CPU's kernels may sum in another order
 
 
-def test_multigpu_cfg_split_keeps_its_clones_face_modules_their_own(setup):
+def test_multigpu_cfg_split_keeps_its_clones_face_layers_their_own(setup):
     """What MultiGPU CFG Split does with a second device (`create_multigpu_deepclones`: a deep clone
     per extra device, then `match_multigpu_clones` re-cloning them from the primary): each clone
     keeps the copies made for its model; on this CPU (one device) the node gives the MODEL back
     and the latents are the same."""
     import comfy.patcher_extension
     from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
-    from consisid_pack.nodes.native.comfy_parts import FACE_MODULES, face_patcher
+    from consisid_pack.nodes.native.comfy_parts import FACE_LAYERS, face_patcher
 
     model = setup["model"].clone()
     clone = model.deepclone_multigpu(new_load_device=torch.device("cpu"))
@@ -221,7 +221,7 @@ def test_multigpu_cfg_split_keeps_its_clones_face_modules_their_own(setup):
     assert matched.model is clone.model
     own = face_patcher(clone).model.module
     assert face_patcher(matched).model.module is own is not face_patcher(model).model.module
-    (wrapper,) = matched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)
+    (wrapper,) = matched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS)
     assert wrapper.args[0] is own and wrapper.args[1] is matched.object_patches["model_sampling"]
 
     (split,) = MultiGPUCFGSplitNode.execute(setup["model"], 2).result

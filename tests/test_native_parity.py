@@ -43,8 +43,8 @@ def vae_file(native_tiny_dir):
 def _reference(setup, steps, scheduler="ddim", **options):
     from consisid_core.sampling import sample
 
-    return sample(setup["wrapper"], setup["identity"], setup["text"], seed=SEED, steps=steps, guidance_scale=GUIDANCE,
-                  scheduler=scheduler, frames=FRAMES, height=HEIGHT, width=WIDTH, device="cpu", **options)
+    return sample(setup["wrapper"], setup["identity"], setup["text"], seed=SEED, steps=steps, cfg=GUIDANCE,
+                  scheduler=scheduler, length=FRAMES, height=HEIGHT, width=WIDTH, device="cpu", **options)
 
 
 def _first_latent(setup):
@@ -190,20 +190,20 @@ def exported(setup, tmp_path_factory):
 
 def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_is_the_same_model(setup, exported):
     """What core UNETLoader does with the exported file (comfy.sd.load_diffusion_model), then
-    ConsisID Face Modules: the same latents as ConsisID Native Model Loader's MODEL."""
+    ConsisID Face Layers: the same latents as ConsisID Native Model Loader's MODEL."""
     import comfy.model_base
     import comfy.sd
     import comfy.supported_models
-    from consisid_core.face_modules import face_modules
+    from consisid_core.face_layers import face_layers
     from consisid_core.native import read_face_file
-    from consisid_pack.nodes.native.comfy_parts import with_face_modules
+    from consisid_pack.nodes.native.comfy_parts import with_face_layers
 
     transformer, face = exported
     core = comfy.sd.load_diffusion_model(str(transformer), model_options={"dtype": torch.float32})
     assert isinstance(core.model, comfy.model_base.CogVideoX)
     assert isinstance(core.model.model_config, comfy.supported_models.CogVideoX_I2V)  # in_channels 32
     weights, info = read_face_file(face)
-    model = with_face_modules(core, face_modules(weights, info["config"]), info["latent_channels"],
+    model = with_face_layers(core, face_layers(weights, info["config"]), info["latent_channels"],
                               info["scaling_factor"], info["scheduler"])
     # the same weights, loaded apart: the CPU's matmul kernels may sum in another order (max |Δ| ~1e-5)
     diff = (_native(setup, 5, model=model) - _native(setup, 5)).abs().max().item()
@@ -211,17 +211,17 @@ def test_exported_transformer_loads_in_core_as_cogvideox_and_with_the_face_file_
     assert diff <= SAME_MODEL
 
 
-def test_face_modules_refuse_a_model_of_another_width(setup, exported):
+def test_face_layers_refuse_a_model_of_another_width(setup, exported):
     import comfy.sd
-    from consisid_core.face_modules import FaceModules, face_config
-    from consisid_pack.nodes.native.comfy_parts import with_face_modules
+    from consisid_core.face_layers import FaceLayers, face_config
+    from consisid_pack.nodes.native.comfy_parts import with_face_layers
 
     core = comfy.sd.load_diffusion_model(str(exported[0]), model_options={"dtype": torch.float32})
     wider = face_config({**setup["wrapper"].config, "num_attention_heads": 2})
     with torch.device("meta"):
-        modules = FaceModules(wider)
+        modules = FaceLayers(wider)
     with pytest.raises(ValueError, match="use the face file exported with this transformer"):
-        with_face_modules(core, modules, 16, 0.7)
+        with_face_layers(core, modules, 16, 0.7)
 
 
 def _diffusers_lora(setup, path, names=("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0",
@@ -245,8 +245,8 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
     ours = with_loras(setup["wrapper"], [(read_lora(path), 0.8)])
     from consisid_core.sampling import sample
 
-    reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, guidance_scale=GUIDANCE,
-                       scheduler="ddim", frames=FRAMES, height=HEIGHT, width=WIDTH, device="cpu")
+    reference = sample(ours, setup["identity"], setup["text"], seed=SEED, steps=5, cfg=GUIDANCE,
+                       scheduler="ddim", length=FRAMES, height=HEIGHT, width=WIDTH, device="cpu")
     native = _native(setup, 5, model=lora_model)
     assert (native - _native(setup, 5)).abs().max() > 1e-2  # the LoRA changed the video
     assert (native - reference).abs().max().item() <= TOLERANCE
@@ -256,7 +256,7 @@ def test_core_lora_loader_with_an_exported_lora_changes_latents_as_our_lora_does
 
 def test_native_lora_node_reads_the_diffusers_layout_as_core_reads_the_export(setup, tmp_path, caplog):
     """ConsisID Native LoRA on the diffusers-layout file makes the patches core LoraLoaderModelOnly makes
-    of the exported file: the same latents, bit for bit; a face-module layer is left out with a warning."""
+    of the exported file: the same latents, bit for bit; a face-layer layer is left out with a warning."""
     import logging
 
     import comfy.sd
@@ -270,7 +270,7 @@ def test_native_lora_node_reads_the_diffusers_layout_as_core_reads_the_export(se
     folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
     with caplog.at_level(logging.WARNING):
         (node_model,) = ConsisIDNativeLoRA().apply(setup["model"], "style.safetensors", 0.8)
-    assert "1 face-module layers of LoRA 'style.safetensors' are left out" in caplog.text
+    assert "1 face-layer layers of LoRA 'style.safetensors' are left out" in caplog.text
     exported = comfy.utils.load_torch_file(str(export_lora(path, tmp_path / "style_comfy.safetensors")))
     core_model, _ = comfy.sd.load_lora_for_models(setup["model"], None, exported, 0.8, 0)
     assert set(node_model.patches) == set(core_model.patches) and len(node_model.patches) == 2
@@ -285,7 +285,7 @@ def test_native_lora_node_refuses_what_does_not_fit_in_one_line(setup, tmp_path)
     from safetensors.torch import save_file
 
     face_only = _diffusers_lora(setup, tmp_path / "face.safetensors", ("perceiver_cross_attention.0.to_q",))
-    with pytest.raises(ConsisIDError, match="LoRA 'face.safetensors' changes only the face modules"):
+    with pytest.raises(ConsisIDError, match="LoRA 'face.safetensors' changes only the face layers"):
         comfy_named(read_lora(face_only))
     save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 48),
                "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 2)},
@@ -367,9 +367,9 @@ def test_a_partial_load_casts_the_face_layers_per_call_as_cores_and_keeps_the_la
     assert (partial_latents - whole).abs().max().item() <= 1e-5
 
 
-def test_fp8_weights_sample_with_the_face_modules_in_the_compute_dtype(setup):
+def test_fp8_weights_sample_with_the_face_layers_in_the_compute_dtype(setup):
     """Load Diffusion Model's fp8_e4m3fn (the low-VRAM choice): the transformer stored in fp8 and cast
-    per call by core, the face modules kept in the dtype it computes in; the video is fp8's, close
+    per call by core, the face layers kept in the dtype it computes in; the video is fp8's, close
     to fp32's."""
     from consisid_pack.nodes.native.comfy_parts import face_patcher
     from consisid_pack.nodes.native.nodes import native_model

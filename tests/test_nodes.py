@@ -66,9 +66,9 @@ def test_model_lists_come_from_the_model_folders(home):
 
 def test_validation_messages_name_the_value_and_the_fix(home):
     sampler = NODE_CLASS_MAPPINGS["ConsisIDSampler"]
-    assert sampler.VALIDATE_INPUTS(frames=49, width=720, height=480) is True
-    assert "frames 50 must be 4·k + 1" in sampler.VALIDATE_INPUTS(frames=50, width=720, height=480)
-    assert "width 100 must be a positive multiple of 16" in sampler.VALIDATE_INPUTS(frames=49, width=100, height=480)
+    assert sampler.VALIDATE_INPUTS(length=49, width=720, height=480) is True
+    assert "length 50 must be 4·k + 1" in sampler.VALIDATE_INPUTS(length=50, width=720, height=480)
+    assert "width 100 must be a positive multiple of 16" in sampler.VALIDATE_INPUTS(length=49, width=100, height=480)
     loader = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]
     single = "diffusion_models/tiny.safetensors"
     assert "pick the CogVideoX VAE" in loader.VALIDATE_INPUTS(model=single, vae="(from checkpoint)")
@@ -133,9 +133,9 @@ def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
     sampler = n["ConsisIDSampler"]()
     args = (model, loaded, text, 1, 2, 6.0, False, "ddim", 9, 96, 64, 1.0)
     default = sampler.sample(*args)[0]["samples"]
-    from_face = sampler.sample(*args, image=face)[0]["samples"]
+    from_face = sampler.sample(*args, start_image=face)[0]["samples"]
     assert torch.equal(default, from_face)  # the face is the default first frame
-    other = sampler.sample(*args, image=torch.rand(2, 64, 64, 3))[0]["samples"]
+    other = sampler.sample(*args, start_image=torch.rand(2, 64, 64, 3))[0]["samples"]
     assert not torch.equal(default, other)
 
 

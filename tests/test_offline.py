@@ -113,7 +113,7 @@ def test_the_commands_make_no_network_call(tiny_dir, photo, lora, tmp_path):
     """`embed`, then `generate` with every feature that reads a file or a model, in one watched process."""
     embed = ["embed", "--model", str(tiny_dir), "--face", str(photo), "--out", str(tmp_path / "me.safetensors")]
     generate = ["generate", "--model", str(tiny_dir), "--face", str(photo), "--prompt", "a man smiling",
-                "--steps", "2", "--frames", "9", "--segments", "2", "--lora", str(lora), "--score",
+                "--steps", "2", "--length", "9", "--segments", "2", "--lora", str(lora), "--score",
                 "--out", str(tmp_path / "v.mp4")]
     _offline(_watched(f"from consisid_core.cli import main\nstatus = main({embed!r}) or main({generate!r})", tmp_path))
     assert (tmp_path / "me.safetensors").is_file() and (tmp_path / "v.mp4").is_file()

@@ -139,7 +139,7 @@ def test_plan(tiny_model):
     }
     assert [(c.split_dim, c.expected_dims) for c in layout["transformer_blocks.*"]["image_rotary_emb"]] == [(0, 2)] * 2
     assert [(c.gather_dim, c.expected_dims) for c in layout["transformer_blocks.1"]] == [(1, 3)] * 2
-    # the face modules are left whole: nothing of the plan names them
+    # the face layers are left whole: nothing of the plan names them
     assert not any("facial" in key or "perceiver" in key for key in layout)
 
 
@@ -177,7 +177,7 @@ SPLITS_2 = ["ulysses=2", "ring=2", "cfg=2"]
 SPLITS_4 = ["ulysses=2,cfg=2", "ring=2,cfg=2"]
 REFUSALS_2 = {
     "product": (["--parallel", "ulysses=2,cfg=2"], "error: --parallel ulysses=2,cfg=2 needs 4 processes"),
-    "guidance": (["--parallel", "cfg=2", "--guidance", "1"], "error: --parallel cfg=2 splits the guided batch"),
+    "guidance": (["--parallel", "cfg=2", "--cfg", "1"], "error: --parallel cfg=2 splits the guided batch"),
     "step-cache": (["--parallel", "ring=2", "--step-cache", "0.1"], "error: --parallel does not combine with the step"),
     "tokens": (["--parallel", "ulysses=2", "--height", "16", "--width", "16"], "must share 226 text and 3 video tokens"),
 }

@@ -78,7 +78,7 @@ def test_own_first_frame_and_precomputed_text_equal_the_reference(tiny_dir, tiny
     frame = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
     text = encode_text(load_text_encoder(Checkpoint.open(tiny_dir), "fp32"), PROMPT, NEGATIVE)
     assert text.positive.shape == (1, 226, 32)
-    ours = generate(tiny_model, identity, text, image=frame, steps=3, seed=9, guidance_scale=4.5)
+    ours = generate(tiny_model, identity, text, image=frame, steps=3, seed=9, cfg=4.5)
     from PIL import Image
 
     theirs = reference_frames(tiny_dir, identity, image=Image.fromarray(frame), steps=3, seed=9, guidance_scale=4.5)

@@ -135,7 +135,7 @@ def test_sage_attention_is_refused_where_it_cannot_run(model, identity, text):
 
 
 @pytest.mark.slow
-def test_fp8_storage_keeps_the_face_modules_and_stays_close(tiny_dir, model, identity, text):
+def test_fp8_storage_keeps_the_face_layers_and_stays_close(tiny_dir, model, identity, text):
     fp8 = Checkpoint.open(tiny_dir).load_model("fp32", fp8=True)
     blocks, face = fp8.transformer.transformer_blocks[0], fp8.transformer.local_facial_extractor
     assert blocks.ff.net[0].proj.weight.dtype == torch.float8_e4m3fn

@@ -124,7 +124,7 @@ def test_quantize_keeps_what_it_does_not_quantize(native_tiny_dir):
     assert not any(k.endswith(".comfy_quant") for k in core)
 
 
-def test_export_quant_writes_the_format_and_leaves_the_face_modules_alone(native_tiny_dir, tmp_path, capsys):
+def test_export_quant_writes_the_format_and_leaves_the_face_layers_alone(native_tiny_dir, tmp_path, capsys):
     assert main(["export", "--model", str(native_tiny_dir), "--out", str(tmp_path), "--name", "q", "--quant", "nvfp4"]) == 0
     assert main(["export", "--model", str(native_tiny_dir), "--out", str(tmp_path), "--name", "full"]) == 0
     with safe_open(tmp_path / "q_transformer.safetensors", framework="pt") as f:

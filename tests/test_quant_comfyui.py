@@ -1,6 +1,6 @@
 """ConsisID in ComfyUI core's quantized formats, in a real ComfyUI v0.33.0 on the CPU: each format
 `export --quant` writes is what core's own quantizer (comfy-kitchen) writes, byte for byte; core's Load
-Diffusion Model (UNETLoader) loads each file and KSampler samples it with ConsisID Face Modules and
+Diffusion Model (UNETLoader) loads each file and KSampler samples it with ConsisID Face Layers and
 the identity; ConsisID Native Model Loader's quantize-on-load gives the same latents as the exported
 file. (The low-VRAM workflow runs through /prompt in tests/test_comfyui_workflows.py.)
 

@@ -24,8 +24,8 @@ class Counter:
 @pytest.mark.parametrize(
     "size,message",
     [
-        (dict(frames=10), r"frame count 10 does not fit this checkpoint: it must be 4·k \+ 1 .*e\.g\. 9 or 13"),
-        (dict(frames=0), r"frame count 0 does not fit"),
+        (dict(length=10), r"frame count 10 does not fit this checkpoint: it must be 4·k \+ 1 .*e\.g\. 9 or 13"),
+        (dict(length=0), r"frame count 0 does not fit"),
         (dict(height=70), r"height 70 does not fit this checkpoint: it must be a positive multiple of 16"),
         (dict(width=-16), r"width -16 does not fit"),
     ],
@@ -45,7 +45,7 @@ def test_keypoint_checkpoint_needs_two_latent_frames(tiny_kps_dir):
     width = model.config.text_embed_dim
     text = TextEmbeddings(torch.zeros(1, 226, width), torch.zeros(1, 226, width))
     with pytest.raises(ConsisIDError, match="frame count 5 does not fit .* at least 9"):
-        sample(model, identity, text, frames=5, steps=1)
+        sample(model, identity, text, length=5, steps=1)
 
 
 def test_identity_of_another_checkpoint(tiny_model, text):
@@ -114,14 +114,14 @@ def test_ddim_scheduler_runs(tiny_model, identity, text):
 
 
 def test_other_sizes_run(tiny_model, identity, text):
-    latents = sample(tiny_model, identity, text, steps=1, frames=5, height=32, width=48)
+    latents = sample(tiny_model, identity, text, steps=1, length=5, height=32, width=48)
     assert latents.shape == (1, 2, 4, 4, 6)
 
 
 @pytest.mark.parametrize("frames,decoded", [(5, 8), (9, 9), (13, 16), (17, 17)])
 def test_an_even_latent_count_decodes_to_more_frames_and_says_so(tiny_model, identity, text, caplog, frames, decoded):
     with caplog.at_level(logging.WARNING, logger="consisid_core.sampling"):
-        latents = sample(tiny_model, identity, text, steps=1, frames=frames, height=32, width=48)
+        latents = sample(tiny_model, identity, text, steps=1, length=frames, height=32, width=48)
     assert len(decode(tiny_model.vae, latents)) == decoded
     warned = f"{frames} frames are {latents.shape[1]} latent frames, an even number" in caplog.text
     assert warned == (decoded != frames)

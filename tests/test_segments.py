@@ -60,7 +60,7 @@ def test_segment_seeds_and_counts():
         (["--segments", "3", "--prompt", "b"], "2 prompts for 3 segments: give one prompt for the whole video"),
         (["--segments", "33"], "segment count 33 must be a whole number from 1 to 32"),
         (["--segments", "0"], "segment count 0 must be a whole number from 1 to 32"),
-        (["--segments", "2", "--frames", "1"], "segments of 1 frame add nothing"),
+        (["--segments", "2", "--length", "1"], "segments of 1 frame add nothing"),
     ],
 )
 def test_bad_segment_arguments_exit_2_with_one_line_and_write_nothing(tiny_dir, identity_file, tmp_path, capsys,
@@ -85,7 +85,7 @@ def test_two_segments_equal_two_runs_by_hand(tiny_dir, identity_file, tmp_path, 
     assert main(common + ["--seed", "7", "--prompt", "a man walking", "--out", str(tmp_path / "one")]) == 0
     one = _png_frames(tmp_path / "one")
     Image.fromarray(one[-1]).save(tmp_path / "last.png")
-    assert main(common + ["--seed", "8", "--prompt", "a man waving", "--image", str(tmp_path / "last.png"),
+    assert main(common + ["--seed", "8", "--prompt", "a man waving", "--start-image", str(tmp_path / "last.png"),
                           "--out", str(tmp_path / "two")]) == 0
     two = _png_frames(tmp_path / "two")
     long = _png_frames(tmp_path / "long")
@@ -228,8 +228,8 @@ def test_extend_refuses_previous_frames_it_cannot_continue(home, tiny_model, ide
         run(tiny_model, identity, text, torch.rand(0, 64, 96, 3), 43, 1, 6.0, False, "dpm", F, 96, 64, 1.0, False)
     with pytest.raises(ValueError, match="segments of 1 frame add nothing"):
         run(tiny_model, identity, text, torch.rand(9, 64, 96, 3), 43, 1, 6.0, False, "dpm", 1, 96, 64, 1.0, False)
-    assert "frames 1 must be a whole number from 5" in extend.VALIDATE_INPUTS(frames=1, width=96, height=64)
-    assert "frames 10 must be 4·k + 1" in extend.VALIDATE_INPUTS(frames=10, width=96, height=64)
+    assert "length 1 must be a whole number from 5" in extend.VALIDATE_INPUTS(length=1, width=96, height=64)
+    assert "length 10 must be 4·k + 1" in extend.VALIDATE_INPUTS(length=10, width=96, height=64)
 
 
 def test_a_seed_out_of_range_is_refused_not_wrapped(tiny_model, identity, text):

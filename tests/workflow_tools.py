@@ -365,7 +365,7 @@ def _native(specs: dict) -> dict:
 
 
 def _native_lora(specs: dict) -> dict:
-    """The exported transformer through core Load Diffusion Model, its face modules, a LoRA through
+    """The exported transformer through core Load Diffusion Model, its face layers, a LoRA through
     core LoraLoaderModelOnly, and one seed (ConsisID Seed) for the first frame, SamplerCustomAdvanced's
     noise and the reference's dpm sampler, then ConsisID Native VAE Decode (the reference's decode
     order): the CLI's and ConsisID Sampler's video for seed 42, given the same LoRA. (Node 14, the
@@ -429,7 +429,7 @@ NATIVE_FP8_FILES = ("consisid_fp8_transformer.safetensors", "consisid_fp8_face.s
 
 def _native_lowvram(specs: dict) -> dict:
     """For small cards: the transformer quantized by `export --quant float8_e4m3fn` through core Load
-    Diffusion Model, its face modules, core KSampler, and core VAE Decode (Tiled), which decodes in
+    Diffusion Model, its face layers, core KSampler, and core VAE Decode (Tiled), which decodes in
     256-pixel tiles."""
     g = Graph(specs)
     positive, negative, identity, vae = _native_head(g)

@@ -1,6 +1,6 @@
 """Everything of ComfyUI that the native path uses, in one place, and what it assumes of it (`ASSUMPTIONS`).
 
-The native MODEL is core's own CogVideoX with ConsisID's face modules added through ComfyUI's
+The native MODEL is core's own CogVideoX with ConsisID's face layers added through ComfyUI's
 ModelPatcher mechanisms (an additional model, object patches, wrappers), so the same addition works
 on any CogVideoX MODEL and after LoRA loaders; its model sampling is the checkpoint's schedule in
 flow coordinates. Each internal is probed when the pack loads, as the wrapper's are
@@ -22,7 +22,7 @@ from ...consisid_core import quant
 from ...consisid_core.checks import LATENT_CAUSE, check_latent, check_tensors
 from ...consisid_core.errors import ConsisIDError, IdentityError
 from ...consisid_core.lora import LoRA, check_lora_fits
-from ...consisid_core.face_modules import FaceModules
+from ...consisid_core.face_layers import FaceLayers
 from ...consisid_core.native import comfy_lora_tensors, model_parts
 from ...consisid_core.reference import (
     ReferenceStepNoise,
@@ -313,17 +313,17 @@ def _devices() -> list[str]:
     return _missing(comfy.model_management, ("intermediate_device",), "comfy.model_management")
 
 
-_FACE_MODEL = "ConsisID Native Model Loader and ConsisID Face Modules refuse"
+_FACE_MODEL = "ConsisID Native Model Loader and ConsisID Face Layers refuse"
 ASSUMPTIONS = (
     fence.Assumption("native_cogvideox", "the native ConsisID nodes", UNAVAILABLE, _native_cogvideox, quiet=True),
     fence.Assumption("native_load", "ConsisID Native Model Loader (core's CogVideoX from ConsisID's weights)",
                      "the Native Model Loader refuses (Load Diffusion Model of the exported transformer with ConsisID "
-                     "Face Modules may still work)", _load, needs="native_cogvideox"),
-    fence.Assumption("native_transformer", "the face modules in ComfyUI's CogVideoX transformer", _FACE_MODEL,
+                     "Face Layers may still work)", _load, needs="native_cogvideox"),
+    fence.Assumption("native_transformer", "the face layers in ComfyUI's CogVideoX transformer", _FACE_MODEL,
                      _transformer, needs="native_cogvideox"),
     fence.Assumption("native_model_sampling", "ConsisID's schedule and latent format on the MODEL", _FACE_MODEL,
                      _model_sampling, needs="native_cogvideox"),
-    fence.Assumption("native_patches", "the face modules as patches on a MODEL", _FACE_MODEL, _patches,
+    fence.Assumption("native_patches", "the face layers as patches on a MODEL", _FACE_MODEL, _patches,
                      needs="native_cogvideox"),
     fence.Assumption("native_conds", "Identity Conditioning's identity on the conditioning",
                      "ConsisID Identity Conditioning refuses", _conds, needs="native_cogvideox"),
@@ -343,8 +343,8 @@ ASSUMPTIONS = (
     fence.Assumption("native_first_frame_sample", "Identity Conditioning's first_frame_seed",
                      "the first frame's latent is the posterior mean (as core VAE Encode), whatever the seed",
                      _first_frame_sample, needs="native_vae"),
-    fence.Assumption("native_face_patcher", "the native MODEL's face modules, loaded beside it",
-                     "ConsisID Native Model Loader and Face Modules refuse in one line", _face_patcher,
+    fence.Assumption("native_face_patcher", "the native MODEL's face layers, loaded beside it",
+                     "ConsisID Native Model Loader and Face Layers refuse in one line", _face_patcher,
                      needs="native_cogvideox"),
     fence.Assumption("native_devices", "where the native nodes keep latents",
                      "latents are kept on the CPU", _devices,
@@ -352,7 +352,7 @@ ASSUMPTIONS = (
 )
 """What the native path assumes of ComfyUI, checked with the wrapper's by `fence.check`."""
 FACE_MODEL = ("native_transformer", "native_model_sampling", "native_patches")
-"""What a ConsisID MODEL (face modules on core's CogVideoX) needs."""
+"""What a ConsisID MODEL (face layers on core's CogVideoX) needs."""
 
 
 def require(feature: str | tuple[str, ...] = "native_cogvideox", option: str = "this native ConsisID node") -> None:
@@ -427,17 +427,17 @@ class ConsisIDLatent(*_core_class("comfy.latent_formats.CogVideoX")):
 
 
 # ---------------------------------------------------------------------------------------------
-# The face modules on a CogVideoX MODEL
+# The face layers on a CogVideoX MODEL
 
-FACE_MODULES = "consisid_face"
-"""The key of the face modules' patcher among a ConsisID MODEL's additional models, and of its wrapper."""
+FACE_LAYERS = "consisid_face"
+"""The key of the face layers' patcher among a ConsisID MODEL's additional models, and of its wrapper."""
 IDENTITY_KEYS = ("consisid_id_cond", "consisid_id_vit_hidden")
 OPTION_KEYS = ("consisid_strength", "consisid_start", "consisid_end")
 
 
 def _extra_conds(model_base, config, **kwargs):
     """Core CogVideoX's extra_conds plus the identity (the same for every CFG pass it is set on),
-    refused here, as the sampler takes the conditioning in, if the face modules of `config` cannot
+    refused here, as the sampler takes the conditioning in, if the face layers of `config` cannot
     take it."""
     out = type(model_base).extra_conds(model_base, **kwargs)
     if kwargs.get("consisid_id_cond") is not None:
@@ -449,7 +449,7 @@ def _extra_conds(model_base, config, **kwargs):
     return out
 
 
-def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, ofs=None, transformer_options=None,
+def _face_wrapper(face: FaceLayers, sampling, executor, x, timestep, context, ofs=None, transformer_options=None,
                   **kwargs):
     """Around the transformer's `_forward`: the identity's cross-attention after its blocks, and
     the output checked finite (a NaN step is named here, not found as a black video)."""
@@ -481,12 +481,12 @@ def _face_wrapper(face: FaceModules, sampling, executor, x, timestep, context, o
 
 def check_identity_fits(config, id_cond: torch.Tensor, hidden: torch.Tensor) -> None:
     """Refuse an identity (id_cond [B, D], hidden states [B, scales, tokens, width]) that the face
-    modules of `config` cannot take."""
+    layers of `config` cannot take."""
     found = (id_cond.shape[-1], hidden.shape[1], hidden.shape[-1])
     if found != (config["LFE_id_dim"], config["LFE_num_scale"], config["LFE_vit_dim"]):
         raise IdentityError(
             f"the identity does not fit this model: id_cond of width {found[0]} and {found[1]} hidden states of "
-            f"width {found[2]}, the face modules take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
+            f"width {found[2]}, the face layers take {config['LFE_id_dim']}, {config['LFE_num_scale']} and "
             f"{config['LFE_vit_dim']}: make the identity with this checkpoint's face models"
         )
 
@@ -509,7 +509,7 @@ def _active(sampling, transformer_options, start: float, end: float) -> bool:
 
 
 TRANSFORMER_PARTS = ("blocks", "dim", "attention_head_dim", "out_channels")
-"""What the face modules use of core's CogVideoX transformer instance."""
+"""What the face layers use of core's CogVideoX transformer instance."""
 
 
 def _cogvideox(model, option: str):
@@ -523,9 +523,9 @@ def _cogvideox(model, option: str):
     return core
 
 
-def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_factor: float, scheduler_config=None,
-                      option: str = "ConsisID Face Modules"):
-    """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face modules, rotary
+def with_face_layers(model, face: FaceLayers, latent_channels: int, scaling_factor: float, scheduler_config=None,
+                      option: str = "ConsisID Face Layers"):
+    """A clone of a CogVideoX MODEL (`ModelPatcher`) that is ConsisID: face layers, rotary
     embedding, model sampling, latent format and identity conditioning added as patches."""
     require((*FACE_MODEL, "native_face_patcher"), option)
     core = _cogvideox(model, option)
@@ -534,24 +534,24 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
     width = config["num_attention_heads"] * config["attention_head_dim"]
     if core.dim != width or len(core.blocks) != config["num_layers"] or core.attention_head_dim != config["attention_head_dim"]:
         raise ConsisIDError(
-            f"these face modules are for a transformer {width} wide with {config['num_layers']} blocks of "
+            f"these face layers are for a transformer {width} wide with {config['num_layers']} blocks of "
             f"{config['attention_head_dim']}-wide heads; this MODEL is {core.dim} wide with {len(core.blocks)} blocks of "
             f"{core.attention_head_dim}-wide heads: use the face file exported with this transformer"
         )
     if latent_channels != core.out_channels:
-        raise ConsisIDError(f"the face modules' settings give {latent_channels} latent channels, this MODEL makes "
+        raise ConsisIDError(f"the face layers' settings give {latent_channels} latent channels, this MODEL makes "
                             f"{core.out_channels}: use the face file exported with this transformer")
     sampling = ModelSamplingConsisID(scheduler_config)
     patched = model.clone()
     # in the dtype the transformer computes in (not fp8 storage: the extractor's own parameters are used as
     # they are), held beside the MODEL in a patcher of its kind (dynamic VRAM's when the MODEL's is)
     face = face.to(dtype=getattr(base, "get_dtype_inference", base.get_dtype)())
-    patched.set_additional_models(FACE_MODULES, [managed.held_beside(patched, face)])
+    patched.set_additional_models(FACE_LAYERS, [managed.held_beside(patched, face)])
     patched.add_object_patch("diffusion_model._get_rotary_emb", functools.partial(_rotary, config))
     patched.add_object_patch("model_sampling", sampling)
     patched.add_object_patch("latent_format", ConsisIDLatent(latent_channels, scaling_factor))
     patched.add_object_patch("extra_conds", functools.partial(_extra_conds, base, config))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS,
                                  functools.partial(_face_wrapper, face, sampling))
     per_run_state(patched)
     on_several_devices(patched)
@@ -560,8 +560,8 @@ def with_face_modules(model, face: FaceModules, latent_channels: int, scaling_fa
 
 
 def face_patcher(model):
-    """The patcher holding a ConsisID MODEL's face modules (`with_face_modules`)."""
-    (patcher,) = model.get_additional_models_with_key(FACE_MODULES)
+    """The patcher holding a ConsisID MODEL's face layers (`with_face_layers`)."""
+    (patcher,) = model.get_additional_models_with_key(FACE_LAYERS)
     return patcher
 
 
@@ -774,7 +774,7 @@ def per_run_state(model) -> None:
                                    functools.partial(_per_run, RUN_STATE, lambda _sigmas: RunState()))
 
 
-def face_tokens_once(face: FaceModules, id_cond: torch.Tensor, hidden: torch.Tensor, transformer_options) -> torch.Tensor:
+def face_tokens_once(face: FaceLayers, id_cond: torch.Tensor, hidden: torch.Tensor, transformer_options) -> torch.Tensor:
     """The face tokens of the identity (`id_cond`, `hidden` as the conditioning carries them),
     computed once per run and device: later calls with the same identity reuse them."""
     run = (transformer_options or {}).get(RUN_STATE)
@@ -891,23 +891,23 @@ def with_step_cache(model, threshold: float):
 
 def _own_copies(primary, clone) -> None:
     """ON_DEEPCLONE_MULTIGPU / ON_MATCH_MULTIGPU_CLONES: a MultiGPU clone has a model of its own (for
-    another device), and core gave it its own face-modules patcher (`face_patcher`, deep-cloned from
-    the factory `with_face_modules` set). Its face wrapper, model sampling and `extra_conds` are made
+    another device), and core gave it its own face-layers patcher (`face_patcher`, deep-cloned from
+    the factory `with_face_layers` set). Its face wrapper, model sampling and `extra_conds` are made
     to use its own: shared with the primary's, they would compute on the primary's device."""
     if clone.model is primary.model:
         return
     face = face_patcher(clone).model.module
-    _, sampling = clone.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)[0].args
+    _, sampling = clone.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS)[0].args
     sampling = copy.deepcopy(sampling)
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_MODULES,
+    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FACE_LAYERS,
                                functools.partial(_face_wrapper, face, sampling))
     clone.object_patches["model_sampling"] = sampling
     clone.object_patches["extra_conds"] = functools.partial(_extra_conds, clone.model, face.config)
 
 
 def on_several_devices(model) -> None:
-    """`model` (a clone being made ConsisID) gives MultiGPU CFG Split's clones their own face modules:
+    """`model` (a clone being made ConsisID) gives MultiGPU CFG Split's clones their own face layers:
     core deep-clones its face patcher from a factory of fresh copies, and `_own_copies` rewires them."""
     if fence.works("native_multigpu"):
         patcher = face_patcher(model)
@@ -917,7 +917,7 @@ def on_several_devices(model) -> None:
             model.add_callback(event, _own_copies)
 
 
-def _face_copy(model, face: FaceModules, disable_dynamic: bool = False):
+def _face_copy(model, face: FaceLayers, disable_dynamic: bool = False):
     """A patcher of its own for a copy of `face` (what core reloads an additional model with)."""
     return managed.held_beside(model, copy.deepcopy(face), disable_dynamic)
 
@@ -1035,7 +1035,7 @@ ASSUMPTIONS += (
                      _attention_override, needs="native_cogvideox"),
     fence.Assumption("native_multigpu", "MultiGPU CFG Split on the native MODEL",
                      "the native MODEL runs on one device (MultiGPU CFG Split refuses ConsisID Native Model Loader's "
-                     "MODEL, and shares the face modules of Load Diffusion Model's between devices)", _multigpu,
+                     "MODEL, and shares the face layers of Load Diffusion Model's between devices)", _multigpu,
                      needs="native_cogvideox"),
 )
 

@@ -15,7 +15,7 @@ from ...consisid_core.checkpoint import DTYPES
 from ...consisid_core.single_file import RELEASED_TRANSFORMER_CONFIG
 from ...consisid_core.checks import check_number, check_percent_range, check_seed, check_video_size
 from ...consisid_core.errors import ConsisIDError
-from ...consisid_core.face_modules import face_modules as build_face_modules
+from ...consisid_core.face_layers import face_layers as build_face_layers
 from ...consisid_core.files import shown
 from ...consisid_core.identity import Identity
 from ...consisid_core.lora import check_strength, read_lora
@@ -42,7 +42,7 @@ LOADER = "ConsisID Native Model Loader"
 
 def native_model(source, dtype: torch.dtype | None, quantize: str | None = None):
     """A ConsisID checkpoint folder or single diffusers-named transformer file as a native MODEL:
-    core's CogVideoX (its key layout) with the face modules added; with `quantize` (a
+    core's CogVideoX (its key layout) with the face layers added; with `quantize` (a
     `quant.FORMATS` name) its block linear layers in that core format, as `export --quant` writes
     them. Its parts come from `native.model_parts` (every file read as a checkpoint is, the scheduler
     config checked); Cancel between tensors and modules."""
@@ -50,11 +50,11 @@ def native_model(source, dtype: torch.dtype | None, quantize: str | None = None)
     if quantize is not None:
         comfy_parts.require_format(quantize)
     parts = native.model_parts(source, progress.check_interrupted, quant=quantize)
-    face = build_face_modules(parts.face, parts.config, progress.check_interrupted)
+    face = build_face_layers(parts.face, parts.config, progress.check_interrupted)
     progress.check_interrupted()
     model = comfy_parts.load_cogvideox(parts.core, dtype)
     comfy_parts.reloadable(model, source, dtype, quantize)
-    return comfy_parts.with_face_modules(model, face, parts.latent_channels, parts.scaling_factor, parts.scheduler,
+    return comfy_parts.with_face_layers(model, face, parts.latent_channels, parts.scaling_factor, parts.scheduler,
                                          LOADER)
 
 
@@ -69,7 +69,7 @@ class ConsisIDNativeModelLoader:
     DISPLAY_NAME = LOADER
     DESCRIPTION = (
         "Loads ConsisID as a native ComfyUI MODEL for KSampler, SamplerCustomAdvanced, LoRA loaders and model "
-        "patches: core's own CogVideoX transformer with ConsisID's face modules. Takes a checkpoint folder from "
+        "patches: core's own CogVideoX transformer with ConsisID's face layers. Takes a checkpoint folder from "
         "models/consisid or a single transformer .safetensors with diffusers key names; `quantize` stores the "
         "transformer in one of ComfyUI's quantized formats as it loads. Condition it with ConsisID Identity "
         "Conditioning."
@@ -95,7 +95,7 @@ class ConsisIDNativeModelLoader:
                     "default": "off",
                     "tooltip": "Store the transformer's block linear layers in one of ComfyUI's quantized formats as "
                                "it loads (what `export --quant` writes): 8-bit float8_e4m3fn, float8_e5m2, mxfp8, "
-                               "int8_tensorwise; 4-bit nvfp4, convrot_w4a4, asym_w4a8_int8. The face modules stay "
+                               "int8_tensorwise; 4-bit nvfp4, convrot_w4a4, asym_w4a8_int8. The face layers stay "
                                "in full precision."}),
             },
         }
@@ -120,9 +120,9 @@ class ConsisIDNativeModelLoader:
 
 
 class ConsisIDFaceModules:
-    DISPLAY_NAME = "ConsisID Face Modules"
+    DISPLAY_NAME = "ConsisID Face Layers"
     DESCRIPTION = (
-        "Adds ConsisID's face modules (a <name>_face.safetensors written by `python -m consisid_core export`) to a "
+        "Adds ConsisID's face layers (a <name>_face.safetensors written by `python -m consisid_core export`) to a "
         "CogVideoX MODEL loaded from the exported transformer by core Load Diffusion Model or ComfyUI-GGUF's "
         "Unet Loader (GGUF). The result takes ConsisID Identity Conditioning like ConsisID Native Model Loader's."
     )
@@ -130,7 +130,7 @@ class ConsisIDFaceModules:
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The MODEL as ConsisID: face modules, its rotary embedding and model sampling.",)
+    OUTPUT_TOOLTIPS = ("The MODEL as ConsisID: face layers, its rotary embedding and model sampling.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -150,8 +150,8 @@ class ConsisIDFaceModules:
         comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
         path = _model_file("diffusion_models", face_modules)
         weights, info = native.read_face_file(path, progress.check_interrupted)
-        face = build_face_modules(weights, info["config"], progress.check_interrupted)
-        return (comfy_parts.with_face_modules(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
+        face = build_face_layers(weights, info["config"], progress.check_interrupted)
+        return (comfy_parts.with_face_layers(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
 
 
 class ConsisIDTextConditioning:

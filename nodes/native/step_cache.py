@@ -24,7 +24,7 @@ class ConsisIDStepCache:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (Native Model Loader, or Face Modules)."}),
+                "model": ("MODEL", {"tooltip": "A native ConsisID MODEL (Native Model Loader, or Face Layers)."}),
                 "threshold": step_cache_input(default=0.1),
             }
         }

@@ -1,4 +1,4 @@
-"""ConsisID's face modules as a `torch.nn.Module` of their own (`FaceModules`): the Local Facial
+"""ConsisID's face layers as a `torch.nn.Module` of their own (`FaceLayers`): the Local Facial
 Extractor and the perceiver cross-attentions, built from diffusers' own classes with diffusers'
 key names, apart from the transformer (the native path adds them to core's CogVideoX).
 """
@@ -19,14 +19,14 @@ FACE_CONFIG_KEYS = (
     "LFE_dim_head", "LFE_num_heads", "LFE_num_id_token", "LFE_num_querie", "LFE_output_dim", "LFE_ff_mult",
     "LFE_num_scale", "local_face_scale", "is_kps",
 )
-"""What the face modules, the rotary embedding and the identity checks need of the transformer config."""
+"""What the face layers, the rotary embedding and the identity checks need of the transformer config."""
 
 REEXPORT = "use the checkpoint's original file, or export it again with `python -m consisid_core export`"
 """How to mend a weights file the native path refuses."""
 
 
 def face_config(transformer_config: Mapping) -> dict:
-    """The fields of a transformer config that the face modules and the rotary embedding use."""
+    """The fields of a transformer config that the face layers and the rotary embedding use."""
     from diffusers import ConsisIDTransformer3DModel
 
     defaults = {k: v.default for k, v in _init_parameters(ConsisIDTransformer3DModel).items()}
@@ -37,8 +37,8 @@ def _init_parameters(cls) -> Mapping:
     return inspect.signature(cls.__init__).parameters
 
 
-class FaceModules(torch.nn.Module):
-    """ConsisID's face modules as diffusers builds them (same key names): the Local Facial Extractor
+class FaceLayers(torch.nn.Module):
+    """ConsisID's face layers as diffusers builds them (same key names): the Local Facial Extractor
     and one perceiver cross-attention after every `cross_attn_interval` transformer blocks."""
 
     def __init__(self, config: Mapping, cancel: Callable[[], None] = lambda: None):
@@ -62,7 +62,7 @@ class FaceModules(torch.nn.Module):
                 dim=inner, dim_head=c["cross_attn_dim_head"], heads=c["cross_attn_num_heads"], kv_dim=int(inner / 3 * 2)))
 
     def face_tokens(self, id_cond: torch.Tensor, id_vit_hidden: list[torch.Tensor]) -> torch.Tensor:
-        """The Local Facial Extractor's output, in the face modules' dtype."""
+        """The Local Facial Extractor's output, in the face layers' dtype."""
         dtype = self.local_facial_extractor.latents.dtype
         return self.local_facial_extractor(id_cond.to(dtype), [h.to(dtype) for h in id_vit_hidden])
 
@@ -81,13 +81,13 @@ class FaceModules(torch.nn.Module):
 
 
 
-def face_modules(weights: Mapping[str, torch.Tensor], config: Mapping,
-                 cancel: Callable[[], None] = lambda: None) -> FaceModules:
-    """The face modules of a checked `config` holding `weights` (diffusers key names), checked key by
+def face_layers(weights: Mapping[str, torch.Tensor], config: Mapping,
+                cancel: Callable[[], None] = lambda: None) -> FaceLayers:
+    """The face layers of a checked `config` holding `weights` (diffusers key names), checked key by
     key; `cancel` is called between the modules built."""
     with torch.device("meta"):
-        modules = FaceModules(face_config(config), cancel)
+        modules = FaceLayers(face_config(config), cancel)
     expected = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
-    check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "the face-module weights", REEXPORT)
+    check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "the face-layer weights", REEXPORT)
     modules.load_state_dict(dict(weights), assign=True, strict=True)
     return modules.eval()

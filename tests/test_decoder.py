@@ -121,7 +121,7 @@ def test_bf16_is_bit_identical_and_folds_nothing(vae_dir):
     calls = []
     upsamplers = [m for m in ours.decoder.modules() if isinstance(m, Upsample3D)]
     hooks = [m.conv.register_forward_hook(lambda *a: calls.append(1)) for m in upsamplers]
-    latents = _latents((1, 5, 4, 8, 12), torch.bfloat16).permute(0, 2, 1, 3, 4)
+    latents = _latents((1, 3, 4, 4, 6), torch.bfloat16).permute(0, 2, 1, 3, 4)  # small: bf16 conv3d is slow on a CPU
     with torch.no_grad():
         fast, reference = ours.decode(latents).sample, theirs.decode(latents).sample
     for h in hooks:

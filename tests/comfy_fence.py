@@ -21,6 +21,7 @@ sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
+import utils.extra_config  # noqa: E402, F401 - ComfyUI's utils package first, as its main.py imports it
 import comfy.cli_args  # noqa: E402
 import comfy.lora  # noqa: E402
 import comfy.model_management  # noqa: E402
@@ -28,6 +29,7 @@ import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+import server  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -286,8 +288,6 @@ else:
     print("native_face_patcher: needs native CogVideoX, which this ComfyUI has not")
 
 # --- prompts made before inputs were renamed: ComfyUI's on-prompt handlers changed
-import server  # noqa: E402
-
 with broken(server.PromptServer, "add_on_prompt_handler", DELETED):
     said("prompt_handlers", "add_on_prompt_handler")
     fence.on_prompt(lambda json_data: json_data)  # the pack still loads

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from consisid_core.checkpoint import Checkpoint
+from consisid_core.identity import save_identity
 from consisid_core.text import MAX_SEQUENCE_LENGTH, TextEmbeddings
 from consisid_core.tiny import make_tiny, random_identity
 
@@ -37,6 +38,23 @@ def tiny_model(tiny_dir):
 @pytest.fixture
 def identity(tiny_model):
     return random_identity(tiny_model.config, seed=7)
+
+
+@pytest.fixture
+def identity_file(tiny_model, tmp_path) -> Path:
+    """A random identity of the tiny model, saved as tmp_path/me.safetensors."""
+    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A real photo, tmp_path/astronaut.png: the tiny face models find faces wherever it is bright."""
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(path)
+    return path
 
 
 @pytest.fixture
@@ -119,12 +137,12 @@ class Sentinels:
         self.paths.append(path)
         return path
 
-    def untouched(self) -> list[str]:
+    def read(self) -> list[str]:
         """The sentinels that were read (empty when none was)."""
         opened = set(_OPENED or [])
-        read = [str(p) for p in self.paths if os.path.realpath(p) in opened]
-        read += [str(p) for p in self.paths if _ATIME_WORKS and p.stat().st_atime_ns >= p.stat().st_mtime_ns]
-        return sorted(set(read))
+        seen = [str(p) for p in self.paths if os.path.realpath(p) in opened]
+        seen += [str(p) for p in self.paths if _ATIME_WORKS and p.stat().st_atime_ns >= p.stat().st_mtime_ns]
+        return sorted(set(seen))
 
 
 def _atime_works(folder: Path) -> bool:
@@ -150,6 +168,6 @@ def sentinels(tmp_path_factory):
     watch = Sentinels(folder)
     try:
         yield watch
-        assert watch.untouched() == [], "a file outside the allowed folders was read"
+        assert watch.read() == [], "a file outside the allowed folders was read"
     finally:
         _OPENED = None

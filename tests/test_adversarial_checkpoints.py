@@ -30,6 +30,7 @@ from consisid_core.errors import CheckpointError, FaceError
 from consisid_core.face import load_face_models
 from consisid_core.single_file import load_transformer_file, load_vae_file, model_from_files
 from consisid_core.text import load_text_encoder
+from refusals import assert_refused
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHT_FILES = {"transformer": WEIGHTS, "vae": WEIGHTS, "text_encoder": "model.safetensors"}
@@ -46,24 +47,9 @@ def _re(value) -> str:
     return re.escape(str(value))
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-    }
-
-
 def refused(error: type, match: str, call, watch: Path) -> str:
-    """Run `call`, which must raise exactly `error` with a one-line message matching `match`
-    and leave every file under `watch` as it was. Returns the message."""
-    before = _snapshot(watch)
-    with pytest.raises(error, match=match) as caught:
-        call()
-    assert type(caught.value) is error, f"{type(caught.value).__name__}: {caught.value}"
-    message = str(caught.value)
-    assert "\n" not in message and "\r" not in message, message
-    assert _snapshot(watch) == before, "a refused load wrote, changed or removed a file"
-    return message
+    """`assert_refused`, exactly `error`, nothing under `watch` changed."""
+    return assert_refused(call, match, error, exact=True, unchanged=watch)
 
 
 def _save(state: dict, path: Path) -> None:

@@ -16,15 +16,8 @@ import torch
 
 from consisid_core import cli
 from consisid_core.checkpoint import Checkpoint
-from consisid_core.identity import save_identity
 from consisid_core.media import write_frames
-from consisid_core.tiny import random_identity
 from process_tools import signal_when, start
-
-
-@pytest.fixture
-def identity_file(tiny_model, tmp_path):
-    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from consisid_core.files import numbered_path
 from consisid_core.identity import MAX_FILE_BYTES, MAX_SCALES, Identity, load_identity, save_identity
 from consisid_core.sampling import sample
 from consisid_core.tiny import random_identity
+from refusals import assert_refused
 
 TINY = {"LFE_id_dim": 544, "LFE_vit_dim": 32, "LFE_num_scale": 5}
 """The tiny checkpoint's identity sizes (`tiny.TINY_TRANSFORMER`)."""
@@ -35,23 +36,8 @@ def _re(value) -> str:
 
 
 def refused(match: str, call, folder: Path | None = None) -> str:
-    """`call` raises exactly IdentityError, one line, matching `match`; `folder` is unchanged."""
-    before = _snapshot(folder) if folder else None
-    with pytest.raises(IdentityError, match=match) as caught:
-        call()
-    assert type(caught.value) is IdentityError
-    message = str(caught.value)
-    assert "\n" not in message and "\r" not in message, message
-    if folder:
-        assert _snapshot(folder) == before, "a refused call wrote, changed or removed a file"
-    return message
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
-    return {
-        p.name: (p.lstat().st_size, p.lstat().st_mtime_ns, os.readlink(p).encode() if p.is_symlink() else b"")
-        for p in sorted(folder.iterdir())
-    }
+    """`assert_refused`, exactly IdentityError, nothing under `folder` changed."""
+    return assert_refused(call, match, IdentityError, exact=True, unchanged=folder)
 
 
 @pytest.fixture

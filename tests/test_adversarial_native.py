@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 
 import pytest
@@ -21,6 +22,7 @@ from consisid_core.checkpoint import Checkpoint
 from consisid_core.errors import CheckpointError
 from consisid_core.face_layers import FaceLayers, face_config, face_layers
 from consisid_core.native import export, read_face_file, source_weights
+from refusals import assert_refused
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -31,11 +33,8 @@ def one_line(message: str) -> str:
 
 
 def refused(match: str, call, error: type = CheckpointError) -> str:
-    with pytest.raises(error) as info:
-        call()
-    message = one_line(str(info.value))
-    assert match in message, message
-    return message
+    """`assert_refused` with `match` as plain text."""
+    return assert_refused(call, re.escape(match), error)
 
 
 @pytest.fixture(scope="module")

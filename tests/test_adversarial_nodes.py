@@ -82,12 +82,12 @@ def test_the_sentinel_witnesses_see_a_read(tmp_path, sentinels, identity):
 
     python_read = sentinels.make("witness.bin", b"secret")
     rust_read = sentinels.make("witness.safetensors", identity_bytes(tmp_path, identity))
-    assert sentinels.untouched() == []
+    assert sentinels.read() == []
     assert python_read.read_bytes() == b"secret"
-    assert sentinels.untouched() == [str(python_read)]
+    assert sentinels.read() == [str(python_read)]
     with safe_open(rust_read, framework="pt") as f:
         f.get_tensor("id_cond")
-    assert sentinels.untouched() == [str(python_read), str(rust_read)]
+    assert sentinels.read() == [str(python_read), str(rust_read)]
     sentinels.paths.clear()
 
 

@@ -11,15 +11,8 @@ from PIL import Image
 
 from consisid_core.checkpoint import Checkpoint
 from consisid_core.cli import main
-from consisid_core.identity import save_identity
 from consisid_core.media import to_uint8
 from consisid_core.sampling import generate
-from consisid_core.tiny import random_identity
-
-
-@pytest.fixture
-def identity_file(tiny_model, tmp_path):
-    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
 
 
 def test_make_tiny_command(tmp_path):
@@ -179,14 +172,6 @@ def test_output_folder_must_exist(tiny_dir, identity_file, tmp_path, capsys):
 def test_identity_needed_for_a_real_checkpoint(tiny_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]) == 2
     assert "give the person as --face PHOTO or --identity FILE" in capsys.readouterr().err
-
-
-@pytest.fixture
-def photo(tmp_path):
-    skimage_data = pytest.importorskip("skimage.data")
-    path = tmp_path / "astronaut.png"
-    Image.fromarray(skimage_data.astronaut()).save(path)
-    return path
 
 
 @pytest.mark.slow

@@ -85,17 +85,6 @@ def _offline(found: dict) -> None:
 
 
 @pytest.fixture
-def photo(tmp_path) -> Path:
-    """A real photo: the tiny face models find faces wherever it is bright."""
-    from PIL import Image
-
-    skimage_data = pytest.importorskip("skimage.data")
-    path = tmp_path / "astronaut.png"
-    Image.fromarray(skimage_data.astronaut()).save(path)
-    return path
-
-
-@pytest.fixture
 def lora(tmp_path, tiny_model) -> Path:
     import torch
     from safetensors.torch import save_file

@@ -13,20 +13,14 @@ from PIL import Image
 
 from consisid_core.cli import main
 from consisid_core.errors import ConsisIDError
-from consisid_core.identity import load_identity, save_identity
+from consisid_core.identity import load_identity
 from consisid_core.media import FrameWriter, to_uint8, write_frames
 from consisid_core.segments import (
     MAX_SEGMENTS, ColourReference, check_segments, generate_segments, segment_prompts, segment_seed,
 )
-from consisid_core.tiny import random_identity
 from process_tools import signal_when, start
 
 F = 9  # the tiny checkpoint's trained frame count
-
-
-@pytest.fixture
-def identity_file(tiny_model, tmp_path):
-    return save_identity(random_identity(tiny_model.config, seed=4), tmp_path / "me.safetensors")
 
 
 def _png_frames(folder: Path) -> np.ndarray:

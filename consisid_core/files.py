@@ -25,6 +25,7 @@ import re
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -157,6 +158,15 @@ def _remove_staging(folder: Path) -> None:
     _remove_tree(gone)
 
 
+def join_interruptibly(thread: threading.Thread, seconds: float | None = None) -> None:
+    """Wait for `thread` to end (at most `seconds`) in short waits, so that a signal runs its
+    handler (Ctrl-C, SIGTERM) within a fraction of a second: one long wait keeps a signal that came
+    just before it slept, or to another thread, until the wait ends."""
+    end = None if seconds is None else time.monotonic() + seconds
+    while thread.is_alive() and (end is None or time.monotonic() < end):
+        thread.join(0.1)
+
+
 def _interruptibly(write: Callable[[Path], None], path: Path) -> None:
     """`write(path)`, in a worker thread when called from the main thread (where signals arrive),
     whose wait a signal ends at once."""
@@ -173,7 +183,7 @@ def _interruptibly(write: Callable[[Path], None], path: Path) -> None:
 
     worker = threading.Thread(target=run, name=f"write {path.name}", daemon=True)
     worker.start()
-    worker.join()
+    join_interruptibly(worker)
     if failed:
         raise failed[0]
 

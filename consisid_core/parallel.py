@@ -22,7 +22,7 @@ from . import diffusers_hooks as hooks
 from .checks import latent_frames
 from .tiling import spatial_scale
 from .errors import ConsisIDError, RankError, first_line
-from .files import shown
+from .files import join_interruptibly, shown
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def start(device: torch.device) -> bool:
 
     waiting = threading.Thread(target=join, name="consisid-rendezvous", daemon=True)
     waiting.start()
-    waiting.join(RENDEZVOUS_SECONDS)
+    join_interruptibly(waiting, RENDEZVOUS_SECONDS)
     fix = f"start them together with torchrun --nproc-per-node {world_size} (× --nnodes), each with the same arguments"
     if waiting.is_alive():
         raise ConsisIDError(

@@ -29,6 +29,11 @@ def signal_when(process: subprocess.Popen, ready, sig: int, what: str, seconds: 
     try:
         assert wait_for(ready, seconds), f"{what} never happened"
         process.send_signal(sig)
-        return process.communicate(timeout=120)
+        try:
+            return process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+            raise AssertionError(f"still running 120 s after the signal, its stderr ending:\n{err[-2000:]}") from None
     finally:
         process.kill()

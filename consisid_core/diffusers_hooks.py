@@ -1,6 +1,6 @@
 """The one module for the diffusers (and torch) internals the per-run options stand on: no other
 module imports a private diffusers name or writes an undocumented attribute of a diffusers model
-(`decoder.py` and `tiling.py` aside; tests/test_private_names.py checks). Each internal is checked
+(`decoder.py` and `tiling.py` aside; tests/structure/test_private_names.py checks). Each internal is checked
 where it is used (`check`); what they are and what happens when one differs:
 docs/dev/architecture.md, "The diffusers internals".
 """

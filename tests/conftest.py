@@ -31,6 +31,15 @@ def native_tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def native_vae_file(native_tiny_dir) -> Path:
+    """The native tiny's VAE as one file: the released CogVideoX architecture (the one core's VAE
+    Loader builds), random weights."""
+    from native_tools import vae_file
+
+    return vae_file(native_tiny_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return Checkpoint.open(tiny_dir).load_model("fp32")
 

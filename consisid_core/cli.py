@@ -218,10 +218,15 @@ def _say(args, line: str, this_rank_only: bool = False) -> None:
     """One line on stderr. Under --parallel every rank stops for the same reason (the arguments,
     the files and torchrun's environment are the same; a failure on rank 0 stops the others), so
     rank 0 alone says it; a refusal only this rank makes (`RankError`) is said by the rank."""
+    if _this_rank_says(args) or this_rank_only:
+        sys.stderr.write(line + "\n")
+
+
+def _this_rank_says(args) -> bool:
+    """Whether this process says what every process would: the only one, or --parallel's rank 0."""
     from .parallel import is_writer
 
-    if getattr(args, "parallel", None) is None or is_writer() or this_rank_only:
-        sys.stderr.write(line + "\n")
+    return getattr(args, "parallel", None) is None or is_writer()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    warn_renamed(args)
+    if _this_rank_says(args):
+        warn_renamed(args)
     try:
         with _terminating_cleanly():
             result = COMMANDS[args.command](args)

@@ -77,8 +77,8 @@ def height_input() -> tuple:
                     "tooltip": "Multiple of 16; ConsisID was trained at 480."})
 
 
-def frames_input(tooltip: str = FRAME_COUNT_TOOLTIP) -> tuple:
-    """A video's frame count, 4·k + 1 (the sampler's `frames`, Identity Conditioning's `length`)."""
+def length_input(tooltip: str = FRAME_COUNT_TOOLTIP) -> tuple:
+    """A video's frame count `length`, 4·k + 1 (the Sampler's, Identity Conditioning's)."""
     return ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4, "tooltip": tooltip})
 
 

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 RENAMED = {
     "ConsisIDSampler": {"guidance": "cfg", "frames": "length", "image": "start_image"},
     "ConsisIDExtend": {"guidance": "cfg", "frames": "length"},
+    "ConsisIDFaceModules": {"face_modules": "face_layers"},
 }
 """node id -> {old input name: new input name}."""
 

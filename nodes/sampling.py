@@ -8,7 +8,7 @@ from ..consisid_core.sampling import MAX_GUIDANCE, SCHEDULERS, prepare_run
 from . import managed, progress
 from .declared import (
     CONSISID_IDENTITY, CONSISID_MODEL, CONSISID_PERFORMANCE, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAME_COUNT_TOOLTIP,
-    IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, length_input, height_input, identity_strength_input,
     seed_input, step_cache_input, width_input,
 )
 
@@ -50,7 +50,7 @@ class ConsisIDSampler:
                                   "tooltip": "Classifier-free guidance scale (reference: 6.0); 1 or less turns it off."}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "The reference's cosine guidance schedule."}),
                 "scheduler": (list(SCHEDULERS), {"default": "dpm", "tooltip": "dpm as the reference (CogVideoX DPM), or ddim."}),
-                "length": frames_input(f"{FRAME_COUNT_TOOLTIP} 8·k + 1 (9, 17, …, 49) decode to exactly as many; "
+                "length": length_input(f"{FRAME_COUNT_TOOLTIP} 8·k + 1 (9, 17, …, 49) decode to exactly as many; "
                                        "other counts to more, as in diffusers."),
                 "width": width_input(),
                 "height": height_input(),
@@ -72,7 +72,7 @@ class ConsisIDSampler:
 
     def sample(self, model, identity, text, seed, steps, cfg, dynamic_cfg, scheduler, length, width, height,
                identity_strength, start_image=None, performance=None, allow_oversize=False):
-        first = first_image(start_image, "first-frame image")
+        first = first_image(start_image, "start_image")
         owner = managed.owner(model)
         # every check of the run, before ComfyUI is asked for room
         run = prepare_run(

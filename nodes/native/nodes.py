@@ -25,7 +25,7 @@ from ...consisid_core.text import TextEmbeddings
 from .. import folders, progress
 from ..declared import (
     CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, TEXT_TOOLTIP,
-    checkpoint_names, checkpoint_source, declared_error, first_image, frames_input, height_input, identity_strength_input,
+    checkpoint_names, checkpoint_source, declared_error, first_image, length_input, height_input, identity_strength_input,
     lora_strength_input, seed_input, width_input,
 )
 from . import comfy_parts
@@ -137,18 +137,18 @@ class ConsisIDFaceModules:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The exported ConsisID transformer, loaded as CogVideoX."}),
-                "face_modules": (folders.files("diffusion_models"), {"tooltip": "The <name>_face.safetensors exported "
-                                                                             "with that transformer (models/diffusion_models)."}),
+                "face_layers": (folders.files("diffusion_models"), {"tooltip": "The <name>_face.safetensors exported "
+                                                                            "with that transformer (models/diffusion_models)."}),
             }
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, face_modules: str):
-        return declared_error(cls, face_modules=face_modules) or True
+    def VALIDATE_INPUTS(cls, face_layers: str):
+        return declared_error(cls, face_layers=face_layers) or True
 
-    def apply(self, model, face_modules: str):
+    def apply(self, model, face_layers: str):
         comfy_parts.require(comfy_parts.FACE_MODEL, self.DISPLAY_NAME)
-        path = _model_file("diffusion_models", face_modules)
+        path = _model_file("diffusion_models", face_layers)
         weights, info = native.read_face_file(path, progress.check_interrupted)
         face = build_face_layers(weights, info["config"], progress.check_interrupted)
         return (comfy_parts.with_face_layers(model, face, info["latent_channels"], info["scaling_factor"], info["scheduler"]),)
@@ -206,7 +206,7 @@ class ConsisIDIdentityConditioning:
                 "vae": ("VAE", {"tooltip": "The CogVideoX VAE (core Load VAE, e.g. the checkpoint's vae file)."}),
                 "width": width_input(),
                 "height": height_input(),
-                "length": frames_input(),
+                "length": length_input(),
                 "identity_strength": identity_strength_input("Scale of the face cross-attention (1 as trained)."),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Where in the sampling the identity starts acting (0: first step)."}),

@@ -603,8 +603,7 @@ def server(tmp_path_factory, native_tiny_dir, native_vae_file):
     from consisid_core.identity import save_identity
     from consisid_core.tiny import random_identity
     from comfy_server import running
-    from native_server import TEXT_NODE
-    from workflow_tools import ROOT
+    from native_server import pack_and_inputs
 
     base = tmp_path_factory.mktemp("adversarial_native")
     tiny = base / "models" / "consisid" / NATIVE
@@ -621,16 +620,8 @@ def server(tmp_path_factory, native_tiny_dir, native_vae_file):
               models / "deep_single.safetensors")
     (base / "models" / "vae").mkdir()
     (base / "models" / "vae" / "cogvideox_vae.safetensors").symlink_to(native_vae_file)
-    (base / "custom_nodes" / "consisid_test_text").mkdir(parents=True)
-    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "consisid_test_text" / "__init__.py").write_text(TEXT_NODE)
-    for folder in ("input", "user", "output"):
-        (base / folder).mkdir()
-    g = torch.Generator().manual_seed(0)
-    save_file({"positive": torch.randn(1, 226, 32, generator=g), "negative": torch.randn(1, 226, 32, generator=g)},
-              base / "input" / "text.safetensors")
     config = Checkpoint.open(tiny).transformer_config
-    save_identity(random_identity(config, 3), base / "input" / "identity.safetensors")
+    pack_and_inputs(base, config)
     save_identity(random_identity({**config, "LFE_id_dim": 100}, 3), base / "input" / "other_identity.safetensors")
     for name, samples in (("nan", torch.full((1, 16, 3, 8, 12), math.nan)), ("empty", torch.zeros(0, 16, 3, 8, 12))):
         save_file({"latent_tensor": samples, "latent_format_version_0": torch.tensor([])}, base / "input" / f"{name}.latent")
@@ -701,7 +692,7 @@ def test_a_pixel_space_vae_is_refused_by_identity_conditioning(server):
 def _face_layers(name: str) -> dict:
     return {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_transformer.safetensors", "weight_dtype": "default"}},
-        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": name}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_layers": name}},
         "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "simple", "steps": 2,
                                                               "denoise": 1.0}},
         "out": {"class_type": "PreviewAny", "inputs": {"source": ["sigmas", 0]}},

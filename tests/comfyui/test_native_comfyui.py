@@ -81,7 +81,7 @@ def test_dpm_sampler_node_runs_in_sampler_custom_advanced(server):
 def test_a_face_layers_file_that_is_not_one_fails_in_one_line(server):
     prompt = {
         "model": {"class_type": "ConsisIDFaceModules",
-                  "inputs": {"model": ["unet", 0], "face_modules": "tiny_transformer.safetensors"}},
+                  "inputs": {"model": ["unet", 0], "face_layers": "tiny_transformer.safetensors"}},
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_transformer.safetensors", "weight_dtype": "default"}},
         "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "simple", "steps": 2,
                                                               "denoise": 1.0}},
@@ -103,7 +103,7 @@ def test_gguf_q8_of_the_exported_transformer_through_unet_loader_gguf(server):
     that adds it shows up as this test failing."""
     prompt = {
         "unet": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_q8_cogvideox.gguf"}},
-        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": "tiny_face.safetensors"}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_layers": "tiny_face.safetensors"}},
     } | native_head({}) | custom_advanced("native/gguf")
     status, answer = server.post("/prompt", {"prompt": prompt})
     assert status == 200, answer
@@ -121,7 +121,7 @@ def test_past_that_gate_the_gguf_model_samples_with_identity(server):
     full-precision model (Q8_0 rounding: 7 % relative on this tiny random model at CFG 6). So the architecture list is the one thing in the way."""
     prompt = {
         "unet": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_q8_as_wan.gguf"}},
-        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_modules": "tiny_face.safetensors"}},
+        "model": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["unet", 0], "face_layers": "tiny_face.safetensors"}},
     } | native_head({}) | custom_advanced("native/gguf_wan")
     assert_success(server.run(prompt))
     assert_success(server.run(native_head(NATIVE_LOADER) | custom_advanced("native/full")))

@@ -10,14 +10,13 @@ reads two saved embeddings (as in test_native_comfyui.py)."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from bench.quant import TINY
 from consisid_core import native, quant
 from native_tools import NEEDS_NATIVE, import_comfyui, vae_file
 from comfy_server import running
-from native_server import TEXT_NODE, saved_latent, assert_success
-from workflow_tools import CHECKPOINT, NATIVE_VAE, ROOT
+from native_server import assert_success, pack_and_inputs, saved_latent
+from workflow_tools import CHECKPOINT, NATIVE_VAE
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, NEEDS_NATIVE]
 
@@ -28,8 +27,7 @@ SIZE = dict(width=96, height=64, length=9)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, native_tiny_dir):
     from consisid_core.checkpoint import Checkpoint
-    from consisid_core.identity import save_identity
-    from consisid_core.tiny import TINY_T5, random_components, random_identity, save_components
+    from consisid_core.tiny import TINY_T5, random_components, save_components
 
     base = tmp_path_factory.mktemp("comfy_quant")
     folder = save_components(random_components(TINY.transformer, TINY.vae, TINY_T5, 0),
@@ -41,16 +39,7 @@ def base(tmp_path_factory, native_tiny_dir):
         native.export(folder, models, name, quant=name)
     (base / "models" / "vae").mkdir()
     (base / "models" / "vae" / NATIVE_VAE).symlink_to(vae_file(native_tiny_dir))  # core's VAE Loader: released size
-    (base / "custom_nodes" / "consisid_test_text").mkdir(parents=True)
-    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "consisid_test_text" / "__init__.py").write_text(TEXT_NODE)
-    for part in ("input", "user", "output"):
-        (base / part).mkdir()
-    g = torch.Generator().manual_seed(0)
-    width = TINY.transformer["text_embed_dim"]
-    save_file({"positive": torch.randn(1, 226, width, generator=g), "negative": torch.randn(1, 226, width, generator=g)},
-              base / "input" / "text.safetensors")
-    save_identity(random_identity(Checkpoint.open(folder).transformer_config, 3), base / "input" / "identity.safetensors")
+    pack_and_inputs(base, Checkpoint.open(folder).transformer_config)
     return base
 
 
@@ -82,7 +71,7 @@ def _unet(name: str) -> dict:
     return {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{name}_transformer.safetensors",
                                                             "weight_dtype": "default"}},
             "model": {"class_type": "ConsisIDFaceModules",
-                      "inputs": {"model": ["unet", 0], "face_modules": f"{name}_face.safetensors"}}}
+                      "inputs": {"model": ["unet", 0], "face_layers": f"{name}_face.safetensors"}}}
 
 
 def _loader(quantize: str) -> dict:

@@ -238,7 +238,8 @@ def test_frames_equal_one_process(one_process, tiny_dir, tiny_kps_dir, tmp_path,
 def test_command_line(tiny_dir, tmp_path):
     """`torchrun … -m consisid_core generate --parallel --face PHOTO`: rank 0 alone runs the face
     models and the T5 and sends the results on; it writes the frames of the one-process command
-    (PNG, so within one step of 8 bits), and nothing else is left."""
+    (PNG, so within one step of 8 bits), and nothing else is left. Rank 0 alone says what every rank
+    would (an old option's spelling, the frames written)."""
     import numpy as np
     from PIL import Image
 
@@ -249,8 +250,9 @@ def test_command_line(tiny_dir, tmp_path):
     out = tmp_path / "parallel"
     common = ["--model", str(tiny_dir), "--face", str(photo), "--prompt", "an astronaut smiling", "--steps", str(STEPS),
               "--seed", "5", "--dynamic-cfg"]
-    done = _torchrun(2, "-m", "consisid_core", "generate", *common, "--parallel", "cfg=2", "--out", str(out))
-    assert done.stderr.count("wrote 9 frames") == 1  # rank 0 alone logs it
+    done = _torchrun(2, "-m", "consisid_core", "generate", *common, "--guidance", "6", "--parallel", "cfg=2",
+                     "--out", str(out))
+    assert done.stderr.count("wrote 9 frames") == 1 and done.stderr.count("--guidance is now --cfg") == 1
     assert cli.main(["generate", *common, "--out", str(tmp_path / "single")]) == 0
     ours = sorted(out.iterdir())
     assert [p.name for p in ours] == [p.name for p in sorted((tmp_path / "single").iterdir())]

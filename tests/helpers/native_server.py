@@ -5,6 +5,7 @@ a full-size T5-XXL); the graph pieces the native tests share."""
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +26,7 @@ SIZE = dict(width=96, height=64, length=9)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, native_tiny_dir):
     from consisid_core.checkpoint import Checkpoint
-    from consisid_core.identity import save_identity
     from consisid_core.native import export, export_lora
-    from consisid_core.tiny import random_identity
 
     base = tmp_path_factory.mktemp("comfy_native")
     tiny = base / "models" / "consisid" / CHECKPOINT
@@ -41,22 +40,32 @@ def base(tmp_path_factory, native_tiny_dir):
     modules = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0")
     write_lora(base / "models" / "loras" / "style.safetensors", transformer, modules, 1)  # for ConsisID Native LoRA
     export_lora(base / "models" / "loras" / "style.safetensors", base / "models" / "loras" / "style_comfy.safetensors")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
+    pack_and_inputs(base, Checkpoint.open(tiny).transformer_config)
     if GGUF_PACK:
         shutil.copytree(GGUF_PACK, base / "custom_nodes" / "ComfyUI-GGUF")
         exported = base / "models" / "diffusion_models" / "tiny_transformer.safetensors"
         write_q8_gguf(exported, base / "models" / "diffusion_models" / "tiny_q8_cogvideox.gguf", "cogvideox")
         write_q8_gguf(exported, base / "models" / "diffusion_models" / "tiny_q8_as_wan.gguf", "wan")
-    (base / "custom_nodes" / "consisid_test_text").mkdir()
+    return base
+
+
+def pack_and_inputs(base: Path, config: dict) -> None:
+    """Under `base`: the pack and the test-only text node as custom nodes; the input, user and
+    output folders; in input/, the text embeddings the text node reads and an identity
+    (`identity.safetensors`) for a transformer of `config`."""
+    from consisid_core.identity import save_identity
+    from consisid_core.tiny import random_identity
+
+    (base / "custom_nodes" / "consisid_test_text").mkdir(parents=True)
+    (base / "custom_nodes" / "consisid").symlink_to(ROOT, target_is_directory=True)
     (base / "custom_nodes" / "consisid_test_text" / "__init__.py").write_text(TEXT_NODE)
     for folder in ("input", "user", "output"):
         (base / folder).mkdir()
     g = torch.Generator().manual_seed(0)
-    save_file({"positive": torch.randn(1, 226, 32, generator=g), "negative": torch.randn(1, 226, 32, generator=g)},
+    width = config["text_embed_dim"]
+    save_file({"positive": torch.randn(1, 226, width, generator=g), "negative": torch.randn(1, 226, width, generator=g)},
               base / "input" / "text.safetensors")
-    save_identity(random_identity(Checkpoint.open(tiny).transformer_config, 3), base / "input" / "identity.safetensors")
-    return base
+    save_identity(random_identity(config, 3), base / "input" / "identity.safetensors")
 
 
 TEXT_NODE = '''
@@ -110,7 +119,7 @@ NATIVE_LOADER = {"model": {"class_type": "ConsisIDNativeModelLoader",
 UNET_AND_FACE = {
     "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_transformer.safetensors", "weight_dtype": "default"}},
     "model": {"class_type": "ConsisIDFaceModules",
-              "inputs": {"model": ["unet", 0], "face_modules": "tiny_face.safetensors"}},
+              "inputs": {"model": ["unet", 0], "face_layers": "tiny_face.safetensors"}},
 }
 
 

@@ -519,7 +519,7 @@ def check(workflow: dict, specs: dict, dynamic=("LoadImage", "CLIPLoader", "Upsc
             if kind == "COMBO":
                 choices = _combo_options(spec, name)
                 is_model_list = node["type"] in dynamic or (node["type"].startswith("ConsisID") and name in (
-                    "face_encoder", "model", "vae", "identity_file", "lora_name", "face_modules"))
+                    "face_encoder", "model", "vae", "identity_file", "lora_name", "face_layers"))
                 if not is_model_list and value not in choices:
                     problems.append(f"{where}: {name}={value!r} is not one of {choices}")
             elif kind == "BOOLEAN" and not isinstance(value, bool):

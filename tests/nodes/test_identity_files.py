@@ -1,28 +1,24 @@
-"""The nodes against hostile inputs: names that lead out of their folders, files planted outside
-them, values beyond what a node declares. Each is refused in one line that names the value and
-the fix, before any work, and nothing is read or written outside the folders."""
+"""nodes/identity_files.py: Save and Load Identity round trip, and their refusals of names that lead
+out of the input and output folders, of links, and of races, in one line that names the value and
+the fix, with nothing read or written outside the folders."""
 
-import math
 import os
+import shutil
 import sys
-import time
 
 import pytest
 import torch
 
-from workflow_tools import import_pack  # noqa: E402
+from node_tools import identity_bytes, one_line, refusal, snapshot
+from workflow_tools import import_pack
 
-pack = import_pack()
-from consisid_pack.consisid_core.errors import ConsisIDError, FaceError, IdentityError  # noqa: E402
+import_pack()
+from consisid_pack.consisid_core.errors import ConsisIDError, IdentityError  # noqa: E402
 from consisid_pack.consisid_core.files import shown  # noqa: E402
-from consisid_pack.consisid_core.identity import save_identity  # noqa: E402
 from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
-from consisid_pack.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
-from consisid_pack.nodes import folders  # noqa: E402
+from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
-SAVE, LOAD = NODES["ConsisIDSaveIdentity"], NODES["ConsisIDLoadIdentity"]
-LOADER, SAMPLER, DECODE = NODES["ConsisIDModelLoader"], NODES["ConsisIDSampler"], NODES["ConsisIDVAEDecode"]
-FACE_LOADER, FACE_EMBED = NODES["ConsisIDFaceModelsLoader"], NODES["ConsisIDFaceEmbed"]
+SAVE, LOAD = NODE_CLASS_MAPPINGS["ConsisIDSaveIdentity"], NODE_CLASS_MAPPINGS["ConsisIDLoadIdentity"]
 
 
 @pytest.fixture
@@ -30,48 +26,38 @@ def model(tiny_model):
     return tiny_model
 
 
-@pytest.fixture
-def calls(model):
-    """The names of the model's parts run meanwhile: transformer, VAE encoder and decoder (their
-    forward pre-hooks), to see that a refusal comes before any of them."""
-    seen: list[str] = []
-    parts = {"transformer": model.transformer, "vae encoder": model.vae.encoder, "vae decoder": model.vae.decoder}
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n)) for name, m in parts.items()]
-    yield seen
-    for handle in handles:
-        handle.remove()
+@pytest.mark.slow
+def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
+    from consisid_core.tiny import random_identity
 
+    n = NODE_CLASS_MAPPINGS
+    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
+    identity = random_identity(model.config, seed=2)
+    result = n["ConsisIDSaveIdentity"]().save(identity, "people/me")
+    saved = home / "output" / "people" / "me_00001_.safetensors"
+    assert saved.is_file() and result["ui"]["text"] == [saved.name]
+    n["ConsisIDSaveIdentity"]().save(identity, "people/me")
+    assert (home / "output" / "people" / "me_00002_.safetensors").is_file()
 
-def one_line(message) -> str:
-    """A message as ComfyUI shows it: text, on one line, no control characters, no traceback."""
-    assert isinstance(message, str) and message.strip(), message
-    assert all(c.isprintable() for c in message), repr(message)
-    assert "Traceback" not in message
-    return message
+    shutil.copy(saved, home / "input" / "me.safetensors")
+    loader = n["ConsisIDLoadIdentity"]
+    assert loader.INPUT_TYPES()["required"]["identity_file"][0] == ["me.safetensors"]
+    assert "is not one of the identity files in the input folder" in loader.VALIDATE_INPUTS("gone.safetensors")
+    loaded, face = loader().load("me.safetensors")
+    assert torch.equal(loaded.id_cond, identity.id_cond)
+    assert face.shape == (1, 64, 64, 3)
 
+    width = model.config.text_embed_dim
+    from consisid_core.text import TextEmbeddings
 
-def refusal(error: type[Exception], call, *args, **kwargs) -> str:
-    with pytest.raises(error) as info:
-        call(*args, **kwargs)
-    return one_line(str(info.value))
-
-
-def snapshot(root) -> dict[str, tuple]:
-    """Every entry under `root` (links not followed) with its kind, size and modification time."""
-    entries = {}
-    for folder, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = os.path.join(folder, name)
-            stat = os.lstat(path)
-            entries[os.path.relpath(path, root)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
-    return entries
-
-
-def identity_bytes(tmp_path, identity) -> bytes:
-    made = tmp_path / "made"
-    made.mkdir(exist_ok=True)
-    path = save_identity(identity, made / f"{len(list(made.iterdir()))}.safetensors")
-    return path.read_bytes()
+    text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))
+    sampler = n["ConsisIDSampler"]()
+    args = (model, loaded, text, 1, 2, 6.0, False, "ddim", 9, 96, 64, 1.0)
+    default = sampler.sample(*args)[0]["samples"]
+    from_face = sampler.sample(*args, start_image=face)[0]["samples"]
+    assert torch.equal(default, from_face)  # the face is the default first frame
+    other = sampler.sample(*args, start_image=torch.rand(2, 64, 64, 3))[0]["samples"]
+    assert not torch.equal(default, other)
 
 
 def test_the_sentinel_witnesses_see_a_read(tmp_path, sentinels, identity):
@@ -262,171 +248,3 @@ def test_save_identity_turns_file_system_errors_into_one_line(home, tmp_path, id
     assert message.startswith("cannot write ")
     assert ("File name too long" if case == "name too long" else "File exists") in message
     assert snapshot(tmp_path) == before
-
-
-# ---------------------------------------------------------------------------------------------
-# Model loaders
-
-
-def test_model_loader_takes_only_listed_files(home, tmp_path, sentinels, tiny_dir):
-    vae_bytes = (tiny_dir / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
-    sentinel = sentinels.make("sentinel.safetensors", vae_bytes)  # a VAE that would load
-    vae_dir = home / "models" / "vae"
-    to_sentinel = os.path.relpath(sentinel, vae_dir)
-    assert (vae_dir / to_sentinel).is_file()
-    single, before = "diffusion_models/tiny.safetensors", snapshot(tmp_path)
-
-    for model_name in ("../x", "diffusion_models/../../x.safetensors", "/abs/x", "tiny\n"):
-        message = one_line(LOADER.VALIDATE_INPUTS(model=model_name, vae="tiny.safetensors"))
-        assert message == (
-            f"model '{shown(model_name)}' is not one of the choices; pick one from the list (refresh it after adding files)"
-        )
-    for vae in ("../../sentinel.safetensors", to_sentinel, str(sentinel)):
-        message = one_line(LOADER.VALIDATE_INPUTS(model=single, vae=vae))
-        assert message == f"vae '{vae}' is not one of the choices; pick one from the list (refresh it after adding files)"
-        # and where VALIDATE_INPUTS is skipped (the node called by a script): the folder check
-        message = refusal(ConsisIDError, folders.file_path, "vae", vae)
-        assert message.startswith(f"'{vae}' is not a file name inside the models/vae folder")
-        assert refusal(ConsisIDError, LOADER().load, single, vae, "fp32", False).startswith(f"'{vae}' is not a file name")
-    climbing = "diffusion_models/../../x.safetensors"
-    message = refusal(ConsisIDError, LOADER().load, climbing, "tiny.safetensors", "fp32", False)
-    assert message.startswith("'../../x.safetensors' is not a file name inside the models/diffusion_models folder")
-    message = refusal(FileNotFoundError, LOADER().load, "../tiny", "(from checkpoint)", "fp32", False)
-    assert message == "checkpoint '../tiny' is not in models/consisid or models/diffusers; refresh the list"
-    assert snapshot(tmp_path) == before
-
-    # what is listed works
-    assert LOADER.VALIDATE_INPUTS(model=single, vae="tiny.safetensors") is True
-    assert folders.file_path("vae", "tiny.safetensors") == vae_dir / "tiny.safetensors"
-    (loaded,) = LOADER().load(single, "tiny.safetensors", "fp32", False)
-    assert loaded.vae.config.latent_channels == 4
-
-
-def test_face_models_loader_refuses_an_unknown_face_encoder(home):
-    assert FACE_LOADER.INPUT_TYPES()["required"]["face_encoder"][0] == ["tiny"]
-    for name in ("nope", "../tiny", "tiny/../../tiny", "tiny\n"):
-        message = refusal(FileNotFoundError, FACE_LOADER().load, name, "cpu", "cpu")
-        assert message == (
-            f"face encoder '{shown(name)}' is not in models/consisid; put the ConsisID checkpoint "
-            "(with its face_encoder/ folder) there and refresh"
-        )
-
-
-def test_face_embed_refuses_an_empty_or_broken_image(home):
-    (face_models,) = FACE_LOADER().load("tiny", "cpu", "cpu")
-    message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(0, 64, 64, 3), face_models, -1)
-    assert message == ("the image input (float32 [0, 64, 64, 3]) is not an IMAGE: a float batch [images, height, "
-                       "width, channels] with at least one pixel and 1 to 4 channels; connect a photo (Load Image)")
-    message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(64, 64, 3), face_models, -1)
-    assert message.startswith("the image input (float32 [64, 64, 3]) is not an IMAGE")
-    image = torch.rand(1, 32, 32, 3)
-    image[0, 3, 4, 0] = math.nan
-    message = refusal(FaceError, FACE_EMBED().embed, image, face_models, -1)
-    assert message == "the image input holds NaN or infinite pixels; connect a photo (Load Image)"
-    message = refusal(FaceError, FACE_EMBED().embed, torch.zeros(1, 1, 1, 3), face_models, -1)  # (the tiny detector's answer)
-    assert message.startswith("no face found in the input image (1×1 after resizing): use a clearer")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampler and VAE Decode
-
-
-@pytest.mark.parametrize(
-    "values, says",
-    [
-        (dict(length=100001), "length 100001 must be a whole number from 1 to 1025"),
-        (dict(length=10**400), f"length {'1' + '0' * 119}… must be a whole number from 1 to 1025"),
-        (dict(length=49.5), "length 49.5 must be a whole number from 1 to 1025"),
-        (dict(length="49"), "length 49 must be a whole number from 1 to 1025"),
-        (dict(length=True), "length True must be a whole number from 1 to 1025"),
-        (dict(length=50), "length 50 must be 4·k + 1 (49 for ConsisID; e.g. 49)"),
-        (dict(width=100000), "width 100000 must be a whole number from 16 to 4096"),
-        (dict(width=math.nan), "width nan must be a whole number from 16 to 4096"),
-        (dict(width=720.5), "width 720.5 must be a whole number from 16 to 4096"),
-        (dict(width=-math.inf), "width -inf must be a whole number from 16 to 4096"),
-        (dict(height=-480), "height -480 must be a whole number from 16 to 4096"),
-        (dict(height=10**400), f"height {'1' + '0' * 119}… must be a whole number from 16 to 4096"),
-    ],
-)
-def test_sampler_validation_refuses_sizes_beyond_the_declared(values, says):
-    assert SAMPLER.VALIDATE_INPUTS(length=49, width=720, height=480) is True
-    assert one_line(SAMPLER.VALIDATE_INPUTS(**{"length": 49, "width": 720, "height": 480, **values})) == says
-
-
-def sample_args(model, identity, text, **changes) -> dict:
-    args = dict(
-        model=model, identity=identity, text=text, seed=1, steps=1, cfg=6.0, dynamic_cfg=False,
-        scheduler="dpm", length=9, width=96, height=64, identity_strength=1.0,
-    )
-    return {**args, **changes}
-
-
-def nan_image() -> torch.Tensor:
-    image = torch.rand(1, 64, 96, 3)
-    image[0, 10, 10, 1] = math.nan
-    return image
-
-
-@pytest.mark.parametrize(
-    "changes, says",
-    [
-        (dict(cfg=math.nan), "cfg nan must be a finite number from 0 to 100"),
-        (dict(cfg=math.inf), "cfg inf must be a finite number from 0 to 100"),
-        (dict(cfg=-1.0), "cfg -1.0 must be a finite number from 0 to 100"),
-        (dict(identity_strength=math.nan), "identity strength nan must be a finite number from 0 to 10"),
-        (dict(identity_strength=11.0), "identity strength 11.0 must be a finite number from 0 to 10"),
-        (dict(seed=-1), "seed -1 must be a whole number from 0 to "),
-        (dict(seed=2**64), f"seed {2**64} must be a whole number from 0 to "),
-        (dict(steps=0), "steps 0 must be a whole number from 1 to 1000"),
-        (dict(steps=5000), "steps 5000 must be a whole number from 1 to 1000"),
-        (dict(length=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its trained 9); "
-                          "pass allow_oversize"),
-        (dict(length=401), "frame count 401 is over this checkpoint's maximum of 72"),
-        (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),
-        (dict(length=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
-        (dict(start_image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
-        (dict(start_image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
-        (dict(start_image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
-    ],
-)
-def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):
-    start = time.perf_counter()
-    message = refusal(ConsisIDError, SAMPLER().sample, **sample_args(model, identity, text, **changes))
-    assert message.startswith(says)
-    assert calls == [] and time.perf_counter() - start < 5
-
-
-@pytest.mark.slow
-def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
-    """The counterpart of the refusals: 73 frames with allow_oversize, and the hooks see the work."""
-    (latent,) = SAMPLER().sample(**sample_args(model, identity, text, length=73), allow_oversize=True)
-    assert latent["samples"].shape == (1, 4, 19, 8, 12)
-    assert "transformer" in calls and "vae encoder" in calls
-
-
-@pytest.mark.parametrize(
-    "latent, says",
-    [
-        ({"samples": torch.zeros(1, 4, 8, 12)},
-         "this LATENT (float32 [1, 4, 8, 12]) is not a video latent [batch, channels, frames, h, w] of 4 channels "
-         "with a frame in it: connect the LATENT of ConsisID Sampler"),
-        ({"samples": torch.zeros(1, 16, 3, 8, 12)}, "this LATENT (float32 [1, 16, 3, 8, 12]) is not a video latent"),
-        ({"samples": torch.zeros(0, 4, 3, 8, 12)}, "this LATENT (float32 [0, 4, 3, 8, 12]) is not a video latent"),
-        ({"samples": torch.zeros(1, 4, 3, 8, 12, dtype=torch.int64)}, "this LATENT (int64 [1, 4, 3, 8, 12]) is not"),
-        ({"samples": torch.full((1, 4, 3, 8, 12), math.nan)},
-         "the LATENT: 'samples' holds NaN values: the sampling diverged; most often half-precision (fp16) weights"),
-        ({"samples": torch.full((1, 4, 3, 8, 12), -math.inf)}, "the LATENT: 'samples' holds infinite values"),
-        ({}, "this LATENT (NoneType) is not a video latent"),
-        ({"samples": [[0.0]]}, "this LATENT (list) is not a video latent"),
-        ("not a latent", "this LATENT (str) is not a video latent"),
-    ],
-)
-def test_vae_decode_refuses_what_is_not_a_consisid_latent(model, calls, latent, says):
-    message = refusal(ConsisIDError, DECODE().decode, model, latent, False, 240, 360, 40, 72, False)
-    assert message.startswith(says)
-    assert calls == []
-
-
-def test_vae_decode_of_a_good_latent_runs_the_decoder(model, calls):
-    (frames,) = DECODE().decode(model, {"samples": torch.zeros(1, 4, 1, 8, 12)}, False, 240, 360, 40, 72, False)
-    assert frames.shape == (1, 64, 96, 3) and set(calls) == {"vae decoder"}

@@ -1,78 +1,39 @@
-"""The nodes outside ComfyUI: declarations ComfyUI's loader accepts, and a whole graph run by hand."""
+"""nodes/sampling.py: ConsisID Sampler and Performance outside ComfyUI: a whole graph run by hand
+equals the core, each check runs once, and bad values are refused in one line before any work."""
 
-import inspect
-import shutil
+import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from workflow_tools import import_pack  # noqa: E402
+from node_tools import one_line, parts_called, refusal
+from workflow_tools import import_pack
 
-pack = import_pack()
-from consisid_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+import_pack()
+from consisid_pack.consisid_core.errors import ConsisIDError  # noqa: E402
+from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
-EXPECTED = {
-    "ConsisIDFaceModelsLoader", "ConsisIDFaceEmbed", "ConsisIDSaveIdentity", "ConsisIDLoadIdentity",
-    "ConsisIDModelLoader", "ConsisIDTextEncode", "ConsisIDSampler", "ConsisIDPerformance", "ConsisIDVAEDecode",
-    "ConsisIDIdentityScore", "ConsisIDExtend", "ConsisIDLoRA",
-    "ConsisIDNativeModelLoader", "ConsisIDFaceModules", "ConsisIDTextConditioning", "ConsisIDIdentityConditioning",
-    "ConsisIDNoise", "ConsisIDDPMSampler", "ConsisIDDynamicCFG", "ConsisIDNativeLoRA", "ConsisIDNativeVAEDecode",
-    "ConsisIDStepCache", "ConsisIDSeed", "ConsisIDAppendSegment",
-}
+SAMPLER = NODE_CLASS_MAPPINGS["ConsisIDSampler"]
 
 
-def test_the_pack_registers_nothing_outside_comfyui():
-    assert pack.NODE_CLASS_MAPPINGS == {}
+@pytest.fixture
+def model(tiny_model):
+    return tiny_model
 
 
-def test_every_node_is_declared_as_comfyui_expects(home):
-    assert set(NODE_CLASS_MAPPINGS) == EXPECTED == set(NODE_DISPLAY_NAME_MAPPINGS)
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        assert name.startswith("ConsisID")
-        assert NODE_DISPLAY_NAME_MAPPINGS[name] == cls.DISPLAY_NAME and cls.DISPLAY_NAME.startswith("ConsisID ")
-        assert cls.CATEGORY == "ConsisID"
-        assert cls.DESCRIPTION.strip()
-        spec = cls.INPUT_TYPES()
-        assert set(spec) <= {"required", "optional", "hidden"} and "required" in spec
-        inputs = {}
-        for group in spec.values():
-            for input_name, declaration in group.items():
-                kind, options = declaration
-                assert isinstance(kind, (str, list)), (name, input_name)
-                assert options.get("tooltip"), (name, input_name)
-                if isinstance(kind, list) and "default" in options:
-                    assert options["default"] in kind, (name, input_name)
-                inputs[input_name] = declaration
-        function = getattr(cls, cls.FUNCTION)
-        params = inspect.signature(function).parameters
-        assert set(params) - {"self"} == set(inputs), name
-        assert isinstance(cls.RETURN_TYPES, tuple)
-        for attr in ("RETURN_NAMES", "OUTPUT_TOOLTIPS", "OUTPUT_IS_LIST"):
-            if hasattr(cls, attr):
-                assert len(getattr(cls, attr)) == len(cls.RETURN_TYPES), (name, attr)
-        if hasattr(cls, "VALIDATE_INPUTS"):
-            assert set(inspect.signature(cls.VALIDATE_INPUTS).parameters) <= set(inputs), name
-        assert cls.RETURN_TYPES or getattr(cls, "OUTPUT_NODE", False), name
+@pytest.fixture
+def calls(model):
+    with parts_called(model) as seen:
+        yield seen
 
 
-def test_model_lists_come_from_the_model_folders(home):
-    models = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"].INPUT_TYPES()["required"]
-    assert models["model"][0] == ["tiny", "diffusion_models/tiny.safetensors"]
-    assert models["vae"][0] == ["(from checkpoint)", "tiny.safetensors"]
-    faces = NODE_CLASS_MAPPINGS["ConsisIDFaceModelsLoader"].INPUT_TYPES()["required"]
-    assert faces["face_encoder"][0] == ["tiny"]
-
-
-def test_validation_messages_name_the_value_and_the_fix(home):
+def test_sampler_validation_names_the_value_and_the_fix(home):
     sampler = NODE_CLASS_MAPPINGS["ConsisIDSampler"]
     assert sampler.VALIDATE_INPUTS(length=49, width=720, height=480) is True
     assert "length 50 must be 4·k + 1" in sampler.VALIDATE_INPUTS(length=50, width=720, height=480)
     assert "width 100 must be a positive multiple of 16" in sampler.VALIDATE_INPUTS(length=49, width=100, height=480)
-    loader = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]
-    single = "diffusion_models/tiny.safetensors"
-    assert "pick the CogVideoX VAE" in loader.VALIDATE_INPUTS(model=single, vae="(from checkpoint)")
-    assert loader.VALIDATE_INPUTS(model=single, vae="tiny.safetensors") is True
 
 
 def _image(array: np.ndarray) -> torch.Tensor:
@@ -103,69 +64,6 @@ def test_a_whole_graph_equals_the_core(home, tiny_dir):
     core_identity = extract_identity(load_face_models(tiny_dir / "face_encoder"), photo).identity
     expected = generate(core_model, core_identity, "an astronaut smiling", "blurry", steps=3, seed=42)
     assert (frames - expected).abs().max().item() <= 1e-5
-
-
-@pytest.mark.slow
-def test_identity_files_round_trip_and_first_frame_input(home, tiny_dir):
-    from consisid_core.tiny import random_identity
-
-    n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
-    identity = random_identity(model.config, seed=2)
-    result = n["ConsisIDSaveIdentity"]().save(identity, "people/me")
-    saved = home / "output" / "people" / "me_00001_.safetensors"
-    assert saved.is_file() and result["ui"]["text"] == [saved.name]
-    n["ConsisIDSaveIdentity"]().save(identity, "people/me")
-    assert (home / "output" / "people" / "me_00002_.safetensors").is_file()
-
-    shutil.copy(saved, home / "input" / "me.safetensors")
-    loader = n["ConsisIDLoadIdentity"]
-    assert loader.INPUT_TYPES()["required"]["identity_file"][0] == ["me.safetensors"]
-    assert "is not one of the identity files in the input folder" in loader.VALIDATE_INPUTS("gone.safetensors")
-    loaded, face = loader().load("me.safetensors")
-    assert torch.equal(loaded.id_cond, identity.id_cond)
-    assert face.shape == (1, 64, 64, 3)
-
-    width = model.config.text_embed_dim
-    from consisid_core.text import TextEmbeddings
-
-    text = TextEmbeddings(torch.zeros(1, 226, width), torch.ones(1, 226, width))
-    sampler = n["ConsisIDSampler"]()
-    args = (model, loaded, text, 1, 2, 6.0, False, "ddim", 9, 96, 64, 1.0)
-    default = sampler.sample(*args)[0]["samples"]
-    from_face = sampler.sample(*args, start_image=face)[0]["samples"]
-    assert torch.equal(default, from_face)  # the face is the default first frame
-    other = sampler.sample(*args, start_image=torch.rand(2, 64, 64, 3))[0]["samples"]
-    assert not torch.equal(default, other)
-
-
-def test_single_file_model_and_a_vae_file(home):
-    n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("diffusion_models/tiny.safetensors", "tiny.safetensors", "bf16", True)
-    assert model.checkpoint is None and model.transformer.dtype == torch.bfloat16
-    from consisid_pack.consisid_core.errors import ConsisIDError
-
-    with pytest.raises(ConsisIDError, match="no T5 text encoder of its own: .* CLIPLoader"):
-        n["ConsisIDTextEncode"]().encode("x", "", model=model)
-    (with_vae,) = n["ConsisIDModelLoader"]().load("tiny", "tiny.safetensors", "fp32", False)
-    assert with_vae.checkpoint is not None
-
-
-def test_text_encode_needs_a_model_or_a_clip():
-    from consisid_pack.consisid_core.errors import ConsisIDError
-
-    with pytest.raises(ConsisIDError, match="connect a ConsisID model .* or a CLIP"):
-        NODE_CLASS_MAPPINGS["ConsisIDTextEncode"]().encode("x", "")
-
-
-@pytest.mark.slow
-def test_tiled_decode_node(home):
-    n = NODE_CLASS_MAPPINGS
-    (model,) = n["ConsisIDModelLoader"]().load("tiny", "(from checkpoint)", "fp32", False)
-    latent = {"samples": torch.randn(1, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))}
-    plain = n["ConsisIDVAEDecode"]().decode(model, latent, False, 32, 48, 16, False, 16)[0]
-    tiled = n["ConsisIDVAEDecode"]().decode(model, latent, True, 32, 48, 16, True, 16)[0]
-    assert plain.shape == tiled.shape == (9, 64, 96, 3)
 
 
 @pytest.mark.slow
@@ -209,3 +107,76 @@ def test_the_sampler_checks_its_run_once(home, counted_calls):
         model, random_identity(model.config), text, 1, 1, 6.0, False, "ddim", 9, 96, 64, 1.0)
     assert counted_calls == {"resolve_size": 1, "check_steps": 1, "check_seed": 1, "check_compatible": 1, "check_options": 1,
                      "check_sampling_fits": 1}
+
+
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        (dict(length=100001), "length 100001 must be a whole number from 1 to 1025"),
+        (dict(length=10**400), f"length {'1' + '0' * 119}… must be a whole number from 1 to 1025"),
+        (dict(length=49.5), "length 49.5 must be a whole number from 1 to 1025"),
+        (dict(length="49"), "length 49 must be a whole number from 1 to 1025"),
+        (dict(length=True), "length True must be a whole number from 1 to 1025"),
+        (dict(length=50), "length 50 must be 4·k + 1 (49 for ConsisID; e.g. 49)"),
+        (dict(width=100000), "width 100000 must be a whole number from 16 to 4096"),
+        (dict(width=math.nan), "width nan must be a whole number from 16 to 4096"),
+        (dict(width=720.5), "width 720.5 must be a whole number from 16 to 4096"),
+        (dict(width=-math.inf), "width -inf must be a whole number from 16 to 4096"),
+        (dict(height=-480), "height -480 must be a whole number from 16 to 4096"),
+        (dict(height=10**400), f"height {'1' + '0' * 119}… must be a whole number from 16 to 4096"),
+    ],
+)
+def test_sampler_validation_refuses_sizes_beyond_the_declared(values, says):
+    assert SAMPLER.VALIDATE_INPUTS(length=49, width=720, height=480) is True
+    assert one_line(SAMPLER.VALIDATE_INPUTS(**{"length": 49, "width": 720, "height": 480, **values})) == says
+
+
+def sample_args(model, identity, text, **changes) -> dict:
+    args = dict(
+        model=model, identity=identity, text=text, seed=1, steps=1, cfg=6.0, dynamic_cfg=False,
+        scheduler="dpm", length=9, width=96, height=64, identity_strength=1.0,
+    )
+    return {**args, **changes}
+
+
+def nan_image() -> torch.Tensor:
+    image = torch.rand(1, 64, 96, 3)
+    image[0, 10, 10, 1] = math.nan
+    return image
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        (dict(cfg=math.nan), "cfg nan must be a finite number from 0 to 100"),
+        (dict(cfg=math.inf), "cfg inf must be a finite number from 0 to 100"),
+        (dict(cfg=-1.0), "cfg -1.0 must be a finite number from 0 to 100"),
+        (dict(identity_strength=math.nan), "identity strength nan must be a finite number from 0 to 10"),
+        (dict(identity_strength=11.0), "identity strength 11.0 must be a finite number from 0 to 10"),
+        (dict(seed=-1), "seed -1 must be a whole number from 0 to "),
+        (dict(seed=2**64), f"seed {2**64} must be a whole number from 0 to "),
+        (dict(steps=0), "steps 0 must be a whole number from 1 to 1000"),
+        (dict(steps=5000), "steps 5000 must be a whole number from 1 to 1000"),
+        (dict(length=73), "frame count 73 is over this checkpoint's maximum of 72 per pass (8 × its trained 9); "
+                          "pass allow_oversize"),
+        (dict(length=401), "frame count 401 is over this checkpoint's maximum of 72"),
+        (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),
+        (dict(length=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
+        (dict(start_image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
+        (dict(start_image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
+        (dict(start_image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
+    ],
+)
+def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):
+    start = time.perf_counter()
+    message = refusal(ConsisIDError, SAMPLER().sample, **sample_args(model, identity, text, **changes))
+    assert message.startswith(says)
+    assert calls == [] and time.perf_counter() - start < 5
+
+
+@pytest.mark.slow
+def test_sampler_oversize_runs_when_allowed(model, identity, text, calls):
+    """The counterpart of the refusals: 73 frames with allow_oversize, and the hooks see the work."""
+    (latent,) = SAMPLER().sample(**sample_args(model, identity, text, length=73), allow_oversize=True)
+    assert latent["samples"].shape == (1, 4, 19, 8, 12)
+    assert "transformer" in calls and "vae encoder" in calls

@@ -1,0 +1,57 @@
+"""Shared by the tests of the nodes outside ComfyUI: a refusal as ComfyUI shows it (one line), the
+state of a folder before and after, identity files in bytes, and which model parts ran."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from consisid_core.identity import save_identity
+
+
+def one_line(message) -> str:
+    """A message as ComfyUI shows it: text, on one line, no control characters, no traceback."""
+    assert isinstance(message, str) and message.strip(), message
+    assert all(c.isprintable() for c in message), repr(message)
+    assert "Traceback" not in message
+    return message
+
+
+def refusal(error: type[Exception], call, *args, **kwargs) -> str:
+    with pytest.raises(error) as info:
+        call(*args, **kwargs)
+    return one_line(str(info.value))
+
+
+def snapshot(root) -> dict[str, tuple]:
+    """Every entry under `root` (links not followed) with its kind, size and modification time."""
+    entries = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(folder, name)
+            stat = os.lstat(path)
+            entries[os.path.relpath(path, root)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
+    return entries
+
+
+def identity_bytes(tmp_path, identity) -> bytes:
+    made = tmp_path / "made"
+    made.mkdir(exist_ok=True)
+    path = save_identity(identity, made / f"{len(list(made.iterdir()))}.safetensors")
+    return path.read_bytes()
+
+
+@contextlib.contextmanager
+def parts_called(model):
+    """The names of the model's parts run meanwhile: transformer, VAE encoder and decoder (their
+    forward pre-hooks), to see that a refusal comes before any of them."""
+    seen: list[str] = []
+    parts = {"transformer": model.transformer, "vae encoder": model.vae.encoder, "vae decoder": model.vae.decoder}
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n)) for name, m in parts.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -55,3 +55,7 @@ def parts_called(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+NEEDS_COMFYUI = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")
+"""For a test (marked `comfyui`) that imports the ComfyUI in COMFYUI_DIR in-process (`native_tools.import_comfyui`)."""

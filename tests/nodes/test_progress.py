@@ -27,6 +27,7 @@ def test_the_preview_is_the_first_frames_three_channels_stretched_and_8x_up():
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow  # imports ComfyUI in-process: seconds
 @NEEDS_COMFYUI
 def test_inside_comfyui_updates_reach_the_bar_and_cancel_stops_the_next():
     import_comfyui()

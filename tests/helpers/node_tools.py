@@ -1,5 +1,6 @@
 """Shared by the tests of the nodes outside ComfyUI: a refusal as ComfyUI shows it (one line), the
-state of a folder before and after, identity files in bytes, and which model parts ran."""
+state of a folder before and after, identity files in bytes, and which model parts ran (the fixtures
+`model` and `calls`: import them into a test file to use them)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ def parts_called(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@pytest.fixture
+def model(tiny_model):
+    """The tiny model (conftest's), as the nodes' tests name it."""
+    return tiny_model
+
+
+@pytest.fixture
+def calls(model):
+    """`parts_called` for the length of a test."""
+    with parts_called(model) as seen:
+        yield seen
 
 
 NEEDS_COMFYUI = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")

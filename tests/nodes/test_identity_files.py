@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from node_tools import identity_bytes, one_line, refusal, snapshot
+from node_tools import identity_bytes, model, one_line, refusal, snapshot  # noqa: F401 (fixture)
 from workflow_tools import import_pack
 
 import_pack()
@@ -19,11 +19,6 @@ from consisid_pack.consisid_core.tiny import random_identity  # noqa: E402
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 SAVE, LOAD = NODE_CLASS_MAPPINGS["ConsisIDSaveIdentity"], NODE_CLASS_MAPPINGS["ConsisIDLoadIdentity"]
-
-
-@pytest.fixture
-def model(tiny_model):
-    return tiny_model
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from node_tools import one_line, parts_called, refusal
+from node_tools import calls, model, one_line, refusal  # noqa: F401 (fixtures)
 from workflow_tools import import_pack
 
 import_pack()
@@ -16,17 +16,6 @@ from consisid_pack.consisid_core.errors import ConsisIDError  # noqa: E402
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 SAMPLER = NODE_CLASS_MAPPINGS["ConsisIDSampler"]
-
-
-@pytest.fixture
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture
-def calls(model):
-    with parts_called(model) as seen:
-        yield seen
 
 
 def test_sampler_validation_names_the_value_and_the_fix(home):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from node_tools import parts_called, refusal
+from node_tools import calls, model, refusal  # noqa: F401 (fixtures)
 from workflow_tools import import_pack
 
 import_pack()
@@ -14,17 +14,6 @@ from consisid_pack.consisid_core.errors import ConsisIDError  # noqa: E402
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 DECODE = NODE_CLASS_MAPPINGS["ConsisIDVAEDecode"]
-
-
-@pytest.fixture
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture
-def calls(model):
-    with parts_called(model) as seen:
-        yield seen
 
 
 @pytest.mark.slow

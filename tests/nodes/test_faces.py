@@ -15,6 +15,7 @@ from consisid_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 FACE_LOADER, FACE_EMBED = NODE_CLASS_MAPPINGS["ConsisIDFaceModelsLoader"], NODE_CLASS_MAPPINGS["ConsisIDFaceEmbed"]
 
+
 def test_face_models_loader_refuses_an_unknown_face_encoder(home):
     assert FACE_LOADER.INPUT_TYPES()["required"]["face_encoder"][0] == ["tiny"]
     for name in ("nope", "../tiny", "tiny/../../tiny", "tiny\n"):

@@ -10,6 +10,7 @@ import_pack()
 from consisid_pack.consisid_core.errors import ConsisIDError  # noqa: E402
 from consisid_pack.nodes import NODE_CLASS_MAPPINGS, folders  # noqa: E402
 
+
 def test_model_lists_come_from_the_model_folders(home):
     models = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"].INPUT_TYPES()["required"]
     assert models["model"][0] == ["tiny", "diffusion_models/tiny.safetensors"]

@@ -17,6 +17,7 @@ from consisid_pack.nodes import folders  # noqa: E402
 
 LOADER = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]
 
+
 def test_loader_validation_names_the_value_and_the_fix(home):
     loader = NODE_CLASS_MAPPINGS["ConsisIDModelLoader"]
     single = "diffusion_models/tiny.safetensors"

@@ -1,6 +1,5 @@
-"""Shared by the tests of the nodes outside ComfyUI: a refusal as ComfyUI shows it (one line), the
-state of a folder before and after, identity files in bytes, and which model parts ran (the fixtures
-`model` and `calls`: import them into a test file to use them)."""
+"""Shared by the nodes' tests: one-line refusals, a folder's state, identity files in bytes, the model parts that
+ran (`parts_called`; the fixtures `model` and `calls`, imported into a test file)."""
 
 from __future__ import annotations
 

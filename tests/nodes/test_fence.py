@@ -1,6 +1,5 @@
-"""nodes/fence.py outside ComfyUI: every feature off and refused in one line, the assumptions' order,
-and the helpers `takes`, `castable`, `twin` and `t5_pairs` (each internal broken in a real ComfyUI:
-tests/test_comfyui_fence.py with tests/comfy_fence.py)."""
+"""nodes/fence.py outside ComfyUI: features off and refused in one line, the assumptions' order, `takes`,
+`castable`, `twin`, `t5_pairs` (each internal broken in a real ComfyUI: test_comfyui_fence.py, comfy_fence.py)."""
 
 import re
 

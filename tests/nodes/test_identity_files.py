@@ -1,6 +1,5 @@
-"""nodes/identity_files.py: Save and Load Identity round trip, and their refusals of names that lead
-out of the input and output folders, of links, and of races, in one line that names the value and
-the fix, with nothing read or written outside the folders."""
+"""nodes/identity_files.py: Save and Load Identity round trip; names leading out of the folders, links and
+races refused in one line naming the value and the fix, nothing read or written outside the folders."""
 
 import os
 import shutil

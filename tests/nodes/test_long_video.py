@@ -1,5 +1,5 @@
 """nodes/long_video.py: ConsisID Extend's declarations and its refusals of sizes and previous frames
-that cannot continue, before any work (whole extended runs: tests/test_segments.py)."""
+that cannot continue, before any work (whole extended runs: test_segments.py)."""
 
 import re
 

@@ -1,5 +1,5 @@
 """nodes/lora.py: ConsisID LoRA's list and refusals, and that it stacks a LoRA on a new model, the one
-it was given unchanged (merging and its frames: tests/test_lora.py, in ComfyUI: tests/test_comfyui_lora.py)."""
+it was given unchanged (merging and its frames: test_lora.py, in ComfyUI: test_comfyui_lora.py)."""
 
 import re
 

@@ -1,6 +1,5 @@
-"""nodes/managed.py: outside ComfyUI every function falls back to plain behaviour; in-process in ComfyUI
-a part is loaded by its model management and taken out again, and layers are rebuilt castable (GPU
-memory and partial loads: tests/comfy_gpu_memory.py, tests/comfy_partial_load.py)."""
+"""nodes/managed.py: plain fallbacks outside ComfyUI; in-process in ComfyUI a part loaded and taken out, layers
+rebuilt castable (GPU memory and partial loads: comfy_gpu_memory.py, comfy_partial_load.py)."""
 
 import pytest
 import torch

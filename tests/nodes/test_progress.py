@@ -1,5 +1,5 @@
 """nodes/progress.py: the latent preview's picture; inside ComfyUI (in-process) the bar's updates reach
-ComfyUI's progress hook and Cancel stops at the next update (Cancel in a served run: tests/test_comfyui.py)."""
+ComfyUI's progress hook and Cancel stops at the next update (Cancel in a served run: test_comfyui.py)."""
 
 import pytest
 import torch

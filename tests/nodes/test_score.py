@@ -1,5 +1,5 @@
 """nodes/score.py: ConsisID Identity Score's declarations, its refusal of frames that are not an IMAGE,
-and its outputs on frames without a face (scores against the official protocol: tests/test_score.py)."""
+and its outputs on frames without a face (scores against the official protocol: test_score.py)."""
 
 import re
 

@@ -1,5 +1,5 @@
 """nodes/text.py: ConsisID Text Encode with the checkpoint's own T5, a CLIP's tokens cut and padded to
-226 as diffusers' tokenizer, and what it needs (encoding with a real ComfyUI CLIP: tests/comfy_clip_parity.py)."""
+226 as diffusers' tokenizer, and what it needs (encoding with a real ComfyUI CLIP: comfy_clip_parity.py)."""
 
 import logging
 import re

@@ -1,6 +1,5 @@
-"""nodes/native/comfy_parts.py: the native path's assumptions and refusals outside ComfyUI, the reference
-noise, and in-process in ComfyUI whether the native features work (each internal broken:
-tests/test_comfyui_fence.py; sampling parity: tests/test_native_parity.py)."""
+"""nodes/native/comfy_parts.py: assumptions, refusals outside ComfyUI, the reference noise, the native features
+in-process in ComfyUI (each internal broken: test_comfyui_fence.py; parity: test_native_parity.py)."""
 
 import re
 

@@ -1,6 +1,5 @@
-"""nodes/native/long_video.py: ConsisID Append Segment joins a segment without its shared first frame,
-colour-matched on request, and refuses segments that cannot join (native long videos in ComfyUI:
-tests/test_native_features.py)."""
+"""nodes/native/long_video.py: Append Segment joins without the shared frame, colour-matched on request, and
+refuses segments that cannot join (native long videos in ComfyUI: test_native_features.py)."""
 
 import re
 

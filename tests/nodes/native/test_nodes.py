@@ -1,6 +1,5 @@
-"""nodes/native/nodes.py outside ComfyUI: the native nodes' lists and declared refusals, each node that
-needs ComfyUI's CogVideoX refusing in one line, ConsisID Text Conditioning and ConsisID Noise (the nodes
-in a real ComfyUI: tests/test_native_comfyui.py, tests/test_native_parity.py, tests/test_adversarial_native.py)."""
+"""nodes/native/nodes.py outside ComfyUI: lists, declared refusals, the one-line refusal without CogVideoX, Text
+Conditioning and Noise (in ComfyUI: test_native_comfyui.py, test_native_parity.py, test_adversarial_native.py)."""
 
 import re
 

@@ -1,5 +1,5 @@
 """nodes/native/seed.py: ConsisID Seed's declared refusals and, in-process in ComfyUI with native
-CogVideoX, its three outputs for one seed (their videos against the reference: tests/test_native_features.py)."""
+CogVideoX, its three outputs for one seed (their videos against the reference: test_native_features.py)."""
 
 import re
 

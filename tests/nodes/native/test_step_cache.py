@@ -1,5 +1,5 @@
 """nodes/native/step_cache.py: ConsisID Step Cache's declared threshold and its refusal outside ComfyUI
-(the cache on the native MODEL against the wrapper's TeaCache: tests/test_native_features.py)."""
+(the cache on the native MODEL against the wrapper's TeaCache: test_native_features.py)."""
 
 import math
 import re

@@ -88,13 +88,13 @@ def test_an_image_input_is_rgb_or_refused_naming_the_input_and_what_to_connect()
 
 
 def test_the_first_frame_is_the_first_image_of_a_batch_or_none(caplog):
-    assert first_image(None, "first-frame image") is None
+    assert first_image(None, "start_image") is None
     batch = torch.rand(2, 4, 5, 3)
     with caplog.at_level(logging.INFO):
-        picture = first_image(batch, "first-frame image")
+        picture = first_image(batch, "start_image")
     assert picture.dtype.name == "uint8" and picture.shape == (4, 5, 3)
     assert abs(picture.astype(float) / 255 - batch[0].numpy()).max() <= 1 / 255
-    assert "the first-frame image is a batch of 2; using its first image" in caplog.text
-    message = assert_refused(lambda: first_image(torch.full((1, 4, 5, 3), math.inf), "first-frame image"),
-                             "^the first-frame image holds NaN or infinite pixels", ConsisIDError)
+    assert "the start_image is a batch of 2; using its first image" in caplog.text
+    message = assert_refused(lambda: first_image(torch.full((1, 4, 5, 3), math.inf), "start_image"),
+                             "^the start_image holds NaN or infinite pixels", ConsisIDError)
     assert message.endswith(FIRST_FRAME_FIX)

@@ -25,14 +25,18 @@ def test_each_node_declares_the_new_names_and_not_the_old(node):
 def test_old_names_get_the_new_ones_and_nothing_else_changes():
     prompt = {"3": {"class_type": "ConsisIDSampler", "inputs": dict(SAMPLER)},
               "4": {"class_type": "KSampler", "inputs": {"cfg": 8.0, "image": ["7", 0]}},
-              "5": {"class_type": "ConsisIDExtend", "inputs": {"cfg": 5.0, "length": 13, "seed": 43}}}
+              "5": {"class_type": "ConsisIDExtend", "inputs": {"cfg": 5.0, "length": 13, "seed": 43}},
+              "6": {"class_type": "ConsisIDFaceModules", "inputs": {"model": ["1", 0], "face_modules": "a_face.safetensors"}}}
     untouched = copy.deepcopy({k: prompt[k] for k in ("4", "5")})
     said = old_names_renamed(prompt)
     assert prompt["3"]["inputs"] == {"seed": 42, "steps": 50, "cfg": 6.5, "length": 9, "start_image": ["7", 0],
                                      "model": ["1", 0]}
+    assert prompt["6"]["inputs"] == {"model": ["1", 0], "face_layers": "a_face.safetensors"}
     assert {k: prompt[k] for k in ("4", "5")} == untouched
     assert said == ["ConsisID: node 3 (ConsisIDSampler) uses old input names, taken as the new ones (guidance -> cfg, "
-                    "frames -> length, image -> start_image); save the workflow again to store the new names"]
+                    "frames -> length, image -> start_image); save the workflow again to store the new names",
+                    "ConsisID: node 6 (ConsisIDFaceModules) uses old input names, taken as the new ones (face_modules -> "
+                    "face_layers); save the workflow again to store the new names"]
 
 
 @pytest.mark.parametrize(

@@ -151,9 +151,9 @@ def nan_image() -> torch.Tensor:
         (dict(length=401), "frame count 401 is over this checkpoint's maximum of 72"),
         (dict(width=100000), "width 100000 is over this checkpoint's maximum of 384"),
         (dict(length=10), "frame count 10 does not fit this checkpoint: it must be 4·k + 1"),
-        (dict(start_image=nan_image()), "the first-frame image holds NaN or infinite pixels; connect a Load Image"),
-        (dict(start_image=torch.zeros(0, 64, 96, 3)), "the first-frame image (float32 [0, 64, 96, 3]) is not an IMAGE"),
-        (dict(start_image=torch.zeros(64, 96, 3)), "the first-frame image (float32 [64, 96, 3]) is not an IMAGE"),
+        (dict(start_image=nan_image()), "the start_image holds NaN or infinite pixels; connect a Load Image"),
+        (dict(start_image=torch.zeros(0, 64, 96, 3)), "the start_image (float32 [0, 64, 96, 3]) is not an IMAGE"),
+        (dict(start_image=torch.zeros(64, 96, 3)), "the start_image (float32 [64, 96, 3]) is not an IMAGE"),
     ],
 )
 def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):

@@ -37,10 +37,10 @@ def test_the_lists_are_the_model_folders_and_other_names_are_refused(home):
     loader, faces = NODES["ConsisIDNativeModelLoader"], NODES["ConsisIDFaceModules"]
     assert loader.INPUT_TYPES()["required"]["model"][0] == ["tiny", "diffusion_models/tiny.safetensors"]
     assert loader.VALIDATE_INPUTS(model="tiny") is True
-    assert faces.VALIDATE_INPUTS(face_modules="tiny.safetensors") is True
+    assert faces.VALIDATE_INPUTS(face_layers="tiny.safetensors") is True
     fix = "is not one of the choices; pick one from the list (refresh it after adding files)"
     assert loader.VALIDATE_INPUTS(model="../tiny") == f"model '../tiny' {fix}"
-    assert faces.VALIDATE_INPUTS(face_modules="/tmp/x.safetensors") == f"face_modules '/tmp/x.safetensors' {fix}"
+    assert faces.VALIDATE_INPUTS(face_layers="/tmp/x.safetensors") == f"face_layers '/tmp/x.safetensors' {fix}"
     assert NODES["ConsisIDNativeLoRA"].VALIDATE_INPUTS(lora_name="gone.safetensors") == (
         f"lora_name 'gone.safetensors' {fix}")
 

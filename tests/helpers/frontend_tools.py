@@ -7,7 +7,7 @@ docs/workflows/<workflow>.png, one per workflows/*.json:
 
 The Python must have ComfyUI's requirements, this pack and the `playwright` package; the browser is
 a system Chromium (`apt-get install chromium`; or set CHROMIUM to its path): `playwright install`
-is not needed. A ComfyUI server is started as tests/comfyui/test_comfyui.py does (CPU, free loopback port,
+is not needed. A ComfyUI server is started by `comfy_server.running` (CPU, free loopback port,
 the pack as the custom node `consisid`), the frontend it serves (comfyui-frontend-package) is
 opened, and each workflow is loaded the way a person does: Workflow > Open, picking the file.
 """

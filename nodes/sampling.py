@@ -8,7 +8,7 @@ from ..consisid_core.sampling import MAX_GUIDANCE, SCHEDULERS, prepare_run
 from . import managed, progress
 from .declared import (
     CONSISID_IDENTITY, CONSISID_MODEL, CONSISID_PERFORMANCE, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAME_COUNT_TOOLTIP,
-    IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, length_input, height_input, identity_strength_input,
+    IDENTITY_TOOLTIP, TEXT_TOOLTIP, declared_error, first_image, height_input, identity_strength_input, length_input,
     seed_input, step_cache_input, width_input,
 )
 

@@ -25,7 +25,7 @@ from ...consisid_core.text import TextEmbeddings
 from .. import folders, progress
 from ..declared import (
     CONSISID_IDENTITY, CONSISID_TEXT, FIRST_IMAGE_TOOLTIP, FRAMES_TOOLTIP, IDENTITY_TOOLTIP, TEXT_TOOLTIP,
-    checkpoint_names, checkpoint_source, declared_error, first_image, length_input, height_input, identity_strength_input,
+    checkpoint_names, checkpoint_source, declared_error, first_image, height_input, identity_strength_input, length_input,
     lora_strength_input, seed_input, width_input,
 )
 from . import comfy_parts

@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +190,10 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
                      help="also log how well the video keeps the face (FaceSim-Arc, as `score`), per segment")
 
 
+RANK_0_SECONDS = 60
+"""How long a rank other than 0 that stops for the reason every rank stops for waits before it
+exits (`_after_rank_0`): torchrun ends it as soon as rank 0 has exited."""
+
 SIGNAL_EXITS = (130, 143)
 """The exit status after Ctrl-C (SIGINT) and after SIGTERM, as a shell gives them."""
 
@@ -229,6 +234,15 @@ def _this_rank_says(args) -> bool:
     return getattr(args, "parallel", None) is None or is_writer()
 
 
+def _after_rank_0(args) -> None:
+    """Under --parallel, a rank other than 0 that refuses what every rank refuses leaves the exit to
+    rank 0, which says why: torchrun stops the other ranks as soon as one exits, and had this one
+    exited first, rank 0 would be stopped before its line. (SIGTERM's default action is back by
+    now: torchrun's ends this wait without a word.)"""
+    if not _this_rank_says(args):
+        time.sleep(RANK_0_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -243,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             result = COMMANDS[args.command](args)
     except ConsisIDError as e:
         _say(args, f"error: {e}", isinstance(e, RankError))
+        if not isinstance(e, RankError):
+            _after_rank_0(args)
         return 2
     except ImportError as e:  # an optional dependency (ONNX Runtime, SageAttention): its message says what to install
         _say(args, f"error: {first_line(e, 10_000)}")
+        _after_rank_0(args)
         return 2
     except KeyboardInterrupt:
         _say(args, "cancelled: nothing was written")

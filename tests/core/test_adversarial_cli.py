@@ -490,6 +490,27 @@ def test_a_lora_alpha_that_would_overflow_the_run(tiny_dir, tiny_model, identity
     assert sorted(p.name for p in tmp_path.iterdir()) == [lora.name, "me.safetensors"]
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_other_than_0_leaves_the_exit_to_rank_0(tiny_dir, identity_file, tmp_path, capsys, monkeypatch,
+                                                       rank0_of_two, rank):
+    """torchrun stops the other ranks as soon as one exits: a rank other than 0 that refuses what
+    every rank refuses says nothing and stays `RANK_0_SECONDS` before it exits, for torchrun to end
+    it once rank 0 has said why (so rank 0 is never stopped before its line); rank 0 says it and
+    exits at once."""
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)  # the standard library's wait, recorded
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    out = tmp_path / "v.mp4"
+    assert cli.main(_generate_args(tiny_dir, identity_file, "--parallel", "cfg=2", "--cfg", "1", "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err.startswith("error: --parallel cfg=2 splits the guided batch") and slept == []
+    else:
+        assert err == "" and slept == [cli.RANK_0_SECONDS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["guidance", "no-face"])
 def test_a_refusal_under_torchrun_is_one_line_from_rank_0(tiny_dir, identity_file, tmp_path, case):

@@ -295,6 +295,7 @@ def main(out: Path, folder: Path, kps_folder: Path, splits: list[str]) -> None:
     parallel.start(torch.device("cpu"))  # once: a process group cannot be joined again after it is left
     refused = out / "refused"
     refused.mkdir(exist_ok=True)
+    cli.RANK_0_SECONDS = 0  # the ranks refuse in turn, each staying on: none waits for torchrun to end it
     results = {}
     for name, (args, _) in (REFUSALS_2 if world_size == 2 else REFUSALS_4).items():
         err = io.StringIO()

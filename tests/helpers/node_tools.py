@@ -1,4 +1,4 @@
-"""Shared by the nodes' tests: one-line refusals, a folder's state, identity files in bytes, the model parts that
+"""Shared by the nodes' tests: one-line messages, identity files in bytes, the model parts that
 ran (`parts_called`; the fixtures `model` and `calls`, imported into a test file)."""
 
 from __future__ import annotations
@@ -17,23 +17,6 @@ def one_line(message) -> str:
     assert all(c.isprintable() for c in message), repr(message)
     assert "Traceback" not in message
     return message
-
-
-def refusal(error: type[Exception], call, *args, **kwargs) -> str:
-    with pytest.raises(error) as info:
-        call(*args, **kwargs)
-    return one_line(str(info.value))
-
-
-def snapshot(root) -> dict[str, tuple]:
-    """Every entry under `root` (links not followed) with its kind, size and modification time."""
-    entries = {}
-    for folder, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = os.path.join(folder, name)
-            stat = os.lstat(path)
-            entries[os.path.relpath(path, root)] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
-    return entries
 
 
 def identity_bytes(tmp_path, identity) -> bytes:

@@ -18,17 +18,17 @@ def folder_state(root: Path) -> dict[str, tuple[int, int, str]]:
     }
 
 
-def assert_refused(call, match: str, error: type[Exception] = ConsisIDError, *, exact: bool = False,
+def assert_refused(call, match: str | None = None, error: type[Exception] = ConsisIDError, *, exact: bool = False,
                    unchanged: Path | None = None) -> str:
-    """`call()` raises `error` (exactly that class when `exact`, else it or a subclass) with one line,
-    no traceback, that the regular expression `match` finds; nothing under the folder `unchanged` is
-    written, changed or removed. Returns the message."""
+    """`call()` raises `error` (exactly that class when `exact`, else it or a subclass) with one line
+    of printable text, no traceback, that the regular expression `match` finds (when given); nothing
+    under the folder `unchanged` is written, changed or removed. Returns the message."""
     before = folder_state(unchanged) if unchanged else None
     with pytest.raises(error, match=match) as caught:
         call()
     assert not exact or type(caught.value) is error, f"{type(caught.value).__name__}: {caught.value}"
     message = str(caught.value)
-    assert message.strip() and "\n" not in message and "\r" not in message and "Traceback" not in message, message
+    assert message.strip() and message.isprintable() and "Traceback" not in message, repr(message)
     if unchanged:
         assert folder_state(unchanged) == before, "a refused call wrote, changed or removed a file"
     return message

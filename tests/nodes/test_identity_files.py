@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from node_tools import identity_bytes, model, one_line, refusal, snapshot  # noqa: F401 (fixture)
+from node_tools import identity_bytes, model, one_line  # noqa: F401 (fixture)
+from refusals import assert_refused, folder_state
 from workflow_tools import import_pack
 
 import_pack()
@@ -104,7 +105,7 @@ def hostile_identity_names(home, tmp_path, sentinel) -> list[str]:
 def test_load_identity_refuses_names_leading_out_of_the_input_folder(home, tmp_path, sentinels, identity):
     (home / "input" / "me.safetensors").write_bytes(identity_bytes(tmp_path, identity))
     sentinel = sentinels.make("person.safetensors", identity_bytes(tmp_path, identity))
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     names = hostile_identity_names(home, tmp_path, sentinel)
     assert os.path.exists(os.path.join(home / "input", names[1])) and not os.path.exists(names[4])
 
@@ -117,14 +118,14 @@ def test_load_identity_refuses_names_leading_out_of_the_input_folder(home, tmp_p
         assert f"'{shown(name)}'" in message
         validate.add(message.replace(shown(name), "<name>"))
         assert LOAD.IS_CHANGED(name) == "", name
-        message = refusal(ConsisIDError, LOAD().load, name)
+        message = assert_refused(lambda: LOAD().load(name), error=ConsisIDError)
         assert f"'{shown(name)}'" in message
         load.add(message.replace(shown(name), "<name>"))
     # the same words whether or not the file exists: they tell nothing about the disk
     assert validate == {LISTED_ONLY} and load == {NOT_INSIDE}
     for message in (LISTED_ONLY, NOT_INSIDE):
         assert not any(word in message.lower() for word in ("exist", "found", "missing"))
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 def test_load_identity_refuses_links_from_the_input_folder_to_outside(home, tmp_path, sentinels, identity):
@@ -133,7 +134,7 @@ def test_load_identity_refuses_links_from_the_input_folder_to_outside(home, tmp_
     (home / "input" / "away").symlink_to(sentinel.parent, target_is_directory=True)
     (home / "input" / "mine").mkdir()
     (home / "input" / "mine" / "ok.safetensors").write_bytes(identity_bytes(tmp_path, identity))
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
 
     assert LOAD.INPUT_TYPES()["required"]["identity_file"][0] == ["mine/ok.safetensors"]
     loaded, face = LOAD().load("mine/ok.safetensors")
@@ -141,9 +142,9 @@ def test_load_identity_refuses_links_from_the_input_folder_to_outside(home, tmp_
     for name in ("me.safetensors", "away/person.safetensors"):
         assert one_line(LOAD.VALIDATE_INPUTS(name)) == LISTED_ONLY.replace("<name>", name)
         assert LOAD.IS_CHANGED(name) == ""
-        message = refusal(ConsisIDError, LOAD().load, name)
+        message = assert_refused(lambda: LOAD().load(name), error=ConsisIDError)
         assert message == f"'{name}' leads outside the input folder through a link; only files inside it are used"
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +171,13 @@ def output_files(home) -> list[str]:
     ],
 )
 def test_save_identity_refuses_prefixes_leading_out_of_the_output_folder(home, tmp_path, identity, prefix, says):
-    before, in_tmp = snapshot(tmp_path), set(os.listdir("/tmp"))
+    before, in_tmp = folder_state(tmp_path), set(os.listdir("/tmp"))
     message = one_line(SAVE.VALIDATE_INPUTS(prefix))
     assert says in message
     if prefix and "%" not in prefix:
         assert f"'{shown(prefix)}'" in message
-    assert refusal(ConsisIDError, SAVE().save, identity, prefix) == message
-    assert snapshot(tmp_path) == before and output_files(home) == []
+    assert assert_refused(lambda: SAVE().save(identity, prefix), error=ConsisIDError) == message
+    assert folder_state(tmp_path) == before and output_files(home) == []
     assert {n for n in set(os.listdir("/tmp")) - in_tmp if n.startswith("x")} == set()
 
 
@@ -184,15 +185,15 @@ def test_save_identity_refuses_absolute_and_linked_prefixes_to_an_existing_folde
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (home / "output" / "away").symlink_to(elsewhere, target_is_directory=True)
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     for prefix, says in (
         (str(elsewhere / "x"), "is not a file name inside the output folder"),
         ("away/x", "leads outside the output folder through a link"),
     ):
         message = one_line(SAVE.VALIDATE_INPUTS(prefix))
         assert message.startswith(f"'{prefix}' {says}")
-        assert refusal(ConsisIDError, SAVE().save, identity, prefix) == message
-    assert snapshot(tmp_path) == before and list(elsewhere.iterdir()) == []
+        assert assert_refused(lambda: SAVE().save(identity, prefix), error=ConsisIDError) == message
+    assert folder_state(tmp_path) == before and list(elsewhere.iterdir()) == []
 
 
 def test_save_identity_numbers_above_the_highest_and_never_overwrites(home, identity, model):
@@ -201,10 +202,10 @@ def test_save_identity_numbers_above_the_highest_and_never_overwrites(home, iden
     names = [SAVE().save(identity, "people/me")["ui"]["text"][0] for _ in range(3)]
     assert names == [f"me_0000{i}_.safetensors" for i in (1, 2, 3)]
     (folder / names[1]).unlink()
-    kept = snapshot(folder)
+    kept = folder_state(folder)
     other = random_identity(model.config, seed=4)
     assert SAVE().save(other, "people/me")["ui"]["text"] == ["me_00004_.safetensors"]
-    after = snapshot(folder)
+    after = folder_state(folder)
     assert {k: after[k] for k in kept} == kept  # 1 and 3 untouched, 2 not reused
     (folder / "me_00009_.safetensors").write_bytes(b"someone else's")
     assert SAVE().save(other, "people/me")["ui"]["text"] == ["me_00010_.safetensors"]
@@ -223,7 +224,7 @@ def test_save_identity_never_replaces_a_file_that_appears_while_it_writes(home, 
         target.write_bytes(b"the other save's file")
 
     monkeypatch.setattr(module, "save_file", racing)
-    message = refusal(IdentityError, SAVE().save, identity, "people/me")
+    message = assert_refused(lambda: SAVE().save(identity, "people/me"), error=IdentityError)
     assert message == f"'{target}' already exists; nothing was replaced"
     assert target.read_bytes() == b"the other save's file"
     assert output_files(home) == ["people", "people/me_00001_.safetensors"]  # no partial file left
@@ -236,9 +237,9 @@ def test_save_identity_turns_file_system_errors_into_one_line(home, tmp_path, id
     else:
         (home / "output" / "people").write_bytes(b"a file")
         prefix = "people/me"
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     assert SAVE.VALIDATE_INPUTS(prefix) is True  # only writing tells
-    message = refusal(ConsisIDError, SAVE().save, identity, prefix)
+    message = assert_refused(lambda: SAVE().save(identity, prefix), error=ConsisIDError)
     assert message.startswith("cannot write ")
     assert ("File name too long" if case == "name too long" else "File exists") in message
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from node_tools import one_line, refusal, snapshot
+from node_tools import one_line
+from refusals import assert_refused, folder_state
 from workflow_tools import import_pack
 
 import_pack()
@@ -43,7 +44,7 @@ def test_model_loader_takes_only_listed_files(home, tmp_path, sentinels, tiny_di
     vae_dir = home / "models" / "vae"
     to_sentinel = os.path.relpath(sentinel, vae_dir)
     assert (vae_dir / to_sentinel).is_file()
-    single, before = "diffusion_models/tiny.safetensors", snapshot(tmp_path)
+    single, before = "diffusion_models/tiny.safetensors", folder_state(tmp_path)
 
     for model_name in ("../x", "diffusion_models/../../x.safetensors", "/abs/x", "tiny\n"):
         message = one_line(LOADER.VALIDATE_INPUTS(model=model_name, vae="tiny.safetensors"))
@@ -54,15 +55,15 @@ def test_model_loader_takes_only_listed_files(home, tmp_path, sentinels, tiny_di
         message = one_line(LOADER.VALIDATE_INPUTS(model=single, vae=vae))
         assert message == f"vae '{vae}' is not one of the choices; pick one from the list (refresh it after adding files)"
         # and where VALIDATE_INPUTS is skipped (the node called by a script): the folder check
-        message = refusal(ConsisIDError, folders.file_path, "vae", vae)
+        message = assert_refused(lambda: folders.file_path("vae", vae), error=ConsisIDError)
         assert message.startswith(f"'{vae}' is not a file name inside the models/vae folder")
-        assert refusal(ConsisIDError, LOADER().load, single, vae, "fp32", False).startswith(f"'{vae}' is not a file name")
+        assert assert_refused(lambda: LOADER().load(single, vae, "fp32", False), error=ConsisIDError).startswith(f"'{vae}' is not a file name")
     climbing = "diffusion_models/../../x.safetensors"
-    message = refusal(ConsisIDError, LOADER().load, climbing, "tiny.safetensors", "fp32", False)
+    message = assert_refused(lambda: LOADER().load(climbing, "tiny.safetensors", "fp32", False), error=ConsisIDError)
     assert message.startswith("'../../x.safetensors' is not a file name inside the models/diffusion_models folder")
-    message = refusal(FileNotFoundError, LOADER().load, "../tiny", "(from checkpoint)", "fp32", False)
+    message = assert_refused(lambda: LOADER().load("../tiny", "(from checkpoint)", "fp32", False), error=FileNotFoundError)
     assert message == "checkpoint '../tiny' is not in models/consisid or models/diffusers; refresh the list"
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
     # what is listed works
     assert LOADER.VALIDATE_INPUTS(model=single, vae="tiny.safetensors") is True

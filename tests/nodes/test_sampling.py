@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from node_tools import calls, model, one_line, refusal  # noqa: F401 (fixtures)
+from node_tools import calls, model, one_line  # noqa: F401 (fixtures)
+from refusals import assert_refused
 from workflow_tools import import_pack
 
 import_pack()
@@ -158,7 +159,7 @@ def nan_image() -> torch.Tensor:
 )
 def test_sampler_refuses_bad_values_before_any_work(model, identity, text, calls, changes, says):
     start = time.perf_counter()
-    message = refusal(ConsisIDError, SAMPLER().sample, **sample_args(model, identity, text, **changes))
+    message = assert_refused(lambda: SAMPLER().sample(**sample_args(model, identity, text, **changes)), error=ConsisIDError)
     assert message.startswith(says)
     assert calls == [] and time.perf_counter() - start < 5
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from node_tools import calls, model, refusal  # noqa: F401 (fixtures)
+from node_tools import calls, model  # noqa: F401 (fixtures)
+from refusals import assert_refused
 from workflow_tools import import_pack
 
 import_pack()
@@ -44,7 +45,7 @@ def test_tiled_decode_node(home):
     ],
 )
 def test_vae_decode_refuses_what_is_not_a_consisid_latent(model, calls, latent, says):
-    message = refusal(ConsisIDError, DECODE().decode, model, latent, False, 240, 360, 40, 72, False)
+    message = assert_refused(lambda: DECODE().decode(model, latent, False, 240, 360, 40, 72, False), error=ConsisIDError)
     assert message.startswith(says)
     assert calls == []
 
